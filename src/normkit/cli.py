@@ -1,0 +1,86 @@
+"""Command line: ``normkit list``, ``normkit kernels``, ``normkit bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from normkit.registry import list_norms, norm_info
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = []
+    for name in list_norms():
+        i = norm_info(name)
+        rows.append((
+            name, i.family, i.layout, "yes" if i.batch_dependent else "no", "yes" if i.train_eval_differ else "no",
+            f"{i.paper.title} ({i.paper.year}), arXiv:{i.paper.arxiv}", ", ".join(i.aliases), i.description,
+        ))
+    head = ("name", "family", "layout", "batch-dep", "train/eval", "paper", "aliases", "description")
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return 0
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+        for r in (head, *rows):
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        return 0
+    table = Table(title=f"normkit: {len(rows)} normalization methods")
+    for h in head:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+    return 0
+
+
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from normkit.kernels import benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    norms = args.norms.split(",") if args.norms else None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; median of {args.reps} runs")
+    print(benchmark.HEADER)
+    benchmark.run(norms, quick=args.quick, reps=args.reps, backends=tuple(args.backends.split(",")))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from normkit import bench
+
+    return bench.run_cli(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="normkit", description="normalization layers for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="table of the registered normalization methods")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table (used for the README)")
+    p.set_defaults(fn=_cmd_list)
+    p = sub.add_parser("kernels", help="time each norm against torch's native op (same run)")
+    p.add_argument("--norms", default="", help="comma-separated subset of norms")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--backends", default="eager,compiled")
+    p.set_defaults(fn=_cmd_kernels)
+    p = sub.add_parser("bench", help="train small models with each norm on built-in data")
+    from normkit import bench
+
+    bench.configure_parser(p)
+    p.set_defaults(fn=_cmd_bench)
+    args = parser.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

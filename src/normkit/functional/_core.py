@@ -1,0 +1,110 @@
+"""Shared plumbing of the functional layer: validation and the route to the kernel.
+
+Each functional norm only decides its canonical ``(N, G, Cg, L)`` view and reduced axes
+(see :mod:`normkit.kernels.normalize`) and calls :func:`normalize_view`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from normkit.kernels import normalize as _kernel
+from normkit.stats import Reducer, accumulation_dtype, mean_square, moments
+
+
+def check_eps(eps: float) -> float:
+    if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def check_float(x: Tensor, name: str = "input") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_channels_first(x: Tensor, num_channels: int | None, what: str) -> int:
+    """Validate an ``(N, C, *)`` input and return C."""
+    check_float(x)
+    if x.dim() < 2:
+        raise ValueError(f"{what} expects an input of shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
+    if num_channels is not None and x.shape[1] != num_channels:
+        raise ValueError(
+            f"{what} expects {num_channels} channels at dim 1 of an (N, C, *) input, "
+            f"got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    return x.shape[1]
+
+
+def check_param(p: Tensor | None, numel: int, name: str, what: str) -> None:
+    if p is not None and p.numel() != numel:
+        raise ValueError(f"{what}: {name} must have {numel} elements, got shape {tuple(p.shape)}")
+
+
+def with_offset(weight: Tensor | None, offset: float) -> Tensor | None:
+    """Gemma-style ``offset + w`` (the stored weight is zero-centred)."""
+    if weight is None or offset == 0.0:
+        return weight
+    return weight + offset
+
+
+def canonical_mask(mask: Tensor | None, x: Tensor, view: Sequence[int]) -> Tensor | None:
+    """Broadcast a user mask to the input's shape, then to the canonical view."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = included in the statistics), got {mask.dtype}")
+    try:
+        full = mask.expand_as(x)
+    except RuntimeError as e:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(x.shape)}") from e
+    return full.reshape(view)
+
+
+def normalize_view(
+    x4: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    *,
+    center: bool,
+    eps: float,
+    residual: Tensor | None = None,
+    mask: Tensor | None = None,
+    reducer: Reducer | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, ...]:
+    """Fused kernel when possible; with a mask or reducer, autograd through the statistics engine.
+
+    Returns ``(y, mean, var)`` or, with ``residual``, ``(y, x + residual, mean, var)``.
+    """
+    if mask is None and reducer is None:
+        return _kernel(
+            x4, weight, bias, dims, center=center, eps=eps, residual=residual,
+            stats_dtype=stats_dtype, backend=backend,
+        )
+    s = x4 if residual is None else x4 + residual
+    sd = accumulation_dtype(s.dtype, stats_dtype)
+    xf = s.to(sd)
+    if center:
+        mean, var = moments(xf, dims, mask=mask, reducer=reducer)
+        y = (xf - mean) * torch.rsqrt(var + eps)
+    else:
+        var = mean_square(xf, dims, mask=mask, reducer=reducer)
+        mean = torch.zeros_like(var)
+        y = xf * torch.rsqrt(var + eps)
+    shape = (1, x4.shape[1], x4.shape[2], 1)
+    if weight is not None:
+        y = y * weight.reshape(shape).to(sd)
+    if bias is not None:
+        y = y + bias.reshape(shape).to(sd)
+    y = y.to(x4.dtype)
+    stats = (mean.detach(), var.detach())
+    return (y, *stats) if residual is None else (y, s, *stats)

@@ -1,0 +1,216 @@
+"""Per-token norms: LayerNorm and RMSNorm (channels-last and channels-first), fused add + norm."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from normkit.functional._core import (
+    canonical_mask,
+    check_channels_first,
+    check_eps,
+    check_float,
+    check_param,
+    normalize_view,
+    with_offset,
+)
+
+
+def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+
+
+def _rows(x: Tensor, normalized_shape: int | Sequence[int], what: str) -> tuple[tuple[int, ...], int]:
+    check_float(x)
+    shape = _shape(normalized_shape)
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"{what} over normalized_shape={list(shape)} expects input of shape (*, {', '.join(map(str, shape))}), "
+            f"got {tuple(x.shape)}"
+        )
+    d = 1
+    for s in shape:
+        d *= s
+    return shape, d
+
+
+def _default_rms_eps(eps: float | None, x: Tensor) -> float:
+    return torch.finfo(x.dtype).eps if eps is None else check_eps(eps)
+
+
+def _token_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool,
+    what: str,
+    *,
+    residual: Tensor | None = None,
+    weight_offset: float = 0.0,
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, ...]:
+    _, d = _rows(x, normalized_shape, what)
+    check_param(weight, d, "weight", what)
+    check_param(bias, d, "bias", what)
+    view = (-1, 1, d, 1)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{what}: residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    out = normalize_view(
+        x.reshape(view),
+        with_offset(weight, weight_offset),
+        bias,
+        (2,),
+        center=center,
+        eps=eps,
+        residual=None if residual is None else residual.reshape(view),
+        mask=canonical_mask(mask, x, view),
+        stats_dtype=stats_dtype,
+        backend=backend,
+    )
+    return tuple(t.reshape(x.shape) for t in out[: 1 if residual is None else 2])
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    weight_offset: float = 0.0,
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Layer Normalization over the trailing ``normalized_shape`` dims.
+
+    Ba, Kiros & Hinton, "Layer Normalization", 2016, arXiv:1607.06450::
+
+        y = (x − mean(x)) / sqrt(var(x) + eps) · (weight_offset + w) + b      (biased var)
+
+    ``mask`` (bool, broadcastable to ``x``) restricts the statistics to the True positions.
+    """
+    return _token_norm(
+        x, normalized_shape, weight, bias, check_eps(eps), True, "layer_norm",
+        weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=backend,
+    )[0]
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    bias: Tensor | None = None,
+    weight_offset: float = 0.0,
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Root Mean Square Layer Normalization over the trailing ``normalized_shape`` dims.
+
+    Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019, arXiv:1910.07467::
+
+        y = x / sqrt(mean(x²) + eps) · (weight_offset + w) [+ b]
+
+    ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.functional.rms_norm``.
+    """
+    return _token_norm(
+        x, normalized_shape, weight, bias, _default_rms_eps(eps, x), False, "rms_norm",
+        weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=backend,
+    )[0]
+
+
+def add_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    norm: str = "layernorm",
+    weight_offset: float = 0.0,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + norm for pre-norm blocks: returns ``(norm(x + residual), x + residual)``.
+
+    ``norm`` is ``"layernorm"`` (eps default 1e-5) or ``"rmsnorm"`` (eps default finfo eps).
+    The sum is formed inside the kernel and only the sum and per-row statistics are saved.
+    """
+    if norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"add_norm: norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
+    center = norm == "layernorm"
+    eps = (1e-5 if eps is None else check_eps(eps)) if center else _default_rms_eps(eps, x)
+    y, s = _token_norm(
+        x, normalized_shape, weight, bias, eps, center, "add_norm",
+        residual=residual, weight_offset=weight_offset, stats_dtype=stats_dtype, backend=backend,
+    )
+    return y, s
+
+
+def _channels_first_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool,
+    what: str,
+    weight_offset: float,
+    mask: Tensor | None,
+    stats_dtype: torch.dtype | None,
+    backend: str | None,
+) -> Tensor:
+    c = check_channels_first(x, None if weight is None else weight.numel(), what)
+    check_param(bias, c, "bias", what)
+    view = (x.shape[0], 1, c, -1)
+    y = normalize_view(
+        x.reshape(view), with_offset(weight, weight_offset), bias, (2,), center=center, eps=eps,
+        mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=backend,
+    )[0]
+    return y.reshape(x.shape)
+
+
+def layer_norm2d(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    weight_offset: float = 0.0,
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """LayerNorm over the channel dim of a channels-first ``(N, C, *)`` tensor (as timm's LayerNorm2d).
+
+    Equal to ``layer_norm(x.movedim(1, -1), C).movedim(-1, 1)`` without the two transposes.
+    """
+    return _channels_first_norm(
+        x, weight, bias, check_eps(eps), True, "layer_norm2d", weight_offset, mask, stats_dtype, backend
+    )
+
+
+def rms_norm2d(
+    x: Tensor,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    bias: Tensor | None = None,
+    weight_offset: float = 0.0,
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """RMSNorm over the channel dim of a channels-first ``(N, C, *)`` tensor."""
+    return _channels_first_norm(
+        x, weight, bias, _default_rms_eps(eps, x), False, "rms_norm2d", weight_offset, mask, stats_dtype, backend
+    )

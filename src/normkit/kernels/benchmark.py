@@ -1,0 +1,185 @@
+"""``normkit kernels``: time every registered norm against torch's native op in the same run.
+
+For each norm at its layout's shape (tokens ``8192×1024`` for channels-last norms, images
+``32×64×56×56`` for channels-first ones, fp32) it measures forward and forward+backward time
+on the ``eager`` and ``compiled`` backends and for torch's native equivalent, and reports:
+
+* ``vs native`` — our fwd+bwd time / the native equivalent's (``F.rms_norm`` for rmsnorm, …);
+* ``vs target`` — our fwd+bwd time / the reference op of the issue's target
+  (``F.layer_norm`` for token norms, ``F.batch_norm`` for batchnorm, ``F.group_norm`` for the
+  other image norms);
+* ``x copy`` — fwd+bwd time relative to ``x.clone()`` (a memory-bandwidth yardstick);
+* ``saved`` — bytes autograd keeps for backward, as a multiple of the input's size;
+* ``compile s`` — first-call cost of the compiled backend (compile + first run).
+
+Times are medians over ``reps`` runs after a warm-up, with ``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from normkit.backend import set_backend
+from normkit.registry import NormInfo, create_norm, list_norms, norm_info
+
+TOKENS = (8192, 1024)
+IMAGES = (32, 64, 56, 56)
+QUICK_TOKENS = (256, 64)
+QUICK_IMAGES = (4, 16, 8, 8)
+
+
+@dataclass
+class Row:
+    norm: str
+    shape: tuple[int, ...]
+    impl: str
+    fwd_ms: float
+    fwdbwd_ms: float
+    vs_native: float
+    vs_target: float
+    x_copy: float
+    saved_x: float
+    compile_s: float | None = None
+
+
+def _median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _saved_bytes(fn: Callable[[], Tensor]) -> int:
+    """Bytes of distinct storages autograd saves for backward while running ``fn``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor]:
+    """torch's own equivalent of the registered norm ``name`` (same parameters)."""
+    p = dict(m.named_parameters())
+    w, b = p.get("weight"), p.get("bias")
+    if name == "layernorm":
+        return lambda x: TF.layer_norm(x, m.normalized_shape, w, b, m.eps)
+    if name == "rmsnorm":
+        return lambda x: TF.rms_norm(x, m.normalized_shape, w, m.eps)
+    if name == "layernorm2d":
+        return lambda x: TF.layer_norm(x.permute(0, 2, 3, 1), m.normalized_shape, w, b, m.eps).permute(0, 3, 1, 2)
+    if name == "rmsnorm2d":
+        return lambda x: TF.rms_norm(x.permute(0, 2, 3, 1), m.normalized_shape, w, m.eps).permute(0, 3, 1, 2)
+    if name == "batchnorm":
+        return lambda x: TF.batch_norm(x, None, None, w, b, True, 0.1, m.eps)
+    if name == "groupnorm":
+        return lambda x: TF.group_norm(x, m.num_groups, w, b, m.eps)
+    if name == "instancenorm":
+        return lambda x: TF.instance_norm(x, weight=w, bias=b, eps=m.eps)
+    if name == "scalenorm":
+        return lambda x: x * (m.scale / x.norm(dim=-1, keepdim=True).clamp_min(m.eps))
+    if name == "dyt":
+        return lambda x: torch.tanh(m.alpha * x) * w + b
+    raise KeyError(name)
+
+
+def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    c = shape[-1] if layout == "channels_last" else shape[1]
+    w = torch.ones(c, requires_grad=True)
+    b = torch.zeros(c, requires_grad=True)
+    if layout == "channels_last":
+        return lambda x: TF.layer_norm(x, (c,), w, b)
+    if name == "batchnorm":
+        return lambda x: TF.batch_norm(x, None, None, w, b, True)
+    return lambda x: TF.group_norm(x, 32, w, b)
+
+
+def _build(name: str, c: int) -> nn.Module:
+    kwargs = {"affine": True} if name == "instancenorm" else {}
+    return create_norm(name, c, **kwargs)
+
+
+def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...]) -> list[Row]:
+    tokens = info.layout == "channels_last"
+    shape = (QUICK_TOKENS if quick else TOKENS) if tokens else (QUICK_IMAGES if quick else IMAGES)
+    c = shape[-1] if tokens else shape[1]
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+    m = _build(info.name, c)
+    params = [p for p in m.parameters() if p.requires_grad]
+    copy_ms = _median_ms(lambda: x.detach().clone(), reps)
+
+    def fwdbwd(f: Callable[[Tensor], Tensor], ps: list[Tensor]) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(f(x), [x, *ps], g)
+
+    def measure(label: str, f: Callable[[Tensor], Tensor], ps: list[Tensor], compile_s: float | None = None) -> Row:
+        with torch.no_grad():
+            fwd = _median_ms(lambda: f(x), reps)
+        fb = _median_ms(fwdbwd(f, ps), reps)
+        saved = _saved_bytes(lambda: f(x)) / (x.numel() * x.element_size())
+        return Row(info.name, shape, label, fwd, fb, 0.0, 0.0, fb / copy_ms, saved, compile_s)
+
+    native = measure("torch", _native(info.name, m), params)
+    target_ms = _median_ms(fwdbwd(_target(info.layout, info.name, shape), []), reps)
+    out = [native]
+    for be in backends:
+        first = None
+        with set_backend(be):
+            if be == "compiled":
+                t = time.perf_counter()
+                fwdbwd(m, params)()
+                first = time.perf_counter() - t
+            out.append(measure(be, m, params, first))
+    for r in out:
+        r.vs_native = r.fwdbwd_ms / native.fwdbwd_ms
+        r.vs_target = r.fwdbwd_ms / target_ms
+    return out
+
+
+def run(
+    norms: list[str] | None = None,
+    *,
+    quick: bool = False,
+    reps: int = 10,
+    backends: tuple[str, ...] = ("eager", "compiled"),
+    echo: Callable[[str], None] | None = print,
+) -> list[Row]:
+    """Run the kernel benchmark and return its rows (also printed through ``echo``)."""
+    rows: list[Row] = []
+    for name in norms or list_norms():
+        for r in _bench_norm(norm_info(name), quick, reps, backends):
+            rows.append(r)
+            if echo:
+                echo(format_row(r))
+    return rows
+
+
+HEADER = (
+    f"{'norm':<13}{'shape':<16}{'impl':<9}{'fwd ms':>9}{'fwd+bwd ms':>12}{'vs native':>11}"
+    f"{'vs target':>11}{'x copy':>8}{'saved':>8}{'compile s':>11}"
+)
+
+
+def format_row(r: Row) -> str:
+    shape = "x".join(map(str, r.shape))
+    comp = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
+    return (
+        f"{r.norm:<13}{shape:<16}{r.impl:<9}{r.fwd_ms:>9.2f}{r.fwdbwd_ms:>12.2f}{r.vs_native:>10.2f}x"
+        f"{r.vs_target:>10.2f}x{r.x_copy:>7.1f}x{r.saved_x:>7.2f}x{comp:>11}"
+    )

@@ -1,0 +1,171 @@
+"""One kernel for every statistics norm, in a canonical 4-D view.
+
+Every statistics-based norm is "normalize ``x`` over some axes, then a per-channel affine".
+Viewing the input as ``(N, G, Cg, L)`` — batch, groups, channels per group, positions — with
+the affine indexed by ``(G, Cg)`` covers them all with one choice of reduced axes:
+
+==============  ==========================  =============
+norm            view                        reduced axes
+==============  ==========================  =============
+LayerNorm/RMS   (rows, 1, features, 1)      (2,)
+LayerNorm2d     (N, 1, C, H·W)              (2,)
+GroupNorm       (N, G, C/G, H·W)            (2, 3)
+InstanceNorm    (N, C, 1, H·W)              (2, 3)
+BatchNorm       (N, C, 1, H·W)              (0, 2, 3)
+==============  ==========================  =============
+
+Forward (``center=True``; ``center=False`` is the RMS variant with μ = 0 and σ² = mean(x²))::
+
+    μ, σ² = moments(x, R)          # the statistics engine
+    r  = 1 / sqrt(σ² + eps)
+    x̂  = (x − μ) · r
+    y  = x̂ · w + b
+
+Closed-form backward, with ĝ = ∂L/∂y · w and means over the reduced axes R::
+
+    ∂L/∂x = r · (ĝ − mean_R(ĝ) − x̂ · mean_R(ĝ · x̂))        (drop mean_R(ĝ) when center=False)
+    ∂L/∂w = Σ_{N,L} ∂L/∂y · x̂,     ∂L/∂b = Σ_{N,L} ∂L/∂y
+
+The autograd function saves only the input and the statistics (O(rows) values): x̂ is
+recomputed in backward instead of being stored. With ``residual`` the kernel first forms
+``s = x + residual`` and returns it (pre-norm transformer blocks), so the sum is written once.
+
+The two pure functions below are the whole math; the ``"eager"`` backend runs them as is and
+the ``"compiled"`` backend runs them through ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normkit import backend as _backend
+from normkit.stats import accumulation_dtype, mean_square, moments
+
+Dims = tuple[int, ...]
+
+
+def _affine_view(p: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if p is None else p.reshape(1, x.shape[1], x.shape[2], 1)
+
+
+def _forward_math(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    dims: Dims,
+    center: bool,
+    eps: float,
+    stats_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    s = x if residual is None else x + residual
+    sd = accumulation_dtype(s.dtype, stats_dtype)
+    xf = s.to(sd)
+    if center:
+        mean, var = moments(xf, dims)
+    else:
+        var = mean_square(xf, dims)
+        mean = torch.zeros_like(var)
+    rstd = torch.rsqrt(var + eps)
+    # the first op allocates (xf may alias the input); later ones may then work in place
+    xhat = (xf - mean).mul_(rstd) if center else xf * rstd
+    w, b = _affine_view(weight, xf), _affine_view(bias, xf)
+    if w is not None:
+        xhat = xhat.mul_(w.to(sd))
+    if b is not None:
+        xhat = xhat.add_(b.to(sd))
+    return xhat.to(x.dtype), s, mean, rstd, var
+
+
+def _backward_math(
+    gy: Tensor,
+    gs: Tensor | None,
+    s: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dims: Dims,
+    center: bool,
+    want_w: bool,
+    want_b: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    sd = rstd.dtype
+    g = gy.to(sd)
+    xhat = (s.to(sd) - mean).mul_(rstd) if center else s.to(sd) * rstd
+    w = _affine_view(weight, s)
+    gw = g if w is None else g * w.to(sd)
+    proj = (gw * xhat).mean(dims, keepdim=True)
+    dx = torch.addcmul(gw, xhat, proj, value=-1.0)
+    if center:
+        dx = dx.sub_(gw.mean(dims, keepdim=True))
+    dx = dx.mul_(rstd)
+    if gs is not None:
+        dx = dx.add_(gs.to(sd))
+    outer = (0, 3)
+    dw = (g * xhat).sum(outer) if want_w else None
+    db = g.sum(outer) if want_b else None
+    return dx.to(s.dtype), dw, db
+
+
+def _impl(name: str, fn, key):  # noqa: ANN001, ANN202
+    return _backend.compiled(fn, key) if name == "compiled" else fn
+
+
+class _NormalizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl):  # noqa: ANN001, ANN205
+        key = (dims, center, eps, stats_dtype, x.dtype, weight is not None, bias is not None, residual is not None)
+        y, s, mean, rstd, var = _impl(impl, _forward_math, key)(
+            x, weight, bias, residual, dims, center, eps, stats_dtype
+        )
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key)
+        ctx.mark_non_differentiable(mean, var)
+        if residual is None:
+            return y, mean, var
+        return y, s, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, *rest):  # noqa: ANN001, ANN205
+        s, weight, mean, rstd = ctx.saved_tensors
+        dims, center, impl, has_b, has_r, has_w, key = ctx.cfg
+        gs = rest[0] if has_r else None
+        key = (*key, gy.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        dx, dw, db = _impl(impl, _backward_math, key)(
+            gy, gs, s, weight if has_w else None, mean, rstd, dims, center,
+            has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2],
+        )
+        if dw is not None:
+            dw = dw.reshape(weight.shape).to(weight.dtype)
+        if db is not None:
+            db = db.reshape(weight.shape if has_w else (-1,)).to(gy.dtype)
+        dr = dx if has_r and ctx.needs_input_grad[3] else None
+        return dx, dw, db, dr, None, None, None, None, None
+
+
+def normalize(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: Dims,
+    *,
+    center: bool = True,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, ...]:
+    """Normalize a canonical ``(N, G, Cg, L)`` tensor over ``dims``.
+
+    Returns ``(y, mean, var)`` — or ``(y, x + residual, mean, var)`` with ``residual`` — where
+    mean/var (biased, accumulation dtype, reduced axes kept) carry no gradient.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"normalize expects the canonical 4-D (N, G, Cg, L) view, got {x.dim()}-D")
+    impl = _backend.resolve(backend, x, "normalize")
+    if impl == "triton":
+        return _backend.triton_kernel("normalize")(
+            x, weight, bias, dims, center=center, eps=eps, residual=residual, stats_dtype=stats_dtype
+        )
+    return _NormalizeFn.apply(x, weight, bias, residual, tuple(dims), center, float(eps), stats_dtype, impl)

@@ -1,0 +1,234 @@
+"""BatchNorm, InstanceNorm and GroupNorm modules over channels-first ``(N, C, *)`` input.
+
+They subclass torch's ``_BatchNorm`` / ``_InstanceNorm`` / ``GroupNorm`` so buffer and
+parameter names (``running_mean``, ``running_var``, ``num_batches_tracked``, ``weight``,
+``bias``) and ``isinstance`` checks are torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from normkit import functional as F
+from normkit.functional._core import check_channels_first
+from normkit.nn import papers
+from normkit.nn._base import check_module_args, extra_options
+from normkit.registry import register_norm
+from normkit.stats import Reducer
+
+
+class _Ranked:
+    """Mixin for the torch-style aliases that accept only one input rank."""
+
+    _ranks: tuple[int, ...] = ()
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._ranks:
+            want = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"{type(self).__name__} expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})")
+
+
+class BatchNorm(_BatchNorm):
+    """Batch Normalization for any ``(N, C, *)`` input, with torch's conventions.
+
+    Ioffe & Szegedy 2015, arXiv:1502.03167. Training: ``y = (x − μ_B) / sqrt(σ²_B + eps) · w + b``
+    with μ_B, σ²_B (biased) over N and all positions. Running statistics:
+    ``r ← (1 − momentum)·r + momentum·batch`` with the *unbiased* batch variance;
+    ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
+    Eval uses the running statistics (batch statistics if ``track_running_stats=False``).
+
+    Beyond torch: ``forward(x, mask)`` excludes padded positions from the statistics, and
+    ``reducer`` synchronizes statistics across processes (e.g. :func:`normkit.stats.all_reduce_sum`).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        reducer: Reducer | None = None,
+        stats_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_module_args(eps, backend)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.reducer = reducer
+        self.stats_dtype = stats_dtype
+        self.backend = backend
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__} expected an (N, C, *) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input_dim(x)
+        check_channels_first(x, self.num_features, type(self).__name__)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            factor,
+            self.eps,
+            mask=mask,
+            reducer=self.reducer,
+            stats_dtype=self.stats_dtype,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+
+
+class BatchNorm1d(_Ranked, BatchNorm):
+    """``BatchNorm`` accepting (N, C) or (N, C, L) only, as ``torch.nn.BatchNorm1d``."""
+
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(_Ranked, BatchNorm):
+    """``BatchNorm`` accepting (N, C, H, W) only, as ``torch.nn.BatchNorm2d``."""
+
+    _ranks = (4,)
+
+
+class BatchNorm3d(_Ranked, BatchNorm):
+    """``BatchNorm`` accepting (N, C, D, H, W) only, as ``torch.nn.BatchNorm3d``."""
+
+    _ranks = (5,)
+
+
+register_norm(
+    "batchnorm",
+    family="batch",
+    paper=papers.BATCH_NORM,
+    layout="channels_first",
+    batch_dependent=True,
+    train_eval_differ=True,
+    description="per-channel batch mean/variance in training, running averages in eval",
+    aliases=("bn",),
+    alias_classes={"batchnorm1d": BatchNorm1d, "batchnorm2d": BatchNorm2d, "batchnorm3d": BatchNorm3d},
+)(BatchNorm)
+
+
+@register_norm(
+    "instancenorm",
+    family="instance",
+    paper=papers.INSTANCE_NORM,
+    layout="channels_first",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="per-sample, per-channel mean/variance over the spatial dims",
+    aliases=("in", "instance_norm"),
+)
+class InstanceNorm(_InstanceNorm):
+    """Instance Normalization for any ``(N, C, *spatial)`` input (torch's defaults and keys).
+
+    Ulyanov et al. 2016, arXiv:1607.08022: ``y = (x − μ_nc) / sqrt(σ²_nc + eps) · w + b`` over
+    the spatial positions of each sample and channel. As in torch, ``affine=False`` and
+    ``track_running_stats=False`` by default; with tracking, eval uses the running statistics.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        *,
+        stats_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_module_args(eps, backend)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.stats_dtype = stats_dtype
+        self.backend = backend
+
+    def _get_no_batch_dim(self) -> int:
+        return 2
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 3:
+            raise ValueError(f"{type(self).__name__} expected (N, C, *spatial) input with >= 3 dims, got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input_dim(x)
+        check_channels_first(x, self.num_features, type(self).__name__)
+        use_input_stats = self.training or not self.track_running_stats
+        return F.instance_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+            0.1 if self.momentum is None else self.momentum, self.eps,
+            mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+
+
+@register_norm(
+    "groupnorm",
+    family="group",
+    paper=papers.GROUP_NORM,
+    layout="channels_first",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="per-sample mean/variance over groups of channels and the spatial dims",
+    aliases=("gn", "group_norm"),
+)
+class GroupNorm(nn.GroupNorm):
+    """Group Normalization, channels first: ``GroupNorm(num_channels, num_groups=32)``.
+
+    Wu & He 2018, arXiv:1803.08494. Argument order is timm's (channels first, so
+    ``norm_layer(C)`` works); keys and math are ``torch.nn.GroupNorm``'s. ``num_groups`` must
+    divide ``num_channels``.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_groups: int = 32,
+        eps: float = 1e-5,
+        affine: bool = True,
+        *,
+        stats_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_module_args(eps, backend)
+        if not isinstance(num_groups, int) or num_groups <= 0 or num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_groups={num_groups!r} must be a positive divisor of num_channels={num_channels}")
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.stats_dtype = stats_dtype
+        self.backend = backend
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        check_channels_first(x, self.num_channels, type(self).__name__)
+        return F.group_norm(
+            x, self.num_groups, self.weight, self.bias, self.eps,
+            mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)

@@ -1,0 +1,212 @@
+"""LayerNorm / RMSNorm modules (channels-last and channels-first).
+
+They subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` so state-dict keys, shapes and
+``isinstance`` checks stay torch's; checkpoints load both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from normkit import functional as F
+from normkit.functional._core import check_channels_first
+from normkit.nn import papers
+from normkit.nn._base import check_module_args, extra_options
+from normkit.registry import register_norm
+
+
+def _offset_init(module: nn.Module) -> None:
+    # with a zero-centred (Gemma-style) weight the effective scale offset + w starts at 1
+    offset = getattr(module, "weight_offset", 0.0)
+    if offset and getattr(module, "weight", None) is not None:
+        with torch.no_grad():
+            module.weight.fill_(1.0 - offset)
+
+
+@register_norm(
+    "layernorm",
+    family="layer",
+    paper=papers.LAYER_NORM,
+    layout="channels_last",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="per-token mean/variance over the last dim(s), then affine",
+    aliases=("ln", "layer_norm"),
+)
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the trailing ``normalized_shape`` dims (drop-in for ``torch.nn.LayerNorm``).
+
+    ``y = (x − E[x]) / sqrt(Var[x] + eps) · (weight_offset + w) + b`` (Ba et al. 2016, arXiv:1607.06450).
+
+    Args:
+        normalized_shape: trailing shape to normalize over (int or tuple).
+        eps: added to the biased variance inside the square root (torch's default 1e-5).
+        elementwise_affine: learn ``w`` (and ``b`` if ``bias``).
+        bias: learn ``b``.
+        weight_offset: Gemma-style scale ``offset + w``; ``w`` is then initialised to ``1 − offset``.
+        stats_dtype: accumulation dtype (default float32 for half inputs).
+        backend: kernel backend for this layer (``None`` follows :func:`normkit.set_backend`).
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        weight_offset: float = 0.0,
+        stats_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_module_args(eps, backend)
+        self.weight_offset = float(weight_offset)
+        self.stats_dtype = stats_dtype
+        self.backend = backend
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        _offset_init(self)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return F.layer_norm(
+            x, self.normalized_shape, self.weight, self.bias, self.eps,
+            weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused pre-norm step: ``(norm(x + residual), x + residual)``."""
+        return F.add_norm(
+            x, residual, self.normalized_shape, self.weight, self.bias, self.eps, norm="layernorm",
+            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + extra_options(
+            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend
+        )
+
+
+@register_norm(
+    "rmsnorm",
+    family="layer",
+    paper=papers.RMS_NORM,
+    layout="channels_last",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="per-token root-mean-square scaling over the last dim(s), no centering",
+    aliases=("rms", "rms_norm"),
+)
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm over the trailing dims (drop-in for ``torch.nn.RMSNorm``).
+
+    ``y = x / sqrt(mean(x²) + eps) · (weight_offset + w) [+ b]`` (Zhang & Sennrich 2019, arXiv:1910.07467).
+    ``eps=None`` uses ``torch.finfo(x.dtype).eps`` as torch does. ``bias=True`` adds an optional
+    bias (not in the paper; some models use it); ``weight_offset=1.0`` gives Gemma's ``(1 + w)``.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        bias: bool = False,
+        weight_offset: float = 0.0,
+        stats_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_module_args(eps, backend)
+        self.weight_offset = float(weight_offset)
+        self.stats_dtype = stats_dtype
+        self.backend = backend
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        _offset_init(self)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
+        _offset_init(self)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return F.rms_norm(
+            x, self.normalized_shape, self.weight, self.eps, bias=self.bias,
+            weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused pre-norm step: ``(norm(x + residual), x + residual)``."""
+        return F.add_norm(
+            x, residual, self.normalized_shape, self.weight, self.bias, self.eps, norm="rmsnorm",
+            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", bias=True" if self.bias is not None else "") + extra_options(
+            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend
+        )
+
+
+@register_norm(
+    "layernorm2d",
+    family="layer",
+    paper=papers.LAYER_NORM,
+    layout="channels_first",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="LayerNorm over the channel dim of (N, C, *) input (ConvNeXt style)",
+    aliases=("ln2d",),
+)
+class LayerNorm2d(LayerNorm):
+    """LayerNorm over the channels of a channels-first ``(N, C, *)`` tensor (timm's ``LayerNorm2d``).
+
+    Same keys as ``nn.LayerNorm(C)``; normalizes each spatial position over its C channels
+    without transposing the input.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(num_channels, eps, affine, bias, **kwargs)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        check_channels_first(x, self.normalized_shape[0], type(self).__name__)
+        return F.layer_norm2d(
+            x, self.weight, self.bias, self.eps,
+            weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
+        )
+
+
+@register_norm(
+    "rmsnorm2d",
+    family="layer",
+    paper=papers.RMS_NORM,
+    layout="channels_first",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="RMSNorm over the channel dim of (N, C, *) input",
+    aliases=("rms2d",),
+)
+class RMSNorm2d(RMSNorm):
+    """RMSNorm over the channels of a channels-first ``(N, C, *)`` tensor (timm's ``RmsNorm2d``)."""
+
+    def __init__(self, num_channels: int, eps: float | None = None, affine: bool = True, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(num_channels, eps, affine, **kwargs)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        check_channels_first(x, self.normalized_shape[0], type(self).__name__)
+        return F.rms_norm2d(
+            x, self.weight, self.eps, bias=self.bias,
+            weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
+        )

@@ -1,0 +1,124 @@
+"""ScaleNorm and DyT modules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from normkit import functional as F
+from normkit.nn import papers
+from normkit.nn._base import check_module_args, extra_options
+from normkit.registry import register_norm
+
+
+@register_norm(
+    "scalenorm",
+    family="scale",
+    paper=papers.SCALE_NORM,
+    layout="channels_last",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="g · x / ‖x‖ per token with one learned scalar g",
+)
+class ScaleNorm(nn.Module):
+    """ScaleNorm: ``y = g · x / max(‖x‖₂, eps)`` over the last dim (Nguyen & Salazar 2019, arXiv:1910.05895).
+
+    One learned scalar ``scale`` initialised to ``sqrt(num_features)`` (the paper's choice),
+    so at init ``y`` has unit RMS like LayerNorm's output. eps (1e-5) clamps the norm as in the
+    official code rather than being added.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        scale_init: float | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_module_args(eps, backend)
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.scale_init = math.sqrt(num_features) if scale_init is None else float(scale_init)
+        self.backend = backend
+        self.scale = nn.Parameter(torch.empty((), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.scale, self.scale_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.num_features:
+            raise ValueError(f"ScaleNorm expects input of shape (*, {self.num_features}), got {tuple(x.shape)}")
+        return F.scale_norm(x, self.scale, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}" + extra_options(backend=self.backend)
+
+
+@register_norm(
+    "dyt",
+    family="norm-free",
+    paper=papers.DYT,
+    layout="channels_last",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="Dynamic Tanh w · tanh(αx) + b, a statistics-free LayerNorm replacement",
+    aliases=("dynamic_tanh",),
+)
+class DyT(nn.Module):
+    """Dynamic Tanh: ``y = w · tanh(α·x) + b`` (Zhu et al. 2025, arXiv:2503.10622).
+
+    Parameters as the official code: scalar ``alpha`` (init ``alpha_init``, 0.5 in the paper
+    for ViTs; LLMs use smaller values), per-channel ``weight`` (ones) and ``bias`` (zeros).
+    ``channels_last=False`` applies the affine along dim 1 of ``(N, C, *)`` input.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        alpha_init: float = 0.5,
+        *,
+        channels_last: bool = True,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_module_args(None, backend)
+        self.num_features = int(num_features)
+        self.alpha_init = float(alpha_init)
+        self.channels_last = channels_last
+        self.backend = backend
+        kw = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **kw))
+        self.weight = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine and bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha_init)
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dim = -1 if self.channels_last else 1
+        if x.dim() < (1 if self.channels_last else 2) or x.shape[dim] != self.num_features:
+            layout = "(*, C)" if self.channels_last else "(N, C, *)"
+            raise ValueError(f"DyT expects {layout} input with C={self.num_features}, got shape {tuple(x.shape)}")
+        return F.dyt(x, self.alpha, self.weight, self.bias, channels_last=self.channels_last, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, alpha_init={self.alpha_init}, channels_last={self.channels_last}"
+            + extra_options(backend=self.backend)
+        )

@@ -1,0 +1,164 @@
+"""The statistics engine: the one place that computes normalization moments.
+
+Every statistics-based norm in normkit asks this module for its moments over a set of axes,
+so dtype policy, masking and cross-process reduction are decided once:
+
+* **accumulation dtype** — float16/bfloat16 inputs are reduced in float32 (their 8/11-bit
+  mantissas lose whole digits when summing thousands of values); float32 and float64 stay as
+  they are. ``stats_dtype`` overrides the choice.
+* **mask** — a boolean tensor broadcastable to the input; ``True`` marks the positions that
+  contribute to the statistics (e.g. real tokens, not padding). The result equals the moments
+  of the input with the masked-out positions dropped.
+* **reducer** — a hook for cross-process statistics (SyncBatchNorm-style). It receives a tensor
+  of *sums* and must return the sum of that tensor over all participating processes (the
+  semantics of ``all_reduce(SUM)``). Sums, not means, are reduced so unequal per-process
+  counts (masks, uneven batches) are weighted correctly. :func:`all_reduce_sum` builds one
+  from ``torch.distributed``.
+
+Without mask or reducer the engine calls ``torch.var_mean`` (a fused two-pass kernel);
+with either it computes masked sums in two passes (mean first, then squared deviations),
+which is numerically stable where ``E[x²] − E[x]²`` is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+Reducer = Callable[[Tensor], Tensor]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Moments(NamedTuple):
+    """Mean and variance with the reduced axes kept (size 1) so they broadcast against the input."""
+
+    mean: Tensor
+    var: Tensor
+
+
+def accumulation_dtype(dtype: torch.dtype, stats_dtype: torch.dtype | None = None) -> torch.dtype:
+    """Dtype the statistics are computed in: float32 for half types, else the input dtype."""
+    if stats_dtype is not None:
+        if not stats_dtype.is_floating_point:
+            raise ValueError(f"stats_dtype must be a floating dtype, got {stats_dtype}")
+        return stats_dtype
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _normalize_dims(x: Tensor, dims: Sequence[int] | int) -> tuple[int, ...]:
+    if isinstance(dims, int):
+        dims = (dims,)
+    out = tuple(sorted({d % x.dim() for d in dims}))
+    if not out:
+        raise ValueError("moments need at least one axis to reduce over")
+    return out
+
+
+def _mask_weights(x: Tensor, mask: Tensor) -> Tensor:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = included in the statistics), got {mask.dtype}")
+    try:
+        return mask.expand_as(x).to(x.dtype)
+    except RuntimeError as e:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(x.shape)}"
+        ) from e
+
+
+def moments(
+    x: Tensor,
+    dims: Sequence[int] | int,
+    *,
+    correction: int = 0,
+    mask: Tensor | None = None,
+    reducer: Reducer | None = None,
+    stats_dtype: torch.dtype | None = None,
+) -> Moments:
+    """Mean and variance of ``x`` over ``dims`` (kept as size-1 axes).
+
+    Args:
+        x: input tensor.
+        dims: axes to reduce over.
+        correction: 0 for the biased (population) variance used to normalize, 1 for the
+            unbiased (Bessel-corrected) estimate used by running statistics.
+        mask: optional bool tensor broadcastable to ``x``; True = included.
+        reducer: optional cross-process sum (see module docstring).
+        stats_dtype: accumulation dtype override (default: :func:`accumulation_dtype`).
+    """
+    dims = _normalize_dims(x, dims)
+    xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
+    if mask is None and reducer is None:
+        var, mean = torch.var_mean(xf, dims, correction=correction, keepdim=True)
+        return Moments(mean, var)
+    if mask is None:
+        w = None
+        count = xf.new_full([1 if i in dims else s for i, s in enumerate(xf.shape)], _numel(xf, dims))
+    else:
+        w = _mask_weights(xf, mask)
+        count = w.sum(dims, keepdim=True)
+    total = (xf if w is None else xf * w).sum(dims, keepdim=True)
+    if reducer is not None:
+        both = reducer(torch.stack([total, count]))
+        total, count = both[0], both[1]
+    mean = total / count
+    dev = xf - mean
+    if w is not None:
+        dev = dev * w
+    sq = dev.square().sum(dims, keepdim=True)
+    if reducer is not None:
+        sq = reducer(sq)
+    return Moments(mean, sq / (count - correction))
+
+
+def mean_square(
+    x: Tensor,
+    dims: Sequence[int] | int,
+    *,
+    mask: Tensor | None = None,
+    reducer: Reducer | None = None,
+    stats_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Mean of ``x²`` over ``dims`` (kept) — the statistic of RMS-type norms."""
+    dims = _normalize_dims(x, dims)
+    xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
+    if mask is None and reducer is None:
+        return xf.square().mean(dims, keepdim=True)
+    if mask is None:
+        sq = xf.square().sum(dims, keepdim=True)
+        count = torch.full_like(sq, _numel(xf, dims))
+    else:
+        w = _mask_weights(xf, mask)
+        sq = (xf.square() * w).sum(dims, keepdim=True)
+        count = w.sum(dims, keepdim=True)
+    if reducer is not None:
+        both = reducer(torch.stack([sq, count]))
+        sq, count = both[0], both[1]
+    return sq / count
+
+
+def _numel(x: Tensor, dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
+def all_reduce_sum(group: object | None = None) -> Reducer:
+    """A :data:`Reducer` that sums over the processes of a ``torch.distributed`` group.
+
+    Uses the autograd-aware ``torch.distributed.nn.functional.all_reduce`` so gradients flow
+    through the synchronized statistics, as in SyncBatchNorm.
+    """
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    def reduce(t: Tensor) -> Tensor:
+        if not dist.is_available() or not dist.is_initialized():
+            return t
+        return all_reduce(t, op=dist.ReduceOp.SUM, group=group or dist.group.WORLD)
+
+    return reduce
