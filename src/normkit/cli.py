@@ -27,6 +27,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
+        Console = None  # noqa: N806
+    if Console is None or not sys.stdout.isatty():
         widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
         for r in (head, *rows):
             print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))

@@ -12,7 +12,8 @@ on the ``eager`` and ``compiled`` backends and for torch's native equivalent, an
 * ``saved`` — bytes autograd keeps for backward, as a multiple of the input's size;
 * ``compile s`` — first-call cost of the compiled backend (compile + first run).
 
-Times are medians over ``reps`` runs after a warm-up, with ``torch.get_num_threads()`` threads.
+Times are medians over ``reps`` rounds after a warm-up; within a round every candidate (native,
+eager, compiled, copy) runs once in turn, so background noise affects them alike.
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ class Row:
     compile_s: float | None = None
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
+def _interleaved_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median ms of each function, timed round-robin so machine noise hits all of them alike."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _saved_bytes(fn: Callable[[], Tensor]) -> int:
@@ -123,33 +127,54 @@ def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...
     g = torch.randn(shape)
     m = _build(info.name, c)
     params = [p for p in m.parameters() if p.requires_grad]
-    copy_ms = _median_ms(lambda: x.detach().clone(), reps)
+
+    def with_backend(be: str | None, f: Callable[[], object]) -> Callable[[], object]:
+        if be is None:
+            return f
+
+        def call() -> object:
+            with set_backend(be):
+                return f()
+
+        return call
+
+    def fwd(f: Callable[[Tensor], Tensor]) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                return f(x)
+
+        return call
 
     def fwdbwd(f: Callable[[Tensor], Tensor], ps: list[Tensor]) -> Callable[[], object]:
         return lambda: torch.autograd.grad(f(x), [x, *ps], g)
 
-    def measure(label: str, f: Callable[[Tensor], Tensor], ps: list[Tensor], compile_s: float | None = None) -> Row:
-        with torch.no_grad():
-            fwd = _median_ms(lambda: f(x), reps)
-        fb = _median_ms(fwdbwd(f, ps), reps)
-        saved = _saved_bytes(lambda: f(x)) / (x.numel() * x.element_size())
-        return Row(info.name, shape, label, fwd, fb, 0.0, 0.0, fb / copy_ms, saved, compile_s)
-
-    native = measure("torch", _native(info.name, m), params)
-    target_ms = _median_ms(fwdbwd(_target(info.layout, info.name, shape), []), reps)
-    out = [native]
+    native, target = _native(info.name, m), _target(info.layout, info.name, shape)
+    compile_s: dict[str, float] = {}
+    if "compiled" in backends:
+        t = time.perf_counter()
+        with_backend("compiled", fwdbwd(m, params))()
+        with_backend("compiled", fwd(m))()
+        compile_s["compiled"] = time.perf_counter() - t
+    cands: dict[str, Callable[[], object]] = {
+        "copy": lambda: x.detach().clone(),
+        "target": fwdbwd(target, []),
+        "torch:fwd": fwd(native),
+        "torch:fb": fwdbwd(native, params),
+    }
     for be in backends:
-        first = None
-        with set_backend(be):
-            if be == "compiled":
-                t = time.perf_counter()
-                fwdbwd(m, params)()
-                first = time.perf_counter() - t
-            out.append(measure(be, m, params, first))
-    for r in out:
-        r.vs_native = r.fwdbwd_ms / native.fwdbwd_ms
-        r.vs_target = r.fwdbwd_ms / target_ms
-    return out
+        cands[f"{be}:fwd"] = with_backend(be, fwd(m))
+        cands[f"{be}:fb"] = with_backend(be, fwdbwd(m, params))
+    ms = _interleaved_ms(cands, reps)
+    nbytes = x.numel() * x.element_size()
+    rows = []
+    for label, f in [("torch", native)] + [(be, m) for be in backends]:
+        saved = _saved_bytes(with_backend(None if label == "torch" else label, lambda f=f: f(x))) / nbytes
+        fb = ms[f"{label}:fb"]
+        rows.append(Row(
+            info.name, shape, label, ms[f"{label}:fwd"], fb, fb / ms["torch:fb"], fb / ms["target"],
+            fb / ms["copy"], saved, compile_s.get(label),
+        ))
+    return rows
 
 
 def run(

@@ -1,0 +1,135 @@
+"""Small models for the bench: a CNN for image norms, a ViT for token norms.
+
+Both take the norm by *name* and build every normalization layer through
+:func:`normkit.create_norm`, so any registered method (including ones added later) can be
+dropped in. Sizes are chosen so a full quick suite trains in about two minutes on two CPU
+cores while still separating good and bad normalization choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normkit.registry import create_norm
+
+
+def _groupnorm_kwargs(channels: int) -> dict[str, Any]:
+    # GroupNorm's default of 32 groups does not divide the bench's 16-channel layer; use
+    # the largest divisor of C that is ≤ 8 (8 groups for 16 and 32 channels).
+    return {"num_groups": max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)}
+
+
+#: Per-norm keyword arguments the bench passes to ``create_norm(name, C, **kwargs)``, as a
+#: function of the channel count. Defaults of some methods do not suit a comparison (e.g.
+#: InstanceNorm is not affine by default, which would handicap it against the others).
+#: Register an entry here when a new method needs one.
+NORM_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "groupnorm": _groupnorm_kwargs,
+    "instancenorm": lambda channels: {"affine": True},
+}
+
+
+def make_norm(name: str, num_features: int) -> nn.Module:
+    """``create_norm(name, num_features)`` with the bench's per-method keyword arguments."""
+    extra = NORM_KWARGS.get(name.lower())
+    return create_norm(name, num_features, **(extra(num_features) if extra else {}))
+
+
+class SmallCNN(nn.Module):
+    """conv3×3(16) → norm → ReLU → conv3×3/2(32) → norm → ReLU → conv3×3(32) → norm → ReLU → GAP → linear.
+
+    Convolutions have no bias: every norm under test either has its own shift or is meant
+    to be compared without one.
+    """
+
+    def __init__(self, norm: str, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        w1, w2 = width, 2 * width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w1, 3, padding=1, bias=False),
+            make_norm(norm, w1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w1, w2, 3, stride=2, padding=1, bias=False),
+            make_norm(norm, w2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w2, w2, 3, padding=1, bias=False),
+            make_norm(norm, w2),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(w2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (no masking: every token sees every patch)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, heads: int, norm: str, mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """ViT for 8×8 digits: 2×2 patches → 16 tokens, learned positions, pre-norm blocks, final norm, mean pool.
+
+    Mean pooling instead of a cls token keeps every token on the path to the loss, which
+    makes small-data training less sensitive to initialization.
+    """
+
+    def __init__(
+        self,
+        norm: str,
+        in_channels: int = 1,
+        image_size: int = 8,
+        patch: int = 2,
+        dim: int = 48,
+        depth: int = 2,
+        heads: int = 4,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} must be divisible by patch {patch}")
+        tokens = (image_size // patch) ** 2
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, heads, norm) for _ in range(depth)))
+        self.norm = make_norm(norm, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (N, tokens, dim)
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(dim=1))

@@ -1,0 +1,189 @@
+"""Leaderboard, files and plot of a bench run.
+
+rich and matplotlib are optional: without them the leaderboard is plain text and the plot
+is skipped with a message, so the bench still works in a minimal environment.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+#: Column order of ``results.csv`` (one row per job × seed).
+CSV_FIELDS = (
+    "suite", "task", "model", "norm", "batch_size", "seed", "epochs", "lr", "weight_decay", "steps",
+    "epochs_done", "test_acc", "train_loss", "ms_per_step", "train_time_s", "params", "status", "error",
+)  # fmt: skip
+
+
+def _group_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["suite"], row["task"], row["model"], row["norm"], row["batch_size"])
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def leaderboard(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate runs over seeds: one entry per (suite, task, model, norm, batch size).
+
+    Metrics are over the successful seeds only; ``status`` is ``ok`` only if every seed
+    succeeded, otherwise the first failure's status and message. Sorted by task, model,
+    batch size (largest first), then accuracy (best first, failures last).
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in results:
+        groups.setdefault(_group_key(row), []).append(row)
+    board = []
+    for (suite, task, model, norm, bs), rows in groups.items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        bad = [r for r in rows if r["status"] != "ok"]
+        accs = [r["test_acc"] for r in ok]
+        board.append(
+            {
+                "suite": suite,
+                "task": task,
+                "model": model,
+                "norm": norm,
+                "batch_size": bs,
+                "seeds": [r["seed"] for r in rows],
+                "acc_mean": _mean(accs),
+                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
+                "ms_per_step": _mean([r["ms_per_step"] for r in ok]),
+                "train_loss": _mean([r["train_loss"] for r in ok]),
+                "status": bad[0]["status"] if bad else "ok",
+                "error": bad[0]["error"] if bad else "",
+            }
+        )
+    board.sort(key=lambda e: (e["task"], e["model"], -e["batch_size"], -(e["acc_mean"] if e["acc_mean"] is not None else -1.0)))
+    return board
+
+
+def _fmt_acc(entry: dict[str, Any]) -> str:
+    if entry["acc_mean"] is None:
+        return "-"
+    if len(entry["seeds"]) > 1:
+        return f"{entry['acc_mean']:.1%} ± {entry['acc_std']:.1%}"
+    return f"{entry['acc_mean']:.1%}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cells(entry: dict[str, Any]) -> list[str]:
+    status = entry["status"] if entry["status"] == "ok" else f"{entry['status']}: {entry['error']}"
+    return [
+        entry["task"],
+        entry["model"],
+        entry["norm"],
+        str(entry["batch_size"]),
+        ",".join(map(str, entry["seeds"])),
+        _fmt_acc(entry),
+        _fmt(entry["ms_per_step"], ".2f"),
+        _fmt(entry["train_loss"], ".4f"),
+        status,
+    ]
+
+
+_HEADERS = ["task", "model", "norm", "batch", "seeds", "test acc", "ms/step", "train loss", "status"]
+
+
+def format_leaderboard(board: Sequence[dict[str, Any]]) -> str:
+    """Plain-text leaderboard (used without rich, and handy in logs/tests)."""
+    rows = [_HEADERS] + [_cells(e) for e in board]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADERS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_leaderboard(board: Sequence[dict[str, Any]], title: str, file: TextIO | None = None) -> None:
+    """Print the leaderboard as a rich table (sections per task/model/batch) or plain text."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(f"\n{title}\n{format_leaderboard(board)}", file=file)
+        return
+    table = Table(title=title, title_justify="left")
+    for h in _HEADERS:
+        numeric = h in {"batch", "test acc", "ms/step", "train loss"}
+        # Only the status (error message) may wrap; names and numbers must stay readable.
+        table.add_column(h, justify="right" if numeric else "left", no_wrap=h != "status", min_width=6 if h == "status" else None)
+    previous = None
+    for entry in board:
+        section = (entry["task"], entry["model"], entry["batch_size"])
+        if previous is not None and section != previous:
+            table.add_section()
+        previous = section
+        cells = _cells(entry)
+        cells[-1] = "[green]ok[/]" if entry["status"] == "ok" else f"[red]{cells[-1]}[/]"
+        table.add_row(*cells)
+    console = Console(file=file)
+    if not console.is_terminal:  # rich assumes 80 columns when redirected: too narrow for the table
+        console = Console(file=file, width=160)
+    console.print(table)
+
+
+def write_csv(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """One row per run (job × seed) with the :data:`CSV_FIELDS` columns."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (env, runs, leaderboard, claims) as indented JSON."""
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def plot(path: Path, board: Sequence[dict[str, Any]], title: str) -> bool:
+    """Grouped bar chart: one panel per task/model/batch size, one bar per norm (± std).
+
+    Uses matplotlib's object API with the Agg canvas, so the caller's pyplot backend is left
+    alone. Returns False (with nothing written) if matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import PercentFormatter
+    except ImportError:
+        return False
+    panels: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for e in board:
+        panels.setdefault((e["task"], e["model"], e["batch_size"]), []).append(e)
+    accs = [e["acc_mean"] for e in board if e["acc_mean"] is not None]
+    # Zoom on the range of the results (bars start at `low`, not 0): on easy tasks the norms
+    # differ by a few points, invisible on a 0-100% axis. Labels carry the exact values.
+    low = max(0.0, min(accs, default=0.0) - 0.05)
+    color = {n: f"C{i % 10}" for i, n in enumerate(sorted({e["norm"] for e in board}))}  # same norm, same color
+    fig = Figure(figsize=(max(4.0, 3.2 * len(panels)), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False, sharey=True)[0]
+    for ax, ((task, model, bs), entries) in zip(axes, panels.items()):
+        entries = sorted(entries, key=lambda e: e["norm"])
+        xs = list(range(len(entries)))
+        heights = [e["acc_mean"] if e["acc_mean"] is not None else low for e in entries]
+        errs = [e["acc_std"] or 0.0 for e in entries]
+        colors = [color[e["norm"]] if e["status"] == "ok" else "lightgrey" for e in entries]
+        ax.bar(xs, heights, yerr=errs if any(errs) else None, color=colors, capsize=3)
+        for x, e in zip(xs, entries):
+            ok = e["acc_mean"] is not None
+            label = _fmt_acc(e) if ok else e["status"]
+            ax.text(x, low + 0.03 * (1 - low), label, ha="center", va="bottom", rotation=90, fontsize=8,
+                    color="white" if ok else "black")  # fmt: skip
+        ax.set_xticks(xs, [e["norm"] for e in entries], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{task} {model}, batch {bs}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (eval mode)")
+    axes[0].set_ylim(low, 1.0)
+    axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    return True

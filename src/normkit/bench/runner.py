@@ -1,0 +1,305 @@
+"""Bench orchestration: expand a suite into runs, train them, report, write files; plus the CLI glue.
+
+Every run is isolated: an exception while building or training one norm becomes an
+``error`` row and the bench moves on, so one broken method never hides the others' results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normkit.bench import report
+from normkit.bench.suites import SUITES, Job, Suite, SuiteConfig, get_suite
+from normkit.bench.train import total_steps, train_run
+from normkit.registry import norm_info
+
+DEFAULT_OUT = "normkit-bench"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """No-op progress (``progress=False``); base of the two real ones."""
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self, index: int, total: int, label: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def finish(self, index: int, total: int, label: str, row: dict[str, Any]) -> None:
+        pass
+
+
+def _summary(row: dict[str, Any]) -> str:
+    if row["status"] == "error":
+        return f"ERROR {row['error']}"
+    extra = "" if row["status"] == "ok" else f" [{row['status']}: {row['error']}]"
+    return (
+        f"acc {row['test_acc']:.1%}  loss {row['train_loss']:.4f}  {row['ms_per_step']:.2f} ms/step  "
+        f"({row['train_time_s']:.1f}s){extra}"
+    )
+
+
+class _TextProgress(_Progress):
+    """One line per finished run: readable in CI logs and when rich is absent."""
+
+    def finish(self, index: int, total: int, label: str, row: dict[str, Any]) -> None:
+        print(f"[{index + 1}/{total}] {label}: {_summary(row)}", flush=True)
+
+
+class _RichProgress(_Progress):
+    """A rich progress bar over all optimizer steps of the suite, with a line per finished run.
+
+    Step advances are batched (every 50 ms) so drawing costs nothing next to training.
+    """
+
+    def __init__(self, total_steps: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+        )  # fmt: skip
+        self._task = self._bar.add_task("bench", total=total_steps)
+        self._pending = 0
+        self._last = 0.0
+
+    def __enter__(self) -> _RichProgress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._flush()
+        self._bar.__exit__(None, None, None)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._bar.advance(self._task, self._pending)
+            self._pending = 0
+        self._last = time.perf_counter()
+
+    def start(self, index: int, total: int, label: str) -> None:
+        self._bar.update(self._task, description=f"[{index + 1}/{total}] {label}")
+
+    def advance(self, n: int) -> None:
+        self._pending += n
+        if time.perf_counter() - self._last > 0.05:
+            self._flush()
+
+    def finish(self, index: int, total: int, label: str, row: dict[str, Any]) -> None:
+        self._flush()
+        self._bar.console.print(f"[{index + 1}/{total}] {label}: {_summary(row)}", markup=False, highlight=False)
+
+
+def _make_progress(enabled: bool, steps: int) -> _Progress:
+    if not enabled:
+        return _Progress()
+    try:
+        from rich.console import Console
+    except ImportError:
+        return _TextProgress()
+    # A live bar only makes sense on a terminal; redirected output gets plain lines.
+    return _RichProgress(steps) if Console().is_terminal else _TextProgress()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _canonical(norm: str) -> str:
+    try:
+        return norm_info(norm).name
+    except ValueError:
+        return norm.lower()
+
+
+def _filter_jobs(jobs: list[Job], norms: Sequence[str] | None, suite: str) -> list[Job]:
+    """Keep the jobs whose norm is in ``norms`` (names or aliases); unmatched names are an error."""
+    if not norms:
+        return jobs
+    wanted = {_canonical(n) for n in norms}
+    available = {_canonical(j.norm) for j in jobs}
+    missing = wanted - available
+    if missing:
+        raise ValueError(
+            f"norm(s) {', '.join(sorted(missing))} not in suite {suite!r}; its norms: {', '.join(sorted(available))}"
+        )
+    return [j for j in jobs if _canonical(j.norm) in wanted]
+
+
+def _environment(suite: Suite, **extra: Any) -> dict[str, Any]:
+    from normkit import __version__
+
+    return {
+        "normkit": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "suite": suite.name,
+        "suite_description": suite.description,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def _run_one(job: Job, seed: int, scale: float, progress: _Progress, steps: int) -> dict[str, Any]:
+    """Train one run; any exception becomes an ``error`` row (progress still reaches its end)."""
+    done = 0
+
+    def on_step(n: int) -> None:
+        nonlocal done
+        done += n
+        progress.advance(n)
+
+    try:
+        return train_run(job, seed, scale=scale, on_step=on_step)
+    except Exception as e:  # noqa: BLE001 - a broken norm must not abort the bench
+        progress.advance(max(0, steps - done))
+        message = (str(e).strip().splitlines() or [""])[0]
+        return {"status": "error", "error": f"{type(e).__name__}: {message}"[:300], "traceback": traceback.format_exc()}
+
+
+def run(
+    suite: str = "quick",
+    *,
+    full: bool = False,
+    out_dir: str | Path = DEFAULT_OUT,
+    seed: int = 0,
+    norms: list[str] | None = None,
+    progress: bool = True,
+    scale: float = 1.0,
+    threads: int | None = 2,
+) -> list[dict[str, Any]]:
+    """Run a bench suite, print its leaderboard and claims, write results.{csv,json,png} to ``out_dir``.
+
+    ``full`` trains longer and over several seeds (``seed``, ``seed + 1``, ...); ``norms``
+    restricts the suite to those methods; ``scale`` multiplies the training length (tests use
+    ~0.02); ``threads`` sets torch's intra-op threads for the duration (small models are
+    fastest on few threads, and it makes timings comparable across machines; None keeps the
+    current setting). Returns one dict per run (job × seed), as in ``results.csv``.
+    """
+    spec = get_suite(suite)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    start = time.perf_counter()
+    jobs = _filter_jobs(list(spec.jobs(SuiteConfig(full=full, seed=seed))), norms, suite)
+    if not jobs:
+        raise ValueError(f"suite {suite!r} has no jobs")
+    seeds = [seed + i for i in range(spec.full_seeds if full else 1)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        runs = [(job, s) for job in jobs for s in seeds]
+        steps = [total_steps(job, job.data(), scale) for job, _ in runs]
+        results: list[dict[str, Any]] = []
+        with _make_progress(progress, sum(steps)) as bar:
+            for i, ((job, s), n_steps) in enumerate(zip(runs, steps)):
+                label = f"{job.key} seed={s}"
+                bar.start(i, len(runs), label)
+                row = {
+                    "suite": suite, "task": job.task, "model": job.model, "norm": job.norm,
+                    "batch_size": job.batch_size, "seed": s, "epochs": job.epochs * scale, "lr": job.lr,
+                    "weight_decay": job.weight_decay, "steps": 0, "epochs_done": 0.0, "test_acc": None,
+                    "train_loss": None, "ms_per_step": None, "train_time_s": None, "params": None,
+                    **dict(job.extra),
+                }  # fmt: skip
+                row.update(_run_one(job, s, scale, bar, n_steps))
+                results.append(row)
+                bar.finish(i, len(runs), label, row)
+        env = _environment(spec, full=full, seed=seed, seeds=seeds, scale=scale, norms=norms)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    _report(spec, results, out, env, start)
+    return results
+
+
+def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str, Any], start: float) -> None:
+    """Leaderboard + claims on stdout, then the three files."""
+    board = report.leaderboard(results)
+    claims: list[str] = []
+    if spec.claims is not None:
+        try:
+            claims = list(spec.claims(results))
+        except Exception as e:  # noqa: BLE001 - a buggy claim must not lose the results
+            claims = [f"[error] claims hook of suite {spec.name!r} failed: {type(e).__name__}: {e}"]
+    env["total_time_s"] = round(time.perf_counter() - start, 2)
+    title = f"normkit bench: suite {spec.name!r}{' (full)' if env.get('full') else ''}"
+    report.print_leaderboard(board, title)
+    if claims:
+        print("\nClaims:")
+        for line in claims:
+            print(f"  {line}")
+    report.write_csv(out / "results.csv", results)
+    report.write_json(out / "results.json", {"env": env, "runs": results, "leaderboard": board, "claims": claims})
+    written = [out / "results.csv", out / "results.json"]
+    if report.plot(out / "results.png", board, title):
+        written.append(out / "results.png")
+    else:
+        print("matplotlib is not installed: skipped results.png (pip install 'normkit[bench]')")
+    failed = sum(r["status"] != "ok" for r in results)
+    print(f"\n{len(results)} runs ({failed} not ok) in {env['total_time_s']:.1f}s; wrote " + ", ".join(str(p) for p in written))
+
+
+# --------------------------------------------------------------------------- CLI glue
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Add the ``normkit bench`` options to ``p`` (called by :mod:`normkit.cli`)."""
+    p.add_argument("--suite", default="quick", help="suite to run (default: quick; see --list-suites)")
+    p.add_argument("--full", action="store_true", help="longer training and several seeds (mean ± std)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for results.csv/json/png (default: {DEFAULT_OUT})")
+    p.add_argument("--seed", type=int, default=0, help="base seed; --full uses seed, seed+1, ... (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-run lines")
+    p.add_argument("--norms", default=None, help="comma-separated subset of the suite's norms, e.g. batchnorm,groupnorm")
+    p.add_argument("--list-suites", action="store_true", help="list the registered suites and exit")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the training length (e.g. 0.05 for a smoke test)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads during the bench (default: 2)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``normkit bench`` from parsed ``args``: 0 if every run is ok, 1 if some failed, 2 on bad arguments."""
+    if getattr(args, "list_suites", False):
+        for name in sorted(SUITES):
+            print(f"{name:12s} {SUITES[name].description}")
+        return 0
+    norms = [n.strip() for n in args.norms.split(",") if n.strip()] if getattr(args, "norms", None) else None
+    try:
+        results = run(
+            args.suite,
+            full=args.full,
+            out_dir=args.out,
+            seed=args.seed,
+            norms=norms,
+            progress=not args.no_progress,
+            scale=getattr(args, "scale", 1.0),
+            threads=getattr(args, "threads", 2),
+        )
+    except ValueError as e:
+        print(f"normkit bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(r["status"] == "ok" for r in results) else 1

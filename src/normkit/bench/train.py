@@ -1,0 +1,138 @@
+"""Training and evaluation of one (job, seed) run.
+
+Kept free of any printing: the runner owns progress and reporting, and a run that raises
+is turned into an error row by the runner, not here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normkit.bench.data import DataSplit
+from normkit.bench.suites import Job
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so a run is reproducible on the same machine/threads."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def steps_per_epoch(job: Job, data: DataSplit) -> int:
+    """Full batches in one pass over the training split (the last, partial batch is dropped).
+
+    Dropping it keeps every step at the nominal batch size, which matters for batch-dependent
+    norms: a trailing batch of 1 would give BatchNorm a different (degenerate) regime.
+    """
+    return max(1, len(data.x_train) // job.batch_size)
+
+
+def total_steps(job: Job, data: DataSplit, scale: float = 1.0) -> int:
+    """Optimizer steps of a run: ``epochs · scale`` passes, at least one step."""
+    return max(1, round(job.epochs * scale * steps_per_epoch(job, data)))
+
+
+def _optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
+    # Decay only weight matrices/kernels: decaying norm gains (or ScaleNorm's single scalar,
+    # DyT's alpha) would pull them to zero and penalize some methods more than others.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": job.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=job.lr)
+
+
+def _lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup · steps`` then cosine decay to zero."""
+    n_warm = int(warmup * steps)
+    if step < n_warm:
+        return (step + 1) / n_warm
+    t = (step - n_warm) / max(1, steps - n_warm)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataSplit, batch_size: int = 512) -> float:
+    """Test accuracy in ``eval()`` mode (running statistics for BatchNorm)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(data.x_test), batch_size):
+        logits = model(data.x_test[i : i + batch_size])
+        correct += int((logits.argmax(dim=1) == data.y_test[i : i + batch_size]).sum())
+    return correct / len(data.x_test)
+
+
+def train_run(
+    job: Job,
+    seed: int,
+    *,
+    scale: float = 1.0,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``job`` with ``seed`` and return the measured fields of its result row.
+
+    ``on_step(n)`` is called with the number of steps just completed (for progress bars).
+    ``train_loss`` is the mean over the last 10% of steps: one step's loss at batch 2 is
+    too noisy to compare. ``ms_per_step`` excludes the first step (lazy initialization).
+    A non-finite loss stops training and sets ``status="diverged"``.
+    """
+    data = job.data()
+    seed_everything(seed)
+    model = job.build(job.norm)
+    params = sum(p.numel() for p in model.parameters())
+    opt = _optimizer(model, job)
+    steps = total_steps(job, data, scale)
+    spe = steps_per_epoch(job, data)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    status, error = "ok", ""
+    model.train()
+    t0 = time.perf_counter()
+    t_first = t0
+    perm = torch.randperm(len(data.x_train), generator=gen)
+    for step in range(steps):
+        i = step % spe
+        if i == 0 and step:
+            perm = torch.randperm(len(data.x_train), generator=gen)
+        idx = perm[i * job.batch_size : (i + 1) * job.batch_size]
+        for group in opt.param_groups:
+            group["lr"] = job.lr * _lr_factor(step, steps, job.warmup)
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        losses.append(value)
+        if step == 0:
+            t_first = time.perf_counter()
+        if on_step is not None:
+            on_step(1)
+        if not math.isfinite(value):
+            status, error = "diverged", f"non-finite loss at step {step + 1}/{steps}"
+            if on_step is not None:
+                on_step(steps - step - 1)
+            break
+    t1 = time.perf_counter()
+    done = len(losses)
+    ms = (t1 - t_first) / (done - 1) * 1e3 if done > 1 else (t1 - t0) * 1e3
+    tail = losses[-max(1, done // 10) :]
+    return {
+        "steps": done,
+        "epochs_done": done / spe,
+        "test_acc": evaluate(model, data),
+        "train_loss": float(np.mean(tail)),
+        "ms_per_step": ms,
+        "train_time_s": t1 - t0,
+        "params": params,
+        "status": status,
+        "error": error,
+    }

@@ -1,0 +1,84 @@
+"""Backend dispatch: selection, scoping, agreement, no surprise compiles, low precision."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normkit
+from normkit import backend as B
+from normkit import functional as F
+
+
+def test_set_backend_is_global_and_a_context_manager():
+    assert normkit.get_backend() == "auto"
+    with normkit.set_backend("eager"):
+        assert normkit.get_backend() == "eager"
+        with normkit.set_backend("compiled"):
+            assert normkit.get_backend() == "compiled"
+        assert normkit.get_backend() == "eager"
+    assert normkit.get_backend() == "auto"
+    normkit.set_backend("compiled")
+    assert normkit.get_backend() == "compiled"
+    normkit.set_backend("auto")
+
+
+def test_auto_never_compiles(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("auto backend started a compile")
+
+    monkeypatch.setattr(B, "compiled", boom)
+    x = torch.randn(4, 8, requires_grad=True)
+    for name in normkit.list_norms():
+        m = normkit.create_norm(name, 8, **({"num_groups": 4} if name == "groupnorm" else {}))
+        inp = x if normkit.norm_info(name).layout == "channels_last" else x.reshape(2, 8, 2)
+        m(inp).sum().backward()
+    assert B.resolve(None, x, "normalize") == "eager"
+
+
+def test_per_layer_backend_overrides_global(monkeypatch):
+    calls = []
+    real = B.compiled
+    monkeypatch.setattr(B, "compiled", lambda fn, key=None: (calls.append(fn.__name__), real(fn, key))[1])
+    m = normkit.LayerNorm(8, backend="compiled")
+    with normkit.set_backend("eager"):
+        m(torch.randn(3, 8))
+    assert calls == ["_forward_math"]
+
+
+def test_eager_and_compiled_agree():
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    outs = []
+    for be in ("eager", "compiled"):
+        y = F.rms_norm(x, 32, w, 1e-6, backend=be)
+        outs.append((y, *torch.autograd.grad(y.sin().sum(), (x, w))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+CASES = {
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, 64, w, b), lambda x, w, b: TF.layer_norm(x, (64,), w, b), (32, 64)),
+    "rms_norm": (lambda x, w, b: F.rms_norm(x, 64, w, 1e-6), lambda x, w, b: TF.rms_norm(x, (64,), w, 1e-6), (32, 64)),
+    "group_norm": (lambda x, w, b: F.group_norm(x, 8, w, b), lambda x, w, b: TF.group_norm(x, 8, w, b), (4, 64, 5, 5)),
+    "batch_norm": (lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+                   lambda x, w, b: TF.batch_norm(x, None, None, w, b, True), (4, 64, 5, 5)),
+    "instance_norm": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+                      lambda x, w, b: TF.instance_norm(x, weight=w, bias=b), (4, 64, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_low_precision_error_within_twice_torchs(name, dtype, atol, backend):
+    ours, theirs, shape = CASES[name]
+    x = torch.randn(shape) * 3 + 1
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    ref = theirs(x, w, b)  # fp32 reference
+    lp = [t.to(dtype) for t in (x, w, b)]
+    torch_err = (theirs(*lp).float() - ref).abs().max().item()
+    our_err = (ours(*lp).float() - ref).abs().max().item() if backend == "eager" else None
+    if backend == "compiled":
+        with normkit.set_backend("compiled"):
+            our_err = (ours(*lp).float() - ref).abs().max().item()
+    assert our_err <= 2 * torch_err + atol, (our_err, torch_err)

@@ -1,0 +1,166 @@
+"""Tests of ``normkit bench``: tiny training scales so the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from torch import Tensor, nn
+
+from normkit.bench import SUITES, Job, SuiteConfig, configure_parser, register_suite, run, run_cli
+from normkit.bench.models import SmallCNN, TinyViT
+from normkit.bench.suites import digits_jobs, norms_with_layout
+
+TINY = 0.02  # fraction of the quick suite's training: a few steps per run
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def temp_suite():
+    """Register suites under unique names and remove them afterwards (SUITES is global)."""
+    added: list[str] = []
+
+    def register(name: str, jobs: list[Job], **kwargs):
+        register_suite(name, **kwargs)(lambda cfg: jobs)
+        added.append(name)
+        return name
+
+    yield register
+    for name in added:
+        SUITES.pop(name, None)
+
+
+def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
+    results = run("quick", scale=TINY, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False)
+
+    # batchnorm is an image norm (CNN at batch 64 and 2), layernorm a token norm (ViT).
+    got = sorted((r["model"], r["norm"], r["batch_size"]) for r in results)
+    assert got == [("cnn", "batchnorm", 2), ("cnn", "batchnorm", 64), ("vit", "layernorm", 64)]
+    for r in results:
+        assert r["status"] == "ok", r["error"]
+        assert 0.0 <= r["test_acc"] <= 1.0
+        assert r["steps"] >= 1 and r["ms_per_step"] > 0 and r["train_loss"] > 0
+    # scale shrinks training: 8 epochs x 0.02 of 22 steps/epoch at batch 64.
+    assert next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")["steps"] == 4
+
+    rows = _csv_rows(tmp_path / "results.csv")
+    assert len(rows) == len(results) == 3
+    assert {row["norm"] for row in rows} == {"batchnorm", "layernorm"}
+    assert all(0.0 <= float(row["test_acc"]) <= 1.0 and row["status"] == "ok" for row in rows)
+
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["env"]["suite"] == "quick" and payload["env"]["full"] is False
+    assert payload["env"]["torch"] and payload["env"]["threads"] >= 1 and payload["env"]["total_time_s"] > 0
+    assert len(payload["runs"]) == 3 and len(payload["leaderboard"]) == 3
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    out = capsys.readouterr().out
+    assert "batchnorm" in out and "layernorm" in out and "results.csv" in out
+
+
+def test_runs_are_deterministic(tmp_path):
+    a = run("quick", scale=0.01, norms=["rmsnorm"], out_dir=tmp_path / "a", progress=False)
+    b = run("quick", scale=0.01, norms=["rmsnorm"], out_dir=tmp_path / "b", progress=False)
+    assert [(r["test_acc"], r["train_loss"]) for r in a] == [(r["test_acc"], r["train_loss"]) for r in b]
+
+
+def test_unknown_suite_lists_valid_names(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"unknown suite 'nope'.*quick"):
+        run("nope", out_dir=tmp_path)
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert run_cli(parser.parse_args(["--suite", "nope", "--out", str(tmp_path)])) == 2
+    assert "quick" in capsys.readouterr().err
+    assert run_cli(parser.parse_args(["--list-suites"])) == 0
+    assert "quick" in capsys.readouterr().out
+
+
+def test_norm_filter_rejects_names_outside_the_suite(tmp_path):
+    with pytest.raises(ValueError, match="not-a-norm"):
+        run("quick", norms=["not-a-norm"], out_dir=tmp_path, scale=TINY)
+
+
+def test_quick_suite_selects_norms_by_layout():
+    image, token = norms_with_layout("channels_first"), norms_with_layout("channels_last")
+    assert {"batchnorm", "groupnorm", "instancenorm"} <= set(image) and "layernorm" not in image
+    assert {"layernorm", "rmsnorm", "dyt"} <= set(token) and "batchnorm" not in token
+    jobs = list(SUITES["quick"].jobs(SuiteConfig()))
+    cnn = {(j.norm, j.batch_size) for j in jobs if j.model == "cnn"}
+    assert cnn == {(n, bs) for n in image for bs in (64, 2)}
+    assert {j.norm for j in jobs if j.model == "vit"} == set(token)
+    # An explicit list overrides the registry (and is still filtered by layout).
+    explicit = digits_jobs(SuiteConfig(), image_norms=["groupnorm", "layernorm"], token_norms=["dyt"])
+    assert {(j.model, j.norm) for j in explicit} == {("cnn", "groupnorm"), ("vit", "dyt")}
+
+
+def test_registered_suite_runs_with_claims(tmp_path, temp_suite, capsys):
+    seen: list[int] = []
+
+    def claims(results):
+        seen.append(len(results))
+        return [f"test claim: {len(results)} runs"]
+
+    jobs = [Job("toy", "vit", "scalenorm", TinyViT, 64, 0.5, 1e-2)]
+    name = temp_suite("test-toy", jobs, description="toy", claims=claims, full_seeds=2)
+    assert SUITES[name].description == "toy"
+    with pytest.raises(ValueError, match="already registered"):
+        register_suite(name)(lambda cfg: jobs)
+
+    results = run(name, full=True, seed=5, out_dir=tmp_path, progress=False)
+    assert [r["seed"] for r in results] == [5, 6]  # full: one run per seed
+    assert seen == [2]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["claims"] == ["test claim: 2 runs"]
+    assert payload["leaderboard"][0]["seeds"] == [5, 6]
+    assert "test claim: 2 runs" in capsys.readouterr().out
+
+
+class _Exploding(nn.Module):
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("boom in forward")
+
+
+def test_failing_norm_is_recorded_and_bench_continues(tmp_path, temp_suite, capsys):
+    jobs = [
+        Job("toy", "cnn", "no-such-norm", SmallCNN, 64, 0.2, 1e-2),  # create_norm raises
+        Job("toy", "broken", "layernorm", _Exploding, 64, 0.2, 1e-2),  # training raises
+        Job("toy", "cnn", "groupnorm", SmallCNN, 64, 0.2, 1e-2),
+    ]
+    name = temp_suite("test-failing", jobs)
+    results = run(name, out_dir=tmp_path, progress=False)
+
+    assert [r["status"] for r in results] == ["error", "error", "ok"]
+    assert "no-such-norm" in results[0]["error"] and results[0]["error"].startswith("ValueError")
+    assert results[1]["error"] == "RuntimeError: boom in forward"
+    assert 0.0 <= results[2]["test_acc"] <= 1.0
+    rows = _csv_rows(tmp_path / "results.csv")
+    assert [row["status"] for row in rows] == ["error", "error", "ok"]
+    assert "boom in forward" in capsys.readouterr().out  # shown in the leaderboard
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--suite", name, "--out", str(tmp_path / "cli"), "--no-progress"])
+    assert run_cli(args) == 1  # some runs failed
+
+
+def test_quick_claim_compares_small_batch_drops():
+    def row(norm: str, bs: int, acc: float) -> dict:
+        return {"model": "cnn", "norm": norm, "batch_size": bs, "test_acc": acc, "status": "ok"}
+
+    claims = SUITES["quick"].claims
+    bn_drops = [row("batchnorm", 64, 0.98), row("batchnorm", 2, 0.80), row("groupnorm", 64, 0.97), row("groupnorm", 2, 0.96)]
+    assert claims(bn_drops)[0].startswith("[holds]")
+    gn_drops = [row("batchnorm", 64, 0.98), row("batchnorm", 2, 0.98), row("groupnorm", 64, 0.97), row("groupnorm", 2, 0.90)]
+    assert claims(gn_drops)[0].startswith("[does NOT hold]")
+    assert claims(bn_drops[:2]) == []  # no GN results: no verdict

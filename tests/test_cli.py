@@ -1,0 +1,41 @@
+"""CLI and README: `normkit list`, `normkit kernels`, the README's methods table."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from normkit.cli import main
+from normkit.kernels import benchmark
+from normkit.registry import list_norms
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_list_prints_every_norm(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in list_norms():
+        assert name in out
+
+
+def test_readme_methods_table_is_generated_from_the_registry(capsys):
+    main(["list", "--markdown"])
+    table = capsys.readouterr().out.strip()
+    text = README.read_text()
+    block = re.search(r"<!-- methods:start -->\n(.*?)\n<!-- methods:end -->", text, re.S)
+    assert block, "README lacks the methods table markers"
+    assert block.group(1).strip() == table, "README methods table is stale: run `normkit list --markdown`"
+
+
+def test_kernels_benchmark_reports_ratios(capsys):
+    assert main(["kernels", "--quick", "--reps", "1", "--norms", "rmsnorm,batchnorm"]) == 0
+    out = capsys.readouterr().out
+    assert "vs native" in out
+    rows = [line for line in out.splitlines() if line.startswith(("rmsnorm", "batchnorm"))]
+    assert len(rows) == 6  # torch, eager, compiled for each
+    rows = benchmark.run(["layernorm"], quick=True, reps=1, echo=None)
+    assert [r.impl for r in rows] == ["torch", "eager", "compiled"]
+    assert rows[0].vs_native == pytest.approx(1.0)
+    assert all(r.fwdbwd_ms > 0 and r.saved_x <= 1.1 for r in rows)
+    assert rows[2].compile_s is not None
