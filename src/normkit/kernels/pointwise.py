@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
+from normkit.kernels.normalize import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
 
@@ -66,6 +67,13 @@ def _affine_shape(x: Tensor, channels_last: bool) -> tuple[int, ...]:
     return (-1,) if channels_last else (-1,) + (1,) * (x.dim() - 2)
 
 
+def _per_channel_sum(t: Tensor, channels_last: bool) -> Tensor:
+    """Sum over everything but the channel dim, through the kernel's blocked column sum."""
+    if channels_last:
+        return column_sum(t.reshape(-1, 1, t.shape[-1], 1)).reshape(-1)
+    return column_sum(t.reshape(t.shape[0], 1, t.shape[1], -1)).reshape(-1)
+
+
 def _dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool) -> Tensor:
     y = torch.tanh(alpha * x)
     shape = _affine_shape(x, channels_last)
@@ -85,9 +93,8 @@ def _dyt_backward(
     dpre = gw * (1 - t * t)
     dx = dpre * alpha
     dalpha = (dpre * x).sum().reshape(alpha.shape)
-    outer = tuple(range(x.dim() - 1)) if channels_last else (0, *range(2, x.dim()))
-    dw = (g * t).sum(outer) if weight is not None else None
-    db = g.sum(outer) if has_bias else None
+    dw = _per_channel_sum(g * t, channels_last) if weight is not None else None
+    db = _per_channel_sum(g, channels_last) if has_bias else None
     return dx, dalpha, dw, db
 
 
