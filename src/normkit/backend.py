@@ -112,3 +112,8 @@ def compiled(fn: Callable[..., Any], key: Hashable = None) -> Callable[..., Any]
             return graph(*args)
 
     return call
+
+
+def executor(impl: str, fn: Callable[..., Any], key: Hashable) -> Callable[..., Any]:
+    """The function that runs ``fn`` on backend ``impl``: compiled per ``key``, or ``fn`` itself (eager)."""
+    return compiled(fn, key) if impl == "compiled" else fn

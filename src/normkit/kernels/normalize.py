@@ -129,15 +129,11 @@ def _backward_math(
     return dx.to(s.dtype), dw, db
 
 
-def _impl(name: str, fn, key):  # noqa: ANN001, ANN202
-    return _backend.compiled(fn, key) if name == "compiled" else fn
-
-
 class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl):  # noqa: ANN001, ANN205
         key = (dims, center, eps, stats_dtype, x.dtype, weight is not None, bias is not None, residual is not None)
-        y, s, mean, rstd, var = _impl(impl, _forward_math, key)(
+        y, s, mean, rstd, var = _backend.executor(impl, _forward_math, key)(
             x, weight, bias, residual, dims, center, eps, stats_dtype
         )
         ctx.save_for_backward(s, weight, mean, rstd)
@@ -153,7 +149,7 @@ class _NormalizeFn(torch.autograd.Function):
         dims, center, impl, has_b, has_r, has_w, key = ctx.cfg
         gs = rest[0] if has_r else None
         key = (*key, gy.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx, dw, db = _impl(impl, _backward_math, key)(
+        dx, dw, db = _backend.executor(impl, _backward_math, key)(
             gy, gs, s, weight if has_w else None, mean, rstd, dims, center,
             has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2],
         )

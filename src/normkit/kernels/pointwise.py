@@ -25,10 +25,6 @@ from normkit.kernels.normalize import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
 
-def _run(impl: str, fn, key):  # noqa: ANN001, ANN202
-    return _backend.compiled(fn, key) if impl == "compiled" else fn
-
-
 def _scale_forward(x: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     xf = x.to(accumulation_dtype(x.dtype))
     norm = (mean_square(xf, -1) * x.shape[-1]).sqrt()
@@ -50,7 +46,7 @@ class _ScaleNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, eps, impl):  # noqa: ANN001, ANN205
         key = (eps, x.dtype)
-        y, norm = _run(impl, _scale_forward, key)(x, scale, eps)
+        y, norm = _backend.executor(impl, _scale_forward, key)(x, scale, eps)
         ctx.save_for_backward(x, scale, norm)
         ctx.cfg = (eps, impl, key)
         return y
@@ -59,7 +55,7 @@ class _ScaleNormFn(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, scale, norm = ctx.saved_tensors
         eps, impl, key = ctx.cfg
-        dx, ds = _run(impl, _scale_backward, key)(g, x, scale, norm, eps)
+        dx, ds = _backend.executor(impl, _scale_backward, key)(g, x, scale, norm, eps)
         return dx, ds, None, None
 
 
@@ -102,7 +98,7 @@ class _DyTFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, impl):  # noqa: ANN001, ANN205
         key = (channels_last, x.dtype, weight is None, bias is None)
-        y = _run(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
+        y = _backend.executor(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
         ctx.save_for_backward(x, alpha, weight)
         ctx.cfg = (channels_last, impl, key, weight is not None, bias is not None)
         return y
@@ -111,7 +107,7 @@ class _DyTFn(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, alpha, weight = ctx.saved_tensors
         channels_last, impl, key, has_w, has_b = ctx.cfg
-        dx, da, dw, db = _run(impl, _dyt_backward, key)(g, x, alpha, weight if has_w else None, channels_last, has_b)
+        dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, weight if has_w else None, channels_last, has_b)
         return dx, da, dw, db, None, None
 
 
