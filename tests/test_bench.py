@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from torch import Tensor, nn
 
+import normkit
+
 from normkit.bench import SUITES, Job, SuiteConfig, configure_parser, register_suite, run, run_cli
 from normkit.bench.models import SmallCNN, TinyViT
-from normkit.bench.suites import digits_jobs, norms_with_layout
+from normkit.bench.suites import QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
 
 TINY = 0.02  # fraction of the quick suite's training: a few steps per run
 
@@ -87,14 +89,15 @@ def test_norm_filter_rejects_names_outside_the_suite(tmp_path):
         run("quick", norms=["not-a-norm"], out_dir=tmp_path, scale=TINY)
 
 
-def test_quick_suite_selects_norms_by_layout():
+def test_quick_suite_selects_core_norms_by_layout():
     image, token = norms_with_layout("channels_first"), norms_with_layout("channels_last")
     assert {"batchnorm", "groupnorm", "instancenorm"} <= set(image) and "layernorm" not in image
     assert {"layernorm", "rmsnorm", "dyt"} <= set(token) and "batchnorm" not in token
+    assert all(normkit.norm_info(n).drop_in for n in image + token)
     jobs = list(SUITES["quick"].jobs(SuiteConfig()))
     cnn = {(j.norm, j.batch_size) for j in jobs if j.model == "cnn"}
-    assert cnn == {(n, bs) for n in image for bs in (64, 2)}
-    assert {j.norm for j in jobs if j.model == "vit"} == set(token)
+    assert cnn == {(n, bs) for n in QUICK_IMAGE_NORMS for bs in (64, 2)}
+    assert {j.norm for j in jobs if j.model == "vit"} == set(QUICK_TOKEN_NORMS)
     # An explicit list overrides the registry (and is still filtered by layout).
     explicit = digits_jobs(SuiteConfig(), image_norms=["groupnorm", "layernorm"], token_norms=["dyt"])
     assert {(j.model, j.norm) for j in explicit} == {("cnn", "groupnorm"), ("vit", "dyt")}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normkit
-from normkit.registry import list_norms, norm_info
+from normkit.registry import list_norms, norm_info, sample_inputs, sample_norm
 
 TOKEN_SHAPE = (2, 5, 8)
 IMAGE_SHAPE = (4, 8, 3, 3)
@@ -18,8 +18,11 @@ def _input(name):
 
 
 def _build(name, c=8):
-    kw = {"num_groups": 4} if name == "groupnorm" else {}
-    return normkit.create_norm(name, c, **kw)
+    return sample_norm(name, c)
+
+
+def _call(name, m, x):
+    return m(x, **sample_inputs(name, x))
 
 
 @pytest.mark.parametrize("name", list_norms())
@@ -28,11 +31,27 @@ def test_every_norm_builds_by_name_and_preserves_shape(name):
     x = _input(name)
     for mode in (True, False):
         m.train(mode)
-        y = m(x)
-        assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+        y = _call(name, m, x)
+        assert y.dtype == x.dtype and torch.isfinite(y).all()
+        if norm_info(name).drop_in:
+            assert y.shape == x.shape
     # timm's norm_layer(C) convention
-    layer = functools.partial(type(m), **({"num_groups": 4} if name == "groupnorm" else {}))
+    info = norm_info(name)
+    layer = functools.partial(type(m), **(info.sample_kwargs(8) if info.sample_kwargs else {}))
     assert type(layer(8)) is type(m)
+
+
+def test_sample_helpers_and_declared_inputs():
+    assert normkit.registry.sample_norm("groupnorm", 8).num_groups == 8
+    assert sample_inputs("layernorm", torch.randn(2, 3)) == {}
+    for name in list_norms():
+        info = norm_info(name)
+        assert set(sample_inputs(name, _input(name))) == set(info.extra_inputs)
+        if info.extra_inputs:
+            assert not info.drop_in, f"{name} needs {info.extra_inputs}, so it is not a drop-in norm"
+    with pytest.raises(ValueError, match="sample_inputs"):
+        normkit.register_norm("x", family="f", paper=None, layout="channels_last", batch_dependent=False,
+                              train_eval_differ=False, description="d", extra_inputs=("cond",))(torch.nn.Identity)
 
 
 def test_registry_metadata_and_errors():
@@ -118,7 +137,8 @@ def test_torch_compile_fullgraph_train_and_eval(name):
     for mode in (True, False):
         m.train(mode)
         ref.train(mode)
-        y, y_ref = cm(x), ref(x)
+        extra = sample_inputs(name, x)
+        y, y_ref = cm(x, **extra), ref(x, **extra)
         torch.testing.assert_close(y, y_ref)
         if mode:
             (g,) = torch.autograd.grad(y.square().sum(), x)
@@ -145,7 +165,7 @@ def test_saved_activations_at_most_input_plus_rows(name, backend):
     x = torch.randn(64, 7, 16) if norm_info(name).layout == "channels_last" else torch.randn(8, 8, 6, 6)
     x.requires_grad_()
     with normkit.set_backend(backend):
-        saved = _saved_bytes(lambda: m(x))
+        saved = _saved_bytes(lambda: _call(name, m, x))
     rows = x.numel() // x.shape[-1] if norm_info(name).layout == "channels_last" else x.shape[0] * x.shape[2] * x.shape[3]
     param_bytes = sum(p.numel() * 4 for p in m.parameters())
     assert saved <= x.numel() * 4 + 2 * rows * 4 + param_bytes, (saved, x.numel() * 4)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 Layout = Literal["channels_last", "channels_first"]
 T = TypeVar("T", bound=type[nn.Module])
@@ -40,6 +40,17 @@ class NormInfo:
     train_eval_differ: bool
     description: str
     aliases: tuple[str, ...] = field(default=())
+    #: ``True`` when ``m(x)`` returns a tensor shaped like ``x`` and the layer can replace a
+    #: norm in any model (``norm_layer(C)``). Conditional norms (AdaIN, LOAN, RN-B) and
+    #: embedding modules (Dual PatchNorm) are ``False``.
+    drop_in: bool = True
+    #: Names of the extra inputs ``forward`` requires besides ``x`` (e.g. ``("style",)``).
+    extra_inputs: tuple[str, ...] = field(default=())
+    #: ``C -> kwargs`` that make the layer valid for a small channel count (e.g. GroupNorm's
+    #: ``num_groups``); used by the tests, ``normkit kernels`` and the bench.
+    sample_kwargs: Callable[[int], dict[str, Any]] | None = None
+    #: ``x -> {name: tensor}``: example values of :attr:`extra_inputs` for an input ``x``.
+    sample_inputs: Callable[[Tensor], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, NormInfo] = {}
@@ -58,12 +69,20 @@ def register_norm(
     description: str,
     aliases: tuple[str, ...] = (),
     alias_classes: dict[str, type[nn.Module]] | None = None,
+    drop_in: bool = True,
+    extra_inputs: tuple[str, ...] = (),
+    sample_kwargs: Callable[[int], dict[str, Any]] | None = None,
+    sample_inputs: Callable[[Tensor], dict[str, Any]] | None = None,
 ) -> Callable[[T], T]:
     """Class decorator adding a norm to the registry.
 
     ``aliases`` map to the same class; ``alias_classes`` map an alias to its own class (e.g.
     ``batchnorm2d`` → a rank-checking subclass) while sharing this entry's metadata.
+    ``drop_in``, ``extra_inputs``, ``sample_kwargs`` and ``sample_inputs`` are described on
+    :class:`NormInfo`; a method with ``extra_inputs`` must give ``sample_inputs``.
     """
+    if extra_inputs and sample_inputs is None:
+        raise ValueError(f"norm {name!r} declares extra_inputs {extra_inputs} but no sample_inputs")
 
     def deco(cls: T) -> T:
         if name in _REGISTRY or name in _ALIASES:
@@ -71,7 +90,8 @@ def register_norm(
         extra = dict(alias_classes or {})
         names = (*aliases, *extra)
         _REGISTRY[name] = NormInfo(
-            name, cls, family, paper, layout, batch_dependent, train_eval_differ, description, names
+            name, cls, family, paper, layout, batch_dependent, train_eval_differ, description, names,
+            drop_in, tuple(extra_inputs), sample_kwargs, sample_inputs,
         )
         for a in names:
             _ALIASES[a] = name
@@ -106,3 +126,20 @@ def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
     """Build the norm registered as ``name`` for ``num_features`` features/channels."""
     cls = _ALIAS_CLASSES.get(name.lower()) or _lookup(name).cls
     return cls(num_features, **kwargs)
+
+
+def sample_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
+    """``create_norm`` with the method's :attr:`NormInfo.sample_kwargs` (overridden by ``kwargs``).
+
+    Builds a valid layer for any small channel count, e.g. ``sample_norm("groupnorm", 8)``
+    picks ``num_groups=8`` where the default of 32 would not divide 8.
+    """
+    info = _lookup(name)
+    base = info.sample_kwargs(num_features) if info.sample_kwargs else {}
+    return create_norm(name, num_features, **{**base, **kwargs})
+
+
+def sample_inputs(name: str, x: Tensor) -> dict[str, Any]:
+    """Example values for the extra ``forward`` inputs of ``name`` given input ``x`` (``{}`` if none)."""
+    info = _lookup(name)
+    return info.sample_inputs(x) if info.sample_inputs else {}

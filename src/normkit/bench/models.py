@@ -15,29 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normkit.registry import create_norm
-
-
-def _groupnorm_kwargs(channels: int) -> dict[str, Any]:
-    # GroupNorm's default of 32 groups does not divide the bench's 16-channel layer; use
-    # the largest divisor of C that is ≤ 8 (8 groups for 16 and 32 channels).
-    return {"num_groups": max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)}
+from normkit.registry import sample_norm
 
 
 #: Per-norm keyword arguments the bench passes to ``create_norm(name, C, **kwargs)``, as a
-#: function of the channel count. Defaults of some methods do not suit a comparison (e.g.
-#: InstanceNorm is not affine by default, which would handicap it against the others).
-#: Register an entry here when a new method needs one.
+#: function of the channel count, on top of the registry's ``sample_kwargs`` (which make
+#: e.g. GroupNorm's group count divide the bench's 16 channels). Defaults of some methods do
+#: not suit a comparison (InstanceNorm is not affine by default, which would handicap it
+#: against the others). Register an entry here when a new method needs one.
 NORM_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "groupnorm": _groupnorm_kwargs,
     "instancenorm": lambda channels: {"affine": True},
 }
 
 
 def make_norm(name: str, num_features: int) -> nn.Module:
-    """``create_norm(name, num_features)`` with the bench's per-method keyword arguments."""
+    """``sample_norm(name, num_features)`` with the bench's per-method keyword arguments."""
     extra = NORM_KWARGS.get(name.lower())
-    return create_norm(name, num_features, **(extra(num_features) if extra else {}))
+    return sample_norm(name, num_features, **(extra(num_features) if extra else {}))
 
 
 class SmallCNN(nn.Module):

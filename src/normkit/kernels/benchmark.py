@@ -28,7 +28,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normkit.backend import set_backend
-from normkit.registry import NormInfo, create_norm, list_norms, norm_info
+from normkit.registry import NormInfo, list_norms, norm_info, sample_inputs, sample_norm
 
 TOKENS = (8192, 1024)
 IMAGES = (32, 64, 56, 56)
@@ -77,8 +77,8 @@ def _saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(seen.values())
 
 
-def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor]:
-    """torch's own equivalent of the registered norm ``name`` (same parameters)."""
+def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """torch's own equivalent of the registered norm ``name`` (same parameters); None if torch has none."""
     p = dict(m.named_parameters())
     w, b = p.get("weight"), p.get("bias")
     if name == "layernorm":
@@ -99,7 +99,7 @@ def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor]:
         return lambda x: x * (m.scale / x.norm(dim=-1, keepdim=True).clamp_min(m.eps))
     if name == "dyt":
         return lambda x: torch.tanh(m.alpha * x) * w + b
-    raise KeyError(name)
+    return None
 
 
 def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
@@ -115,7 +115,7 @@ def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor]
 
 def _build(name: str, c: int) -> nn.Module:
     kwargs = {"affine": True} if name == "instancenorm" else {}
-    return create_norm(name, c, **kwargs)
+    return sample_norm(name, c, **kwargs)
 
 
 def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...]) -> list[Row]:
@@ -124,8 +124,11 @@ def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...
     c = shape[-1] if tokens else shape[1]
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
-    g = torch.randn(shape)
+    gx = torch.randn(shape)
     m = _build(info.name, c)
+    extra = sample_inputs(info.name, x.detach())
+    with torch.no_grad():
+        g = torch.randn_like(m(x, **extra))  # output shape (differs from x for embedding modules)
     params = [p for p in m.parameters() if p.requires_grad]
 
     def with_backend(be: str | None, f: Callable[[], object]) -> Callable[[], object]:
@@ -138,17 +141,18 @@ def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...
 
         return call
 
-    def fwd(f: Callable[[Tensor], Tensor]) -> Callable[[], object]:
+    def fwd(f: Callable[..., Tensor]) -> Callable[[], object]:
         def call() -> object:
             with torch.no_grad():
-                return f(x)
+                return f(x, **extra)
 
         return call
 
-    def fwdbwd(f: Callable[[Tensor], Tensor], ps: list[Tensor]) -> Callable[[], object]:
-        return lambda: torch.autograd.grad(f(x), [x, *ps], g)
+    def fwdbwd(f: Callable[..., Tensor], ps: list[Tensor]) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(f(x, **extra), [x, *ps], g, allow_unused=True)
 
     native, target = _native(info.name, m), _target(info.layout, info.name, shape)
+    mine = [("torch", native)] if native is not None else []
     compile_s: dict[str, float] = {}
     if "compiled" in backends:
         t = time.perf_counter()
@@ -157,21 +161,22 @@ def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...
         compile_s["compiled"] = time.perf_counter() - t
     cands: dict[str, Callable[[], object]] = {
         "copy": lambda: x.detach().clone(),
-        "target": fwdbwd(target, []),
-        "torch:fwd": fwd(native),
-        "torch:fb": fwdbwd(native, params),
+        "target": lambda: torch.autograd.grad(target(x), [x], gx),
     }
+    if native is not None:
+        cands["torch:fwd"], cands["torch:fb"] = fwd(native), fwdbwd(native, params)
     for be in backends:
         cands[f"{be}:fwd"] = with_backend(be, fwd(m))
         cands[f"{be}:fb"] = with_backend(be, fwdbwd(m, params))
     ms = _interleaved_ms(cands, reps)
     nbytes = x.numel() * x.element_size()
     rows = []
-    for label, f in [("torch", native)] + [(be, m) for be in backends]:
-        saved = _saved_bytes(with_backend(None if label == "torch" else label, lambda f=f: f(x))) / nbytes
+    for label, f in mine + [(be, m) for be in backends]:
+        saved = _saved_bytes(with_backend(None if label == "torch" else label, lambda f=f: f(x, **extra))) / nbytes
         fb = ms[f"{label}:fb"]
+        vs_native = fb / ms["torch:fb"] if native is not None else float("nan")
         rows.append(Row(
-            info.name, shape, label, ms[f"{label}:fwd"], fb, fb / ms["torch:fb"], fb / ms["target"],
+            info.name, shape, label, ms[f"{label}:fwd"], fb, vs_native, fb / ms["target"],
             fb / ms["copy"], saved, compile_s.get(label),
         ))
     return rows
@@ -204,7 +209,8 @@ HEADER = (
 def format_row(r: Row) -> str:
     shape = "x".join(map(str, r.shape))
     comp = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
+    native = f"{r.vs_native:>10.2f}x" if r.vs_native == r.vs_native else f"{'-':>11}"
     return (
-        f"{r.norm:<13}{shape:<16}{r.impl:<9}{r.fwd_ms:>9.2f}{r.fwdbwd_ms:>12.2f}{r.vs_native:>10.2f}x"
+        f"{r.norm:<13}{shape:<16}{r.impl:<9}{r.fwd_ms:>9.2f}{r.fwdbwd_ms:>12.2f}{native}"
         f"{r.vs_target:>10.2f}x{r.x_copy:>7.1f}x{r.saved_x:>7.2f}x{comp:>11}"
     )

@@ -18,3 +18,13 @@ def extra_options(**opts: object) -> str:
     defaults = {"weight_offset": 0.0, "stats_dtype": None, "backend": None}
     parts = [f"{k}={v!r}" for k, v in opts.items() if v != defaults.get(k)]
     return (", " + ", ".join(parts)) if parts else ""
+
+
+def largest_group_count(channels: int, at_most: int = 8) -> int:
+    """The largest divisor of ``channels`` that is ≤ ``at_most`` (a valid group count for any C)."""
+    return max(g for g in range(1, min(at_most, channels) + 1) if channels % g == 0)
+
+
+def group_sample_kwargs(channels: int) -> dict[str, int]:
+    """``sample_kwargs`` for grouped norms whose default of 32 groups need not divide small C."""
+    return {"num_groups": largest_group_count(channels)}

@@ -15,7 +15,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from normkit import functional as F
 from normkit.functional._core import check_channels_first
 from normkit.nn import papers
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import check_module_args, extra_options, group_sample_kwargs
 from normkit.registry import register_norm
 from normkit.stats import Reducer
 
@@ -195,6 +195,7 @@ class InstanceNorm(_InstanceNorm):
     train_eval_differ=False,
     description="per-sample mean/variance over groups of channels and the spatial dims",
     aliases=("gn", "group_norm"),
+    sample_kwargs=group_sample_kwargs,
 )
 class GroupNorm(nn.GroupNorm):
     """Group Normalization, channels first: ``GroupNorm(num_channels, num_groups=32)``.
