@@ -11,7 +11,6 @@ import pytest
 from torch import Tensor, nn
 
 import normkit
-
 from normkit.bench import SUITES, Job, SuiteConfig, configure_parser, register_suite, run, run_cli
 from normkit.bench.models import SmallCNN, TinyViT
 from normkit.bench.suites import QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout

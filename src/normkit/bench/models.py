@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from normkit.registry import sample_norm
 
-
 #: Per-norm keyword arguments the bench passes to ``create_norm(name, C, **kwargs)``, as a
 #: function of the channel count, on top of the registry's ``sample_kwargs`` (which make
 #: e.g. GroupNorm's group count divide the bench's 16 channels). Defaults of some methods do
