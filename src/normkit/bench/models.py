@@ -37,22 +37,32 @@ class SmallCNN(nn.Module):
     """conv3×3(16) → norm → ReLU → conv3×3/2(32) → norm → ReLU → conv3×3(32) → norm → ReLU → GAP → linear.
 
     Convolutions have no bias: every norm under test either has its own shift or is meant
-    to be compared without one.
+    to be compared without one. ``conv`` swaps the convolution class (e.g. weight-standardized
+    convolutions for GN+WS); ``act`` the activation (``nn.Identity`` for norm-activation layers
+    such as EvoNorm and FRN+TLU, which contain their own nonlinearity).
     """
 
-    def __init__(self, norm: str, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+    def __init__(
+        self,
+        norm: str,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 16,
+        conv: Callable[..., nn.Module] = nn.Conv2d,
+        act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True),
+    ) -> None:
         super().__init__()
         w1, w2 = width, 2 * width
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w1, 3, padding=1, bias=False),
+            conv(in_channels, w1, 3, padding=1, bias=False),
             make_norm(norm, w1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w1, w2, 3, stride=2, padding=1, bias=False),
+            act(),
+            conv(w1, w2, 3, stride=2, padding=1, bias=False),
             make_norm(norm, w2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w2, w2, 3, padding=1, bias=False),
+            act(),
+            conv(w2, w2, 3, padding=1, bias=False),
             make_norm(norm, w2),
-            nn.ReLU(inplace=True),
+            act(),
         )
         self.head = nn.Linear(w2, num_classes)
 

@@ -259,6 +259,11 @@ def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str
     written = [out / "results.csv", out / "results.json"]
     if report.plot(out / "results.png", board, title):
         written.append(out / "results.png")
+        if spec.plots is not None:
+            try:
+                written += list(spec.plots(results, out))
+            except Exception as e:  # noqa: BLE001 - a buggy plot must not lose the results
+                print(f"plots hook of suite {spec.name!r} failed: {type(e).__name__}: {e}")
     else:
         print("matplotlib is not installed: skipped results.png (pip install 'normkit[bench]')")
     failed = sum(r["status"] != "ok" for r in results)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -56,6 +57,9 @@ class Job:
     warmup: float = 0.1  # fraction of steps with linear warm-up before the cosine decay
     data: Callable[[], DataSplit] = load_digits
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, copied into each result row
+    #: ``measure(model, data) -> {field: value}`` after training; merged into the result row
+    #: (e.g. per-layer activation statistics for a plot).
+    measure: Callable[[nn.Module, DataSplit], Mapping[str, Any]] | None = None
 
     @property
     def key(self) -> str:
@@ -65,6 +69,7 @@ class Job:
 
 JobsFn = Callable[[SuiteConfig], Iterable[Job]]
 ClaimsFn = Callable[[list[dict[str, Any]]], list[str]]
+PlotsFn = Callable[[list[dict[str, Any]], Path], list[Path]]
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Suite:
     description: str = ""
     claims: ClaimsFn | None = None
     full_seeds: int = 3  # seeds per job with ``full=True`` (one seed otherwise)
+    #: ``plots(results, out_dir) -> [paths written]``: suite-specific figures beside results.png.
+    plots: PlotsFn | None = None
 
 
 #: All registered suites by name.
@@ -89,6 +96,7 @@ def register_suite(
     claims: ClaimsFn | None = None,
     full_seeds: int = 3,
     replace: bool = False,
+    plots: PlotsFn | None = None,
 ) -> Callable[[JobsFn], JobsFn]:
     """Decorator registering ``fn(cfg) -> Iterable[Job]`` as suite ``name``.
 
@@ -99,7 +107,8 @@ def register_suite(
     def deco(fn: JobsFn) -> JobsFn:
         if name in SUITES and not replace:
             raise ValueError(f"suite {name!r} is already registered")
-        SUITES[name] = Suite(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], claims, full_seeds)
+        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
+        SUITES[name] = Suite(name, fn, doc, claims, full_seeds, plots)
         return fn
 
     return deco

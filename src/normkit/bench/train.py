@@ -125,10 +125,13 @@ def train_run(
     done = len(losses)
     ms = (t1 - t_first) / (done - 1) * 1e3 if done > 1 else (t1 - t0) * 1e3
     tail = losses[-max(1, done // 10) :]
+    test_acc = evaluate(model, data)
+    measured = dict(job.measure(model, data)) if job.measure is not None else {}
     return {
+        **measured,
         "steps": done,
         "epochs_done": done / spe,
-        "test_acc": evaluate(model, data),
+        "test_acc": test_acc,
         "train_loss": float(np.mean(tail)),
         "ms_per_step": ms,
         "train_time_s": t1 - t0,
