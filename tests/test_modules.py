@@ -182,3 +182,15 @@ def test_add_norm_module_method():
     y, s = m.forward_add(x, r)
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(y, m(x + r))
+
+
+def test_batchnorm_channels_last_is_bn_over_all_tokens():
+    ours, ref = normkit.BatchNorm(8, channels_last=True), torch.nn.BatchNorm1d(8)
+    x = torch.randn(4, 5, 8) * 2 + 1
+    for mode in (True, False):
+        ours.train(mode)
+        ref.train(mode)
+        torch.testing.assert_close(ours(x), ref(x.reshape(-1, 8)).reshape(x.shape))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    with pytest.raises(ValueError, match=r"\(N, \*, 8\)"):
+        ours(torch.randn(4, 8, 5))

@@ -27,10 +27,18 @@ NORM_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
 }
 
 
-def make_norm(name: str, num_features: int) -> nn.Module:
-    """``sample_norm(name, num_features)`` with the bench's per-method keyword arguments."""
+def make_norm(name: str | Callable[[int], nn.Module], num_features: int) -> nn.Module:
+    """``sample_norm(name, num_features)`` with the bench's per-method keyword arguments.
+
+    ``name`` may also be a factory ``C -> module`` (e.g. ``partial(BatchNorm, channels_last=True)``).
+    """
+    if callable(name):
+        return name(num_features)
     extra = NORM_KWARGS.get(name.lower())
     return sample_norm(name, num_features, **(extra(num_features) if extra else {}))
+
+
+NormSpec = str | Callable[[int], nn.Module]
 
 
 class SmallCNN(nn.Module):
@@ -44,7 +52,7 @@ class SmallCNN(nn.Module):
 
     def __init__(
         self,
-        norm: str,
+        norm: NormSpec,
         in_channels: int = 1,
         num_classes: int = 10,
         width: int = 16,
@@ -91,7 +99,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, dim: int, heads: int, norm: str, mlp_ratio: float = 2.0) -> None:
+    def __init__(self, dim: int, heads: int, norm: NormSpec, mlp_ratio: float = 2.0) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = make_norm(norm, dim)
@@ -113,7 +121,7 @@ class TinyViT(nn.Module):
 
     def __init__(
         self,
-        norm: str,
+        norm: NormSpec,
         in_channels: int = 1,
         image_size: int = 8,
         patch: int = 2,

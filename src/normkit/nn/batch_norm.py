@@ -40,8 +40,10 @@ class BatchNorm(_BatchNorm):
     ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked``.
     Eval uses the running statistics (batch statistics if ``track_running_stats=False``).
 
-    Beyond torch: ``forward(x, mask)`` excludes padded positions from the statistics, and
-    ``reducer`` synchronizes statistics across processes (e.g. :func:`normkit.stats.all_reduce_sum`).
+    Beyond torch: ``forward(x, mask)`` excludes padded positions from the statistics,
+    ``reducer`` synchronizes statistics across processes (e.g. :func:`normkit.stats.all_reduce_sum`),
+    and ``channels_last=True`` takes ``(*, C)`` input — e.g. BN over the batch and tokens of a
+    transformer's ``(B, T, C)`` activations, as PowerNorm's and SLAB's BN baselines.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class BatchNorm(_BatchNorm):
         *,
         reducer: Reducer | None = None,
         stats_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -62,6 +65,7 @@ class BatchNorm(_BatchNorm):
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.channels_last = bool(channels_last)
         self.reducer = reducer
         self.stats_dtype = stats_dtype
         self.backend = backend
@@ -71,6 +75,15 @@ class BatchNorm(_BatchNorm):
             raise ValueError(f"{type(self).__name__} expected an (N, C, *) input, got shape {tuple(x.shape)}")
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.channels_last:
+            if x.dim() < 2 or x.shape[-1] != self.num_features:
+                raise ValueError(
+                    f"{type(self).__name__}(channels_last=True) expects input (N, *, {self.num_features}), got {tuple(x.shape)}"
+                )
+            return self._forward(x.movedim(-1, 1), mask).movedim(1, -1)
+        return self._forward(x, mask)
+
+    def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         self._check_input_dim(x)
         check_channels_first(x, self.num_features, type(self).__name__)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -95,7 +108,8 @@ class BatchNorm(_BatchNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        opts = extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "") + opts
 
 
 class BatchNorm1d(_Ranked, BatchNorm):
