@@ -8,6 +8,7 @@ Programmatic use::
 Add a suite with :func:`register_suite` (see :mod:`normkit.bench.suites`).
 """
 
+from normkit.bench import suites_zoo  # noqa: F401  (registers microbatch, transformer, selfnorm)
 from normkit.bench.runner import configure_parser, run, run_cli
 from normkit.bench.suites import (
     SUITES,
