@@ -18,6 +18,7 @@ eager, compiled, copy) runs once in turn, so background noise affects them alike
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -110,7 +111,7 @@ def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor]
         return lambda x: TF.layer_norm(x, (c,), w, b)
     if name == "batchnorm":
         return lambda x: TF.batch_norm(x, None, None, w, b, True)
-    return lambda x: TF.group_norm(x, 32, w, b)
+    return lambda x: TF.group_norm(x, math.gcd(32, c), w, b)  # 32 groups, fewer if C is small (--quick)
 
 
 def _build(name: str, c: int) -> nn.Module:
