@@ -22,8 +22,16 @@ from normkit.registry import sample_norm
 #: e.g. GroupNorm's group count divide the bench's 16 channels). Defaults of some methods do
 #: not suit a comparison (InstanceNorm is not affine by default, which would handicap it
 #: against the others). Register an entry here when a new method needs one.
+#: Methods with long warm-ups or schedules (counted in steps for ImageNet/WMT-scale runs) get
+#: them shortened to the bench's few hundred steps, or they would never leave the warm-up.
 NORM_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
     "instancenorm": lambda channels: {"affine": True},
+    "ghostbn": lambda channels: {"virtual_batch_size": 16},
+    "batchrenorm": lambda channels: {"warmup_steps": 50, "r_max_end_step": 400, "d_max_end_step": 250},
+    # group_num=4 = the ViT's heads, as the official code wires GroupScaling
+    "powernorm": lambda channels: {"warmup_iters": 100, "group_num": 4 if channels % 4 == 0 else 1},
+    "unifiednorm": lambda channels: {"warmup_iters": 100, "compensation_iters": 100},
+    "prepbn": lambda channels: {"total_step": 500},  # LN → RepBN over the first 500 of ~660 steps
 }
 
 

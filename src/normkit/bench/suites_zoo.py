@@ -96,21 +96,11 @@ def _token_bn(num_features: int) -> nn.Module:
 
 
 def _vit_with_layernorm_scaling(_: str) -> nn.Module:
-    from normkit.nn.layer_norm_scaling import LayerNormScaling
+    from normkit.nn.layer_norm_scaling import apply_layernorm_scaling
 
     model = TinyViT("layernorm")
-    # Scale each block's norms by 1/sqrt(layer index), the final norm by the depth + 1.
-    for i, block in enumerate(model.blocks, start=1):
-        block.norm1 = _to_scaling(LayerNormScaling, block.norm1, i)
-        block.norm2 = _to_scaling(LayerNormScaling, block.norm2, i)
-    model.norm = _to_scaling(LayerNormScaling, model.norm, len(model.blocks) + 1)
+    apply_layernorm_scaling(model.blocks)  # block ℓ's norms scaled by 1/sqrt(ℓ); the final norm is not
     return model
-
-
-def _to_scaling(cls: type[nn.Module], ln: nn.Module, index: int) -> nn.Module:
-    m = cls(ln.normalized_shape[0], layer_index=index)
-    m.load_state_dict(ln.state_dict())
-    return m
 
 
 def _vit(norm: str | Callable[[int], nn.Module]) -> Callable[[str], nn.Module]:

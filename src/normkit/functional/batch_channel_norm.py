@@ -1,0 +1,172 @@
+"""Batch-Channel Normalization (BCN) and the micro-batch "estimated" BatchNorm (EstBN).
+
+Qiao, Wang, Liu, Shen, Yuille, "Micro-Batch Training with Batch-Channel Normalization and
+Weight Standardization", 2019, arXiv:1903.10520. Official code:
+``joe-siyuan-qiao/Batch-Channel-Normalization`` (``imagenet/models/layers.py`` class ``GN``,
+README ``BCNorm`` / ``EstBN``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normkit.functional._core import check_channels_first, check_eps, check_param
+from normkit.functional.batch_norm import batch_norm, group_norm
+from normkit.stats import Reducer, accumulation_dtype, mean_square, moments
+
+
+def _check_groups(c: int, num_groups: int, what: str) -> None:
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or c % num_groups:
+        raise ValueError(f"{what}: num_groups={num_groups!r} must be a positive divisor of the {c} channels")
+
+
+def _group_to_channel(p: Tensor | None, num_groups: int, c: int) -> Tensor | None:
+    """Per-group parameter (any shape with G elements, e.g. the official (1, G, 1)) → per-channel (C,)."""
+    if p is None:
+        return None
+    return p.reshape(num_groups, 1).expand(num_groups, c // num_groups).reshape(c)
+
+
+def channel_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """BCN's channel normalization: per-sample group normalization with a *per-group* affine.
+
+    ``x`` is ``(N, C, *)``; channels split into ``num_groups`` contiguous groups. For sample n
+    and group g, ``x̂ = (x − μ_ng) / sqrt(σ²_ng + eps)`` with μ, σ² (biased) over the group's
+    channels and all positions, then ``y = w_g · x̂ + b_g``. ``weight``/``bias`` hold one value per
+    group (the official shape ``(1, G, 1)`` or any shape with G elements), unlike GroupNorm's
+    per-channel affine. The same computation in training and eval.
+    """
+    eps = check_eps(eps)
+    c = check_channels_first(x, None, "channel_norm")
+    _check_groups(c, num_groups, "channel_norm")
+    check_param(weight, num_groups, "weight (one value per group)", "channel_norm")
+    check_param(bias, num_groups, "bias (one value per group)", "channel_norm")
+    return group_norm(
+        x,
+        num_groups,
+        _group_to_channel(weight, num_groups, c),
+        _group_to_channel(bias, num_groups, c),
+        eps,
+        stats_dtype=stats_dtype,
+        backend=backend,
+    )
+
+
+def estimated_batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    moving_speed: Tensor | float = 0.1,
+    eps: float = 1e-5,
+    *,
+    stats_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Micro-batch BN of BCN ("EstBN" in the official README): always normalizes with the estimates.
+
+    Training first updates the estimates in place, without gradient, at rate ``r = moving_speed``::
+
+        μ̂  ← (1 − r)·μ̂  + r·mean_{N,*}(x)
+        σ̂² ← (1 − r)·σ̂² + r·mean_{N,*}((x − μ̂_old)²)     # centred on the *old* estimate
+
+    and then (training and eval alike) ``y = (x − μ̂) / sqrt(σ̂² + eps) · w + b`` with the
+    (updated) estimates treated as constants, so no gradient flows through batch statistics.
+    ``moving_speed`` may be a tensor (the official buffer ``estbn_moving_speed``) so a schedule
+    can change it without recompiling.
+    """
+    eps = check_eps(eps)
+    c = check_channels_first(x, running_mean.numel(), "estimated_batch_norm")
+    if running_var.numel() != c:
+        raise ValueError(f"estimated_batch_norm: running_var must have {c} elements, got shape {tuple(running_var.shape)}")
+    check_param(weight, c, "weight", "estimated_batch_norm")
+    check_param(bias, c, "bias", "estimated_batch_norm")
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if training:
+        dims = (0, *range(2, x.dim()))
+        with torch.no_grad():
+            xd = x.detach()
+            mean = moments(xd, dims, stats_dtype=stats_dtype).mean.reshape(c)
+            sd = accumulation_dtype(x.dtype, stats_dtype)
+            dev = xd.to(sd) - running_mean.reshape(shape).to(sd)
+            var = mean_square(dev, dims, stats_dtype=stats_dtype).reshape(c)
+            r = torch.as_tensor(moving_speed, device=x.device).reshape(-1)[:1]
+            running_mean.copy_((running_mean * (1 - r) + r * mean.to(running_mean.dtype)).to(running_mean.dtype))
+            running_var.copy_((running_var * (1 - r) + r * var.to(running_var.dtype)).to(running_var.dtype))
+    sd = torch.promote_types(running_var.dtype, torch.float32)
+    scale = torch.rsqrt(running_var.to(sd) + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean.to(sd) * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+
+
+def batch_channel_norm(
+    x: Tensor,
+    num_groups: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    estimate: bool = False,
+    moving_speed: Tensor | float = 0.1,
+    reducer: Reducer | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Batch-Channel Normalization of an ``(N, C, *)`` tensor (Qiao et al. 2019, arXiv:1903.10520).
+
+    As the official ``GN`` class (``imagenet/models/layers.py``):
+
+    1. batch normalization with its own per-channel affine ``bn_weight``/``bn_bias``:
+       ``a = (x − μ_c) / sqrt(σ²_c + eps) · γ_c + β_c`` — batch statistics in training
+       (running buffers updated as torch's BN, ``momentum`` weighting the new batch), running
+       statistics in eval; with ``estimate=True`` the micro-batch estimates of
+       :func:`estimated_batch_norm` instead (rate ``moving_speed``);
+    2. :func:`channel_norm`: per-sample group normalization of ``a`` over ``num_groups`` groups,
+       then the per-group affine ``weight``/``bias`` (G values each).
+
+    ``eps`` is used in both steps (the official code uses 1e-5 in both).
+    """
+    if estimate:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_channel_norm(estimate=True) needs running_mean and running_var")
+        if reducer is not None:
+            raise ValueError("batch_channel_norm(estimate=True) does not support a reducer")
+        a = estimated_batch_norm(
+            x, running_mean, running_var, bn_weight, bn_bias, training, moving_speed, eps, stats_dtype=stats_dtype
+        )
+    else:
+        a = batch_norm(
+            x,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            training,
+            momentum,
+            eps,
+            reducer=reducer,
+            stats_dtype=stats_dtype,
+            backend=backend,
+        )
+    return channel_norm(a, num_groups, weight, bias, eps, stats_dtype=stats_dtype, backend=backend)

@@ -1,0 +1,240 @@
+"""BatchNorm variants over channels-first ``(N, C, *)`` input: Ghost BatchNorm and Batch Renormalization."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from normkit.functional._core import canonical_mask, check_channels_first, check_eps, check_param, normalize_view
+from normkit.functional.batch_norm import _channel_affine, batch_norm
+from normkit.stats import accumulation_dtype, moments
+
+
+def check_virtual_batch_size(virtual_batch_size: int, what: str = "ghost_batch_norm") -> int:
+    if not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool) or virtual_batch_size <= 0:
+        raise ValueError(f"{what}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+    return virtual_batch_size
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    virtual_batch_size: int = 128,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Ghost Batch Normalization: BatchNorm over virtual batches of ``virtual_batch_size`` samples.
+
+    Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in
+    large batch training of neural networks", 2017, arXiv:1705.08741 (Algorithm 1).
+
+    Training: the batch is split along dim 0 into consecutive chunks of ``virtual_batch_size``
+    samples; **when N is not divisible the last chunk is smaller** (``x.split(virtual_batch_size)``
+    — N = 10, size 4 gives 4, 4, 2). Each chunk is normalized with its own mean and biased
+    variance (over its samples and positions) exactly like :func:`normkit.functional.batch_norm`,
+    then the shared per-channel affine is applied. The running statistics, when given, are
+    updated **once per virtual batch, in order** — what the common implementations do by calling
+    ``BatchNorm`` on each chunk — so a batch of k chunks applies k momentum steps
+    (``num_batches_tracked``, if given, is incremented k times; ``momentum=None`` then uses the
+    cumulative factor ``1 / num_batches_tracked`` per chunk). The paper itself computes the
+    running statistics from the ghost-batch moments by a moving average; the per-chunk update
+    is that average taken sequentially.
+
+    Eval (``training=False``): plain BatchNorm with the running statistics, independent of N.
+    Without running statistics, eval also uses ghost-batch statistics.
+    """
+    eps = check_eps(eps)
+    vbs = check_virtual_batch_size(virtual_batch_size)
+    c = check_channels_first(x, None if running_mean is None else running_mean.numel(), "ghost_batch_norm")
+    check_param(weight, c, "weight", "ghost_batch_norm")
+    check_param(bias, c, "bias", "ghost_batch_norm")
+    if not training and running_mean is not None and running_var is not None:
+        return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+    n = x.shape[0]
+    per_sample = x.numel() // max(n * c, 1)
+    last = n % vbs or min(vbs, n)
+    if last * per_sample <= 1:
+        raise ValueError(
+            f"ghost_batch_norm: the last virtual batch has {last} sample(s) of {per_sample} value(s) per channel "
+            f"(N={n}, virtual_batch_size={vbs}); BatchNorm needs more than 1 value per channel. "
+            "Use a batch size that leaves at least 2 samples in the last chunk, or a different virtual_batch_size"
+        )
+    masks = [None] * math.ceil(n / vbs) if mask is None else list(_full_mask(mask, x).split(vbs, 0))
+    outs = []
+    update = training and running_mean is not None and running_var is not None
+    for chunk, m in zip(x.split(vbs, 0), masks):
+        factor = 0.0 if momentum is None else momentum
+        if update and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+        outs.append(
+            batch_norm(
+                chunk,
+                running_mean if update else None,
+                running_var if update else None,
+                weight,
+                bias,
+                True,
+                factor,
+                eps,
+                mask=m,
+                stats_dtype=stats_dtype,
+                backend=backend,
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _full_mask(mask: Tensor, x: Tensor) -> Tensor:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = included in the statistics), got {mask.dtype}")
+    try:
+        return mask.expand_as(x)
+    except RuntimeError as e:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(x.shape)}") from e
+
+
+def batch_renorm_limits(
+    step: Tensor,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5000,
+    r_max_end_step: int = 40000,
+    d_max_end_step: int = 25000,
+) -> tuple[Tensor, Tensor]:
+    """The paper's schedule of the clipping bounds at training step ``step`` (a tensor, 1 = first step).
+
+    Ioffe 2017, arXiv:1702.03275, §4: ``r_max = 1, d_max = 0`` (plain BatchNorm) for the first
+    ``warmup_steps`` steps, then linear ramps reaching ``r_max`` at ``r_max_end_step`` and
+    ``d_max`` at ``d_max_end_step`` (paper: 5000, 40k, 25k with r_max 3, d_max 5), constant after.
+    Pure tensor arithmetic (no Python branch on ``step``), so it compiles without graph breaks.
+    """
+    for name, val in (("warmup_steps", warmup_steps), ("r_max_end_step", r_max_end_step), ("d_max_end_step", d_max_end_step)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"batch_renorm_limits: {name} must be a non-negative int, got {val!r}")
+    if r_max_end_step < warmup_steps or d_max_end_step < warmup_steps:
+        raise ValueError(
+            f"batch_renorm_limits: the ramps must end after the warm-up (warmup_steps={warmup_steps}, "
+            f"r_max_end_step={r_max_end_step}, d_max_end_step={d_max_end_step})"
+        )
+    _check_limits(r_max, d_max)
+    t = step.to(torch.float32) - warmup_steps
+    fr = (t / max(r_max_end_step - warmup_steps, 1)).clamp(0.0, 1.0)
+    fd = (t / max(d_max_end_step - warmup_steps, 1)).clamp(0.0, 1.0)
+    return 1.0 + (r_max - 1.0) * fr, d_max * fd
+
+
+def _check_limits(r_max: float | Tensor, d_max: float | Tensor) -> None:
+    if not isinstance(r_max, Tensor) and not (isinstance(r_max, (int, float)) and r_max >= 1.0):
+        raise ValueError(f"batch renorm: r_max must be a number >= 1, got {r_max!r}")
+    if not isinstance(d_max, Tensor) and not (isinstance(d_max, (int, float)) and d_max >= 0.0):
+        raise ValueError(f"batch renorm: d_max must be a number >= 0, got {d_max!r}")
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    r_max: float | Tensor = 3.0,
+    d_max: float | Tensor = 5.0,
+    *,
+    running_update: str = "std",
+    mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Batch Renormalization (Ioffe, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models", 2017, arXiv:1702.03275, Algorithm 1).
+
+    Training, per channel with μ_B and the biased σ²_B over (N, *)::
+
+        σ_B = sqrt(σ²_B + eps),   σ = sqrt(running_var + eps),   μ = running_mean
+        r   = stop_gradient(clip(σ_B / σ, 1/r_max, r_max))
+        d   = stop_gradient(clip((μ_B − μ) / σ, −d_max, d_max))
+        y   = ((x − μ_B) / σ_B · r + d) · γ + β
+
+    μ_B and σ_B carry gradients as in BatchNorm; r and d are constants for backprop. Then, in
+    place, ``μ ← μ + momentum·(μ_B − μ)`` and, with ``running_update="std"`` (the paper), the
+    running σ is a moving average of σ_B: ``σ ← σ + momentum·(σ_B − σ)``, stored as
+    ``running_var = σ² − eps`` so that eval stays plain BatchNorm
+    ``y = (x − running_mean) / sqrt(running_var + eps) · γ + β``. ``running_update="var"`` uses
+    torch's BatchNorm update (moving average of the unbiased batch variance) instead.
+
+    ``r_max``/``d_max`` are numbers or tensors (e.g. from :func:`batch_renorm_limits`);
+    ``r_max=1, d_max=0`` is exactly BatchNorm in training. Computed by the fused BatchNorm
+    kernel with the per-channel affine ``γ·r`` and ``γ·d + β`` (so the gradient is BatchNorm's
+    with r, d held fixed); the batch moments are computed once more, without gradient, for r, d.
+    """
+    eps = check_eps(eps)
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm needs running_mean and running_var (r and d are defined against them)")
+    c = check_channels_first(x, running_mean.numel(), "batch_renorm")
+    check_param(weight, c, "weight", "batch_renorm")
+    check_param(bias, c, "bias", "batch_renorm")
+    if running_update not in ("std", "var"):
+        raise ValueError(f"batch_renorm: running_update must be 'std' (paper) or 'var' (torch BN), got {running_update!r}")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"batch_renorm: momentum must be a number in [0, 1], got {momentum!r}")
+    _check_limits(r_max, d_max)
+    if not training:
+        return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+    per_channel = x.numel() // c
+    if per_channel <= 1:
+        raise ValueError(f"batch_renorm: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    view = (x.shape[0], c, 1, -1)
+    x4 = x.reshape(view)
+    m4 = canonical_mask(mask, x, view)
+    sd = accumulation_dtype(x.dtype, stats_dtype)
+    with torch.no_grad():
+        mean_b, var_b = moments(x4.detach().to(sd), (0, 2, 3), mask=m4)
+        mean_b, var_b = mean_b.reshape(c), var_b.reshape(c)
+        std_b = torch.sqrt(var_b + eps)
+        std = torch.sqrt(running_var.to(sd) + eps)
+        rmax = torch.as_tensor(r_max, dtype=sd, device=x.device)
+        dmax = torch.as_tensor(d_max, dtype=sd, device=x.device)
+        r = torch.clamp(std_b / std, 1.0 / rmax, rmax)
+        d = torch.clamp((mean_b - running_mean.to(sd)) / std, -dmax, dmax)
+    if weight is None:
+        w_eff, b_eff = r, d
+    else:
+        w_eff = weight * r.to(weight.dtype)
+        b_eff = weight * d.to(weight.dtype)
+    if bias is not None:
+        b_eff = b_eff + bias.to(b_eff.dtype)
+    y = normalize_view(
+        x4,
+        w_eff,
+        b_eff,
+        (0, 2, 3),
+        center=True,
+        eps=eps,
+        mask=m4,
+        stats_dtype=stats_dtype,
+        backend=backend,
+    )[0]
+    with torch.no_grad():
+        running_mean.lerp_(mean_b.to(running_mean.dtype), momentum)
+        if running_update == "std":
+            new_std = std.lerp(std_b, momentum)
+            running_var.copy_((new_std * new_std - eps).clamp_min(0.0).to(running_var.dtype))
+        else:
+            count = float(per_channel) if m4 is None else m4.sum((0, 2, 3)).to(sd)
+            running_var.lerp_((var_b * (count / (count - 1))).to(running_var.dtype), momentum)
+    return y.reshape(x.shape)

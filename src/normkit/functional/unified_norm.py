@@ -1,0 +1,197 @@
+"""Unified Normalization (Yang et al. 2022): windowed x² statistics with smoothed gradients.
+
+Yang, Zhang, Lan, Yang, Li, Tan, Xiao, Pu, "Unified Normalization for Accelerating and
+Stabilizing Transformers", ACM MM 2022, arXiv:2208.01313. Official code:
+``hikvision-research/Unified-Normalization``,
+``image_classification/models/unified_normalization/unified_normalization.py`` (``UN1d``,
+``UN2dFunction``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from normkit.functional._core import check_eps
+from normkit.functional.power_norm import _check_buffer, _check_count, _check_pad_mask, _check_tokens, _check_unit, snapshot
+from normkit.stats import accumulation_dtype, mean_square
+
+#: Gradient-compensation ratio r is clamped to [1/R_MAX, R_MAX] (official constant).
+R_MAX = 5.0
+
+
+def _one_hot_rows(index: Tensor, rows: int) -> Tensor:
+    """``(rows, 1)`` bool selecting row ``index`` (a 1-element integer tensor)."""
+    return (torch.arange(rows, device=index.device) == index.reshape(())).unsqueeze(1)
+
+
+def _geometric_mean(buf: Tensor) -> Tensor:
+    return torch.exp(torch.log(buf).mean(0))
+
+
+class _UnifiedNormFn(Function):
+    """``y = w·x·inv + b`` with UN's gradient smoothing in the backward.
+
+    ``stats`` = ``cat([inv (C), r (C), skip, window, slot_b])``: 1/sqrt(var+eps), the
+    gradient-compensation ratio, the outlier/skip flag, whether the backward window mean is
+    used, and the row of ``buffer_gz`` this step writes. ``ema_gz`` and ``buffer_gz`` are kept
+    on ctx (read and updated at backward time, as in the official code).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum):  # type: ignore[override]
+        c = x.shape[-1]
+        z = x * stats[:c]
+        y = z if weight is None else z * weight.to(z.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(z, weight, stats)
+        ctx.ema_gz, ctx.buffer_gz, ctx.momentum = ema_gz, buffer_gz, momentum
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        z, weight, stats = ctx.saved_tensors
+        ema_gz, buffer_gz, m = ctx.ema_gz, ctx.buffer_gz, ctx.momentum
+        c = z.shape[-1]
+        inv, r = stats[:c], stats[c : 2 * c]
+        skip, window, slot = stats[2 * c] > 0.5, stats[2 * c + 1] > 0.5, stats[2 * c + 2 :].long()
+        grad_y = grad_y.to(z.dtype)
+        g = grad_y * r if weight is None else grad_y * (weight.to(z.dtype) * r)
+        gz = (g * z).mean(0)
+        ema_old = ema_gz.to(z.dtype)
+        buf = torch.where(_one_hot_rows(slot, buffer_gz.shape[0]), torch.where(skip, ema_old, gz), buffer_gz.to(z.dtype))
+        mean_gz = torch.where(window, buf.mean(0), gz)
+        ema_new = m * ema_old + (1.0 - m) * mean_gz
+        approx = g - torch.where(skip, mean_gz, ema_new) * z
+        with torch.no_grad():
+            buffer_gz.copy_(buf.to(buffer_gz.dtype))
+            ema_gz.copy_(ema_new.to(ema_gz.dtype))
+        gx = approx * inv
+        gw = (grad_y * (r * z)).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None, None, None
+
+
+def unified_norm(
+    x: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    *,
+    ema_gz: Tensor | None = None,
+    iters: Tensor | None = None,
+    buffer_x2: Tensor | None = None,
+    buffer_gz: Tensor | None = None,
+    skip_counter: Tensor | None = None,
+    warmup_iters: int = 4000,
+    outlier_filtration: bool = False,
+    compensation_iters: int = 1000,
+    pad_mask: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Unified Normalization of a channels-last ``(B, T, C)`` or ``(N, C)`` tensor.
+
+    Yang et al., "Unified Normalization for Accelerating and Stabilizing Transformers", 2022,
+    arXiv:2208.01313. Per channel, with t the step (``iters`` after this call's increment),
+    W_f / W_b the rows of ``buffer_x2`` / ``buffer_gz`` and m = ``momentum``::
+
+        x2    = mean_{non-padded tokens}(x²)                       (no centring)
+        s²    = var(sqrt(buffer_x2))          one unbiased scalar over all W_f·C entries, before insertion
+        buffer_x2[t mod W_f] ← x2
+        outlier (only if outlier_filtration and t ≥ warmup_iters):
+              any_c( AM_window(buffer_x2) − GM_window(buffer_x2) > s² · W_f )
+              → buffer_x2[t mod W_f] ← running_var, skip_counter += 1
+        skip  = outlier or W_f ≤ 1
+        var   = x2                     if t ≤ W_f or t < warmup_iters or skip
+              = GM_window(buffer_x2)   otherwise          (fluctuation smoothing: geometric mean)
+        r     = clamp(sqrt(var+eps)/sqrt(running_var+eps), 1/5, 5); r = 1 if t ≤ max(compensation_iters, warmup_iters) or skip
+        z     = x / sqrt(var + eps);   y = weight · z + bias
+        running_var ← m · running_var + (1 − m) · var
+
+    Backward (gradient smoothing; no gradient through the statistics)::
+
+        g        = dL/dy · weight · r
+        gz       = mean_{all tokens}(g · z)
+        buffer_gz[t mod W_b] ← ema_gz if skip else gz
+        mean_gz  = gz if t ≤ W_b or t < warmup_iters or skip else mean_window(buffer_gz)
+        ema_gz   ← m · ema_gz + (1 − m) · mean_gz
+        dL/dx    = (g − (mean_gz if skip else ema_gz) · z) / sqrt(var + eps)
+        dL/dweight = sum(dL/dy · r · z),  dL/dbias = sum(dL/dy)
+
+    Eval: ``y = weight · x / sqrt(running_var + eps) + bias``, a per-channel affine map that
+    folds into an adjacent linear layer.
+
+    Training advances ``iters`` (long, shape (1,)) and updates ``running_var``, ``buffer_x2``
+    and ``skip_counter`` in place; the backward updates ``ema_gz`` and ``buffer_gz``. All are
+    required in training; eval needs ``running_var`` only.
+
+    This is the official code (defaults: momentum 0.9, which weights the *old* value;
+    warmup_iters 4000; outlier_filtration False, the NLP setting; True is the CV setting).
+    Its constants are kept: the r clamp [1/5, 5] and the compensation start
+    ``compensation_iters=1000`` (a keyword here). ``pad_mask`` (True = padding, shape
+    ``x.shape[:-1]``) removes padded tokens from x2, but gz averages over all positions, as in
+    the code. The counter counts training forward calls.
+    """
+    what = "unified_norm"
+    eps = check_eps(eps)
+    c = _check_tokens(x, running_var.numel() if isinstance(running_var, Tensor) else None, what)
+    _check_buffer(running_var, (c,), "running_var", what)
+    _check_pad_mask(pad_mask, x, what)
+    m = _check_unit(momentum, "momentum")
+    warmup_iters = _check_count(warmup_iters, "warmup_iters")
+    compensation_iters = _check_count(compensation_iters, "compensation_iters")
+    for p, name in ((weight, "weight"), (bias, "bias")):
+        if p is not None and p.numel() != c:
+            raise ValueError(f"{what}: {name} must have {c} elements, got shape {tuple(p.shape)}")
+    sd = accumulation_dtype(x.dtype, stats_dtype)
+    xs = x.to(sd)
+    if not training:
+        scale = torch.rsqrt(running_var.to(sd) + eps)
+        if weight is not None:
+            scale = scale * weight.to(sd)
+        y = xs * scale if bias is None else torch.addcmul(bias.to(sd), xs, scale)
+        return y.to(x.dtype)
+    for buf, name in ((buffer_x2, "buffer_x2"), (buffer_gz, "buffer_gz")):
+        if buf is None or buf.dim() != 2 or buf.shape[0] < 1 or buf.shape[1] != c or not buf.is_floating_point():
+            got = None if buf is None else f"{buf.dtype} {tuple(buf.shape)}"
+            raise ValueError(f"{what} in training mode needs {name}, a floating tensor of shape (window, {c}); got {got}")
+    _check_buffer(ema_gz, (c,), "ema_gz", what)
+    _check_buffer(iters, (1,), "iters", what, integer=True)
+    _check_buffer(skip_counter, (1,), "skip_counter", what, integer=True)
+    assert buffer_x2 is not None and buffer_gz is not None and ema_gz is not None
+    assert iters is not None and skip_counter is not None
+    wf, wb = buffer_x2.shape[0], buffer_gz.shape[0]
+    x2d = xs.reshape(-1, c)
+    with torch.no_grad():
+        t = iters + 1
+        keep = None if pad_mask is None else (~pad_mask).reshape(-1, 1)
+        x2 = mean_square(x2d.detach(), 0, mask=keep).reshape(c)
+        old = buffer_x2.to(sd)
+        rv = running_var.to(sd)
+        slot_f = _one_hot_rows(t % wf, wf)
+        buf = torch.where(slot_f, x2, old)
+        if outlier_filtration:
+            # unbiased variance of all W_f·C entries (torch.var); undefined (NaN) for one entry
+            recorded = torch.var(old.sqrt()) if old.numel() > 1 else old.new_full((), float("nan"))
+            am, gm = buf.mean(0), _geometric_mean(buf)
+            outlier = (t >= warmup_iters) & ((am - gm) > recorded * wf).any()
+            buf = torch.where(slot_f & outlier, rv, buf)
+            skip_counter.add_(outlier.to(skip_counter.dtype))
+        else:
+            outlier = torch.zeros_like(t, dtype=torch.bool)
+        skip = outlier | (wf <= 1)
+        var = torch.where((t <= wf) | (t < warmup_iters) | skip, x2, _geometric_mean(buf))
+        ratio = torch.clamp(torch.sqrt(var + eps) / torch.sqrt(rv + eps), 1.0 / R_MAX, R_MAX)
+        r = torch.where((t <= max(compensation_iters, warmup_iters)) | skip, torch.ones_like(ratio), ratio)
+        window = ~((t <= wb) | (t < warmup_iters) | skip)
+        stats = snapshot(torch.rsqrt(var + eps), r, skip.to(sd), window.to(sd), (t % wb).to(sd))
+        running_var.copy_((m * rv + (1.0 - m) * var).to(running_var.dtype))
+        buffer_x2.copy_(buf.to(buffer_x2.dtype))
+        iters.copy_(t)
+    y = _UnifiedNormFn.apply(x2d, weight, bias, stats, ema_gz, buffer_gz, m)
+    return y.reshape(x.shape).to(x.dtype)

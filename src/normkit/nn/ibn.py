@@ -1,0 +1,106 @@
+"""IBN: Instance-Batch Normalization, the norm of IBN-Net (``ibn``).
+
+Pan, Luo, Shi, Tang, "Two at Once: Enhancing Learning and Generalization Capacities via
+IBN-Net", ECCV 2018, arXiv:1807.09441. Official code: ``XingangPan/IBN-Net``
+(``ibnnet/modules.py``, class ``IBN``). The IBN-a / IBN-b ResNet placements are in
+:mod:`normkit.models.resnet`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normkit.functional._core import check_channels_first
+from normkit.nn._base import check_module_args, extra_options
+from normkit.nn.batch_norm import BatchNorm, InstanceNorm
+from normkit.registry import Paper, register_norm
+
+IBN_PAPER = Paper(
+    "Two at Once: Enhancing Learning and Generalization Capacities via IBN-Net",
+    2018,
+    "1807.09441",
+    "Pan, Luo, Shi, Tang",
+)
+
+
+def ibn_split(planes: int, ratio: float) -> int:
+    """Number of channels that get InstanceNorm: ``int(planes * ratio)`` (truncation, as official)."""
+    return int(planes * ratio)
+
+
+@register_norm(
+    "ibn",
+    family="instance-batch",
+    paper=IBN_PAPER,
+    layout="channels_first",
+    batch_dependent=True,
+    train_eval_differ=True,
+    description="InstanceNorm (affine) on the first ratio·C channels, BatchNorm on the rest (IBN-Net)",
+    aliases=("ibnorm", "instance_batch_norm"),
+)
+class IBN(nn.Module):
+    """Instance-Batch Normalization, ``IBN(planes, ratio=0.5)`` (Pan et al. 2018, arXiv:1807.09441).
+
+    As the official ``IBN`` class: ``half = int(planes · ratio)`` (truncated). The first
+    ``half`` channels go through ``IN = InstanceNorm(half, affine=True)`` (per-sample,
+    per-channel statistics over the spatial dims, eps 1e-5, no running statistics), the other
+    ``planes − half`` through ``BN = BatchNorm(planes − half)`` (torch defaults: momentum 0.1,
+    eps 1e-5, running statistics in eval); the results are concatenated, IN part first::
+
+        y = cat(IN(x[:, :half]), BN(x[:, half:]))
+
+    Keys match the official checkpoints: ``IN.weight``, ``IN.bias``, ``BN.weight``, ``BN.bias``,
+    ``BN.running_mean``, ``BN.running_var``, ``BN.num_batches_tracked``.
+
+    Divergence: the official code splits with ``torch.split(x, half, 1)``, which only yields the
+    two intended parts when ``half ≥ planes − half`` (ratio ≥ 0.5 and even ``planes`` at 0.5);
+    otherwise it crashes. Here the split is always ``[half, planes − half]``, identical wherever
+    the official code runs. ``half`` must be at least 1 and below ``planes`` (else use plain
+    InstanceNorm or BatchNorm). Accepts any ``(N, C, *spatial)`` input with ≥ 1 spatial dim.
+    """
+
+    def __init__(
+        self,
+        planes: int,
+        ratio: float = 0.5,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        *,
+        stats_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_module_args(eps, backend)
+        if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+            raise ValueError(f"IBN: ratio must be in (0, 1), got {ratio!r}")
+        half = ibn_split(planes, ratio)
+        if not 0 < half < planes:
+            raise ValueError(
+                f"IBN: int(planes * ratio) = int({planes} * {ratio}) = {half} must be between 1 and planes - 1 "
+                "so both the InstanceNorm and the BatchNorm part get channels"
+            )
+        self.planes = int(planes)
+        self.ratio = float(ratio)
+        self.half = half
+        kw = {"device": device, "dtype": dtype}
+        self.IN = InstanceNorm(half, eps, affine=True, stats_dtype=stats_dtype, backend=backend, **kw)
+        self.BN = BatchNorm(planes - half, eps, momentum, stats_dtype=stats_dtype, backend=backend, **kw)
+
+    def reset_parameters(self) -> None:
+        self.IN.reset_parameters()
+        self.BN.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_channels_first(x, self.planes, type(self).__name__)
+        if x.dim() < 3:
+            raise ValueError(f"IBN expects (N, C, *spatial) input with at least 3 dims, got shape {tuple(x.shape)}")
+        a, b = torch.split(x, [self.half, self.planes - self.half], dim=1)
+        return torch.cat((self.IN(a), self.BN(b)), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{self.planes}, ratio={self.ratio}, half={self.half}" + extra_options(
+            stats_dtype=self.IN.stats_dtype, backend=self.IN.backend
+        )

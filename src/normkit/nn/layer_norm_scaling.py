@@ -1,0 +1,165 @@
+"""LayerNorm Scaling (LNS): a pre-norm's output scaled by 1/√ℓ for the block at depth ℓ.
+
+Sun, Song, Li, Yin, Zheng, Liu, "The Curse of Depth in Large Language Models", NeurIPS 2025,
+arXiv:2502.05795. Official code: ``lmsdss/LayerNorm-Scaling`` (``peft_pretraining/modeling_llama.py``,
+``NORM_TYPE=LNS``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from torch import Tensor, nn
+
+from normkit.nn.layer_norm import LayerNorm, RMSNorm
+from normkit.registry import Paper, register_norm
+
+CURSE_OF_DEPTH = Paper("The Curse of Depth in Large Language Models", 2025, "2502.05795", "Sun, Song, Li, Yin, Zheng, Liu")
+
+
+def _check_index(layer_index: int) -> int:
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 1:
+        raise ValueError(f"layer_index must be the 1-based depth ℓ >= 1 of the block (first block: 1), got {layer_index!r}")
+    return layer_index
+
+
+class _Scaled:
+    """Mixin: multiply the norm's output by ``1/√layer_index`` (a Python float: no state-dict entry)."""
+
+    layer_index: int
+
+    def _set_index(self, layer_index: int) -> None:
+        self.layer_index = _check_index(layer_index)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.layer_index)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        y = super().forward(x, mask)  # type: ignore[misc]
+        return y if self.layer_index == 1 else y * self.scale
+
+    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused pre-norm step: ``(norm(x + residual) / √ℓ, x + residual)``."""
+        y, s = super().forward_add(x, residual)  # type: ignore[misc]
+        return (y if self.layer_index == 1 else y * self.scale), s
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", layer_index={self.layer_index}"  # type: ignore[misc]
+
+
+@register_norm(
+    "layernorm_scaling",
+    family="layer",
+    paper=CURSE_OF_DEPTH,
+    layout="channels_last",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="LayerNorm whose output is scaled by 1/√ℓ at block depth ℓ (Curse of Depth)",
+    aliases=("lns", "layer_norm_scaling"),
+)
+class LayerNormScaling(_Scaled, LayerNorm):
+    """LayerNorm Scaling: ``y = LayerNorm(x) / √ℓ`` (Sun et al., NeurIPS 2025, arXiv:2502.05795).
+
+    ``ℓ = layer_index`` is the **1-based** depth of the transformer block the norm belongs to
+    (the official code uses ``1/sqrt(layer_index + 1)`` with a 0-based block index, so the
+    first block is unscaled). Both pre-norms of a block (attention and MLP) share its ℓ; the
+    final norm before the head is not scaled. The scale applies after the affine:
+    ``y = (LN(x)·γ + β)/√ℓ``. No new parameters or buffers: the state dict is
+    ``nn.LayerNorm``'s, so LN checkpoints load unchanged. :func:`apply_layernorm_scaling`
+    converts and indexes the norms of a stack of blocks.
+
+    The official experiments use RMSNorm (LLaMA); :class:`RMSNormScaling` is that variant.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        layer_index: int = 1,
+        eps: float = 1e-5,
+        *args,
+        **kwargs,  # noqa: ANN002, ANN003
+    ) -> None:
+        self._set_index(layer_index)
+        super().__init__(normalized_shape, eps, *args, **kwargs)
+
+
+@register_norm(
+    "rmsnorm_scaling",
+    family="layer",
+    paper=CURSE_OF_DEPTH,
+    layout="channels_last",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="RMSNorm whose output is scaled by 1/√ℓ at block depth ℓ (Curse of Depth, as in its LLaMA code)",
+    aliases=("rms_scaling",),
+)
+class RMSNormScaling(_Scaled, RMSNorm):
+    """RMSNorm with LayerNorm Scaling: ``y = RMSNorm(x) / √ℓ`` — the official code's setting (LLaMA, eps 1e-6).
+
+    Same conventions as :class:`LayerNormScaling` (1-based ``layer_index``; state dict is
+    ``nn.RMSNorm``'s). ``eps=None`` follows torch (``finfo(dtype).eps``); LLaMA configs use 1e-6.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        layer_index: int = 1,
+        eps: float | None = None,
+        *args,
+        **kwargs,  # noqa: ANN002, ANN003
+    ) -> None:
+        self._set_index(layer_index)
+        super().__init__(normalized_shape, eps, *args, **kwargs)
+
+
+def _scaled_copy(m: nn.Module, layer_index: int) -> nn.Module | None:
+    """A LayerNormScaling/RMSNormScaling equal to the plain norm ``m`` (same parameters), or None if ``m`` is not one."""
+    p = next(iter(m.parameters()), None)
+    kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    opts = {k: getattr(m, k) for k in ("weight_offset", "stats_dtype", "backend") if hasattr(m, k)}
+    if type(m) in (nn.LayerNorm, LayerNorm):
+        new: nn.Module = LayerNormScaling(
+            m.normalized_shape, layer_index, m.eps, m.elementwise_affine, m.bias is not None, **opts, **kw
+        )
+    elif type(m) in (nn.RMSNorm, RMSNorm):
+        has_bias = getattr(m, "bias", None) is not None
+        new = RMSNormScaling(m.normalized_shape, layer_index, m.eps, m.elementwise_affine, bias=has_bias, **opts, **kw)
+    else:
+        return None
+    new.load_state_dict(m.state_dict())
+    new.train(m.training)
+    return new
+
+
+def apply_layernorm_scaling(blocks: Iterable[nn.Module], *, start: int = 1) -> list[tuple[str, int]]:
+    """Apply LayerNorm Scaling to a sequence of transformer blocks, in place.
+
+    Block ``i`` (counting from ``start``, default 1) gets ``ℓ = i``: every ``LayerNormScaling`` /
+    ``RMSNormScaling`` inside it is re-indexed, and every plain ``torch.nn.LayerNorm`` /
+    ``torch.nn.RMSNorm`` (or normkit's ``LayerNorm``/``RMSNorm``, exact types only) is replaced
+    by its scaled counterpart with the same parameters. Other modules — including subclasses
+    such as ``LayerNorm2d`` and third-party norm classes (e.g. HF ``LlamaRMSNorm``) — are left
+    alone. Pass only the blocks (e.g. ``model.layers``), not the final norm, which the paper
+    leaves unscaled. Returns ``[(qualified name inside its block, ℓ), …]`` of the norms scaled.
+    """
+    done: list[tuple[str, int]] = []
+    for ell, block in enumerate(blocks, start=_check_index(start)):
+        for name, m in list(block.named_modules()):
+            if isinstance(m, _Scaled):
+                m._set_index(ell)
+                done.append((f"{ell - start}.{name}", ell))
+                continue
+            new = _scaled_copy(m, ell)
+            if new is None:
+                continue
+            if not name:
+                raise TypeError("apply_layernorm_scaling expects transformer blocks containing norms, got a bare norm")
+            parent_name, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, attr, new)
+            done.append((f"{ell - start}.{name}", ell))
+    return done
+
+
+__all__ = ["CURSE_OF_DEPTH", "LayerNormScaling", "RMSNormScaling", "apply_layernorm_scaling"]

@@ -1,0 +1,169 @@
+"""PowerNorm module (Shen et al. 2020), channels-last token norm with an approximate backward.
+
+State-dict keys are the official code's (``sIncerass/powernorm``, ``MaskPowerNorm``):
+``weight``, ``bias``, ``running_phi``, ``ema_gz``, ``iters``. The official buffers are shaped
+``(1, C, 1, 1)``; ours are ``(C,)`` and official checkpoints are reshaped on load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from normkit.functional.power_norm import _check_count, _check_tokens, _check_unit, power_norm
+from normkit.nn._base import check_module_args, extra_options
+from normkit.registry import Paper, register_norm
+
+POWER_NORM = Paper(
+    "PowerNorm: Rethinking Batch Normalization in Transformers",
+    2020,
+    "2003.07845",
+    "Shen, Yao, Gholami, Mahoney, Keutzer",
+)
+
+
+@register_norm(
+    "powernorm",
+    family="batch",
+    paper=POWER_NORM,
+    layout="channels_last",
+    batch_dependent=True,
+    train_eval_differ=True,
+    description="per-channel running quadratic mean (no centring) with an approximate backward",
+    aliases=("pn", "power_norm"),
+)
+class PowerNorm(nn.Module):
+    """Power Normalization for transformer tokens ``(B, T, C)`` or ``(N, C)``.
+
+    Shen et al., "PowerNorm: Rethinking Batch Normalization in Transformers", ICML 2020,
+    arXiv:2003.07845. Per channel, over all (non-padded) tokens of the batch, with t the
+    number of training forward calls so far (``iters``, counted before the call)::
+
+        x    ← x / sqrt(mean_{group}(x²) + 1e-5)       GroupScaling, per token (official code)
+        ψ²_B = mean(x²)                                  quadratic mean, no centring
+        z    = x / sqrt(ψ²_B + eps)  for t ≤ warmup_iters, else x / sqrt(running_phi + eps)
+        y    = weight · z + bias
+        running_phi ← alpha_fwd · running_phi + (1 − alpha_fwd) · ψ²_B   (cumulative mean first while t < warmup)
+
+    The backward is the paper's approximate backpropagation, a custom autograd Function:
+    ``ĝ = g − (1 − alpha_bkw)·ema_gz·z``, ``ema_gz += mean(ĝ·z)``, ``dx = ĝ / sqrt(ψ²_B + eps)``
+    with ``g = dL/dy · weight`` (see :func:`normkit.functional.power_norm.power_norm`). Eval
+    uses ``running_phi``: a per-channel affine map after GroupScaling.
+
+    Defaults are the official ``MaskPowerNorm``'s: eps 1e-5, alpha_fwd = alpha_bkw = 0.9,
+    warmup_iters 10000 (the IWSLT recipe passes its LR warmup, 8000), group_num 1
+    (the fairseq wiring passes the number of attention heads, 4 on IWSLT).
+
+    ``forward(x, pad_mask=None)``: ``pad_mask`` is the official (fairseq) convention, a bool
+    tensor shaped ``x.shape[:-1]`` with **True = padding**; padded tokens are left out of ψ²_B.
+
+    Divergences from the paper, all defaulting to the official code:
+    ``group_num=None`` removes GroupScaling (not in the paper); ``paper_exact=True`` divides
+    the backward by the forward's denominator (the paper's ψ_{t−1}) instead of the batch's;
+    warmup and the cumulative-mean running update exist in the code only; ``ema_gz`` averages
+    over padded positions too. Beyond the code: ``affine=False`` drops weight and bias (the
+    official flag is ignored), buffers are ``(C,)``, and ``stats_dtype`` sets the accumulation
+    dtype (float32 for half inputs).
+
+    The counter counts *training forward calls*, not optimizer steps. All state (``iters``,
+    ``running_phi``, ``ema_gz``) is in buffers, so a checkpoint resumes exactly.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        alpha_fwd: float = 0.9,
+        alpha_bkw: float = 0.9,
+        affine: bool = True,
+        warmup_iters: int = 10000,
+        group_num: int | None = 1,
+        *,
+        group_eps: float = 1e-5,
+        paper_exact: bool = False,
+        stats_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_module_args(eps, None)
+        check_module_args(group_eps, None)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if group_num is not None and (
+            isinstance(group_num, bool) or not isinstance(group_num, int) or group_num <= 0 or num_features % group_num
+        ):
+            raise ValueError(f"group_num={group_num!r} must be None or a positive divisor of num_features={num_features}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.alpha_fwd = _check_unit(alpha_fwd, "alpha_fwd")
+        self.alpha_bkw = _check_unit(alpha_bkw, "alpha_bkw")
+        self.affine = bool(affine)
+        self.warmup_iters = _check_count(warmup_iters, "warmup_iters")
+        self.group_num = group_num
+        self.group_eps = float(group_eps)
+        self.paper_exact = bool(paper_exact)
+        self.stats_dtype = stats_dtype
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **fk))
+            self.bias = nn.Parameter(torch.empty(num_features, **fk))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_phi", torch.ones(num_features, **fk))
+        self.register_buffer("ema_gz", torch.zeros(num_features, **fk))
+        self.register_buffer("iters", torch.zeros(1, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Back to the start: ``running_phi`` = 1, ``ema_gz`` = 0, ``iters`` = 0 (warmup runs again)."""
+        self.running_phi.fill_(1.0)
+        self.ema_gz.zero_()
+        self.iters.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # official checkpoints store running_phi / ema_gz as (1, C, 1, 1)
+        for name in ("running_phi", "ema_gz"):
+            v = state_dict.get(prefix + name)
+            if isinstance(v, Tensor) and v.dim() != 1 and v.numel() == self.num_features:
+                state_dict[prefix + name] = v.reshape(self.num_features)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        _check_tokens(x, self.num_features, type(self).__name__)
+        return power_norm(
+            x,
+            self.running_phi,
+            self.weight,
+            self.bias,
+            self.training,
+            self.alpha_fwd,
+            self.eps,
+            ema_gz=self.ema_gz,
+            iters=self.iters,
+            alpha_bkw=self.alpha_bkw,
+            warmup_iters=self.warmup_iters,
+            group_num=self.group_num,
+            group_eps=self.group_eps,
+            pad_mask=pad_mask,
+            paper_exact=self.paper_exact,
+            stats_dtype=self.stats_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
+            f"affine={self.affine}, warmup_iters={self.warmup_iters}, group_num={self.group_num}"
+        )
+        if self.paper_exact:
+            s += ", paper_exact=True"
+        return s + extra_options(stats_dtype=self.stats_dtype)
