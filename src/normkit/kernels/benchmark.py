@@ -202,7 +202,7 @@ def run(
 
 
 HEADER = (
-    f"{'norm':<13}{'shape':<16}{'impl':<9}{'fwd ms':>9}{'fwd+bwd ms':>12}{'vs native':>11}"
+    f"{'norm':<18}{'shape':<16}{'impl':<9}{'fwd ms':>9}{'fwd+bwd ms':>12}{'vs native':>11}"
     f"{'vs target':>11}{'x copy':>8}{'saved':>8}{'compile s':>11}"
 )
 
@@ -212,6 +212,6 @@ def format_row(r: Row) -> str:
     comp = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
     native = f"{r.vs_native:>10.2f}x" if r.vs_native == r.vs_native else f"{'-':>11}"
     return (
-        f"{r.norm:<13}{shape:<16}{r.impl:<9}{r.fwd_ms:>9.2f}{r.fwdbwd_ms:>12.2f}{native}"
+        f"{r.norm:<18}{shape:<16}{r.impl:<9}{r.fwd_ms:>9.2f}{r.fwdbwd_ms:>12.2f}{native}"
         f"{r.vs_target:>10.2f}x{r.x_copy:>7.1f}x{r.saved_x:>7.2f}x{comp:>11}"
     )
