@@ -39,3 +39,11 @@ def test_kernels_benchmark_reports_ratios(capsys):
     assert rows[0].vs_native == pytest.approx(1.0)
     assert all(r.fwdbwd_ms > 0 and r.saved_x <= 1.1 for r in rows)
     assert rows[2].compile_s is not None
+
+
+def test_readme_python_snippets_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(README), "exec"), namespace)  # noqa: S102 - our own README
+    assert "y" in namespace
