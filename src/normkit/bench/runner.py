@@ -172,7 +172,8 @@ def _run_one(job: Job, seed: int, scale: float, progress: _Progress, steps: int)
         progress.advance(n)
 
     try:
-        return train_run(job, seed, scale=scale, on_step=on_step)
+        train = job.run if job.run is not None else train_run
+        return dict(train(job, seed, scale=scale, on_step=on_step))
     except Exception as e:  # noqa: BLE001 - a broken norm must not abort the bench
         progress.advance(max(0, steps - done))
         message = (str(e).strip().splitlines() or [""])[0]

@@ -60,6 +60,11 @@ class Job:
     #: ``measure(model, data) -> {field: value}`` after training; merged into the result row
     #: (e.g. per-layer activation statistics for a plot).
     measure: Callable[[nn.Module, DataSplit], Mapping[str, Any]] | None = None
+    #: ``run(job, seed, *, scale, on_step) -> {field: value}`` replaces the generic training loop
+    #: (:func:`normkit.bench.train.train_run`) for jobs that train or evaluate differently (continual
+    #: learning, test-time adaptation). It must return the measured fields ``train_run`` returns
+    #: (``test_acc``, ``status``, ``error``, ``steps``, ...); exceptions become error rows as usual.
+    run: Callable[..., Mapping[str, Any]] | None = None
 
     @property
     def key(self) -> str:
