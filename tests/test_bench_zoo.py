@@ -90,6 +90,6 @@ def test_selfnorm_claim_uses_best_learning_rate():
     ]  # fmt: skip
     lines = claims(results)
     assert lines[0].startswith("[holds]") and "selu+lecun 95.0% (lr 0.001)" in lines[0]
-    assert lines[1].startswith("[holds]")
-    results[0]["layer_var"] = results[1]["layer_var"] = [1.0] * 16 + [1e-4] * 16
-    assert claims(results)[1].startswith("[does NOT hold]")
+    assert lines[1].startswith("[holds]") and "after training" in lines[1]  # the init check is measured, not given
+    results[0]["test_acc"] = 0.5
+    assert claims(results)[0].startswith("[does NOT hold]")
