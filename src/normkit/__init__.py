@@ -9,7 +9,7 @@ Quick use::
         y = norm(x)
 """
 
-from normkit import continual, functional, layers, models, stats
+from normkit import adapt, continual, functional, layers, models, stats
 from normkit.backend import BACKENDS, get_backend, set_backend
 from normkit.layers import ScaledStdConv2d, SkipInit, WSConv2d, WSLinear, lecun_normal_, weight_standardize_
 from normkit.models import self_normalizing_mlp
@@ -98,6 +98,7 @@ __all__ = [
     "WSConv2d",
     "WSLinear",
     "apply_layernorm_scaling",
+    "adapt",
     "continual",
     "create_norm",
     "functional",

@@ -1,0 +1,63 @@
+"""Finding normalization layers in a model: torch's norm classes plus every class in normkit's registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from normkit.registry import NormInfo, list_norms, norm_info
+
+#: torch's own normalization classes (normkit's subclass them where they share math)
+TORCH_NORMS: tuple[type[nn.Module], ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+#: torch classes counted as the "layer" family (LN-tuning)
+TORCH_LAYER_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
+
+NormKind = Literal["all", "batch", "layer"]
+NORM_KINDS = ("all", "batch", "layer")
+
+
+def _registered() -> dict[type, NormInfo]:
+    # Built per call: the registry grows as modules are imported.
+    return {norm_info(n).cls: norm_info(n) for n in list_norms()}
+
+
+def registry_info(module: nn.Module, registered: dict[type, NormInfo] | None = None) -> NormInfo | None:
+    """The registry entry of ``module``'s class or its nearest registered base class (None if none)."""
+    reg = _registered() if registered is None else registered
+    for cls in type(module).__mro__:
+        if cls in reg:
+            return reg[cls]
+    return None
+
+
+def is_norm(module: nn.Module, kind: NormKind = "all", registered: dict[type, NormInfo] | None = None) -> bool:
+    """Whether ``module`` is a normalization layer of ``kind``.
+
+    ``"batch"``: batch-dependent norms (torch ``_BatchNorm`` or a registered norm with
+    ``batch_dependent=True``); ``"layer"``: LayerNorm/RMSNorm-type norms (torch's, or registered in the
+    ``"layer"`` family); ``"all"``: any torch norm class or registered norm.
+    """
+    if kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
+    info = registry_info(module, registered)
+    if kind == "batch":
+        return isinstance(module, _BatchNorm) or (info is not None and info.batch_dependent)
+    if kind == "layer":
+        return isinstance(module, TORCH_LAYER_NORMS) or (info is not None and info.family == "layer")
+    return isinstance(module, TORCH_NORMS) or info is not None
+
+
+def named_norms(model: nn.Module, kind: NormKind = "all") -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every normalization layer of ``kind`` in ``model``, nested ones included.
+
+    A composite norm (e.g. IBN's InstanceNorm + BatchNorm halves) is listed together with the norms
+    inside it; callers that take a layer's *own* parameters (``recurse=False``) count each once.
+    """
+    reg = _registered()
+    for name, m in model.named_modules():
+        if is_norm(m, kind, reg):
+            yield name, m
