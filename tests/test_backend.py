@@ -82,3 +82,12 @@ def test_low_precision_error_within_twice_torchs(name, dtype, atol, backend):
         with normkit.set_backend("compiled"):
             our_err = (ours(*lp).float() - ref).abs().max().item()
     assert our_err <= 2 * torch_err + atol, (our_err, torch_err)
+
+
+def test_compiled_dyt_tanh_is_accurate_and_saturates():
+    x = torch.cat([torch.linspace(-60, 60, 4001), torch.tensor([0.0, 1e-8, -1e-8, 1e30, -1e30])]).reshape(-1, 1)
+    alpha, w, b = torch.tensor(0.7), torch.ones(1), torch.zeros(1)
+    with normkit.set_backend("compiled"):
+        y = F.dyt(x, alpha, w, b)
+    assert torch.isfinite(y).all()
+    assert (y - torch.tanh(alpha * x)).abs().max() <= 2.5e-7
