@@ -11,6 +11,7 @@ All statistics are per channel over the batch and every position (``(N, *)`` of 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as TF
@@ -34,7 +35,7 @@ def batch_moments(x: Tensor, correction: int) -> tuple[Tensor, Tensor]:
     return m.mean.reshape(-1), m.var.reshape(-1)
 
 
-class TTABatchNorm(nn.Module):
+class TTABatchNorm(nn.Module, ABC):
     """Base of the test-time layers: copies the source BN's affine, eps and (optionally) statistics."""
 
     #: name of the :class:`TestTimeAdapter` method, for messages
@@ -85,8 +86,9 @@ class TTABatchNorm(nn.Module):
                 "size 1 on such features (source, alpha_bn, unmix_tns)"
             )
 
-    def adapt(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def adapt(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (channels first) with this method's statistics, updating its state."""
 
     def normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """``(x − mean)/sqrt(var + eps)·w + b`` with per-channel (C,) statistics (differentiable in them)."""
