@@ -1,6 +1,8 @@
 """Modules: registry construction, torch state-dict interop, torch.compile, saved activations."""
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,9 +51,27 @@ def test_sample_helpers_and_declared_inputs():
         assert set(sample_inputs(name, _input(name))) == set(info.extra_inputs)
         if info.extra_inputs:
             assert not info.drop_in, f"{name} needs {info.extra_inputs}, so it is not a drop-in norm"
+    meta = dict(family="f", paper=None, layout="channels_last", batch_dependent=False, train_eval_differ=False, description="d")
     with pytest.raises(ValueError, match="sample_inputs"):
-        normkit.register_norm("x", family="f", paper=None, layout="channels_last", batch_dependent=False,
-                              train_eval_differ=False, description="d", extra_inputs=("cond",))(torch.nn.Identity)
+        normkit.register_norm("x", **meta, drop_in=False, extra_inputs=("cond",))(torch.nn.Identity)
+    with pytest.raises(ValueError, match="drop_in"):
+        normkit.register_norm("x", **meta, extra_inputs=("cond",), sample_inputs=lambda x: {"cond": x})(torch.nn.Identity)
+    assert "x" not in list_norms()
+
+
+def test_import_normkit_registers_every_method_module():
+    # A module under normkit.nn / normkit.continual that registers a norm but is not imported by
+    # `import normkit` would be invisible to users (and to every test iterating list_norms()).
+    code = (
+        "import importlib, pkgutil, normkit, normkit.nn, normkit.continual\n"
+        "before = normkit.list_norms()\n"
+        "for pkg in (normkit.nn, normkit.continual):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "print(sorted(set(normkit.list_norms()) - set(before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"registered only after importing their module directly: {out}"
 
 
 def test_registry_metadata_and_errors():

@@ -83,6 +83,8 @@ def register_norm(
     """
     if extra_inputs and sample_inputs is None:
         raise ValueError(f"norm {name!r} declares extra_inputs {extra_inputs} but no sample_inputs")
+    if extra_inputs and drop_in:
+        raise ValueError(f"norm {name!r} requires inputs {extra_inputs} besides x, so it cannot be drop_in=True")
 
     def deco(cls: T) -> T:
         if name in _REGISTRY or name in _ALIASES:
