@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_param
-from normkit.functional.batch_norm import batch_norm, group_norm
-from normkit.stats import Reducer, accumulation_dtype, mean_square, moments
+from normkit.functional.batch_norm import _channel_affine, batch_norm, group_norm
+from normkit.stats import Reducer, accumulation_dtype, mean_square
 
 
 def _check_groups(c: int, num_groups: int, what: str) -> None:
@@ -92,26 +92,17 @@ def estimated_batch_norm(
         raise ValueError(f"estimated_batch_norm: running_var must have {c} elements, got shape {tuple(running_var.shape)}")
     check_param(weight, c, "weight", "estimated_batch_norm")
     check_param(bias, c, "bias", "estimated_batch_norm")
-    shape = (1, c) + (1,) * (x.dim() - 2)
     if training:
         dims = (0, *range(2, x.dim()))
         with torch.no_grad():
-            xd = x.detach()
-            mean = moments(xd, dims, stats_dtype=stats_dtype).mean.reshape(c)
-            sd = accumulation_dtype(x.dtype, stats_dtype)
-            dev = xd.to(sd) - running_mean.reshape(shape).to(sd)
-            var = mean_square(dev, dims, stats_dtype=stats_dtype).reshape(c)
+            xf = x.detach().to(accumulation_dtype(x.dtype, stats_dtype))
+            mean = xf.mean(dims).reshape(c)
+            old_mean = running_mean.reshape((1, c) + (1,) * (x.dim() - 2)).to(xf.dtype)
+            var = mean_square(xf - old_mean, dims, stats_dtype=stats_dtype).reshape(c)
             r = torch.as_tensor(moving_speed, device=x.device).reshape(-1)[:1]
             running_mean.copy_((running_mean * (1 - r) + r * mean.to(running_mean.dtype)).to(running_mean.dtype))
             running_var.copy_((running_var * (1 - r) + r * var.to(running_var.dtype)).to(running_var.dtype))
-    sd = torch.promote_types(running_var.dtype, torch.float32)
-    scale = torch.rsqrt(running_var.to(sd) + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -running_mean.to(sd) * scale
-    if bias is not None:
-        shift = shift + bias
-    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
+    return _channel_affine(x, running_mean, running_var, weight, bias, eps)
 
 
 def batch_channel_norm(

@@ -70,7 +70,7 @@ def ghost_batch_norm(
             f"(N={n}, virtual_batch_size={vbs}); BatchNorm needs more than 1 value per channel. "
             "Use a batch size that leaves at least 2 samples in the last chunk, or a different virtual_batch_size"
         )
-    masks = [None] * math.ceil(n / vbs) if mask is None else list(_full_mask(mask, x).split(vbs, 0))
+    masks = [None] * math.ceil(n / vbs) if mask is None else list(canonical_mask(mask, x, x.shape).split(vbs, 0))
     outs = []
     update = training and running_mean is not None and running_var is not None
     for chunk, m in zip(x.split(vbs, 0), masks):
@@ -97,15 +97,6 @@ def ghost_batch_norm(
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-def _full_mask(mask: Tensor, x: Tensor) -> Tensor:
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = included in the statistics), got {mask.dtype}")
-    try:
-        return mask.expand_as(x)
-    except RuntimeError as e:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(x.shape)}") from e
-
-
 def batch_renorm_limits(
     step: Tensor,
     r_max: float = 3.0,
@@ -130,6 +121,13 @@ def batch_renorm_limits(
             f"r_max_end_step={r_max_end_step}, d_max_end_step={d_max_end_step})"
         )
     _check_limits(r_max, d_max)
+    return _renorm_schedule(step, r_max, d_max, warmup_steps, r_max_end_step, d_max_end_step)
+
+
+def _renorm_schedule(
+    step: Tensor, r_max: float, d_max: float, warmup_steps: int, r_max_end_step: int, d_max_end_step: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`batch_renorm_limits` without the argument checks (for callers that validated them once)."""
     t = step.to(torch.float32) - warmup_steps
     fr = (t / max(r_max_end_step - warmup_steps, 1)).clamp(0.0, 1.0)
     fd = (t / max(d_max_end_step - warmup_steps, 1)).clamp(0.0, 1.0)

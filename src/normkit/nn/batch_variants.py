@@ -14,7 +14,7 @@ from torch import Tensor
 
 from normkit.functional._core import check_channels_first
 from normkit.functional.batch_variants import (
-    _check_limits,
+    _renorm_schedule,
     batch_renorm,
     batch_renorm_limits,
     check_virtual_batch_size,
@@ -194,11 +194,10 @@ class BatchRenorm(BatchNorm):
     ) -> None:
         if momentum is None or not isinstance(momentum, (int, float)):
             raise ValueError(f"BatchRenorm: momentum must be a number in [0, 1] (no cumulative average), got {momentum!r}")
-        _check_limits(r_max, d_max)
+        # validate r_max, d_max and the schedule once, at construction
+        batch_renorm_limits(torch.zeros(()), r_max, d_max, warmup_steps, r_max_end_step, d_max_end_step)
         if running_update not in ("std", "var"):
             raise ValueError(f"BatchRenorm: running_update must be 'std' (paper) or 'var' (torch BN), got {running_update!r}")
-        # validate the schedule once, at construction
-        batch_renorm_limits(torch.zeros(()), r_max, d_max, warmup_steps, r_max_end_step, d_max_end_step)
         super().__init__(
             num_features,
             eps,
@@ -224,7 +223,7 @@ class BatchRenorm(BatchNorm):
         if not self.schedule:
             t = self.num_batches_tracked
             return torch.full_like(t, self.r_max, dtype=torch.float32), torch.full_like(t, self.d_max, dtype=torch.float32)
-        return batch_renorm_limits(
+        return _renorm_schedule(
             self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps, self.r_max_end_step, self.d_max_end_step
         )
 
