@@ -86,6 +86,10 @@ def test_registry_metadata_and_errors():
     assert norm_info("batchnorm").batch_dependent and norm_info("batchnorm").train_eval_differ
     assert not norm_info("layernorm").batch_dependent
     assert norm_info("BN").name == "batchnorm"
+    assert normkit.registry.norm_info_of(normkit.BatchNorm2d(3)).name == "batchnorm"  # alias class
+    assert normkit.registry.norm_info_of(normkit.GhostBatchNorm).name == "ghostbn"  # nearest registered class
+    assert normkit.registry.norm_info_of(torch.nn.Conv2d(1, 1, 1)) is None
+    assert normkit.registry.norm_info_of(torch.nn.BatchNorm2d(3)) is None  # torch's own: not registered
     assert type(normkit.create_norm("batchnorm2d", 3)) is normkit.BatchNorm2d
     with pytest.raises(ValueError, match="valid names: .*layernorm"):
         normkit.create_norm("no-such-norm", 3)

@@ -56,6 +56,7 @@ class NormInfo:
 _REGISTRY: dict[str, NormInfo] = {}
 _ALIASES: dict[str, str] = {}
 _ALIAS_CLASSES: dict[str, type[nn.Module]] = {}
+_BY_CLASS: dict[type[nn.Module], NormInfo] = {}
 
 
 def register_norm(
@@ -98,6 +99,8 @@ def register_norm(
         for a in names:
             _ALIASES[a] = name
         _ALIAS_CLASSES.update(extra)
+        for c in (cls, *extra.values()):
+            _BY_CLASS.setdefault(c, _REGISTRY[name])
         return cls
 
     return deco
@@ -122,6 +125,16 @@ def list_norms(*, aliases: bool = False) -> list[str]:
 def norm_info(name: str) -> NormInfo:
     """Metadata of a registered method (name or alias)."""
     return _lookup(name)
+
+
+def norm_info_of(module: nn.Module | type[nn.Module]) -> NormInfo | None:
+    """Metadata of the registered method a module (or class) is, via its nearest registered base class.
+
+    ``None`` for modules that are no registered norm (e.g. ``torch.nn.Conv2d``; torch's own norm
+    classes are not registered, normkit's subclasses of them are).
+    """
+    cls = module if isinstance(module, type) else type(module)
+    return next((_BY_CLASS[c] for c in cls.__mro__ if c in _BY_CLASS), None)
 
 
 def create_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:

@@ -151,7 +151,27 @@ class AlphaBatchNorm(TTABatchNorm):
         return super().extra_repr() + f", alpha={self.alpha}"
 
 
-class EMABatchNorm(TTABatchNorm):
+class _RunningBatchNorm(TTABatchNorm):
+    """Base of the rules with running statistics moved towards every test batch's by ``momentum``.
+
+    Buffers ``running_mean``/``running_var`` start at the source statistics.
+    """
+
+    needs_batch_variance = True
+
+    def __init__(self, bn: _BatchNorm, name: str = "", momentum: float = 0.1) -> None:
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{self.method}: momentum must be in [0, 1], got {momentum!r}")
+        super().__init__(bn, name)
+        self.momentum = float(momentum)
+        self.register_buffer("running_mean", self.source_mean.clone())
+        self.register_buffer("running_var", self.source_var.clone())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", momentum={self.momentum}"
+
+
+class EMABatchNorm(_RunningBatchNorm):
     """Running statistics updated with every test batch, then used to normalize it.
 
     ``r ← (1 − m)·r + m·batch`` (torch's convention, unbiased batch variance), starting from the source
@@ -162,15 +182,6 @@ class EMABatchNorm(TTABatchNorm):
     """
 
     method = "ema_bn"
-    needs_batch_variance = True
-
-    def __init__(self, bn: _BatchNorm, name: str = "", momentum: float = 0.1) -> None:
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"ema_bn: momentum must be in [0, 1], got {momentum!r}")
-        super().__init__(bn, name)
-        self.momentum = float(momentum)
-        self.register_buffer("running_mean", self.source_mean.clone())
-        self.register_buffer("running_var", self.source_var.clone())
 
     def adapt(self, x: Tensor) -> Tensor:
         self.check_batch_variance(x)
@@ -180,11 +191,8 @@ class EMABatchNorm(TTABatchNorm):
             self.running_var.lerp_(var_b.to(self.running_var.dtype), self.momentum)
         return self.normalize(x, self.running_mean, self.running_var)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", momentum={self.momentum}"
 
-
-class RobustBatchNorm(TTABatchNorm):
+class RobustBatchNorm(_RunningBatchNorm):
     """RoTTA's robust BN: ``μ ← (1 − m)·μ + m·μ_B``, ``σ² ← (1 − m)·σ² + m·σ²_B``, normalize with the new μ, σ².
 
     Yuan, Xie, Li 2023, "Robust Test-Time Adaptation in Dynamic Scenarios", arXiv:2303.13899
@@ -198,15 +206,9 @@ class RobustBatchNorm(TTABatchNorm):
     """
 
     method = "robust_bn"
-    needs_batch_variance = True
 
     def __init__(self, bn: _BatchNorm, name: str = "", momentum: float = 0.05) -> None:
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"robust_bn: momentum must be in [0, 1], got {momentum!r}")
-        super().__init__(bn, name)
-        self.momentum = float(momentum)
-        self.register_buffer("running_mean", self.source_mean.clone())
-        self.register_buffer("running_var", self.source_var.clone())
+        super().__init__(bn, name, momentum)
 
     def adapt(self, x: Tensor) -> Tensor:
         self.check_batch_variance(x)
@@ -218,9 +220,6 @@ class RobustBatchNorm(TTABatchNorm):
             self.running_mean.copy_(mean)
             self.running_var.copy_(var)
         return self.normalize(x, mean, var)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", momentum={self.momentum}"
 
 
 class UnMixTNSBatchNorm(TTABatchNorm):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from normkit.registry import NormInfo, list_norms, norm_info
+from normkit.registry import norm_info_of
 
 #: torch's own normalization classes (normkit's subclass them where they share math)
 TORCH_NORMS: tuple[type[nn.Module], ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -20,21 +20,7 @@ NormKind = Literal["all", "batch", "layer"]
 NORM_KINDS = ("all", "batch", "layer")
 
 
-def _registered() -> dict[type, NormInfo]:
-    # Built per call: the registry grows as modules are imported.
-    return {norm_info(n).cls: norm_info(n) for n in list_norms()}
-
-
-def registry_info(module: nn.Module, registered: dict[type, NormInfo] | None = None) -> NormInfo | None:
-    """The registry entry of ``module``'s class or its nearest registered base class (None if none)."""
-    reg = _registered() if registered is None else registered
-    for cls in type(module).__mro__:
-        if cls in reg:
-            return reg[cls]
-    return None
-
-
-def is_norm(module: nn.Module, kind: NormKind = "all", registered: dict[type, NormInfo] | None = None) -> bool:
+def is_norm(module: nn.Module, kind: NormKind = "all") -> bool:
     """Whether ``module`` is a normalization layer of ``kind``.
 
     ``"batch"``: batch-dependent norms (torch ``_BatchNorm`` or a registered norm with
@@ -43,7 +29,7 @@ def is_norm(module: nn.Module, kind: NormKind = "all", registered: dict[type, No
     """
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
-    info = registry_info(module, registered)
+    info = norm_info_of(module)
     if kind == "batch":
         return isinstance(module, _BatchNorm) or (info is not None and info.batch_dependent)
     if kind == "layer":
@@ -57,7 +43,6 @@ def named_norms(model: nn.Module, kind: NormKind = "all") -> Iterator[tuple[str,
     A composite norm (e.g. IBN's InstanceNorm + BatchNorm halves) is listed together with the norms
     inside it; callers that take a layer's *own* parameters (``recurse=False``) count each once.
     """
-    reg = _registered()
     for name, m in model.named_modules():
-        if is_norm(m, kind, reg):
+        if is_norm(m, kind):
             yield name, m

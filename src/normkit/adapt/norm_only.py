@@ -94,19 +94,15 @@ def train_only_norms(
     Use an optimizer over ``[p for p in model.parameters() if p.requires_grad]``; the running statistics
     are not affected (see :func:`freeze_norm_stats` for MobileTL's frozen statistics).
     """
-    _check_kind(norms)
-    if isinstance(include, str):
-        include = (include,)
+    include = (include,) if isinstance(include, str) else tuple(include)
+    chosen = _norm_parameters(model, include, norms)
     if not include:
         raise ValueError("include must name at least one norm parameter, e.g. ('weight', 'bias') or ('bias',)")
-    layers = list(named_norms(model, norms))
     model.requires_grad_(False)
     names: list[str] = []
-    for lname, layer in layers:
-        for pname, p in layer.named_parameters(recurse=False):
-            if pname in include:
-                p.requires_grad_(True)
-                names.append(f"{lname}.{pname}" if lname else pname)
+    for name, p in chosen:
+        p.requires_grad_(True)
+        names.append(name)
     for pname, p in model.named_parameters():
         if any(pname == a or pname.startswith(a + ".") for a in also) and not p.requires_grad:
             p.requires_grad_(True)
@@ -114,9 +110,20 @@ def train_only_norms(
     if not names:
         raise ValueError(
             f"train_only_norms found no parameter named {tuple(include)} in {norms!r} norm layers of {type(model).__name__} "
-            f"({len(layers)} such layers){'' if not also else f' nor under {tuple(also)}'}"
+            f"({sum(1 for _ in named_norms(model, norms))} such layers){'' if not also else f' nor under {tuple(also)}'}"
         )
     return _summary(model)
+
+
+def _norm_parameters(model: nn.Module, include: Sequence[str], norms: NormKind) -> list[tuple[str, nn.Parameter]]:
+    """``(qualified name, parameter)`` of the own parameters named in ``include`` of every ``norms`` layer."""
+    _check_kind(norms)
+    return [
+        (f"{lname}.{pname}" if lname else pname, p)
+        for lname, layer in named_norms(model, norms)
+        for pname, p in layer.named_parameters(recurse=False)
+        if pname in include
+    ]
 
 
 def _summary(model: nn.Module) -> TrainableSummary:
@@ -128,10 +135,7 @@ def _summary(model: nn.Module) -> TrainableSummary:
 
 def norm_parameter_count(model: nn.Module, include: Sequence[str] = ("weight", "bias"), *, norms: NormKind = "batch") -> int:
     """Number of scalars :func:`train_only_norms` with the same arguments would make trainable."""
-    _check_kind(norms)
-    return sum(
-        p.numel() for _, layer in named_norms(model, norms) for n, p in layer.named_parameters(recurse=False) if n in include
-    )
+    return sum(p.numel() for _, p in _norm_parameters(model, include, norms))
 
 
 def train_random_subset(model: nn.Module, count: int, *, seed: int = 0, exclude_norms: bool = True) -> TrainableSummary:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from normkit.bench.data import SPLIT_SEED, load_digits
+from normkit.bench.data import digits_pixels, standardize
 
 # --------------------------------------------------------------------------- corruptions
 
@@ -159,31 +159,18 @@ class DigitsPixels:
 
     def standardize(self, pixels: np.ndarray) -> Tensor:
         """Pixels → the model's input scale, exactly as :func:`normkit.bench.data.load_digits`."""
-        return torch.from_numpy(np.ascontiguousarray((pixels.astype(np.float32) - self.mean) / self.std))
+        return standardize(pixels, self.mean, self.std)
 
 
 @cache
 def digits_test_pixels(test_fraction: float = 0.2) -> DigitsPixels:
     """The test images of :func:`normkit.bench.data.load_digits` before standardization (same split).
 
-    Checked against ``load_digits`` itself: standardizing these pixels gives its ``x_test`` exactly.
+    Both come from :func:`normkit.bench.data.digits_pixels`, so standardizing these pixels gives
+    ``load_digits().x_test`` exactly.
     """
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("digits-C needs scikit-learn for the built-in digits: pip install 'normkit[bench]'") from e
-
-    raw = _sk_load_digits()
-    x = raw.data.astype(np.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = raw.target.astype(np.int64)
-    perm = np.random.default_rng(SPLIT_SEED).permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
-    test, train = perm[:n_test], perm[n_test:]
-    out = DigitsPixels(x[test], y[test], float(x[train].mean()), float(x[train].std()))
-    ref = load_digits(test_fraction)
-    if not torch.equal(out.standardize(out.pixels), ref.x_test) or not np.array_equal(out.labels, ref.y_test.numpy()):
-        raise RuntimeError("digits-C: the test split no longer matches normkit.bench.data.load_digits")  # pragma: no cover
-    return out
+    px = digits_pixels(test_fraction)
+    return DigitsPixels(px.x_test, px.y_test, px.mean, px.std)
 
 
 class ShiftedSet(NamedTuple):

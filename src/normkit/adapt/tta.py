@@ -274,9 +274,7 @@ class TestTimeAdapter(nn.Module):
                 if not isinstance(out, Tensor) or out.dim() < 2:
                     got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"tent minimises the entropy of (N, num_classes, ...) logits; the model returned {got}")
-                loss = softmax_entropy(out).mean(0)
-                if loss.dim():
-                    loss = loss.mean()
+                loss = softmax_entropy(out).mean()
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

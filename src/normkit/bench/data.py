@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,13 +38,23 @@ class DataSplit:
         return tuple(self.x_train.shape[1:])
 
 
-@cache
-def load_digits(test_fraction: float = 0.2) -> DataSplit:
-    """scikit-learn's digits as ``(N, 1, 8, 8)`` images, split 80/20 with a fixed permutation.
+class DigitsPixels(NamedTuple):
+    """scikit-learn's digits split as the bench splits it, *before* standardization."""
 
-    Pixels (0..16) are scaled to [0, 1] and then standardized with the *training* mean/std
-    (one scalar each) so no test statistics leak into the inputs. Cached: every job of a
-    suite shares one copy.
+    x_train: np.ndarray  # (N, 1, 8, 8) float32, pixels in [0, 1]
+    y_train: np.ndarray  # (N,) int64
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: float  # of the training pixels (one scalar)
+    std: float
+
+
+@cache
+def digits_pixels(test_fraction: float = 0.2) -> DigitsPixels:
+    """scikit-learn's digits as ``(N, 1, 8, 8)`` pixels in [0, 1], split with the fixed permutation.
+
+    The unstandardized source of :func:`load_digits` (and of digits-C, which corrupts the test
+    pixels before standardizing). Cached: the arrays are shared, do not modify them.
     """
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
@@ -56,13 +67,28 @@ def load_digits(test_fraction: float = 0.2) -> DataSplit:
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(x))
     n_test = int(round(len(x) * test_fraction))
     test, train = perm[:n_test], perm[n_test:]
-    mean, std = float(x[train].mean()), float(x[train].std())
-    x = (x - mean) / std
+    return DigitsPixels(x[train], y[train], x[test], y[test], float(x[train].mean()), float(x[train].std()))
+
+
+def standardize(pixels: np.ndarray, mean: float, std: float) -> Tensor:
+    """``(pixels − mean)/std`` as a contiguous float32 tensor (the bench's input scale)."""
+    return torch.from_numpy(np.ascontiguousarray((pixels.astype(np.float32) - mean) / std))
+
+
+@cache
+def load_digits(test_fraction: float = 0.2) -> DataSplit:
+    """scikit-learn's digits as ``(N, 1, 8, 8)`` images, split 80/20 with a fixed permutation.
+
+    Pixels (0..16) are scaled to [0, 1] and then standardized with the *training* mean/std
+    (one scalar each) so no test statistics leak into the inputs. Cached: every job of a
+    suite shares one copy.
+    """
+    px = digits_pixels(test_fraction)
     return DataSplit(
         name="digits",
-        x_train=torch.from_numpy(np.ascontiguousarray(x[train])),
-        y_train=torch.from_numpy(y[train]),
-        x_test=torch.from_numpy(np.ascontiguousarray(x[test])),
-        y_test=torch.from_numpy(y[test]),
+        x_train=standardize(px.x_train, px.mean, px.std),
+        y_train=torch.from_numpy(px.y_train.copy()),
+        x_test=standardize(px.x_test, px.mean, px.std),
+        y_test=torch.from_numpy(px.y_test.copy()),
         num_classes=10,
     )

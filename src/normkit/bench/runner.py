@@ -21,7 +21,7 @@ import torch
 
 from normkit.bench import report
 from normkit.bench.suites import SUITES, Job, Suite, SuiteConfig, get_suite
-from normkit.bench.train import total_steps, train_run
+from normkit.bench.train import torch_threads, total_steps, train_run
 from normkit.registry import norm_info
 
 DEFAULT_OUT = "normkit-bench"
@@ -210,10 +210,7 @@ def run(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         runs = [(job, s) for job in jobs for s in seeds]
         steps = [total_steps(job, job.data(), scale) for job, _ in runs]
         results: list[dict[str, Any]] = []
@@ -232,8 +229,6 @@ def run(
                 results.append(row)
                 bar.finish(i, len(runs), label, row)
         env = _environment(spec, full=full, seed=seed, seeds=seeds, scale=scale, norms=norms)
-    finally:
-        torch.set_num_threads(previous_threads)
 
     _report(spec, results, out, env, start)
     return results

@@ -32,7 +32,7 @@ from torch import nn
 
 from normkit.bench.models import SmallCNN
 from normkit.bench.suites import Job, SuiteConfig, claim_line, mean_acc, register_suite
-from normkit.bench.train import total_steps, train_run
+from normkit.bench.train import torch_threads, total_steps, train_run
 
 # --------------------------------------------------------------------------- tta
 
@@ -111,24 +111,19 @@ def _tta_run(job: Job, seed: int, *, scale: float = 1.0, on_step: Callable[[int]
     reported = 0
     # The stream is thousands of tiny-batch calls: one intra-op thread is faster than two, and two
     # threads spin-wait badly when the cores are shared (>100× slower on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
-    try:
-        with torch.enable_grad() if job.norm == "tent" else torch.no_grad():
-            for i, batch in enumerate(stream):
-                if batch.domain != current:
-                    adapter.reset()
-                    current = batch.domain
-                pred = adapter(batch.x).argmax(1)
-                correct[current] = correct.get(current, 0) + int((pred == batch.y).sum())
-                seen[current] = seen.get(current, 0) + len(batch.y)
-                if on_step is not None:
-                    target = round(expected * (i + 1) / len(stream))
-                    on_step(target - reported)
-                    reported = target
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), torch.enable_grad() if job.norm == "tent" else torch.no_grad():
+        for i, batch in enumerate(stream):
+            if batch.domain != current:
+                adapter.reset()
+                current = batch.domain
+            pred = adapter(batch.x).argmax(1)
+            correct[current] = correct.get(current, 0) + int((pred == batch.y).sum())
+            seen[current] = seen.get(current, 0) + len(batch.y)
+            if on_step is not None:
+                target = round(expected * (i + 1) / len(stream))
+                on_step(target - reported)
+                reported = target
     elapsed = time.perf_counter() - t0
     per_domain = {d: correct[d] / seen[d] for d in correct}
     return {
