@@ -286,8 +286,7 @@ class AdaB2N(_BatchNorm):
     # ------------------------------------------------------------------ forward
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"AdaB2N expects an (N, C, *) input, got shape {tuple(x.shape)}")
+        check_channels_first(x, self.num_features, "AdaB2N")
 
     def _check_task_ids(self, task_ids: Tensor, batch: int | None) -> Tensor:
         if not isinstance(task_ids, Tensor):
@@ -317,7 +316,6 @@ class AdaB2N(_BatchNorm):
 
     def _forward(self, x: Tensor, task_ids: Tensor | None) -> Tensor:
         self._check_input_dim(x)
-        check_channels_first(x, self.num_features, "AdaB2N")
         if not self.training:
             return NF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if x.numel() // x.shape[1] <= 1:

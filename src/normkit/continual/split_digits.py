@@ -176,7 +176,7 @@ def train_online(
         raise ValueError("train_online: no tasks")
     classes_per_task = len(tasks[0].classes)
     num_classes = sum(len(t.classes) for t in tasks)
-    ada = any(True for _ in adab2n_layers(model))
+    ada = next(adab2n_layers(model), None) is not None
     gen = torch.Generator().manual_seed(seed)
     buffer = ReservoirBuffer(buffer_size, generator=gen)
     opt = optimizer(model) if optimizer is not None else torch.optim.SGD(model.parameters(), lr=lr)
@@ -203,14 +203,14 @@ def train_online(
                 if ada:
                     set_task_labels(model, yy, classes_per_task)
                 out = model(xx)
-                if strategy == "er_ace" and replay:
+                if strategy == "er_ace":  # ER-ACE's logit mask needs the classes seen so far
                     present = y.unique()
                     seen[present] = True
+                if strategy == "er_ace" and replay:
                     seen_max = int(seen.nonzero().max())
                     logits = _ace_mask(out[: len(y)], present, seen_max, num_classes)
                     loss = F.cross_entropy(logits, y) + F.cross_entropy(out[len(y) :], by)
                 else:
-                    seen[y.unique()] = True
                     loss = F.cross_entropy(out, yy)
                 if ada and replay and k >= ada_t0:
                     loss = loss + lambd * adab2n_regularizer(model)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from normkit.functional._core import check_channels_first, check_eps
+from normkit.functional._core import check_channels_first, check_eps, check_float
 from normkit.stats import moments
 
 
@@ -37,9 +37,7 @@ def adain(content: Tensor, style: Tensor, eps: float = 1e-5, *, unbiased: bool =
     """
     eps = check_eps(eps)
     c = check_channels_first(content, None, "adain")
-    if not isinstance(style, Tensor) or not style.is_floating_point():
-        got = style.dtype if isinstance(style, Tensor) else type(style).__name__
-        raise TypeError(f"adain: style must be a floating-point tensor, got {got}")
+    check_float(style, "style")
     if content.dim() < 3 or style.dim() != content.dim() or style.shape[0] != content.shape[0] or style.shape[1] != c:
         raise ValueError(
             f"adain expects content (N, C, *spatial) and style (N, C, *spatial') with the same N, C and number of "

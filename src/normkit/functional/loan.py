@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as TF
 from torch import Tensor
 
-from normkit.functional._core import check_channels_first, check_eps, check_float
+from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
 from normkit.functional.batch_norm import batch_norm, instance_norm
 
 FREE_NORMS = ("batch", "instance", "none")
@@ -15,8 +15,7 @@ def _check_conv(w: Tensor, b: Tensor | None, c_out: int, c_in: int, name: str) -
     check_float(w, f"{name}_weight")
     if w.dim() != 4 or w.shape[0] != c_out or w.shape[1] != c_in or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
         raise ValueError(f"loan: {name}_weight must be a ({c_out}, {c_in}, k, k) conv weight with odd k, got {tuple(w.shape)}")
-    if b is not None and b.numel() != c_out:
-        raise ValueError(f"loan: {name}_bias must have {c_out} elements, got shape {tuple(b.shape)}")
+    check_param(b, c_out, f"{name}_bias", "loan")
 
 
 def loan(
@@ -65,8 +64,6 @@ def loan(
     c = check_channels_first(x, None, "loan")
     if x.dim() not in (3, 4, 5):
         raise ValueError(f"loan expects x of shape (N, C, H, W), (N, C, D, H, W) or (N, C, L), got {tuple(x.shape)}")
-    if not isinstance(cond, Tensor):
-        raise TypeError(f"loan: cond must be a torch.Tensor (N, Cc, *spatial), got {type(cond).__name__}")
     check_float(cond, "cond")
     spatial = tuple(x.shape[-1:]) if x.dim() == 3 else tuple(x.shape[-2:])
     if cond.dim() != 2 + len(spatial) or cond.shape[0] != x.shape[0] or tuple(cond.shape[2:]) != spatial:

@@ -27,8 +27,8 @@ from normkit.functional._core import check_channels_first, check_eps, check_floa
 from normkit.stats import accumulation_dtype, moments
 
 
-def _check_input(x: Tensor, what: str, num_channels: int | None = None) -> int:
-    c = check_channels_first(x, num_channels, what)
+def _check_input(x: Tensor, what: str) -> int:
+    c = check_channels_first(x, None, what)
     if x.dim() < 3:
         raise ValueError(f"{what} expects an (N, C, *spatial) input with at least one spatial dim, got shape {tuple(x.shape)}")
     return c
@@ -101,7 +101,7 @@ def _rn(xf: Tensor, m: Tensor, eps: float, per_sample: bool) -> Tensor:
 
 
 def _channel(p: Tensor, x: Tensor) -> Tensor:
-    return p.reshape((1, -1) + (1,) * (x.dim() - 2))
+    return p.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
 
 
 def region_norm_b(
@@ -147,9 +147,10 @@ def region_norm_b(
     def affine(gamma: Tensor | None, beta: Tensor | None, region: Tensor) -> Tensor:
         y = r * region
         if gamma is not None:
-            y = y * (1 + _channel(gamma, r).to(r.dtype))
+            y = y * (1 + _channel(gamma, r))
         if beta is not None:
-            y = y + (_channel(beta, r).to(r.dtype) * region if masked_bias else _channel(beta, r).to(r.dtype))
+            b = _channel(beta, r)
+            y = y + (b * region if masked_bias else b)
         return y
 
     return (affine(foreground_gamma, foreground_beta, m) + affine(background_gamma, background_beta, 1 - m)).to(x.dtype)
@@ -182,11 +183,10 @@ def region_norm_l(
     non-differentiable step of the detached map: no gradient reaches the ``sa_weight`` convolution
     through the region split, only through γ and β. ``(N, C, L)`` input is treated as ``(N, C, L, 1)``.
     """
-    check_float(x)
     eps = check_eps(eps)
+    _check_input(x, "region_norm_l")
     if x.dim() not in (3, 4):
         raise ValueError(f"region_norm_l expects (N, C, H, W) or (N, C, L) input, got shape {tuple(x.shape)}")
-    _check_input(x, "region_norm_l")
     for name, w in (("sa_weight", sa_weight), ("gamma_weight", gamma_weight), ("beta_weight", beta_weight)):
         check_float(w, name)
         want_in = 2 if name == "sa_weight" else 1
