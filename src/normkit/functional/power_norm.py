@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from normkit.functional._core import check_eps, check_float
+from normkit.functional._core import check_eps, check_float, check_param
 from normkit.stats import accumulation_dtype, mean_square
 
 
@@ -75,6 +75,37 @@ def snapshot(*parts: Tensor) -> Tensor:
     return torch.cat([p.reshape(-1) for p in parts])
 
 
+def _check_common(
+    x: Tensor, running: Tensor, name: str, weight: Tensor | None, bias: Tensor | None, pad_mask: Tensor | None, what: str
+) -> int:
+    """The checks PowerNorm and UN share: tokens, the running statistic ``name``, pad_mask, weight, bias; returns C."""
+    c = _check_tokens(x, running.numel() if isinstance(running, Tensor) else None, what)
+    _check_buffer(running, (c,), name, what)
+    _check_pad_mask(pad_mask, x, what)
+    check_param(weight, c, "weight", what)
+    check_param(bias, c, "bias", what)
+    return c
+
+
+def _eval_affine(xs: Tensor, running: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: torch.dtype) -> Tensor:
+    """Eval map ``weight · xs / sqrt(running + eps) + bias`` in ``xs``'s (accumulation) dtype, cast to ``out``."""
+    scale = torch.rsqrt(running.to(xs.dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(xs.dtype)
+    y = xs * scale if bias is None else torch.addcmul(bias.to(xs.dtype), xs, scale)
+    return y.to(out)
+
+
+def _affine_forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+    """Shared forward of the approximate-backward Functions: ``z = x·stats[:C]``, ``y = w·z + b``; saves (z, weight, stats)."""
+    z = x * stats[: x.shape[-1]]
+    y = z if weight is None else z * weight.to(z.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    ctx.save_for_backward(z, weight, stats)
+    return y
+
+
 def group_scaling(x: Tensor, group_num: int, eps: float = 1e-5) -> Tensor:
     """PowerNorm's ``GroupScaling1D``: per token, ``x / sqrt(mean_{group}(x²) + eps)``.
 
@@ -100,15 +131,8 @@ class _PowerNormFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats, ema_gz, alpha_bkw):  # type: ignore[override]
-        c = x.shape[-1]
-        z = x * stats[:c]
-        y = z if weight is None else z * weight.to(z.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        ctx.save_for_backward(z, weight, stats)
-        ctx.ema_gz = ema_gz
-        ctx.alpha_bkw = alpha_bkw
-        return y
+        ctx.ema_gz, ctx.alpha_bkw = ema_gz, alpha_bkw
+        return _affine_forward(ctx, x, weight, bias, stats)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -186,27 +210,17 @@ def power_norm(
     """
     what = "power_norm"
     eps, group_eps = check_eps(eps), check_eps(group_eps)
-    c = _check_tokens(x, running_phi.numel() if isinstance(running_phi, Tensor) else None, what)
-    _check_buffer(running_phi, (c,), "running_phi", what)
-    _check_pad_mask(pad_mask, x, what)
+    c = _check_common(x, running_phi, "running_phi", weight, bias, pad_mask, what)
     alpha_fwd, alpha_bkw = _check_unit(alpha_fwd, "alpha_fwd"), _check_unit(alpha_bkw, "alpha_bkw")
     warmup_iters = _check_count(warmup_iters, "warmup_iters")
-    for p, name in ((weight, "weight"), (bias, "bias")):
-        if p is not None and p.numel() != c:
-            raise ValueError(f"{what}: {name} must have {c} elements, got shape {tuple(p.shape)}")
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xs = x.to(sd)
     if group_num is not None:
         xs = group_scaling(xs, group_num, group_eps)
     if not training:
-        scale = torch.rsqrt(running_phi.to(sd) + eps)
-        if weight is not None:
-            scale = scale * weight.to(sd)
-        y = xs * scale if bias is None else torch.addcmul(bias.to(sd), xs, scale)
-        return y.to(x.dtype)
-    _check_buffer(ema_gz, (c,), "ema_gz", what)
-    _check_buffer(iters, (1,), "iters", what, integer=True)
-    assert ema_gz is not None and iters is not None
+        return _eval_affine(xs, running_phi, weight, bias, eps, x.dtype)
+    ema_gz = _check_buffer(ema_gz, (c,), "ema_gz", what)
+    iters = _check_buffer(iters, (1,), "iters", what, integer=True)
     x2d = xs.reshape(-1, c)
     with torch.no_grad():
         t = iters + 1

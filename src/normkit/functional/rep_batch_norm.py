@@ -93,29 +93,6 @@ def rep_batch_norm(
     return y + alpha.to(x.dtype) * x
 
 
-@torch.library.custom_op("normkit::repbn_counter_snapshot", mutates_args=())
-def _counter_snapshot(t: Tensor) -> Tensor:
-    return t.clone()
-
-
-@_counter_snapshot.register_fake
-def _(t: Tensor) -> Tensor:
-    return torch.empty_like(t)
-
-
-def snapshot(t: Tensor) -> Tensor:
-    """A copy of a counter buffer that the same compiled forward mutates afterwards.
-
-    Works around a ``torch.compile`` bug (AOTAutograd's min-cut partitioner may recompute, in the
-    backward, a value read from a buffer the forward mutated in place, so the backward sees the
-    *updated* buffer — e.g. the next step's λ — and returns silently wrong gradients; pytorch
-    PR #197039). A custom op is outside the partitioner's recompute allowlist, so its output is
-    saved instead. Use it only inside compiled regions; eager autograd is unaffected.
-    (Found with torch 2.13; the PR was still open when this was written.)
-    """
-    return _counter_snapshot(t)
-
-
 def prepbn_lambda(warm: Tensor, step: Tensor, total_step: Tensor, r0: float, dtype: torch.dtype = torch.float32) -> Tensor:
     """The LN weight λ of PRepBN's next training forward, as a 0-dim tensor (no host sync).
 

@@ -14,7 +14,15 @@ from torch import Tensor
 from torch.autograd import Function
 
 from normkit.functional._core import check_eps
-from normkit.functional.power_norm import _check_buffer, _check_count, _check_pad_mask, _check_tokens, _check_unit, snapshot
+from normkit.functional.power_norm import (
+    _affine_forward,
+    _check_buffer,
+    _check_common,
+    _check_count,
+    _check_unit,
+    _eval_affine,
+    snapshot,
+)
 from normkit.stats import accumulation_dtype, mean_square
 
 #: Gradient-compensation ratio r is clamped to [1/R_MAX, R_MAX] (official constant).
@@ -41,14 +49,8 @@ class _UnifiedNormFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum):  # type: ignore[override]
-        c = x.shape[-1]
-        z = x * stats[:c]
-        y = z if weight is None else z * weight.to(z.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        ctx.save_for_backward(z, weight, stats)
         ctx.ema_gz, ctx.buffer_gz, ctx.momentum = ema_gz, buffer_gz, momentum
-        return y
+        return _affine_forward(ctx, x, weight, bias, stats)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -139,32 +141,22 @@ def unified_norm(
     """
     what = "unified_norm"
     eps = check_eps(eps)
-    c = _check_tokens(x, running_var.numel() if isinstance(running_var, Tensor) else None, what)
-    _check_buffer(running_var, (c,), "running_var", what)
-    _check_pad_mask(pad_mask, x, what)
+    c = _check_common(x, running_var, "running_var", weight, bias, pad_mask, what)
     m = _check_unit(momentum, "momentum")
     warmup_iters = _check_count(warmup_iters, "warmup_iters")
     compensation_iters = _check_count(compensation_iters, "compensation_iters")
-    for p, name in ((weight, "weight"), (bias, "bias")):
-        if p is not None and p.numel() != c:
-            raise ValueError(f"{what}: {name} must have {c} elements, got shape {tuple(p.shape)}")
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xs = x.to(sd)
     if not training:
-        scale = torch.rsqrt(running_var.to(sd) + eps)
-        if weight is not None:
-            scale = scale * weight.to(sd)
-        y = xs * scale if bias is None else torch.addcmul(bias.to(sd), xs, scale)
-        return y.to(x.dtype)
+        return _eval_affine(xs, running_var, weight, bias, eps, x.dtype)
     for buf, name in ((buffer_x2, "buffer_x2"), (buffer_gz, "buffer_gz")):
         if buf is None or buf.dim() != 2 or buf.shape[0] < 1 or buf.shape[1] != c or not buf.is_floating_point():
             got = None if buf is None else f"{buf.dtype} {tuple(buf.shape)}"
             raise ValueError(f"{what} in training mode needs {name}, a floating tensor of shape (window, {c}); got {got}")
-    _check_buffer(ema_gz, (c,), "ema_gz", what)
-    _check_buffer(iters, (1,), "iters", what, integer=True)
-    _check_buffer(skip_counter, (1,), "skip_counter", what, integer=True)
-    assert buffer_x2 is not None and buffer_gz is not None and ema_gz is not None
-    assert iters is not None and skip_counter is not None
+    ema_gz = _check_buffer(ema_gz, (c,), "ema_gz", what)
+    iters = _check_buffer(iters, (1,), "iters", what, integer=True)
+    skip_counter = _check_buffer(skip_counter, (1,), "skip_counter", what, integer=True)
+    assert buffer_x2 is not None and buffer_gz is not None
     wf, wb = buffer_x2.shape[0], buffer_gz.shape[0]
     x2d = xs.reshape(-1, c)
     with torch.no_grad():

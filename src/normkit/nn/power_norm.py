@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normkit.functional.power_norm import _check_count, _check_tokens, _check_unit, power_norm
+from normkit.functional.power_norm import _check_count, _check_unit, power_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.registry import Paper, register_norm
 
@@ -139,7 +139,6 @@ class PowerNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        _check_tokens(x, self.num_features, type(self).__name__)
         return power_norm(
             x,
             self.running_phi,

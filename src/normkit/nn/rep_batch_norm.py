@@ -13,7 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm, snapshot
+from normkit.functional.power_norm import snapshot
+from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.nn.batch_norm import BatchNorm
 from normkit.nn.layer_norm import LayerNorm
@@ -117,7 +118,6 @@ class RepBN(nn.Module):
 
     def _forward(self, x: Tensor, mask: Tensor | None, commit: Tensor | None = None) -> Tensor:
         """``commit`` (bool 0-dim tensor): in training, apply the running-statistics update only if True."""
-        _check_tokens(x, self.num_features, type(self).__name__)
         bn = self.bn
         rm, rv = bn.running_mean, bn.running_var
         if self.training and commit is not None:
@@ -315,9 +315,9 @@ class PRepBN(nn.Module):
             return prepbn_mix(self.norm1(x), self.norm2(x, mask), self.current_lambda(acc))
         if torch.compiler.is_compiling():
             # branch-free: both norms run; RepBN commits its running statistics only after warm-up.
-            # λ is read from snapshots of the counters: see snapshot (torch.compile recompute bug)
-            warm = snapshot(self.warm)
-            lam = prepbn_lambda(warm, snapshot(self.iter), self.total_step, self.r0, acc)
+            # λ is read from a snapshot of the counters: see snapshot (torch.compile recompute bug)
+            warm, it = snapshot(self.warm, self.iter)
+            lam = prepbn_lambda(warm, it, self.total_step, self.r0, acc)
             in_warm = warm > 0
             ln, rep = self.norm1(x), self.norm2._forward(x, mask, commit=~in_warm)
             prepbn_advance_(self.warm, self.iter, self.num_step, self.accumulation_steps)

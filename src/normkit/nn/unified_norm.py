@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normkit.functional.power_norm import _check_count, _check_tokens, _check_unit
+from normkit.functional.power_norm import _check_count, _check_unit
 from normkit.functional.unified_norm import unified_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.registry import Paper, register_norm
@@ -144,7 +144,6 @@ class UnifiedNorm(nn.Module):
         return scale, shift
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        _check_tokens(x, self.num_features, type(self).__name__)
         return unified_norm(
             x,
             self.running_var,
