@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit import functional as NF
-from normkit.functional._core import check_channels_first, check_eps
+from normkit.functional._core import check_channels_first, check_eps, snapshot
 from normkit.registry import Paper, register_norm
 from normkit.stats import accumulation_dtype, moments
 
@@ -178,8 +178,7 @@ class AdaB2N(_BatchNorm):
     recursion η_1 = m^κ, η_t = η_{t−1}/(η_{t−1} + (1 − m)^κ)), and the regulariser
     ``self.loss = mean_c (μ − running_mean)² + mean_c (σ² − running_var)²`` against the *updated*
     running statistics (gradient through μ, σ² into the input and ``task_weight``; read it with
-    :meth:`regularizer` or :func:`adab2n_regularizer`; ``self.loss_targets`` holds the updated running
-    statistics it compares against). Eval: plain BN with the running statistics.
+    :meth:`regularizer` or :func:`adab2n_regularizer`). Eval: plain BN with the running statistics.
 
     ``task_weight`` (num_tasks,) is a learnable parameter (init ``init_weight`` = 0): create the
     optimizer *after* building/converting. ``cur_tasks`` counts finished tasks (:meth:`end_task`).
@@ -251,7 +250,6 @@ class AdaB2N(_BatchNorm):
         self.register_buffer("eta_steps", torch.tensor(0, dtype=torch.long, device=device))
         self.task_ids: Tensor | None = None
         self.loss: Tensor | None = None
-        self.loss_targets: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ continual-learning API
 
@@ -355,11 +353,9 @@ class AdaB2N(_BatchNorm):
         with torch.no_grad():
             self.running_mean.copy_(new_mean)
             self.running_var.copy_(new_var)
-        rm, rv = new_mean.to(mean.dtype), new_var.to(var.dtype)
-        # Kept as module state (graph outputs under torch.compile) on purpose: otherwise the min-cut
-        # partitioner of torch <= 2.13 may recompute them in the backward from the running buffers
-        # *after* their in-place update, giving a wrong regulariser gradient (pytorch PR #197039).
-        self.loss_targets = (rm, rv)
+        # snapshot: torch <= 2.13's partitioner could otherwise recompute these in the backward from the
+        # running buffers *after* their in-place update (a wrong regulariser gradient, pytorch PR #197039).
+        rm, rv = snapshot(new_mean.to(mean.dtype), new_var.to(var.dtype)).split(c)
         self.loss = (mean - rm).square().mean() + (var - rv).square().mean()
         return y.to(x.dtype)
 

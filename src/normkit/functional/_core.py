@@ -108,3 +108,19 @@ def normalize_view(
     y = y.to(x4.dtype)
     stats = (mean.detach(), var.detach())
     return (y, *stats) if residual is None else (y, s, *stats)
+
+
+def snapshot(*parts: Tensor) -> Tensor:
+    """Concatenate statistics (one dtype) into one fresh 1-D tensor that torch.compile saves for backward.
+
+    Values the backward needs are computed from buffers (the step counter, running statistics)
+    that the forward then updates in place. AOTAutograd's partitioner computes a value used
+    only by the backward *in* the backward, and may recompute cheap ones there, from the graph
+    inputs; a mutated buffer then has its post-update contents (silently wrong gradients,
+    pytorch/pytorch PR #197039; e.g. a counter read off by one step). Concatenating them with a
+    value the forward uses (put that first) makes one ``aten.cat`` node that the forward must
+    compute and that is not on the recompute allowlist, so it is saved: the backward sees this
+    step's values. Used by PowerNorm, Unified Norm, PRepBN and AdaB2N; a regression test in each
+    fails without it. Split the result to get the parts back.
+    """
+    return torch.cat([p.reshape(-1) for p in parts])

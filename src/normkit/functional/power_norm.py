@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from normkit.functional._core import check_eps, check_float, check_param
+from normkit.functional._core import check_eps, check_float, check_param, snapshot
 from normkit.stats import accumulation_dtype, mean_square
 
 
@@ -58,21 +58,6 @@ def _check_buffer(buf: Tensor | None, shape: tuple[int, ...], name: str, what: s
         kind = "an integer" if integer else "a floating"
         raise ValueError(f"{what}: {name} must be {kind} tensor of shape {shape}, got {buf.dtype} {tuple(buf.shape)}")
     return buf
-
-
-def snapshot(*parts: Tensor) -> Tensor:
-    """Concatenate 1-D statistics into one fresh tensor that torch.compile saves for backward.
-
-    Values the backward needs are computed from buffers (the step counter, running statistics)
-    that the forward then updates in place. AOTAutograd's partitioner computes a value used
-    only by the backward *in* the backward, and may recompute cheap ones there, from the graph
-    inputs; a mutated buffer then has its post-update contents (silently wrong gradients,
-    pytorch/pytorch PR #197039; e.g. a counter read off by one step). Concatenating them with a
-    value the forward uses (put that first) makes one ``aten.cat`` node that the forward must
-    compute and that is not on the recompute allowlist, so it is saved: the backward sees this
-    step's values.
-    """
-    return torch.cat([p.reshape(-1) for p in parts])
 
 
 def _check_common(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from normkit.functional._core import check_eps
+from normkit.functional._core import check_eps, snapshot
 from normkit.functional.power_norm import (
     _affine_forward,
     _check_buffer,
@@ -21,7 +21,6 @@ from normkit.functional.power_norm import (
     _check_count,
     _check_unit,
     _eval_affine,
-    snapshot,
 )
 from normkit.stats import accumulation_dtype, mean_square
 

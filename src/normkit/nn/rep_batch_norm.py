@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normkit.functional.power_norm import snapshot
+from normkit.functional._core import snapshot
 from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.nn.batch_norm import BatchNorm
