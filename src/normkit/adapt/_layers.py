@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit import functional as F
-from normkit.functional._core import check_channels_first
+from normkit.functional._core import check_channels_first, check_momentum
 from normkit.stats import moments
 
 
@@ -160,10 +160,9 @@ class _RunningBatchNorm(TTABatchNorm):
     needs_batch_variance = True
 
     def __init__(self, bn: _BatchNorm, name: str = "", momentum: float = 0.1) -> None:
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{self.method}: momentum must be in [0, 1], got {momentum!r}")
+        momentum = check_momentum(momentum, self.method)
         super().__init__(bn, name)
-        self.momentum = float(momentum)
+        self.momentum = momentum
         self.register_buffer("running_mean", self.source_mean.clone())
         self.register_buffer("running_var", self.source_var.clone())
 

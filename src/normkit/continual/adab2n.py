@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit import functional as NF
-from normkit.functional._core import check_channels_first, check_eps, snapshot
+from normkit.functional._core import check_channels_first, check_eps, check_momentum, snapshot
 from normkit.registry import Paper, register_norm
 from normkit.stats import accumulation_dtype, moments
 
@@ -230,10 +230,7 @@ class AdaB2N(_BatchNorm):
             raise ValueError(f"AdaB2N: classes_per_task must be a positive int, got {classes_per_task!r}")
         if not isinstance(kappa, (int, float)) or not 0.0 <= kappa <= 1.0:
             raise ValueError(f"AdaB2N: kappa must be in [0, 1], got {kappa!r}")
-        if momentum is None or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"AdaB2N: momentum must be a number in [0, 1] (use kappa=0 for a cumulative average), got {momentum!r}"
-            )
+        check_momentum(momentum, "AdaB2N", hint=" (use kappa=0 for a cumulative average)")
         if not isinstance(init_weight, (int, float)) or not math.isfinite(init_weight):
             raise ValueError(f"AdaB2N: init_weight must be a finite number, got {init_weight!r}")
         super().__init__(num_features, eps, float(momentum), affine, True, device=device, dtype=dtype)

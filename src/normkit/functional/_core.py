@@ -124,3 +124,19 @@ def snapshot(*parts: Tensor) -> Tensor:
     fails without it. Split the result to get the parts back.
     """
     return torch.cat([p.reshape(-1) for p in parts])
+
+
+def check_momentum(momentum: float | None, what: str, *, allow_none: bool = False, hint: str = "") -> float | None:
+    """``momentum`` as a float in [0, 1] (``None`` passes through when ``allow_none``); ValueError naming ``what``."""
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        extra = " or None (cumulative average)" if allow_none else ""
+        raise ValueError(f"{what}: momentum must be a number in [0, 1]{extra}{hint}, got {momentum!r}")
+    return float(momentum)
+
+
+def channel_view(p: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
+    """A per-channel ``(C,)`` tensor shaped to broadcast against ``x`` (``(N, C, *)``, or ``(*, C)``)."""
+    return p.reshape(-1) if channels_last else p.reshape((1, -1) + (1,) * (x.dim() - 2))
+

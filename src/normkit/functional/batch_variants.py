@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from normkit.functional._core import canonical_mask, check_channels_first, check_eps, check_param, normalize_view
+from normkit.functional._core import canonical_mask, check_channels_first, check_eps, check_momentum, check_param, normalize_view
 from normkit.functional.batch_norm import _channel_affine, batch_norm
 from normkit.stats import accumulation_dtype, moments
 
@@ -188,8 +188,7 @@ def batch_renorm(
     check_param(bias, c, "bias", "batch_renorm")
     if running_update not in ("std", "var"):
         raise ValueError(f"batch_renorm: running_update must be 'std' (paper) or 'var' (torch BN), got {running_update!r}")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"batch_renorm: momentum must be a number in [0, 1], got {momentum!r}")
+    check_momentum(momentum, "batch_renorm")
     _check_limits(r_max, d_max)
     if not training:
         return _channel_affine(x, running_mean, running_var, weight, bias, eps)

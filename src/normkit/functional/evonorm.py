@@ -12,26 +12,16 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.functional._core import check_channels_first, check_eps, check_param
+from normkit.functional._core import channel_view, check_channels_first, check_eps, check_momentum, check_param
 from normkit.stats import accumulation_dtype, moments
-
-
-def _chan(p: Tensor, x: Tensor) -> Tensor:
-    return p.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     if weight is not None:
-        y = y * _chan(weight, y).to(y.dtype)
+        y = y * channel_view(weight, y).to(y.dtype)
     if bias is not None:
-        y = y + _chan(bias, y).to(y.dtype)
+        y = y + channel_view(bias, y).to(y.dtype)
     return y
-
-
-def _check_momentum(momentum: float) -> float:
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    return float(momentum)
 
 
 def _b0_math(
@@ -50,9 +40,9 @@ def _b0_math(
     if training:
         var_b = moments(xf, (0, *spatial)).var  # gradients flow through the batch variance (as in TF)
     else:
-        var_b = _chan(running_var, xf).to(sd)
+        var_b = channel_view(running_var, xf).to(sd)
     left = torch.sqrt(var_b + eps)
-    right = _chan(v, xf).to(sd) * xf + torch.sqrt(moments(xf, spatial).var + eps)
+    right = channel_view(v, xf).to(sd) * xf + torch.sqrt(moments(xf, spatial).var + eps)
     y = _affine(xf / torch.maximum(left, right), weight, bias)
     return y.to(x.dtype), var_b
 
@@ -100,7 +90,7 @@ def evonorm_b0(
     if v is None:
         raise ValueError("evonorm_b0 with apply_act=True needs the per-channel parameter v")
     check_param(v, c, "v", "evonorm_b0")
-    momentum = _check_momentum(momentum)
+    momentum = check_momentum(momentum, "evonorm_b0")
     if not training and running_var is None:
         raise ValueError("evonorm_b0 in eval mode (training=False) needs running_var")
     if training and x.numel() // c <= 1:
@@ -133,7 +123,7 @@ def _s0_math(
     xg = xf.reshape(n, num_groups, c // num_groups, -1)
     std = torch.sqrt(moments(xg, (2, 3)).var + eps)
     den = std.expand(xg.shape).reshape(x.shape)
-    y = xf * torch.sigmoid(_chan(v, xf).to(sd) * xf) / den
+    y = xf * torch.sigmoid(channel_view(v, xf).to(sd) * xf) / den
     return _affine(y, weight, bias).to(x.dtype)
 
 

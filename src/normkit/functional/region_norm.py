@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
+from normkit.functional._core import channel_view, check_channels_first, check_eps, check_float, check_param
 from normkit.stats import accumulation_dtype, moments
 
 
@@ -100,10 +100,6 @@ def _rn(xf: Tensor, m: Tensor, eps: float, per_sample: bool) -> Tensor:
     return (z - zm) * torch.rsqrt(zv + eps) * torch.sqrt(s / count)
 
 
-def _channel(p: Tensor, x: Tensor) -> Tensor:
-    return p.reshape((1, -1) + (1,) * (x.dim() - 2)).to(x.dtype)
-
-
 def region_norm_b(
     x: Tensor,
     mask: Tensor,
@@ -147,9 +143,9 @@ def region_norm_b(
     def affine(gamma: Tensor | None, beta: Tensor | None, region: Tensor) -> Tensor:
         y = r * region
         if gamma is not None:
-            y = y * (1 + _channel(gamma, r))
+            y = y * (1 + channel_view(gamma, r).to(r.dtype))
         if beta is not None:
-            b = _channel(beta, r)
+            b = channel_view(beta, r).to(r.dtype)
             y = y + (b * region if masked_bias else b)
         return y
 

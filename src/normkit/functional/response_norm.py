@@ -9,12 +9,8 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
+from normkit.functional._core import channel_view, check_channels_first, check_eps, check_float, check_param
 from normkit.stats import accumulation_dtype, mean_square
-
-
-def _shape(x: Tensor, channels_last: bool = False) -> tuple[int, ...]:
-    return (-1,) if channels_last else (1, -1) + (1,) * (x.dim() - 2)
 
 
 def _frn_math(
@@ -31,13 +27,12 @@ def _frn_math(
     nu2 = mean_square(xf.reshape(x.shape[0], x.shape[1], -1), 2).reshape((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2))
     e = eps if learned_eps is None else eps + learned_eps.to(sd).abs().reshape(())
     y = xf * torch.rsqrt(nu2 + e)
-    shape = _shape(x)
     if weight is not None:
-        y = y * weight.reshape(shape).to(sd)
+        y = y * channel_view(weight, x).to(sd)
     if bias is not None:
-        y = y + bias.reshape(shape).to(sd)
+        y = y + channel_view(bias, x).to(sd)
     if tau is not None:
-        y = torch.maximum(y, tau.reshape(shape).to(sd))
+        y = torch.maximum(y, channel_view(tau, x).to(sd))
     return y.to(x.dtype)
 
 
@@ -91,12 +86,11 @@ def _grn_math(
     spatial = tuple(range(1, x.dim() - 1)) if channels_last else tuple(range(2, x.dim()))
     gx = torch.linalg.vector_norm(xf, 2, dim=spatial, keepdim=True)
     nx = gx / (gx.mean(-1 if channels_last else 1, keepdim=True) + eps)
-    shape = _shape(x, channels_last)
     y = xf * nx
     if weight is not None:
-        y = y * weight.reshape(shape).to(sd)
+        y = y * channel_view(weight, x, channels_last).to(sd)
     if bias is not None:
-        y = y + bias.reshape(shape).to(sd)
+        y = y + channel_view(bias, x, channels_last).to(sd)
     return (y + xf).to(x.dtype)
 
 

@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normkit import functional as F
-from normkit.functional._core import check_channels_first
+from normkit.functional._core import check_channels_first, check_momentum
 from normkit.nn import papers
 from normkit.nn._base import check_module_args, extra_options, group_sample_kwargs
 from normkit.registry import register_norm
@@ -62,8 +62,7 @@ class BatchNorm(_BatchNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         check_module_args(eps, backend)
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
+        momentum = check_momentum(momentum, type(self).__name__, allow_none=True)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.channels_last = bool(channels_last)
         self.reducer = reducer

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit.functional._core import check_channels_first
+from normkit.functional._core import check_channels_first, check_momentum
 from normkit.functional.batch_variants import (
     _renorm_schedule,
     batch_renorm,
@@ -192,8 +192,7 @@ class BatchRenorm(BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if momentum is None or not isinstance(momentum, (int, float)):
-            raise ValueError(f"BatchRenorm: momentum must be a number in [0, 1] (no cumulative average), got {momentum!r}")
+        check_momentum(momentum, "BatchRenorm", hint=" (no cumulative average)")
         # validate r_max, d_max and the schedule once, at construction
         batch_renorm_limits(torch.zeros(()), r_max, d_max, warmup_steps, r_max_end_step, d_max_end_step)
         if running_update not in ("std", "var"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normkit.functional._core import check_channels_first
+from normkit.functional._core import check_channels_first, check_momentum
 from normkit.functional.evonorm import evonorm_b0, evonorm_s0
 from normkit.nn._base import check_module_args, extra_options, group_sample_kwargs
 from normkit.registry import Paper, register_norm
@@ -119,10 +119,9 @@ class EvoNormB0(_EvoNormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         check_module_args(eps, backend)
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"EvoNormB0: momentum must be a number in [0, 1], got {momentum!r}")
+        momentum = check_momentum(momentum, "EvoNormB0")
         super().__init__(num_features, apply_act, zero_init, device, dtype)
-        self.momentum = float(momentum)
+        self.momentum = momentum
         self.eps = float(eps)
         self.unbiased_running_var = bool(unbiased_running_var)
         self.stats_dtype = stats_dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from normkit.functional._core import check_momentum
 from normkit.functional.loan import FREE_NORMS, loan
 from normkit.nn._base import check_module_args
 from normkit.nn.batch_norm import BatchNorm
@@ -82,8 +83,7 @@ class LOAN(nn.Module):
             raise ValueError(f"LOAN: free_norm must be one of {FREE_NORMS}, got {free_norm!r}")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"LOAN: kernel_size must be a positive odd int, got {kernel_size!r}")
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"LOAN: momentum must be in [0, 1], got {momentum!r}")
+        check_momentum(momentum, "LOAN")
         self.num_features = int(num_features)
         self.cond_channels = int(num_features if cond_channels is None else cond_channels)
         self.kernel_size = kernel_size

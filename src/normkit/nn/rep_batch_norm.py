@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normkit.functional._core import snapshot
+from normkit.functional._core import check_momentum, snapshot
 from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.nn.batch_norm import BatchNorm
@@ -27,12 +27,6 @@ SLAB = Paper(
     "2405.11582",
     "Guo, Chen, Tang, Wang",
 )
-
-
-def _check_momentum(momentum: float) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1] (RepBN has no cumulative-average mode), got {momentum!r}")
-    return float(momentum)
 
 
 @register_norm(
@@ -84,7 +78,7 @@ class RepBN(nn.Module):
     ) -> None:
         super().__init__()
         check_module_args(eps, backend)
-        momentum = _check_momentum(momentum)
+        momentum = check_momentum(momentum, type(self).__name__, hint=" (no cumulative-average mode)")
         if not math.isfinite(alpha_init):
             raise ValueError(f"alpha_init must be finite, got {alpha_init!r}")
         self.num_features = int(num_features)
