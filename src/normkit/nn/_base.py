@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from normkit.backend import BACKENDS
 from normkit.functional._core import check_eps
 
@@ -28,3 +30,9 @@ def largest_group_count(channels: int, at_most: int = 8) -> int:
 def group_sample_kwargs(channels: int) -> dict[str, int]:
     """``sample_kwargs`` for grouped norms whose default of 32 groups need not divide small C."""
     return {"num_groups": largest_group_count(channels)}
+
+
+def describe(t: object) -> object:
+    """What an error message should show for a bad input: its shape if a tensor, else its type name."""
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+

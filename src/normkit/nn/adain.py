@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional.adain import adain
-from normkit.nn._base import check_module_args
+from normkit.nn._base import check_module_args, describe
 from normkit.registry import Paper, register_norm
 
 ADAIN = Paper(
@@ -74,7 +74,7 @@ class AdaIN(nn.Module):
             raise ValueError("AdaIN.forward(content, style) needs the style features (N, C, *spatial)")
         for name, t in (("content", content), ("style", style)):
             if not isinstance(t, Tensor) or t.dim() < 3 or t.shape[1] != self.num_features:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                shape = describe(t)
                 raise ValueError(f"AdaIN expects {name} of shape (N, {self.num_features}, *spatial), got {shape}")
         if isinstance(alpha, Tensor) or not (isinstance(alpha, (int, float)) and not math.isnan(alpha) and 0 <= alpha <= 1):
             raise ValueError(f"AdaIN: alpha must be a number in [0, 1], got {alpha!r}")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional.crms_norm import crms_norm
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import check_module_args, describe, extra_options
 from normkit.registry import Paper, register_norm
 
 PRE_CRMS = Paper(
@@ -86,7 +86,7 @@ class CRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.num_features:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            shape = describe(x)
             raise ValueError(
                 f"CRMSNorm expects input (*, {self.num_features}) — the compressed d-1 = {self.num_features} "
                 f"coordinates of a zero-mean {self.num_features + 1}-vector — got {shape}"

@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normkit.functional.gdwct import coloring_regularizer, gdwct, whitening_regularizer
-from normkit.nn._base import check_module_args, largest_group_count
+from normkit.nn._base import check_module_args, describe, largest_group_count
 from normkit.registry import Paper, register_norm
 
 GDWCT_PAPER = Paper(
@@ -167,11 +167,11 @@ class GDWCT(nn.Module):
             raise ValueError(f"GDWCT.forward(x, style) needs the style code (N, {self.style_dim})")
         c = self.num_features
         if not isinstance(x, Tensor) or x.dim() < 3 or x.shape[1] != c:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            shape = describe(x)
             raise ValueError(f"GDWCT expects content of shape (N, {c}, *spatial), got {shape}")
         n, sd = x.shape[0], self.style_dim
         if not isinstance(style, Tensor) or tuple(style.shape) not in ((n, sd), (n, sd, 1, 1)):
-            shape = tuple(style.shape) if isinstance(style, Tensor) else type(style).__name__
+            shape = describe(style)
             raise ValueError(f"GDWCT expects a style code of shape (N={n}, {sd}) or (N, {sd}, 1, 1), got {shape}")
         s, mu = self.style_parameters(style)
         y, cov, u = gdwct(x, s, mu, self.alpha, self.num_groups, self.eps, exact=self.exact_whitening, per_sample=self.per_sample)

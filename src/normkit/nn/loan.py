@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_momentum
 from normkit.functional.loan import FREE_NORMS, loan
-from normkit.nn._base import check_module_args
+from normkit.nn._base import check_module_args, describe
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
 
@@ -113,13 +113,13 @@ class LOAN(nn.Module):
         if cond is None:
             raise ValueError(f"LOAN.forward(x, cond) needs the condition map (N, {self.cond_channels}, *spatial)")
         if not isinstance(x, Tensor) or x.dim() not in (3, 4, 5) or x.shape[1] != self.num_features:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            shape = describe(x)
             raise ValueError(
                 f"LOAN expects x of shape (N, {self.num_features}, H, W), (N, {self.num_features}, D, H, W) "
                 f"or (N, {self.num_features}, L), got {shape}"
             )
         if not isinstance(cond, Tensor) or cond.dim() < 2 or cond.shape[1] != self.cond_channels:
-            shape = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+            shape = describe(cond)
             raise ValueError(f"LOAN expects cond of shape (N, {self.cond_channels}, *spatial), got {shape}")
         stats: dict[str, Tensor | None] = {}
         for prefix, bn in (("", self.free_norm), ("cond_", self.free_norm_cond)):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional.region_norm import region_norm_b, region_norm_l
-from normkit.nn._base import check_module_args
+from normkit.nn._base import check_module_args, describe
 from normkit.registry import Paper, register_norm
 
 REGION_NORM = Paper(
@@ -113,7 +113,7 @@ class RegionNormB(nn.Module):
         if mask is None:
             raise ValueError("RegionNormB.forward(x, mask) needs the inpainting mask (N, 1, *spatial), 1 = hole")
         if not isinstance(x, Tensor) or x.dim() < 3 or x.shape[1] != self.num_features:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            shape = describe(x)
             raise ValueError(f"RegionNormB expects input (N, {self.num_features}, *spatial), got {shape}")
         return region_norm_b(
             x,
@@ -212,7 +212,7 @@ class RegionNormL(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() not in (3, 4) or x.shape[1] != self.num_features:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            shape = describe(x)
             raise ValueError(
                 f"RegionNormL expects input (N, {self.num_features}, H, W) or (N, {self.num_features}, L), got {shape}"
             )
