@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_param
-from normkit.functional.batch_norm import _channel_affine, batch_norm, group_norm
+from normkit.functional.batch_norm import batch_norm, channel_affine, group_norm
 from normkit.stats import Reducer, accumulation_dtype, mean_square
 
 
@@ -102,7 +102,7 @@ def estimated_batch_norm(
             r = torch.as_tensor(moving_speed, device=x.device).reshape(-1)[:1]
             running_mean.copy_((running_mean * (1 - r) + r * mean.to(running_mean.dtype)).to(running_mean.dtype))
             running_var.copy_((running_var * (1 - r) + r * var.to(running_var.dtype)).to(running_var.dtype))
-    return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+    return channel_affine(x, running_mean, running_var, weight, bias, eps)
 
 
 def batch_channel_norm(

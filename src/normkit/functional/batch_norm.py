@@ -15,7 +15,7 @@ from normkit.functional._core import (
 from normkit.stats import Reducer
 
 
-def _channel_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def channel_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Normalize with fixed per-channel statistics (eval mode) as one per-channel affine map."""
     c = x.shape[1]
     scale = torch.rsqrt(var.to(torch.promote_types(var.dtype, torch.float32)) + eps)
@@ -71,7 +71,7 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
-        return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+        return channel_affine(x, running_mean, running_var, weight, bias, eps)
     per_channel = x.numel() // c
     if per_channel <= 1 and reducer is None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -116,7 +116,7 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-        return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+        return channel_affine(x, running_mean, running_var, weight, bias, eps)
     spatial = x.numel() // max(x.shape[0] * c, 1)
     if spatial <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from normkit.functional._core import canonical_mask, check_channels_first, check_eps, check_momentum, check_param, normalize_view
-from normkit.functional.batch_norm import _channel_affine, batch_norm
+from normkit.functional.batch_norm import batch_norm, channel_affine
 from normkit.stats import accumulation_dtype, moments
 
 
@@ -60,7 +60,7 @@ def ghost_batch_norm(
     check_param(weight, c, "weight", "ghost_batch_norm")
     check_param(bias, c, "bias", "ghost_batch_norm")
     if not training and running_mean is not None and running_var is not None:
-        return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+        return channel_affine(x, running_mean, running_var, weight, bias, eps)
     n = x.shape[0]
     per_sample = x.numel() // max(n * c, 1)
     last = n % vbs or min(vbs, n)
@@ -191,7 +191,7 @@ def batch_renorm(
     check_momentum(momentum, "batch_renorm")
     _check_limits(r_max, d_max)
     if not training:
-        return _channel_affine(x, running_mean, running_var, weight, bias, eps)
+        return channel_affine(x, running_mean, running_var, weight, bias, eps)
     per_channel = x.numel() // c
     if per_channel <= 1:
         raise ValueError(f"batch_renorm: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
