@@ -25,6 +25,7 @@ from torch import nn
 
 from normkit.bench.models import SmallCNN
 from normkit.bench.suites import Job, SuiteConfig, claim_line, register_suite
+from normkit.bench.train import seed_everything, torch_threads
 
 #: Paired seeds per job and invocation (runner seed s uses s·REPLICATES … s·REPLICATES + REPLICATES − 1).
 REPLICATES = 20
@@ -62,18 +63,11 @@ def _run(job: Job, seed: int, *, scale: float = 1.0, on_step: Callable[[int], No
     nothing to parallelize (2 threads were 14× slower on a loaded 2-core machine), and the numbers
     then do not depend on the thread count (reduction order changes the training trajectory).
     """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _run_replicates(job, seed, scale, on_step)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_replicates(job: Job, seed: int, scale: float, on_step: Callable[[int], None] | None) -> dict[str, Any]:
-    from normkit.bench.train import seed_everything
     from normkit.continual.split_digits import load_split_digits, train_online
 
     ex: Mapping[str, Any] = job.extra
