@@ -1,6 +1,8 @@
 """CLI and README: `normkit list`, `normkit kernels`, the README's methods table."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,16 @@ def test_kernels_benchmark_reports_ratios(capsys):
     assert rows[0].vs_native == pytest.approx(1.0)
     assert all(r.fwdbwd_ms > 0 and r.saved_x <= 1.1 for r in rows)
     assert rows[2].compile_s is not None
+
+
+def test_kernels_warm_alloc_flag_runs_in_its_own_process():
+    # the allocator setting is process-wide, so it is checked in a child process
+    code = "from normkit.cli import main; raise SystemExit(main(['kernels', '--quick', '--reps', '1', "
+    code += "'--norms', 'scalenorm', '--backends', 'eager', '--warm-alloc']))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "warm allocator" in out.stdout
+    assert sum(line.startswith("scalenorm") for line in out.stdout.splitlines()) == 2  # torch, eager
 
 
 def test_readme_python_snippets_run():

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normkit.stats import accumulation_dtype, mean_square, moments
+from normkit.stats import accumulation_dtype, fused_moments, mean_square, moments
 
 
 def _by_hand(x, dims, correction):
@@ -26,6 +26,22 @@ def test_moments_match_hand_formula(dims, correction):
     torch.testing.assert_close(mean, m)
     torch.testing.assert_close(var, v)
     torch.testing.assert_close(mean_square(x, dims), (x * x).sum(dims, keepdim=True) / (x.numel() / m.numel()))
+
+
+@pytest.mark.parametrize("dims", [(2,), (2, 3), (0, 2, 3)])
+def test_fused_moments_match_hand_formula(dims):
+    # both copies (the one the output uses and the returned one) are the biased two-pass moments
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64) * 3 + 100  # a large mean: no E[x²] − E[x]² shortcut
+    m, v = _by_hand(x, dims, 0)
+    fm = fused_moments(x, dims)
+    for mean, var in ((fm.inner_mean, fm.inner_var), (fm.mean, fm.var)):
+        torch.testing.assert_close(mean, m)
+        torch.testing.assert_close(var, v, rtol=1e-12, atol=0)
+    rms = fused_moments(x, dims, center=False)
+    assert rms.inner_mean is None and rms.mean is None
+    ms = (x * x).sum(dims, keepdim=True) / (x.numel() / m.numel())
+    torch.testing.assert_close(rms.inner_var, ms)
+    torch.testing.assert_close(rms.var, ms)
 
 
 def test_accumulation_dtype():

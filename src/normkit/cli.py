@@ -50,7 +50,10 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     norms = args.norms.split(",") if args.norms else None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; median of {args.reps} runs")
+    alloc = "fresh outputs page-faulted in (glibc default)"
+    if args.warm_alloc:
+        alloc = "warm allocator: kernel time only" if benchmark.warm_allocator() else "warm allocator unavailable (not glibc)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; median of {args.reps} runs; {alloc}")
     print(benchmark.HEADER)
     benchmark.run(norms, quick=args.quick, reps=args.reps, backends=tuple(args.backends.split(",")))
     return 0
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--backends", default="eager,compiled")
+    p.add_argument(
+        "--warm-alloc", action="store_true",
+        help="reuse freed memory (glibc mallopt) so page faults of fresh 32 MiB outputs don't mask kernel time",
+    )
     p.set_defaults(fn=_cmd_kernels)
     p = sub.add_parser("bench", help="train small models with each norm on built-in data")
     from normkit import bench

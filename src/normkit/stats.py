@@ -140,6 +140,38 @@ def mean_square(
     return sq / count
 
 
+class FusedMoments(NamedTuple):
+    """Statistics for a fused normalize: ``inner`` feeds the output, ``outer`` is returned."""
+
+    inner_mean: Tensor | None
+    inner_var: Tensor
+    mean: Tensor | None
+    var: Tensor
+
+
+def fused_moments(x: Tensor, dims: Sequence[int] | int, *, center: bool = True) -> FusedMoments:
+    """Biased moments of ``x`` over ``dims``, computed twice for a compiler that fuses the norm.
+
+    Under ``torch.compile`` a statistic that is both consumed by the normalized output and
+    returned from the graph is materialized in its own loop, which splits "reduce the row, then
+    normalize it" into three passes over memory (measured at 8192×1024 fp32: 3.0 ms instead of
+    2.25 ms for LayerNorm's forward). Returning *separately computed* reductions (``outer``),
+    while the output uses its own (``inner``), keeps every reduction and the output in one loop
+    over rows with the data still in cache. Both are the plain two-pass formulas
+    (mean, then mean squared deviation — no ``E[x²] − E[x]²`` cancellation); they differ only
+    in summation rounding. ``center=False`` gives the mean square (RMS norms) and no mean.
+    Eager code should call :func:`moments` / :func:`mean_square` instead.
+    """
+    dims = _normalize_dims(x, dims)
+    inv = 1.0 / _numel(x, dims)
+    if not center:
+        return FusedMoments(None, x.square().sum(dims, keepdim=True) * inv, None, (x.square() * inv).sum(dims, keepdim=True))
+    inner_mean = x.sum(dims, keepdim=True) * inv
+    dev = x - inner_mean
+    inner_var = dev.square().sum(dims, keepdim=True) * inv
+    return FusedMoments(inner_mean, inner_var, (x * inv).sum(dims, keepdim=True), (dev.square() * inv).sum(dims, keepdim=True))
+
+
 def _numel(x: Tensor, dims: tuple[int, ...]) -> int:
     n = 1
     for d in dims:

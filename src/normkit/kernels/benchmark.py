@@ -14,6 +14,13 @@ on the ``eager`` and ``compiled`` backends and for torch's native equivalent, an
 
 Times are medians over ``reps`` rounds after a warm-up; within a round every candidate (native,
 eager, compiled, copy) runs once in turn, so background noise affects them alike.
+
+Page faults: glibc serves allocations above 32 MiB (an 8192×1024 fp32 tensor is exactly that) by
+``mmap`` and unmaps them on free, so every fresh output of that size is faulted in again — about
+7 ms per tensor on the 2-core machine, the same for every implementation and often more than the
+kernel itself. That is what a training loop on this machine pays, so it is the default.
+``warm_alloc=True`` (``normkit kernels --warm-alloc``) calls :func:`warm_allocator` first, which
+makes glibc keep freed memory for reuse, so the table shows kernel time alone.
 """
 
 from __future__ import annotations
@@ -49,6 +56,25 @@ class Row:
     x_copy: float
     saved_x: float
     compile_s: float | None = None
+
+
+def warm_allocator() -> bool:
+    """Make glibc's malloc reuse freed memory instead of returning it to the OS (this process only).
+
+    Sets ``M_MMAP_MAX = 0`` (no ``mmap``-backed chunks) and a 2 GiB ``M_TRIM_THRESHOLD``; both
+    stay in effect until the process exits. Returns False where the C library has no ``mallopt``
+    (not glibc). Meant for a benchmark process, not for library code.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _interleaved_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
