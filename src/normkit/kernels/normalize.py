@@ -60,9 +60,11 @@ def column_sum(t: Tensor, max_blocks: int = 256) -> Tensor:
     """Sum of a canonical ``(N, G, Cg, L)`` tensor over N and L, shaped ``(G, Cg)``.
 
     For row layouts (L = 1, N = many rows) the sum down the rows is split into blocks of rows
-    first: the compiler can then fuse the partial sums into the row-wise loop that also
-    produces ∂L/∂x instead of re-reading both tensors in a separate column pass (~25% of the
-    LayerNorm backward on CPU). ``max_blocks`` bounds the number of blocks (a power of two).
+    first, so the compiled column pass runs in parallel over blocks with contiguous vector loads
+    along the features instead of striding down every row per column chunk (7.3 → 5.4 ms for
+    LayerNorm's backward at 8192×1024 on CPU). It is still a second pass over its inputs: Inductor
+    does not fuse a reduction down the rows into the row loop that produces ∂L/∂x.
+    ``max_blocks`` bounds the number of blocks (a power of two).
     """
     n = t.shape[0]
     blocks = _row_blocks(n, max_blocks) if t.shape[3] == 1 else 1
