@@ -13,7 +13,8 @@ on the ``eager`` and ``compiled`` backends and for torch's native equivalent, an
 * ``compile s`` — first-call cost of the compiled backend (compile + first run).
 
 Times are medians over ``reps`` rounds after a warm-up; within a round every candidate (native,
-eager, compiled, copy) runs once in turn, so background noise affects them alike.
+eager, compiled, copy) runs once, in a shuffled order, so background noise and cache state affect
+them alike, and each starts with its inputs freshly read (in cache).
 
 Page faults: glibc serves allocations above 32 MiB (an 8192×1024 fp32 tensor is exactly that) by
 ``mmap`` and unmaps them on free, so every fresh output of that size is faulted in again — about
@@ -26,6 +27,7 @@ makes glibc keep freed memory for reuse, so the table shows kernel time alone.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -77,15 +79,30 @@ def warm_allocator() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def _interleaved_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median ms of each function, timed round-robin so machine noise hits all of them alike."""
+def _interleaved_ms(
+    fns: dict[str, Callable[[], object]], reps: int, warm: Callable[[], object] | None = None
+) -> dict[str, float]:
+    """Median ms of each function, timed round-robin so machine noise hits all of them alike.
+
+    ``warm`` runs (untimed) before every timed call: it reads the inputs so every candidate starts
+    with them in cache, as in a model where the previous layer has just written them. Without it
+    the order matters: a candidate timed right after one that streams hundreds of MB of
+    temporaries (the eager backends) finds its input evicted and pays for it (measured: 5.4 vs
+    3.0 ms for the same compiled LayerNorm2d forward). The order within a round is shuffled
+    (seeded) for the same reason: which buffer the allocator hands back, and whether it is still
+    in cache, depends on what ran just before (measured: 3.35 ms first, 2.64 ms second in a row).
+    """
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(reps):
-        for k, f in fns.items():
+        rng.shuffle(order)  # a fixed position in the round would favour or penalize one candidate
+        for k in order:
+            if warm is not None:
+                warm()
             t = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -195,7 +212,13 @@ def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...
     for be in backends:
         cands[f"{be}:fwd"] = with_backend(be, fwd(m))
         cands[f"{be}:fb"] = with_backend(be, fwdbwd(m, params))
-    ms = _interleaved_ms(cands, reps)
+    inputs = [x.detach(), gx, g, *params, *(v for v in extra.values() if isinstance(v, Tensor))]
+
+    def warm() -> None:
+        for t in inputs:
+            t.sum()
+
+    ms = _interleaved_ms(cands, reps, warm)
     nbytes = x.numel() * x.element_size()
     rows = []
     for label, f in mine + [(be, m) for be in backends]:
