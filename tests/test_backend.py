@@ -112,3 +112,14 @@ def test_compiled_dyt_backward_matches_closed_form_at_saturation():
         err_e = (e.double() - r).abs().max().item()
         err_c = (c.double() - r).abs().max().item()
         assert err_c <= 2 * err_e + 1e-6 * max(1.0, r.abs().max().item()), (name, err_c, err_e)
+
+
+def test_compiled_layer_norm_handles_values_whose_squares_sum_past_float32():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    x[2] *= 1e19
+    with normkit.set_backend("eager"):
+        ref = F.layer_norm(x, 8)
+    with normkit.set_backend("compiled"):
+        out = F.layer_norm(x, 8)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -107,3 +107,16 @@ def test_bad_mask():
         moments(x, 0, mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="broadcast"):
         moments(x, 0, mask=torch.ones(4, 3, dtype=torch.bool))
+
+
+def test_fused_moments_do_not_overflow_where_var_mean_does_not():
+    # Σx² overflows float32 for |x| ~ 1e19 (8 values of 1.9e19 squared); var_mean's variance does not
+    x = torch.tensor([[1.9e19, -1.5e19, 0.7e19, -0.2e19, 1.1e19, -1.8e19, 0.3e19, 0.9e19]])
+    var, mean = torch.var_mean(x, 1, correction=0, keepdim=True)
+    assert torch.isfinite(var).all()
+    for center in (True, False):
+        fm = fused_moments(x, 1, center=center)
+        want = var if center else (x.double() ** 2).mean(1, keepdim=True).float()
+        for v in (fm.inner_var, fm.var):
+            assert torch.isfinite(v).all()
+            torch.testing.assert_close(v, want, rtol=1e-5, atol=0)

@@ -164,12 +164,14 @@ def fused_moments(x: Tensor, dims: Sequence[int] | int, *, center: bool = True) 
     """
     dims = _normalize_dims(x, dims)
     inv = 1.0 / _numel(x, dims)
+    # squares are scaled by 1/n before they are summed (as the variance of var_mean, which does not
+    # overflow where Σx² would: |x| ~ 1e19 in fp32); the two copies are spelled differently on purpose
     if not center:
-        return FusedMoments(None, x.square().sum(dims, keepdim=True) * inv, None, (x.square() * inv).sum(dims, keepdim=True))
+        return FusedMoments(None, (x * (x * inv)).sum(dims, keepdim=True), None, ((x * inv) * x).sum(dims, keepdim=True))
     inner_mean = x.sum(dims, keepdim=True) * inv
     dev = x - inner_mean
-    inner_var = dev.square().sum(dims, keepdim=True) * inv
-    return FusedMoments(inner_mean, inner_var, (x * inv).sum(dims, keepdim=True), (dev.square() * inv).sum(dims, keepdim=True))
+    inner_var = (dev * (dev * inv)).sum(dims, keepdim=True)
+    return FusedMoments(inner_mean, inner_var, (x * inv).sum(dims, keepdim=True), ((dev * inv) * dev).sum(dims, keepdim=True))
 
 
 def _numel(x: Tensor, dims: tuple[int, ...]) -> int:
