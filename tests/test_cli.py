@@ -49,7 +49,7 @@ def test_kernels_warm_alloc_flag_runs_in_its_own_process():
     code += "'--norms', 'scalenorm', '--backends', 'eager', '--warm-alloc']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "warm allocator" in out.stdout
+    assert "warm allocator: kernel time only" in out.stdout  # glibc here; "unavailable" would be a failure
     assert sum(line.startswith("scalenorm") for line in out.stdout.splitlines()) == 2  # torch, eager
 
 

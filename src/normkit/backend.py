@@ -12,7 +12,8 @@ Backends:
 * ``"auto"`` (default) — Triton where a kernel is registered and the tensor is on CUDA, else
   eager. ``"auto"`` never starts a compile the user did not ask for.
 
-Inside a ``torch.compile`` region every backend traces the eager math, so the user's compiler
+Inside a ``torch.compile`` region every backend traces the kernels' math (in the spelling the
+``"compiled"`` backend uses, e.g. fused statistics, DyT's exp-form tanh), so the user's compiler
 fuses it with its neighbours (no graph break, no nested compile).
 
 Selection: per layer (``backend=`` argument, ``None`` = follow the global setting) or globally

@@ -18,8 +18,8 @@ them alike, and each starts with its inputs freshly read (in cache).
 
 Page faults: glibc serves allocations above 32 MiB (an 8192×1024 fp32 tensor is exactly that) by
 ``mmap`` and unmaps them on free, so every fresh output of that size is faulted in again — about
-7 ms per tensor on the 2-core machine, the same for every implementation and often more than the
-kernel itself. That is what a training loop on this machine pays, so it is the default.
+7 ms per tensor on the 2-core machine (per output or temporary of that size, whoever allocates it),
+often more than the kernel itself. That is what a training loop on this machine pays, so it is the default.
 ``warm_alloc=True`` (``normkit kernels --warm-alloc``) calls :func:`warm_allocator` first, which
 makes glibc keep freed memory for reuse, so the table shows kernel time alone.
 """

@@ -33,7 +33,10 @@ loop over rows. With ``residual`` the kernel first forms ``s = x + residual`` an
 (pre-norm transformer blocks), so the sum is written once.
 
 The two pure functions below are the whole math; the ``"eager"`` backend runs them as is and
-the ``"compiled"`` backend runs them through ``torch.compile``.
+the ``"compiled"`` backend runs them through ``torch.compile``. Under a compiler (the
+``"compiled"`` backend, or any backend inside a user's ``torch.compile`` region) they take a
+compiler-friendly spelling of the same formulas (:func:`normkit.stats.fused_moments`); the saved
+r is then computed from the returned variance, which matches the one the output used to rounding.
 """
 
 from __future__ import annotations
@@ -91,9 +94,10 @@ def _forward_math(
     sd = accumulation_dtype(s.dtype, stats_dtype)
     xf = s.to(sd)
     w, b = _affine_view(weight, xf), _affine_view(bias, xf)
-    if torch.compiler.is_compiling() and (center or xf.shape[3] == 1):
+    if torch.compiler.is_compiling() and (center or xf.shape[3] == 1) and sd in (torch.float32, torch.float64):
         # one fused loop per row (see stats.fused_moments); the channels-first RMS variant
-        # (reduction over a strided C) measured faster with the plain form below
+        # (reduction over a strided C) measured faster with the plain form below, and a half-precision
+        # stats_dtype keeps var_mean, whose reduction Inductor accumulates in float32
         fm = fused_moments(xf, dims, center=center)
         r = torch.rsqrt(fm.inner_var + eps)
         y = (xf - fm.inner_mean) * r if center else xf * r

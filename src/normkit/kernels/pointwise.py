@@ -112,7 +112,8 @@ def _dyt_backward(
     if compiling:
         # Two independent expressions of z: the ∂L/∂x loop uses sech², the column pass for ∂L/∂w
         # evaluates t itself (one more exp per element) instead of the row loop writing t to a
-        # 32 MiB temporary that the column pass reads back; the column pass sums blocks of 8 rows.
+        # 32 MiB temporary that the column pass reads back; the column pass sums in up to 1024 row blocks
+        # (8 rows each at 8192 rows).
         # Backward at 8192×1024 fp32: 7.7 → 7.3 ms with memory reused, 26.4 → 17.2 ms where the
         # temporary has to be faulted in (glibc's default for 32 MiB).
         sech2, t_cols, blocks = _sech2(z), _tanh(z), 1024
