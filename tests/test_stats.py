@@ -42,6 +42,14 @@ def test_fused_moments_match_hand_formula(dims):
     ms = (x * x).sum(dims, keepdim=True) / (x.numel() / m.numel())
     torch.testing.assert_close(rms.inner_var, ms)
     torch.testing.assert_close(rms.var, ms)
+    # unfused (eager) and half-precision input: one copy, straight from the engine's moments / mean_square
+    for xx, fused in ((x, False), (x.half(), True)):
+        one = fused_moments(xx, dims, fused=fused)
+        m1, v1 = moments(xx, dims)
+        assert one.inner_mean is one.mean and one.inner_var is one.var
+        torch.testing.assert_close(one.mean, m1, rtol=0, atol=0)
+        torch.testing.assert_close(one.var, v1, rtol=0, atol=0)
+        torch.testing.assert_close(fused_moments(xx, dims, center=False, fused=fused).var, mean_square(xx, dims), rtol=0, atol=0)
 
 
 def test_accumulation_dtype():

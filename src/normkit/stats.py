@@ -149,7 +149,7 @@ class FusedMoments(NamedTuple):
     var: Tensor
 
 
-def fused_moments(x: Tensor, dims: Sequence[int] | int, *, center: bool = True) -> FusedMoments:
+def fused_moments(x: Tensor, dims: Sequence[int] | int, *, center: bool = True, fused: bool = True) -> FusedMoments:
     """Biased moments of ``x`` over ``dims``, computed twice for a compiler that fuses the norm.
 
     Under ``torch.compile`` a statistic that is both consumed by the normalized output and
@@ -163,8 +163,18 @@ def fused_moments(x: Tensor, dims: Sequence[int] | int, *, center: bool = True) 
     they differ only in rounding. Two-pass is a little less accurate than ``var_mean``'s Welford
     update when the mean is not representable (fp32 row at 3e4 ± 1e-3: var 9.5e-7 vs 7.2e-7;
     float64 7.2e-7). ``center=False`` gives the mean square (RMS norms) and no mean.
-    Eager code should call :func:`moments` / :func:`mean_square` instead.
+
+    With ``fused=False`` (eager code), or for float16/bfloat16 ``x`` (an explicit half
+    ``stats_dtype``: summing in the input dtype would lose the row sum, where ``var_mean``
+    accumulates in float32), there is one copy, from :func:`moments` / :func:`mean_square`,
+    returned as both ``inner`` and outer.
     """
+    if not fused or x.dtype in _LOW_PRECISION:
+        if center:
+            mean, var = moments(x, dims)
+            return FusedMoments(mean, var, mean, var)
+        ms = mean_square(x, dims)
+        return FusedMoments(None, ms, None, ms)
     dims = _normalize_dims(x, dims)
     inv = 1.0 / _numel(x, dims)
     # squares are scaled by 1/n before they are summed (as the variance of var_mean, which does not

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.stats import accumulation_dtype, fused_moments, mean_square, moments
+from normkit.stats import accumulation_dtype, fused_moments
 
 Dims = tuple[int, ...]
 
@@ -93,33 +93,20 @@ def _forward_math(
     s = x if residual is None else x + residual
     sd = accumulation_dtype(s.dtype, stats_dtype)
     xf = s.to(sd)
-    w, b = _affine_view(weight, xf), _affine_view(bias, xf)
-    if torch.compiler.is_compiling() and (center or xf.shape[3] == 1) and sd in (torch.float32, torch.float64):
-        # one fused loop per row (see stats.fused_moments); the channels-first RMS variant
-        # (reduction over a strided C) measured faster with the plain form below, and a half-precision
-        # stats_dtype keeps var_mean, whose reduction Inductor accumulates in float32
-        fm = fused_moments(xf, dims, center=center)
-        r = torch.rsqrt(fm.inner_var + eps)
-        y = (xf - fm.inner_mean) * r if center else xf * r
-        if w is not None:
-            y = y * w.to(sd)
-        if b is not None:
-            y = y + b.to(sd)
-        mean = fm.mean if center else torch.zeros_like(fm.var)
-        return y.to(x.dtype), s, mean, fm.var
-    if center:
-        mean, var = moments(xf, dims)
-    else:
-        var = mean_square(xf, dims)
-        mean = torch.zeros_like(var)
-    rstd = torch.rsqrt(var + eps)
+    # under a compiler: the spelling that keeps reductions and output in one loop per row; the
+    # channels-first RMS variant (reduction over a strided C) measured faster with the plain one
+    fused = torch.compiler.is_compiling() and (center or xf.shape[3] == 1)
+    fm = fused_moments(xf, dims, center=center, fused=fused)
+    r = torch.rsqrt(fm.inner_var + eps)
     # the first op allocates (xf may alias the input); later ones may then work in place
-    xhat = (xf - mean).mul_(rstd) if center else xf * rstd
+    y = (xf - fm.inner_mean).mul_(r) if center else xf * r
+    w, b = _affine_view(weight, xf), _affine_view(bias, xf)
     if w is not None:
-        xhat = xhat.mul_(w.to(sd))
+        y = y.mul_(w.to(sd))
     if b is not None:
-        xhat = xhat.add_(b.to(sd))
-    return xhat.to(x.dtype), s, mean, var
+        y = y.add_(b.to(sd))
+    mean = fm.mean if center else torch.zeros_like(fm.var)
+    return y.to(x.dtype), s, mean, fm.var
 
 
 def _backward_math(
