@@ -11,4 +11,4 @@ def _seed_and_backend():
         yield
 
 
-BACKENDS = ["eager", "compiled"]
+BACKENDS = ["eager", "compiled", "inductor"]

@@ -4,9 +4,14 @@ Backends:
 
 * ``"eager"`` — plain PyTorch ops with a hand-written closed-form backward
   (``torch.autograd.Function`` saving only the input plus per-row statistics). No warm-up.
-* ``"compiled"`` — the *same* forward/backward math compiled with ``torch.compile`` (Inductor
-  generates fused, vectorized loops). Compiled functions are cached per configuration; the first
-  call of each new configuration pays the compile (seconds on CPU — ``normkit kernels`` reports it).
+* ``"compiled"`` — the fastest compiled code for the same forward/backward math. On CPU the
+  row-wise norms (LayerNorm, RMSNorm, their channels-first forms, GroupNorm, InstanceNorm, fused
+  add + norm) and DyT run normkit's own C++ kernels (:mod:`normkit.kernels.cpu`: one pass per row,
+  column sums inside the row loop), built once with the system compiler and cached on disk;
+  everything else (BatchNorm, half dtypes, the zoo) is the ``"inductor"`` path.
+* ``"inductor"`` — the same math compiled with ``torch.compile`` alone (Inductor generates fused,
+  vectorized loops). Compiled functions are cached per configuration; the first call of each new
+  configuration pays the compile (seconds on CPU — ``normkit kernels`` reports it).
 * ``"triton"`` — GPU kernels for CUDA tensors. This is the slot that later Triton kernels plug
   into via :func:`register_triton_kernel`; selecting it where it cannot run raises ``RuntimeError``.
 * ``"auto"`` (default) — Triton where a kernel is registered and the tensor is on CUDA, else
@@ -34,7 +39,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "eager", "compiled", "triton")
+BACKENDS = ("auto", "eager", "compiled", "inductor", "triton")
 
 _state = threading.local()
 _triton_kernels: dict[str, Callable[..., Any]] = {}
@@ -71,7 +76,7 @@ def register_triton_kernel(op: str, fn: Callable[..., Any]) -> None:
 
 
 def resolve(backend: str | None, x: torch.Tensor, op: str) -> str:
-    """Concrete backend (``"eager"``, ``"compiled"`` or ``"triton"``) for one call of ``op``."""
+    """Concrete backend (``"eager"``, ``"compiled"``, ``"inductor"`` or ``"triton"``) for one call of ``op``."""
     name = _check(backend) if backend is not None else get_backend()
     if torch.compiler.is_compiling():
         return "eager"
@@ -117,4 +122,4 @@ def compiled(fn: Callable[..., Any], key: Hashable = None) -> Callable[..., Any]
 
 def executor(impl: str, fn: Callable[..., Any], key: Hashable) -> Callable[..., Any]:
     """The function that runs ``fn`` on backend ``impl``: compiled per ``key``, or ``fn`` itself (eager)."""
-    return compiled(fn, key) if impl == "compiled" else fn
+    return compiled(fn, key) if impl in ("compiled", "inductor") else fn

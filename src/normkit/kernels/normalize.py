@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
+from normkit.kernels import cpu as _cpu
 from normkit.stats import accumulation_dtype, fused_moments
 
 Dims = tuple[int, ...]
@@ -138,17 +139,56 @@ def _backward_math(
     return dx.to(s.dtype), dw, db
 
 
+CpuLayout = tuple[str, int, int, int, int]
+
+
+def _cpu_layout(
+    impl: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    dims: Dims, stats_dtype: torch.dtype | None,
+) -> CpuLayout | None:
+    """``(kind, n, c, length, groups)`` for normkit's CPU kernels (:mod:`normkit.kernels.cpu`), or
+    None where the ``"compiled"`` backend uses Inductor (BatchNorm's axes, half dtypes, a
+    ``stats_dtype`` override, GPU tensors, kernels unavailable)."""
+    if impl != "compiled" or (stats_dtype is not None and stats_dtype != x.dtype):
+        return None
+    n, g, cg, length = x.shape
+    if dims == (2, 3):  # GroupNorm / InstanceNorm: one segment per (sample, group)
+        layout = ("seg", n * g, cg, length, g)
+    elif dims == (2,) and g == 1 and length == 1:  # rows
+        layout = ("seg", n, cg, 1, 1)
+    elif dims == (2,) and g == 1 and residual is None:  # channels-first LayerNorm / RMSNorm
+        layout = ("cf", n, cg, length, 1)
+    else:
+        return None
+    return layout if _cpu.supports(x, weight, bias, residual) else None
+
+
+def _stats_shape(x: Tensor, dims: Dims) -> list[int]:
+    return [1 if i in dims else x.shape[i] for i in range(4)]
+
+
 class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl):  # noqa: ANN001, ANN205
         key = (dims, center, eps, stats_dtype, x.dtype, weight is not None, bias is not None, residual is not None)
-        y, s, mean, var = _backend.executor(impl, _forward_math, key)(
-            x, weight, bias, residual, dims, center, eps, stats_dtype
-        )
-        # r from the returned variance, outside the compiled forward (returning it from there
-        # splits the fused loop; recomputing it inside backward's loops costs a scalar sqrt per element)
-        ctx.save_for_backward(s, weight, mean, torch.rsqrt(var + eps))
-        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key)
+        layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype)
+        if layout is not None:
+            kind, n, c, length, groups = layout
+            if kind == "seg":
+                y, s, mean, var, rstd = _cpu.seg_forward(x, residual, weight, bias, n, c, length, groups, center, eps)
+            else:
+                y, s, mean, var, rstd = _cpu.cf_forward(x, weight, bias, n, c, length, center, eps)
+            shape = _stats_shape(x, dims)
+            y, s, mean, var, rstd = y.view(x.shape), s.view(x.shape), mean.view(shape), var.view(shape), rstd.view(shape)
+        else:
+            y, s, mean, var = _backend.executor(impl, _forward_math, key)(
+                x, weight, bias, residual, dims, center, eps, stats_dtype
+            )
+            # r from the returned variance, outside the compiled forward (returning it from there
+            # splits the fused loop; recomputing it inside backward's loops costs a scalar sqrt per element)
+            rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key, layout)
         ctx.mark_non_differentiable(mean, var)
         if residual is None:
             return y, mean, var
@@ -157,13 +197,23 @@ class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *rest):  # noqa: ANN001, ANN205
         s, weight, mean, rstd = ctx.saved_tensors
-        dims, center, impl, has_b, has_r, has_w, key = ctx.cfg
+        dims, center, impl, has_b, has_r, has_w, key, layout = ctx.cfg
         gs = rest[0] if has_r else None
-        key = (*key, gy.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dx, dw, db = _backend.executor(impl, _backward_math, key)(
-            gy, gs, s, weight if has_w else None, mean, rstd, dims, center,
-            has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2],
-        )
+        want_w, want_b = has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2]
+        # the CPU kernels' backward is not itself differentiable: double backward takes the math path
+        if layout is not None and not torch.is_grad_enabled() and gy.dtype == s.dtype:
+            kind, n, c, length, groups = layout
+            w = weight if has_w else None
+            if kind == "seg":
+                dx, dw, db = _cpu.seg_backward(gy, gs, s, w, mean, rstd, n, c, length, groups, center, want_w, want_b)
+            else:
+                dx, dw, db = _cpu.cf_backward(gy, s, w, mean, rstd, n, c, length, center, want_w, want_b)
+            dx = dx.view(s.shape)
+        else:
+            key = (*key, gy.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+            dx, dw, db = _backend.executor(impl, _backward_math, key)(
+                gy, gs, s, weight if has_w else None, mean, rstd, dims, center, want_w, want_b,
+            )
         if dw is not None:
             dw = dw.reshape(weight.shape).to(weight.dtype)
         if db is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
+from normkit.kernels import cpu as _cpu
 from normkit.kernels.normalize import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
@@ -133,16 +134,26 @@ class _DyTFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, impl):  # noqa: ANN001, ANN205
         key = (channels_last, x.dtype, weight is None, bias is None)
-        y = _backend.executor(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
+        cpu = impl == "compiled" and alpha.numel() == 1 and _cpu.supports(x, alpha, weight, bias)
+        if cpu:  # normkit's CPU kernel: one exp per element, column sums inside the row loop
+            x = x.contiguous()
+            y = _cpu.dyt_forward(x, alpha, weight, bias, channels_last)
+        else:
+            y = _backend.executor(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
         ctx.save_for_backward(x, alpha, weight)
-        ctx.cfg = (channels_last, impl, key, weight is not None, bias is not None)
+        ctx.cfg = (channels_last, impl, key, weight is not None, bias is not None, cpu)
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, alpha, weight = ctx.saved_tensors
-        channels_last, impl, key, has_w, has_b = ctx.cfg
-        dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, weight if has_w else None, channels_last, has_b)
+        channels_last, impl, key, has_w, has_b, cpu = ctx.cfg
+        w = weight if has_w else None
+        if cpu and not torch.is_grad_enabled() and g.dtype == x.dtype:  # double backward: the math path
+            want_w, want_b = has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3]
+            dx, da, dw, db = _cpu.dyt_backward(g, x, alpha, w, channels_last, want_w, want_b)
+            return dx.view(x.shape), da, dw, db, None, None
+        dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, w, channels_last, has_b)
         return dx, da, dw, db, None, None
 
 

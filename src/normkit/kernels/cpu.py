@@ -1,0 +1,260 @@
+"""normkit's own CPU kernels (``csrc/cpu_norms.cpp``), used by the ``"compiled"`` backend on CPU.
+
+Inductor (``torch.compile``) cannot generate two things the row-wise norms need to run at
+memory speed on a CPU: a backward that sums ∂L/∂w, ∂L/∂b down the rows *inside* the row loop
+(it always adds a second pass over ``g`` and ``x``), and a channels-first norm whose statistics
+and output share one loop order. ``csrc/cpu_norms.cpp`` holds those kernels, written once for
+the canonical layouts of :mod:`normkit.kernels.normalize` (rows, GroupNorm/InstanceNorm
+segments, channels-first LayerNorm/RMSNorm) and for DyT, with the same closed-form math.
+
+The source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++`` /
+``c++`` / ``clang++`` — the compiler Inductor needs as well) into a per-user cache
+(``$NORMKIT_CACHE_DIR``, default ``~/.cache/normkit``), keyed by the source, the flags, the
+compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL). It links OpenMP
+against the runtime torch has already loaded, so the two share one thread pool; the kernels use
+``torch.get_num_threads()`` threads. Where no compiler works (or ``NORMKIT_CPU_KERNELS=0``) the
+``"compiled"`` backend falls back to Inductor alone; :func:`status` says which.
+
+Coverage: contiguous (made so) float32/float64 CPU tensors with weight/bias of the same dtype
+and no ``stats_dtype`` override; anything else goes through Inductor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-fno-math-errno", "-fno-trapping-math")
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+_i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+_SIGNATURES = {
+    "seg_fwd": [_ptr] * 9 + [_i64] * 4 + [_int, _dbl, _int],
+    "seg_bwd": [_ptr] * 9 + [_i64] * 4 + [_int, _int],
+    "cf_fwd": [_ptr] * 7 + [_i64] * 3 + [_int, _dbl, _int],
+    "cf_bwd": [_ptr] * 8 + [_i64] * 3 + [_int, _int],
+    "dyt_fwd": [_ptr, _dbl] + [_ptr] * 3 + [_i64] * 3 + [_int],
+    "dyt_bwd": [_ptr, _ptr, _dbl] + [_ptr] * 5 + [_i64] * 3 + [_int],
+}
+
+build_seconds: float | None = None  # compile time of this process's build (None: loaded from cache)
+_failure: str | None = None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NORMKIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "normkit")
+    return Path(root) / "kernels"
+
+
+def _build(cxx: str) -> Path:
+    global build_seconds
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (SOURCE.read_text(), " ".join(FLAGS), cxx, version, platform.machine(), _cpu_id()))
+    ).hexdigest()[:20]
+    out = _cache_dir() / f"cpu_norms_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp_so)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
+    build_seconds = time.perf_counter() - start
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _failure
+    if os.environ.get("NORMKIT_CPU_KERNELS", "1") == "0":
+        _failure = "disabled by NORMKIT_CPU_KERNELS=0"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _failure = "no C++ compiler found ($CXX, g++, c++, clang++)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+    except (OSError, RuntimeError) as e:
+        _failure = str(e)
+        warnings.warn(f"normkit: CPU kernels unavailable, the 'compiled' backend uses Inductor only ({e})", stacklevel=3)
+        return None
+    for name, args in _SIGNATURES.items():
+        for suffix in _DTYPES.values():
+            fn = getattr(lib, f"nk_{name}_{suffix}")
+            fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def available() -> bool:
+    """True when the kernels are built (or build now) and loaded."""
+    return _library() is not None
+
+
+def status() -> str:
+    """One line for reports: where the kernels come from, or why they are not used."""
+    if _library() is None:
+        return f"normkit CPU kernels off: {_failure}"
+    how = f"built in {build_seconds:.1f} s" if build_seconds is not None else "loaded from cache"
+    return f"normkit CPU kernels on ({how}, {_cache_dir()})"
+
+
+def supports(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the kernels handle ``x`` (and these same-dtype parameters) — else use Inductor."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+        return False
+    if any(p is not None and (p.dtype != x.dtype or p.device.type != "cpu") for p in params):
+        return False
+    return available()
+
+
+def _fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    return getattr(_library(), f"nk_{name}_{_DTYPES[dtype]}")
+
+
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _ones(p: Tensor | None, n: int, like: Tensor, fill: float) -> Tensor:
+    return torch.full((n,), fill, dtype=like.dtype) if p is None else p.contiguous()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def seg_forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    n: int, c: int, length: int, groups: int, center: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Normalize ``n`` contiguous segments of ``c·length`` values; the affine of segment i is
+    ``weight[(i % groups)·c + k]``. Returns ``(y, s, mean, var, rstd)`` (flat statistics)."""
+    x = x.contiguous()
+    res = None if residual is None else residual.contiguous()
+    s = x if res is None else torch.empty_like(x)
+    y = torch.empty_like(x)
+    mean, var, rstd = (torch.empty(n, dtype=x.dtype) for _ in range(3))
+    w = _ones(weight, groups * c, x, 1.0)
+    b = _ones(bias, groups * c, x, 0.0)
+    _fn("seg_fwd", x.dtype)(
+        _p(x), _p(res), _p(s), _p(w), _p(b), _p(y), _p(mean), _p(var), _p(rstd),
+        n, c, length, groups, int(center), float(eps), _threads(),
+    )
+    return y, s, mean, var, rstd
+
+
+def seg_backward(
+    g: Tensor, gs: Tensor | None, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    n: int, c: int, length: int, groups: int, center: bool, want_w: bool, want_b: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """∂L/∂x (plus ``gs``, the gradient reaching ``s`` directly), ∂L/∂w and ∂L/∂b of :func:`seg_forward`."""
+    g = g.contiguous()
+    gs = None if gs is None else gs.contiguous()
+    dx = torch.empty_like(s)
+    dw = torch.empty(groups * c, dtype=s.dtype) if want_w else None
+    db = torch.empty(groups * c, dtype=s.dtype) if want_b else None
+    _fn("seg_bwd", s.dtype)(
+        _p(g), _p(gs), _p(s), _p(_ones(weight, groups * c, s, 1.0)), _p(mean.contiguous()), _p(rstd.contiguous()),
+        _p(dx), _p(dw), _p(db), n, c, length, groups, int(center), _threads(),
+    )
+    return dx, dw, db
+
+
+def cf_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Channels-first ``(n, c, length)`` normalized over c at every (n, l). Returns ``(y, x, mean, var, rstd)``."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mean, var, rstd = (torch.empty(n * length, dtype=x.dtype) for _ in range(3))
+    _fn("cf_fwd", x.dtype)(
+        _p(x), _p(_ones(weight, c, x, 1.0)), _p(_ones(bias, c, x, 0.0)), _p(y), _p(mean), _p(var), _p(rstd),
+        n, c, length, int(center), float(eps), _threads(),
+    )
+    return y, x, mean, var, rstd
+
+
+def cf_backward(
+    g: Tensor, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    n: int, c: int, length: int, center: bool, want_w: bool, want_b: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    g = g.contiguous()
+    dx = torch.empty_like(s)
+    dw = torch.empty(c, dtype=s.dtype) if want_w else None
+    db = torch.empty(c, dtype=s.dtype) if want_b else None
+    _fn("cf_bwd", s.dtype)(
+        _p(g), _p(s), _p(_ones(weight, c, s, 1.0)), _p(mean.contiguous()), _p(rstd.contiguous()),
+        _p(dx), _p(dw), _p(db), n, c, length, int(center), _threads(),
+    )
+    return dx, dw, db
+
+
+def _dyt_view(x: Tensor, channels_last: bool) -> tuple[int, int, int]:
+    if channels_last:
+        c = x.shape[-1]
+        return x.numel() // max(c, 1), c, 1
+    return x.shape[0], x.shape[1], x[0, 0].numel() if x.dim() > 2 else 1
+
+
+def dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool) -> Tensor:
+    """``weight · tanh(alpha · x) + bias`` with the per-channel affine on the last (channels-last) or second dim."""
+    x = x.contiguous()
+    n, c, length = _dyt_view(x, channels_last)
+    y = torch.empty_like(x)
+    _fn("dyt_fwd", x.dtype)(
+        _p(x), float(alpha), _p(_ones(weight, c, x, 1.0)), _p(_ones(bias, c, x, 0.0)), _p(y), n, c, length, _threads()
+    )
+    return y
+
+
+def dyt_backward(
+    g: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, channels_last: bool, want_w: bool, want_b: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(∂L/∂x, ∂L/∂α, ∂L/∂w, ∂L/∂b)`` of :func:`dyt_forward`, in one pass over ``g`` and ``x``."""
+    g, x = g.contiguous(), x.contiguous()
+    n, c, length = _dyt_view(x, channels_last)
+    dx = torch.empty_like(x)
+    dalpha = ctypes.c_double(0.0)
+    dw = torch.empty(c, dtype=x.dtype) if want_w else None
+    db = torch.empty(c, dtype=x.dtype) if want_b else None
+    _fn("dyt_bwd", x.dtype)(
+        _p(g), _p(x), float(alpha), _p(_ones(weight, c, x, 1.0)), _p(dx), ctypes.addressof(dalpha),
+        _p(dw), _p(db), n, c, length, _threads(),
+    )
+    return dx, torch.tensor(dalpha.value, dtype=alpha.dtype).reshape(alpha.shape), dw, db

@@ -1,0 +1,594 @@
+// normkit's CPU kernels: LayerNorm / RMSNorm / GroupNorm / InstanceNorm (forward + closed-form
+// backward) and DyT, for contiguous float32 / float64 tensors.
+//
+// Why hand-written: Inductor emits the column sums of a norm's backward (dw = Σ_rows g·x̂,
+// db = Σ_rows g) as a second pass over g and x, and writes a channels-first norm's output in a
+// second loop order. Here every row (segment) is read once per pass while it is in L1/L2, and
+// the column sums go to per-thread double-precision buffers inside the row loop (as ATen does).
+//
+// Layouts (all contiguous):
+//   seg: N segments of C·L values; segment i is normalized over all its C·L values and its
+//        per-channel affine is w[(i % G)·C + c]. Token rows: (rows, D, 1), G = 1.
+//        GroupNorm: (N·G, C/G, HW), G groups. InstanceNorm: (N·C, 1, HW), G = C.
+//   cf:  (N, C, L) normalized over C for every (n, l) — LayerNorm2d / RMSNorm2d.
+//   dyt: (N, C, L), y = w[c]·tanh(α·x) + b[c] elementwise.
+// Weight and bias pointers are never null (the caller passes ones / zeros).
+// Statistics: mean, then the mean squared deviation (two passes over the in-cache segment, no
+// E[x²] − E[x]² cancellation), every term scaled by 1/n before it is summed (no overflow where
+// the squares' sum would leave the float range); float sums are taken in blocks of 4096 (with
+// kLanes partial sums) and the block sums added in double. NaN in the input propagates to the output and the statistics; nothing is clamped away.
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 4096;  // values summed in T before the block sum is added in double
+constexpr int64_t kCfChunk = 256; // positions l handled together by the channels-first kernels
+
+#define NK_INLINE inline __attribute__((always_inline))
+
+// Sums with kLanes independent partial sums (several vector registers): one vector accumulator
+// would make every add wait for the previous one (latency-bound, measured 1.5× slower per pass).
+constexpr int kLanes = 32;
+
+template <typename T, typename F>
+NK_INLINE void lane_sums(int64_t m, T& out1, T& out2, F f) {  // out1 += Σ f(i).first, out2 += Σ f(i).second
+  T a1[kLanes] = {}, a2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= m; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      T v1, v2;
+      f(i + j, v1, v2);
+      a1[j] += v1;
+      a2[j] += v2;
+    }
+  }
+  T t1 = 0, t2 = 0;
+  for (; i < m; ++i) {
+    T v1, v2;
+    f(i, v1, v2);
+    t1 += v1;
+    t2 += v2;
+  }
+  for (int j = 0; j < kLanes; ++j) t1 += a1[j], t2 += a2[j];
+  out1 += t1;
+  out2 += t2;
+}
+
+template <typename T, typename F>
+NK_INLINE T lane_sum(int64_t m, F f) {
+  T a[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= m; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) a[j] += f(i + j);
+  }
+  T t = 0;
+  for (; i < m; ++i) t += f(i);
+  for (int j = 0; j < kLanes; ++j) t += a[j];
+  return t;
+}
+
+// Σ x·inv and Σ (x − mu)²·inv over n values: every term is scaled by inv = 1/n before it is
+// summed, so a row whose squares sum past the float range (|x| ~ 1e19 in fp32) stays finite.
+template <typename T>
+double scaled_sum(const T* p, int64_t n, T inv) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const T* q = p + i0;
+    total += lane_sum<T>(std::min(kBlock, n - i0), [q, inv](int64_t i) __attribute__((always_inline)) { return q[i] * inv; });
+  }
+  return total;
+}
+
+template <typename T>
+double scaled_sqdev(const T* p, int64_t n, T mu, T inv) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const T* q = p + i0;
+    total += lane_sum<T>(std::min(kBlock, n - i0), [q, mu, inv](int64_t i) __attribute__((always_inline)) {
+      const T d = q[i] - mu;
+      return d * (d * inv);
+    });
+  }
+  return total;
+}
+
+// ----------------------------------------------------------------------------------- seg --
+template <typename T>
+void seg_forward(const T* x, const T* res, T* s_out, const T* w, const T* b, T* y, T* mean, T* var, T* rstd,
+                 int64_t N, int64_t C, int64_t L, int64_t G, bool center, double eps, int nt) {
+  const int64_t n = C * L;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* xi = x + i * n;
+    if (res != nullptr) {  // pre-norm residual: s = x + res, written once, normalized from cache
+      T* si = s_out + i * n;
+      const T* ri = res + i * n;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) si[k] = xi[k] + ri[k];
+      xi = si;
+    }
+    const T inv = static_cast<T>(1.0 / static_cast<double>(n));
+    const T m = center ? static_cast<T>(scaled_sum(xi, n, inv)) : T(0);
+    const double v = scaled_sqdev(xi, n, m, inv);  // m = 0: mean square
+    const T r = static_cast<T>(1.0 / std::sqrt(v + eps));
+    mean[i] = m;
+    var[i] = static_cast<T>(v);
+    rstd[i] = r;
+    T* yi = y + i * n;
+    const T* wi = w + (i % G) * C;
+    const T* bi = b + (i % G) * C;
+    if (L == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) yi[c] = (xi[c] - m) * r * wi[c] + bi[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const T wc = wi[c], bc = bi[c];
+        const T* xc = xi + c * L;
+        T* yc = yi + c * L;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) yc[l] = (xc[l] - m) * r * wc + bc;
+      }
+    }
+  }
+}
+
+// Per-thread double buffers for the column sums, reduced after the parallel loop.
+struct ColumnSums {
+  int64_t width;
+  std::vector<double> dw, db;
+  ColumnSums(int nt, int64_t width, bool want) : width(width) {
+    if (want) {
+      dw.assign(static_cast<size_t>(nt) * width, 0.0);
+      db.assign(static_cast<size_t>(nt) * width, 0.0);
+    }
+  }
+  double* dw_of(int t) { return dw.data() + static_cast<int64_t>(t) * width; }
+  double* db_of(int t) { return db.data() + static_cast<int64_t>(t) * width; }
+  template <typename T>
+  void reduce(int nt, T* out_w, T* out_b) {
+    for (int64_t k = 0; k < width; ++k) {
+      double sw = 0, sb = 0;
+      for (int t = 0; t < nt; ++t) {
+        sw += dw[static_cast<size_t>(t) * width + k];
+        sb += db[static_cast<size_t>(t) * width + k];
+      }
+      if (out_w != nullptr) out_w[k] = static_cast<T>(sw);
+      if (out_b != nullptr) out_b[k] = static_cast<T>(sb);
+    }
+  }
+};
+
+// Column sums of row layouts (L = 1): each thread adds rows into buffers of T and folds them into
+// its double buffers every kFlushRows rows — exact enough (at most kFlushRows terms summed in T)
+// without paying a double conversion per element.
+constexpr int kFlushRows = 32;
+
+template <typename T>
+struct RowPartials {
+  std::vector<T> w, b;
+  int rows = 0;
+  RowPartials(int64_t width, bool want) {
+    if (want) w.assign(width, T(0)), b.assign(width, T(0));
+  }
+  void flush(double* cw, double* cb) {
+    const int64_t n = static_cast<int64_t>(w.size());
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      cw[k] += w[k];
+      cb[k] += b[k];
+      w[k] = 0;
+      b[k] = 0;
+    }
+    rows = 0;
+  }
+  void row_done(double* cw, double* cb) {
+    if (++rows == kFlushRows) flush(cw, cb);
+  }
+};
+
+template <typename T, bool kCols>
+void seg_backward_impl(const T* g, const T* gs, const T* s, const T* w, const T* mean, const T* rstd, T* dx,
+                       ColumnSums& cols, int64_t N, int64_t C, int64_t L, int64_t G, bool center, int nt) {
+  const int64_t n = C * L;
+  const double inv_n = 1.0 / static_cast<double>(n);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    double* cw = kCols ? cols.dw_of(t) : nullptr;
+    double* cb = kCols ? cols.db_of(t) : nullptr;
+    RowPartials<T> part(cols.width, kCols && L == 1);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < N; ++i) {
+      const T* gi = g + i * n;
+      const T* si = s + i * n;
+      const T* wi = w + (i % G) * C;
+      const int64_t off = (i % G) * C;
+      const T m = mean[i], r = rstd[i];
+      double sum_gw = 0, sum_gwx = 0;  // Σ g·w and Σ g·w·x̂ over the segment
+      if (L == 1) {
+        T* pw = kCols ? part.w.data() + off : nullptr;
+        T* pb = kCols ? part.b.data() + off : nullptr;
+        for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+          T a = 0, bb = 0;
+          lane_sums<T>(std::min(kBlock, C - c0), a, bb, [=](int64_t j, T& v1, T& v2) __attribute__((always_inline)) {
+            const int64_t c = c0 + j;
+            const T xh = (si[c] - m) * r;
+            const T gw = gi[c] * wi[c];
+            v1 = gw;
+            v2 = gw * xh;
+            if constexpr (kCols) {
+              pw[c] += gi[c] * xh;
+              pb[c] += gi[c];
+            }
+          });
+          sum_gw += a;
+          sum_gwx += bb;
+        }
+        if constexpr (kCols) part.row_done(cw, cb);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T wc = wi[c];
+          const T* gc = gi + c * L;
+          const T* sc = si + c * L;
+          T a = 0, bb = 0, tw = 0, tb = 0;
+#pragma omp simd reduction(+ : a, bb, tw, tb)
+          for (int64_t l = 0; l < L; ++l) {
+            const T xh = (sc[l] - m) * r;
+            a += gc[l];
+            bb += gc[l] * xh;
+            if constexpr (kCols) {
+              tw += gc[l] * xh;
+              tb += gc[l];
+            }
+          }
+          sum_gw += static_cast<double>(a) * wc;
+          sum_gwx += static_cast<double>(bb) * wc;
+          if constexpr (kCols) {
+            cw[off + c] += tw;
+            cb[off + c] += tb;
+          }
+        }
+      }
+      const T ma = center ? static_cast<T>(sum_gw * inv_n) : T(0);
+      const T mb = static_cast<T>(sum_gwx * inv_n);
+      T* dxi = dx + i * n;
+      const T* gsi = gs != nullptr ? gs + i * n : nullptr;
+      if (L == 1) {
+        if (gsi != nullptr) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dxi[c] = (gi[c] * wi[c] - ma - (si[c] - m) * r * mb) * r + gsi[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dxi[c] = (gi[c] * wi[c] - ma - (si[c] - m) * r * mb) * r;
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T wc = wi[c];
+          const T* gc = gi + c * L;
+          const T* sc = si + c * L;
+          T* dc = dxi + c * L;
+          if (gsi != nullptr) {
+            const T* gsc = gsi + c * L;
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) dc[l] = (gc[l] * wc - ma - (sc[l] - m) * r * mb) * r + gsc[l];
+          } else {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) dc[l] = (gc[l] * wc - ma - (sc[l] - m) * r * mb) * r;
+          }
+        }
+      }
+    }
+    if (kCols && L == 1) part.flush(cw, cb);
+  }
+}
+
+template <typename T>
+void seg_backward(const T* g, const T* gs, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw,
+                  T* db, int64_t N, int64_t C, int64_t L, int64_t G, bool center, int nt) {
+  const bool want = dw != nullptr || db != nullptr;
+  ColumnSums cols(nt, G * C, want);
+  if (want) {
+    seg_backward_impl<T, true>(g, gs, s, w, mean, rstd, dx, cols, N, C, L, G, center, nt);
+    cols.reduce(nt, dw, db);
+  } else {
+    seg_backward_impl<T, false>(g, gs, s, w, mean, rstd, dx, cols, N, C, L, G, center, nt);
+  }
+}
+
+// ------------------------------------------------------------------------------------ cf --
+// Task = (sample n, chunk of kCfChunk positions); the chunk's C×chunk values stay in L2 between
+// the passes, the per-position sums in L1.
+template <typename T>
+void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N, int64_t C, int64_t L,
+                bool center, double eps, int nt) {
+  const int64_t chunks = (L + kCfChunk - 1) / kCfChunk;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t task = 0; task < N * chunks; ++task) {
+    const int64_t nn = task / chunks, l0 = (task % chunks) * kCfChunk, m = std::min(kCfChunk, L - l0);
+    const T* xn = x + nn * C * L + l0;
+    T* yn = y + nn * C * L + l0;
+    T mu[kCfChunk], acc[kCfChunk], r[kCfChunk];
+    const T inv_c = T(1) / static_cast<T>(C);
+    for (int64_t l = 0; l < m; ++l) mu[l] = 0, acc[l] = 0;
+    if (center) {
+      for (int64_t c = 0; c < C; ++c) {
+        const T* xc = xn + c * L;
+#pragma omp simd
+        for (int64_t l = 0; l < m; ++l) mu[l] += xc[l] * inv_c;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xc = xn + c * L;
+#pragma omp simd
+      for (int64_t l = 0; l < m; ++l) {
+        const T d = xc[l] - mu[l];
+        acc[l] += d * (d * inv_c);  // scaled before summing, as scaled_sqdev
+      }
+    }
+    T* mo = mean + nn * L + l0;
+    T* vo = var + nn * L + l0;
+    T* ro = rstd + nn * L + l0;
+    for (int64_t l = 0; l < m; ++l) {
+      const T v = acc[l];
+      r[l] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(v) + eps));
+      mo[l] = mu[l], vo[l] = v, ro[l] = r[l];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T wc = w[c], bc = b[c];
+      const T* xc = xn + c * L;
+      T* yc = yn + c * L;
+#pragma omp simd
+      for (int64_t l = 0; l < m; ++l) yc[l] = (xc[l] - mu[l]) * r[l] * wc + bc;
+    }
+  }
+}
+
+template <typename T, bool kCols>
+void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, ColumnSums& cols,
+                      int64_t N, int64_t C, int64_t L, bool center, int nt) {
+  const int64_t chunks = (L + kCfChunk - 1) / kCfChunk;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    double* cw = kCols ? cols.dw_of(t) : nullptr;
+    double* cb = kCols ? cols.db_of(t) : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < N * chunks; ++task) {
+      const int64_t nn = task / chunks, l0 = (task % chunks) * kCfChunk, m = std::min(kCfChunk, L - l0);
+      const T* gn = g + nn * C * L + l0;
+      const T* sn = s + nn * C * L + l0;
+      T* dn = dx + nn * C * L + l0;
+      const T* mu = mean + nn * L + l0;
+      const T* r = rstd + nn * L + l0;
+      T a[kCfChunk], bb[kCfChunk];
+      for (int64_t l = 0; l < m; ++l) a[l] = 0, bb[l] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T wc = w[c];
+        const T* gc = gn + c * L;
+        const T* sc = sn + c * L;
+        T tw = 0, tb = 0;
+#pragma omp simd reduction(+ : tw, tb)
+        for (int64_t l = 0; l < m; ++l) {
+          const T xh = (sc[l] - mu[l]) * r[l];
+          const T gw = gc[l] * wc;
+          a[l] += gw;
+          bb[l] += gw * xh;
+          if constexpr (kCols) {
+            tw += gc[l] * xh;
+            tb += gc[l];
+          }
+        }
+        if constexpr (kCols) {
+          cw[c] += tw;
+          cb[c] += tb;
+        }
+      }
+      const T inv_c = T(1) / static_cast<T>(C);
+#pragma omp simd
+      for (int64_t l = 0; l < m; ++l) {
+        a[l] = center ? a[l] * inv_c : T(0);
+        bb[l] *= inv_c;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const T wc = w[c];
+        const T* gc = gn + c * L;
+        const T* sc = sn + c * L;
+        T* dc = dn + c * L;
+#pragma omp simd
+        for (int64_t l = 0; l < m; ++l) dc[l] = (gc[l] * wc - a[l] - (sc[l] - mu[l]) * r[l] * bb[l]) * r[l];
+      }
+    }
+  }
+}
+
+template <typename T>
+void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N,
+                 int64_t C, int64_t L, bool center, int nt) {
+  const bool want = dw != nullptr || db != nullptr;
+  ColumnSums cols(nt, C, want);
+  if (want) {
+    cf_backward_impl<T, true>(g, s, w, mean, rstd, dx, cols, N, C, L, center, nt);
+    cols.reduce(nt, dw, db);
+  } else {
+    cf_backward_impl<T, false>(g, s, w, mean, rstd, dx, cols, N, C, L, center, nt);
+  }
+}
+
+// ----------------------------------------------------------------------------------- dyt --
+// tanh and sech² = 1 − tanh² from one exp. float: a polynomial exp (Cody–Waite reduction,
+// minimax polynomial, 2^n from the exponent bits) that the compiler vectorizes, and for
+// |z| < 0.625 an odd minimax polynomial for tanh (where (1 − e)/(1 + e) would cancel).
+// sech² = 4e / (1 + e)² with e = exp(−2|z|) keeps its digits where tanh ≈ ±1. NaN propagates
+// through every branch (no clamp turns it into a number); ±inf gives ±1 and sech² ≈ 0.
+
+NK_INLINE float exp_nonpos(float x) {  // exp(x) for x ≤ 0 (x < −87 is taken as −87: e^-87 ≈ 1.6e-38)
+  x = x < -87.0f ? -87.0f : x;
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+
+// e = exp(−2|z|), the one transcendental; tanh and sech² follow from it with a few flops.
+NK_INLINE float exp_m2abs(float z) { return exp_nonpos(-2.0f * std::fabs(z)); }
+NK_INLINE double exp_m2abs(double z) { return std::exp(-2.0 * std::fabs(z)); }
+
+NK_INLINE float tanh_from(float z, float e, float q) {  // q = 1 / (1 + e)
+  const float a = std::fabs(z);
+  const float big = (1.0f - e) * q;
+  const float a2 = a * a;
+  float p = -5.70498872745e-3f;
+  p = p * a2 + 2.06390887954e-2f;
+  p = p * a2 - 5.37397155531e-2f;
+  p = p * a2 + 1.33314422036e-1f;
+  p = p * a2 - 3.33332819422e-1f;
+  const float small = a + a * a2 * p;
+  return std::copysign(a < 0.625f ? small : big, z);
+}
+NK_INLINE double tanh_from(double z, double, double) { return std::tanh(z); }  // float64: libm, not vectorized
+
+template <typename T>
+NK_INLINE T sech2_from(T e, T q) {
+  return T(4) * e * q * q;
+}
+
+template <typename T>
+void dyt_forward(const T* x, T alpha, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t L, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* xi = x + i * C * L;
+    T* yi = y + i * C * L;
+    if (L == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T z = alpha * xi[c];
+        const T e = exp_m2abs(z);
+        yi[c] = tanh_from(z, e, T(1) / (T(1) + e)) * w[c] + b[c];
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const T wc = w[c], bc = b[c];
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const T z = alpha * xi[c * L + l];
+          const T e = exp_m2abs(z);
+          yi[c * L + l] = tanh_from(z, e, T(1) / (T(1) + e)) * wc + bc;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void dyt_backward(const T* g, const T* x, T alpha, const T* w, T* dx, double* dalpha, T* dw, T* db, int64_t N,
+                  int64_t C, int64_t L, int nt) {
+  const bool want = dw != nullptr || db != nullptr;
+  ColumnSums cols(nt, C, true);
+  std::vector<double> da(nt, 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    double* cw = cols.dw_of(t);
+    double* cb = cols.db_of(t);
+    double da_t = 0;
+    RowPartials<T> part(C, L == 1);
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < N; ++i) {
+      const T* gi = g + i * C * L;
+      const T* xi = x + i * C * L;
+      T* di = dx + i * C * L;
+      if (L == 1) {
+        T* pw = part.w.data();
+        T* pb = part.b.data();
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < C; ++c) {
+          const T z = alpha * xi[c], e = exp_m2abs(z), q = T(1) / (T(1) + e), th = tanh_from(z, e, q);
+          const T dpre = gi[c] * w[c] * sech2_from(e, q);
+          di[c] = dpre * alpha;
+          acc += dpre * xi[c];
+          pw[c] += gi[c] * th;
+          pb[c] += gi[c];
+        }
+        da_t += acc;
+        part.row_done(cw, cb);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T wc = w[c];
+          const T* gc = gi + c * L;
+          const T* xc = xi + c * L;
+          T* dc = di + c * L;
+          T acc = 0, tw = 0, tb = 0;
+#pragma omp simd reduction(+ : acc, tw, tb)
+          for (int64_t l = 0; l < L; ++l) {
+            const T z = alpha * xc[l], e = exp_m2abs(z), q = T(1) / (T(1) + e), th = tanh_from(z, e, q);
+            const T dpre = gc[l] * wc * sech2_from(e, q);
+            dc[l] = dpre * alpha;
+            acc += dpre * xc[l];
+            tw += gc[l] * th;
+            tb += gc[l];
+          }
+          da_t += acc;
+          cw[c] += tw;
+          cb[c] += tb;
+        }
+      }
+    }
+    if (L == 1) part.flush(cw, cb);
+    da[t] = da_t;
+  }
+  double total = 0;
+  for (int t = 0; t < nt; ++t) total += da[t];
+  *dalpha = total;
+  if (want) cols.reduce(nt, dw, db);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ C entry points --
+#define NK_EXPORT(T, SUF)                                                                                           \
+  extern "C" void nk_seg_fwd_##SUF(const T* x, const T* res, T* s_out, const T* w, const T* b, T* y, T* mean,     \
+                                   T* var, T* rstd, int64_t N, int64_t C, int64_t L, int64_t G, int center,        \
+                                   double eps, int nt) {                                                           \
+    seg_forward<T>(x, res, s_out, w, b, y, mean, var, rstd, N, C, L, G, center != 0, eps, nt);                     \
+  }                                                                                                                 \
+  extern "C" void nk_seg_bwd_##SUF(const T* g, const T* gs, const T* s, const T* w, const T* mean, const T* rstd, \
+                                   T* dx, T* dw, T* db, int64_t N, int64_t C, int64_t L, int64_t G, int center,    \
+                                   int nt) {                                                                       \
+    seg_backward<T>(g, gs, s, w, mean, rstd, dx, dw, db, N, C, L, G, center != 0, nt);                             \
+  }                                                                                                                 \
+  extern "C" void nk_cf_fwd_##SUF(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N,  \
+                                  int64_t C, int64_t L, int center, double eps, int nt) {                          \
+    cf_forward<T>(x, w, b, y, mean, var, rstd, N, C, L, center != 0, eps, nt);                                     \
+  }                                                                                                                 \
+  extern "C" void nk_cf_bwd_##SUF(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw,  \
+                                  T* db, int64_t N, int64_t C, int64_t L, int center, int nt) {                    \
+    cf_backward<T>(g, s, w, mean, rstd, dx, dw, db, N, C, L, center != 0, nt);                                     \
+  }                                                                                                                 \
+  extern "C" void nk_dyt_fwd_##SUF(const T* x, double alpha, const T* w, const T* b, T* y, int64_t N, int64_t C,  \
+                                   int64_t L, int nt) {                                                            \
+    dyt_forward<T>(x, static_cast<T>(alpha), w, b, y, N, C, L, nt);                                                \
+  }                                                                                                                 \
+  extern "C" void nk_dyt_bwd_##SUF(const T* g, const T* x, double alpha, const T* w, T* dx, double* dalpha, T* dw, \
+                                   T* db, int64_t N, int64_t C, int64_t L, int nt) {                               \
+    dyt_backward<T>(g, x, static_cast<T>(alpha), w, dx, dalpha, dw, db, N, C, L, nt);                              \
+  }
+
+NK_EXPORT(float, f32)
+NK_EXPORT(double, f64)
