@@ -53,7 +53,11 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     alloc = "fresh outputs page-faulted in (glibc default)"
     if args.warm_alloc:
         alloc = "warm allocator: kernel time only" if benchmark.warm_allocator() else "warm allocator unavailable (not glibc)"
+    from normkit.kernels import cpu
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; median of {args.reps} runs; {alloc}")
+    if "compiled" in args.backends.split(","):
+        print(cpu.status())
     print(benchmark.HEADER)
     benchmark.run(norms, quick=args.quick, reps=args.reps, backends=tuple(args.backends.split(",")))
     return 0
@@ -76,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--backends", default="eager,compiled")
+    p.add_argument(
+        "--backends", default="eager,compiled",
+        help="comma-separated: eager, compiled (normkit's CPU kernels + Inductor), inductor (torch.compile only)",
+    )
     p.add_argument(
         "--warm-alloc", action="store_true",
         help="reuse freed memory (glibc mallopt) so page faults of fresh 32 MiB outputs don't mask kernel time",

@@ -37,7 +37,12 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-fno-math-errno", "-fno-trapping-math")
+# no -ffast-math: NaN must propagate. -fno-trapping-math lets the compiler vectorize floor and the
+# selects of DyT's exp; 512-bit vectors where the CPU has them (DyT is compute-bound: 15% faster)
+FLAGS = (
+    "-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+    "-fno-math-errno", "-fno-trapping-math",
+)
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p

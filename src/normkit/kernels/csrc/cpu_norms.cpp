@@ -29,7 +29,10 @@
 namespace {
 
 constexpr int64_t kBlock = 4096;  // values summed in T before the block sum is added in double
-constexpr int64_t kCfChunk = 256; // positions l handled together by the channels-first kernels
+#ifndef NK_CF_CHUNK
+#define NK_CF_CHUNK 256
+#endif
+constexpr int64_t kCfChunk = NK_CF_CHUNK;  // positions l handled together by the channels-first kernels
 
 #define NK_INLINE inline __attribute__((always_inline))
 
@@ -424,48 +427,44 @@ void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rst
 }
 
 // ----------------------------------------------------------------------------------- dyt --
-// tanh and sech² = 1 − tanh² from one exp. float: a polynomial exp (Cody–Waite reduction,
-// minimax polynomial, 2^n from the exponent bits) that the compiler vectorizes, and for
-// |z| < 0.625 an odd minimax polynomial for tanh (where (1 − e)/(1 + e) would cancel).
-// sech² = 4e / (1 + e)² with e = exp(−2|z|) keeps its digits where tanh ≈ ±1. NaN propagates
-// through every branch (no clamp turns it into a number); ±inf gives ±1 and sech² ≈ 0.
-
-NK_INLINE float exp_nonpos(float x) {  // exp(x) for x ≤ 0 (x < −87 is taken as −87: e^-87 ≈ 1.6e-38)
-  x = x < -87.0f ? -87.0f : x;
+// tanh and sech² = 1 − tanh² from one range reduction: with e = exp(−2|z|) and
+// em = expm1(−2|z|) = e − 1,
+//     tanh(z) = −sign(z) · em / (2 + em),     sech²(z) = 4e / (2 + em)²,
+// one division, no cancellation anywhere: em keeps its digits for small |z| (where 1 − e would
+// not) and e for large |z| (where 1 − tanh² would not). float: exp/expm1 by Cody–Waite reduction
+// r = x − n·ln2, a degree-7 Taylor polynomial for expm1(r) (|r| ≤ ln2/2, truncation < 2e-8
+// relative) and 2^n from the exponent bits, which the compiler vectorizes; float64: libm.
+// NaN propagates (the clamp compares, so NaN passes through); ±inf give ±1 and sech² ≈ 0.
+NK_INLINE void exp_expm1_m2abs(float z, float& e, float& em) {
+  float x = -2.0f * std::fabs(z);
+  x = x < -86.0f ? -86.0f : x;  // keeps 2^n normal; e^-86 ≈ 4e-38, tanh is ±1 in float well before
   const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
+  float p = r * (1.0f / 5040.0f);
+  p = r * (p + 1.0f / 720.0f);
+  p = r * (p + 1.0f / 120.0f);
+  p = r * (p + 1.0f / 24.0f);
+  p = r * (p + 1.0f / 6.0f);
+  p = r * (p + 0.5f);
+  p = r + r * p;  // expm1(r)
+  const float s = std::bit_cast<float>((static_cast<int32_t>(fx) + 127) << 23);  // 2^n
+  e = s * p + s;
+  em = s * p + (s - 1.0f);
 }
 
-// e = exp(−2|z|), the one transcendental; tanh and sech² follow from it with a few flops.
-NK_INLINE float exp_m2abs(float z) { return exp_nonpos(-2.0f * std::fabs(z)); }
-NK_INLINE double exp_m2abs(double z) { return std::exp(-2.0 * std::fabs(z)); }
-
-NK_INLINE float tanh_from(float z, float e, float q) {  // q = 1 / (1 + e)
-  const float a = std::fabs(z);
-  const float big = (1.0f - e) * q;
-  const float a2 = a * a;
-  float p = -5.70498872745e-3f;
-  p = p * a2 + 2.06390887954e-2f;
-  p = p * a2 - 5.37397155531e-2f;
-  p = p * a2 + 1.33314422036e-1f;
-  p = p * a2 - 3.33332819422e-1f;
-  const float small = a + a * a2 * p;
-  return std::copysign(a < 0.625f ? small : big, z);
+NK_INLINE void exp_expm1_m2abs(double z, double& e, double& em) {
+  const double x = -2.0 * std::fabs(z);
+  e = std::exp(x);
+  em = std::expm1(x);
 }
-NK_INLINE double tanh_from(double z, double, double) { return std::tanh(z); }  // float64: libm, not vectorized
 
 template <typename T>
-NK_INLINE T sech2_from(T e, T q) {
-  return T(4) * e * q * q;
+NK_INLINE void tanh_sech2(T z, T& t, T& sech2) {
+  T e, em;
+  exp_expm1_m2abs(z, e, em);
+  const T q = T(1) / (T(2) + em);
+  t = std::copysign(-em * q, z);
+  sech2 = T(4) * e * q * q;
 }
 
 template <typename T>
@@ -477,18 +476,18 @@ void dyt_forward(const T* x, T alpha, const T* w, const T* b, T* y, int64_t N, i
     if (L == 1) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const T z = alpha * xi[c];
-        const T e = exp_m2abs(z);
-        yi[c] = tanh_from(z, e, T(1) / (T(1) + e)) * w[c] + b[c];
+        T t, s2;
+        tanh_sech2(alpha * xi[c], t, s2);
+        yi[c] = t * w[c] + b[c];
       }
     } else {
       for (int64_t c = 0; c < C; ++c) {
         const T wc = w[c], bc = b[c];
 #pragma omp simd
         for (int64_t l = 0; l < L; ++l) {
-          const T z = alpha * xi[c * L + l];
-          const T e = exp_m2abs(z);
-          yi[c * L + l] = tanh_from(z, e, T(1) / (T(1) + e)) * wc + bc;
+          T t, s2;
+          tanh_sech2(alpha * xi[c * L + l], t, s2);
+          yi[c * L + l] = t * wc + bc;
         }
       }
     }
@@ -519,8 +518,9 @@ void dyt_backward(const T* g, const T* x, T alpha, const T* w, T* dx, double* da
         T acc = 0;
 #pragma omp simd reduction(+ : acc)
         for (int64_t c = 0; c < C; ++c) {
-          const T z = alpha * xi[c], e = exp_m2abs(z), q = T(1) / (T(1) + e), th = tanh_from(z, e, q);
-          const T dpre = gi[c] * w[c] * sech2_from(e, q);
+          T th, s2;
+          tanh_sech2(alpha * xi[c], th, s2);
+          const T dpre = gi[c] * w[c] * s2;
           di[c] = dpre * alpha;
           acc += dpre * xi[c];
           pw[c] += gi[c] * th;
@@ -537,8 +537,9 @@ void dyt_backward(const T* g, const T* x, T alpha, const T* w, T* dx, double* da
           T acc = 0, tw = 0, tb = 0;
 #pragma omp simd reduction(+ : acc, tw, tb)
           for (int64_t l = 0; l < L; ++l) {
-            const T z = alpha * xc[l], e = exp_m2abs(z), q = T(1) / (T(1) + e), th = tanh_from(z, e, q);
-            const T dpre = gc[l] * wc * sech2_from(e, q);
+            T th, s2;
+            tanh_sech2(alpha * xc[l], th, s2);
+            const T dpre = gc[l] * wc * s2;
             dc[l] = dpre * alpha;
             acc += dpre * xc[l];
             tw += gc[l] * th;
