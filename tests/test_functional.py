@@ -164,3 +164,24 @@ def test_gradcheck_float64(name, backend):
     b = torch.randn(6, dtype=D, requires_grad=True)
     with normkit.set_backend(backend):
         assert torch.autograd.gradcheck(GRADCHECK[name], (x, r, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(n for n in GRADCHECK if not n.startswith("add_norm")))
+def test_gradgradcheck_float64(name, backend):
+    # second derivatives (gradient penalties through a norm): the backward with create_graph=True
+    # must see the statistics' dependence on x, which the closed-form first backward treats as constant
+    x = torch.randn(8, 6, dtype=D, requires_grad=True)
+    r = torch.randn(8, 6, dtype=D, requires_grad=True)
+    w = (torch.rand(6, dtype=D) + 0.5).requires_grad_()
+    b = torch.randn(6, dtype=D, requires_grad=True)
+    with normkit.set_backend(backend):
+        assert torch.autograd.gradgradcheck(GRADCHECK[name], (x, r, w, b), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_norm_double_backward_is_a_clear_error(backend):
+    x, r = torch.randn(3, 6, dtype=D, requires_grad=True), torch.randn(3, 6, dtype=D, requires_grad=True)
+    y, s = F.add_norm(x, r, 6, backend=backend)
+    with pytest.raises(RuntimeError, match="add_norm does not support double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)

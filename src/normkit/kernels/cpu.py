@@ -7,8 +7,8 @@ and output share one loop order. ``csrc/cpu_norms.cpp`` holds those kernels, wri
 the canonical layouts of :mod:`normkit.kernels.normalize` (rows, GroupNorm/InstanceNorm
 segments, channels-first LayerNorm/RMSNorm) and for DyT, with the same closed-form math.
 
-The source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++`` /
-``c++`` / ``clang++`` — the compiler Inductor needs as well) into a per-user cache
+The source is compiled on first use with the system C++ compiler (``$NORMKIT_CXX``, ``$CXX``,
+else ``g++`` / ``c++`` / ``clang++`` — Inductor needs a C++ compiler as well) into a per-user cache
 (``$NORMKIT_CACHE_DIR``, default ``~/.cache/normkit``), keyed by the source, the flags, the
 compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL). It links OpenMP
 against the runtime torch has already loaded, so the two share one thread pool; the kernels use
@@ -60,7 +60,7 @@ _failure: str | None = None
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    for name in (os.environ.get("NORMKIT_CXX"), os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
@@ -111,12 +111,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     cxx = _compiler()
     if cxx is None:
-        _failure = "no C++ compiler found ($CXX, g++, c++, clang++)"
+        _failure = "no C++ compiler found ($NORMKIT_CXX, $CXX, g++, c++, clang++)"
         return None
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
     except (OSError, RuntimeError) as e:
-        _failure = str(e)
+        _failure = str(e).splitlines()[0]
         warnings.warn(f"normkit: CPU kernels unavailable, the 'compiled' backend uses Inductor only ({e})", stacklevel=3)
         return None
     for name, args in _SIGNATURES.items():
@@ -189,7 +189,7 @@ def seg_backward(
     n: int, c: int, length: int, groups: int, center: bool, want_w: bool, want_b: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """∂L/∂x (plus ``gs``, the gradient reaching ``s`` directly), ∂L/∂w and ∂L/∂b of :func:`seg_forward`."""
-    g = g.contiguous()
+    g, s = g.contiguous(), s.contiguous()
     gs = None if gs is None else gs.contiguous()
     dx = torch.empty_like(s)
     dw = torch.empty(groups * c, dtype=s.dtype) if want_w else None
@@ -219,7 +219,7 @@ def cf_backward(
     g: Tensor, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
     n: int, c: int, length: int, center: bool, want_w: bool, want_b: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    g = g.contiguous()
+    g, s = g.contiguous(), s.contiguous()
     dx = torch.empty_like(s)
     dw = torch.empty(c, dtype=s.dtype) if want_w else None
     db = torch.empty(c, dtype=s.dtype) if want_b else None

@@ -167,6 +167,31 @@ def _stats_shape(x: Tensor, dims: Dims) -> list[int]:
     return [1 if i in dims else x.shape[i] for i in range(4)]
 
 
+def _differentiable_backward(
+    gy: Tensor, gs: Tensor | None, s: Tensor, weight: Tensor | None, dims: Dims, center: bool, eps: float,
+    sd: torch.dtype,
+) -> tuple[Tensor, Tensor | None]:
+    """∂L/∂s and ∂L/∂w for a double backward: autograd through a plain statement of the forward.
+
+    The closed-form backward treats the saved statistics as constants, which is right for a first
+    derivative but drops their dependence on ``s`` in a second one; here they are recomputed from
+    ``s`` with autograd recording (gradient penalties through a norm, ``gradgradcheck``).
+    """
+    with torch.enable_grad():
+        s_ = s if s.requires_grad else s.detach().requires_grad_()
+        w_ = None if weight is None else weight if weight.requires_grad else weight.detach().requires_grad_()
+        xf = s_.to(sd)
+        if center:
+            var, mean = torch.var_mean(xf, dims, correction=0, keepdim=True)
+            xhat = (xf - mean) * torch.rsqrt(var + eps)
+        else:
+            xhat = xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+        y = xhat if w_ is None else xhat * _affine_view(w_, xf).to(sd)
+        grads = torch.autograd.grad(y.to(s.dtype), [s_] if w_ is None else [s_, w_], gy, create_graph=True)
+    dx = grads[0] if gs is None else grads[0] + gs
+    return dx, (grads[1] if w_ is not None else None)
+
+
 class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl):  # noqa: ANN001, ANN205
@@ -187,8 +212,10 @@ class _NormalizeFn(torch.autograd.Function):
             # r from the returned variance, outside the compiled forward (returning it from there
             # splits the fused loop; recomputing it inside backward's loops costs a scalar sqrt per element)
             rstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key, layout)
+        # without a residual the input itself is saved (not a copy or view made here), so a double
+        # backward differentiates through the user's tensor
+        ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
+        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key, layout, eps)
         ctx.mark_non_differentiable(mean, var)
         if residual is None:
             return y, mean, var
@@ -197,11 +224,19 @@ class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *rest):  # noqa: ANN001, ANN205
         s, weight, mean, rstd = ctx.saved_tensors
-        dims, center, impl, has_b, has_r, has_w, key, layout = ctx.cfg
+        dims, center, impl, has_b, has_r, has_w, key, layout, eps = ctx.cfg
         gs = rest[0] if has_r else None
         want_w, want_b = has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2]
-        # the CPU kernels' backward is not itself differentiable: double backward takes the math path
-        if layout is not None and not torch.is_grad_enabled() and gy.dtype == s.dtype:
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            if has_r:
+                raise RuntimeError(
+                    "add_norm does not support double backward (create_graph=True): it saves only x + residual; "
+                    "use the norm on x + residual computed outside (e.g. F.layer_norm(x + residual, ...))"
+                )
+            dx, dw = _differentiable_backward(gy, gs, s, weight if has_w else None, dims, center, eps, rstd.dtype)
+            db = column_sum(gy.to(rstd.dtype)) if want_b else None
+            dw = dw if want_w else None
+        elif layout is not None and gy.dtype == s.dtype:
             kind, n, c, length, groups = layout
             w = weight if has_w else None
             if kind == "seg":

@@ -57,6 +57,9 @@ class _ScaleNormFn(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, scale, norm = ctx.saved_tensors
         eps, impl, key = ctx.cfg
+        if torch.is_grad_enabled():  # create_graph=True: ‖x‖ recomputed with autograd recording
+            norm = x.to(norm.dtype).square().sum(-1, keepdim=True).sqrt()
+            return (*_scale_backward(g, x, scale, norm, eps), None, None)
         dx, ds = _backend.executor(impl, _scale_backward, key)(g, x, scale, norm, eps)
         return dx, ds, None, None
 
@@ -136,7 +139,6 @@ class _DyTFn(torch.autograd.Function):
         key = (channels_last, x.dtype, weight is None, bias is None)
         cpu = impl == "compiled" and alpha.numel() == 1 and _cpu.supports(x, alpha, weight, bias)
         if cpu:  # normkit's CPU kernel: one exp per element, column sums inside the row loop
-            x = x.contiguous()
             y = _cpu.dyt_forward(x, alpha, weight, bias, channels_last)
         else:
             y = _backend.executor(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
@@ -149,7 +151,9 @@ class _DyTFn(torch.autograd.Function):
         x, alpha, weight = ctx.saved_tensors
         channels_last, impl, key, has_w, has_b, cpu = ctx.cfg
         w = weight if has_w else None
-        if cpu and not torch.is_grad_enabled() and g.dtype == x.dtype:  # double backward: the math path
+        if torch.is_grad_enabled():  # create_graph=True: the eager math is differentiable in x, α, w
+            return (*_dyt_backward(g, x, alpha, w, channels_last, has_b), None, None)
+        if cpu and g.dtype == x.dtype:
             want_w, want_b = has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3]
             dx, da, dw, db = _cpu.dyt_backward(g, x, alpha, w, channels_last, want_w, want_b)
             return dx.view(x.shape), da, dw, db, None, None

@@ -1,0 +1,221 @@
+"""normkit's C++ CPU kernels (the "compiled" backend on CPU) against the plain formulas.
+
+Shapes are chosen to reach every code path of csrc/cpu_norms.cpp: rows longer than a 4096-value
+block and not a multiple of the 32 partial-sum lanes, channels-first chunks of 256 positions
+with a tail, fewer tasks than threads, GroupNorm/InstanceNorm segments.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import reference as ref
+import torch
+import torch.nn.functional as TF
+
+import normkit
+from normkit import backend as B
+from normkit import functional as F
+from normkit.kernels import cpu
+from normkit.kernels.normalize import normalize
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.status()}")
+
+D = torch.float64
+
+
+def _params(c, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+
+
+# name -> (ours(x, w, b, backend), float64 formula(x, w, b), torch's own fp32 op or None, shape)
+CASES = {
+    "layer_norm": (lambda x, w, b, be: F.layer_norm(x, x.shape[-1], w, b, backend=be),
+                   lambda x, w, b: ref.layer_norm(x, w, b),
+                   lambda x, w, b: TF.layer_norm(x, x.shape[-1:], w, b), (37, 5000)),
+    "rms_norm": (lambda x, w, b, be: F.rms_norm(x, x.shape[-1], w, 1e-6, bias=b, backend=be),
+                 lambda x, w, b: ref.rms_norm(x, w, 1e-6, b),
+                 lambda x, w, b: TF.rms_norm(x, x.shape[-1:], w, 1e-6) + b, (64, 1000)),
+    "layer_norm2d": (lambda x, w, b, be: F.layer_norm2d(x, w, b, backend=be),
+                     lambda x, w, b: ref.layer_norm2d(x, w, b),
+                     lambda x, w, b: TF.layer_norm(x.movedim(1, -1), x.shape[1:2], w, b).movedim(-1, 1), (3, 24, 17, 31)),
+    "rms_norm2d": (lambda x, w, b, be: F.rms_norm2d(x, w, 1e-6, bias=b, backend=be),
+                   lambda x, w, b: ref.rms_norm2d(x, w, 1e-6) + b.reshape(1, -1, 1),
+                   lambda x, w, b: TF.rms_norm(x.movedim(1, -1), x.shape[1:2], w, 1e-6).movedim(-1, 1) + b.reshape(1, -1, 1),
+                   (1, 16, 600)),
+    "group_norm": (lambda x, w, b, be: F.group_norm(x, 4, w, b, backend=be),
+                   lambda x, w, b: ref.group_norm(x, 4, w, b),
+                   lambda x, w, b: TF.group_norm(x, 4, w, b), (3, 12, 9, 11)),
+    "instance_norm": (lambda x, w, b, be: F.instance_norm(x, weight=w, bias=b, backend=be),
+                      lambda x, w, b: ref.instance_norm(x, w, b),
+                      lambda x, w, b: TF.instance_norm(x, weight=w, bias=b), (2, 5, 70, 70)),
+    "dyt": (lambda x, w, b, be: F.dyt(x, torch.tensor([0.8]), w, b, backend=be),
+            lambda x, w, b: ref.dyt(x, torch.tensor([0.8], dtype=D), w, b),
+            lambda x, w, b: torch.tanh(0.8 * x) * w + b, (40, 3000)),
+    "dyt_channels_first": (lambda x, w, b, be: F.dyt(x, torch.tensor([0.8]), w, b, channels_last=False, backend=be),
+                           lambda x, w, b: torch.tanh(0.8 * x) * w.reshape(1, -1, 1) + b.reshape(1, -1, 1),
+                           lambda x, w, b: torch.tanh(0.8 * x) * w.reshape(1, -1, 1) + b.reshape(1, -1, 1), (3, 7, 301)),
+}
+
+
+def _grads(fn, x, w, b, g):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    return (y.detach(), *torch.autograd.grad(y, (x, w, b), g))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fp32_forward_and_backward_within_twice_torchs_error(name):
+    ours, formula, theirs, shape = CASES[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    g = torch.randn(shape, generator=gen)
+    c = shape[-1] if name in ("layer_norm", "rms_norm", "dyt") else shape[1]
+    w, b = _params(c)
+    exact = _grads(formula, x.double(), w.double(), b.double(), g.double())
+    mine = _grads(lambda *a: ours(*a, "compiled"), x, w, b, g)
+    torch_ = _grads(theirs, x, w, b, g)
+    for what, e, m, t in zip(("y", "dx", "dw", "db"), exact, mine, torch_):
+        scale = max(1.0, e.abs().max().item())
+        err_m = (m.double() - e).abs().max().item()
+        err_t = (t.double() - e).abs().max().item()
+        assert err_m <= 2 * err_t + 1e-6 * scale, (what, err_m, err_t)
+
+
+def test_compiled_backend_runs_the_cpu_kernels_not_inductor(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("Inductor was used")
+
+    monkeypatch.setattr(B, "compiled", boom)
+    calls = []
+    for name in ("seg_forward", "seg_backward", "cf_forward", "cf_backward", "dyt_forward", "dyt_backward"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, real=real, name=name, **k: (calls.append(name), real(*a, **k))[1])
+    for name, (ours, _, _, shape) in CASES.items():
+        x = torch.randn(shape, requires_grad=True)
+        c = shape[-1] if name in ("layer_norm", "rms_norm", "dyt") else shape[1]
+        w, b = (p.requires_grad_() for p in _params(c))
+        ours(x, w, b, "compiled").sum().backward()
+    y, s = F.add_norm(torch.randn(4, 8), torch.randn(4, 8), 8, backend="compiled")
+    assert set(calls) == {"seg_forward", "seg_backward", "cf_forward", "cf_backward", "dyt_forward", "dyt_backward"}
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_add_norm_residual_in_the_kernel(norm):
+    x, r, g = torch.randn(3, 6, 130), torch.randn(3, 6, 130), torch.randn(3, 6, 130)
+    w, b = _params(130)
+    out = {}
+    for be in ("eager", "compiled"):
+        xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
+        y, s = F.add_norm(xs, rs, 130, ws, bs, norm=norm, backend=be)
+        assert torch.equal(s, x + r)  # the sum is formed once, exactly
+        grads = torch.autograd.grad((y * g).sum() + (s * s).sum(), (xs, rs, ws, bs))
+        out[be] = (y, *grads)
+    for a, c in zip(out["eager"], out["compiled"]):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_returned_by_the_kernel_path():
+    x = torch.randn(6, 3, 5, 7, dtype=D)
+    for dims, view in (((2, 3), (6, 3, 5, 7)), ((2,), (6, 1, 15, 7)), ((2,), (42, 1, 15, 1))):
+        xv = x.reshape(view)
+        for center in (True, False):
+            y, mean, var = normalize(xv, None, None, dims, center=center, backend="compiled")
+            if center:
+                want_var, want_mean = torch.var_mean(xv, dims, correction=0, keepdim=True)
+            else:
+                want_mean, want_var = torch.zeros_like(xv.mean(dims, keepdim=True)), xv.square().mean(dims, keepdim=True)
+            torch.testing.assert_close(mean, want_mean)
+            torch.testing.assert_close(var, want_var)
+            assert not mean.requires_grad and not var.requires_grad
+
+
+def test_thread_count_does_not_change_the_result_beyond_rounding():
+    x, g = torch.randn(512, 300), torch.randn(512, 300)
+    w, b = _params(300)
+    old = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            res.append(_grads(lambda *a: F.layer_norm(a[0], 300, a[1], a[2], backend="compiled"), x, w, b, g))
+    finally:
+        torch.set_num_threads(old)
+    for a, c in zip(*res):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-5)
+
+
+def test_nan_propagates_and_stays_in_its_row():
+    x = torch.randn(4, 50)
+    x[1, 7] = float("nan")
+    w, b = _params(50)
+    for fn in (lambda t: F.layer_norm(t, 50, w, b, backend="compiled"), lambda t: F.rms_norm(t, 50, w, backend="compiled")):
+        y = fn(x)
+        assert y[1].isnan().all() and torch.isfinite(y[[0, 2, 3]]).all()
+    y = F.dyt(x, torch.tensor([0.5]), w, b, backend="compiled")
+    assert y[1, 7].isnan() and torch.isfinite(y).sum() == x.numel() - 1
+    xc = torch.randn(2, 4, 300)
+    xc[0, 2, 299] = float("nan")  # the tail of the last 256-position chunk
+    y = F.layer_norm2d(xc, *_params(4), backend="compiled")
+    assert y[0, :, 299].isnan().all() and torch.isfinite(y).sum() == y.numel() - 4
+    # the backward's column sums see the NaN too
+    xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    F.layer_norm(xg, 50, wg, b, backend="compiled").sum().backward()
+    assert wg.grad.isnan().all() and torch.isfinite(xg.grad[[0, 2, 3]]).all()
+
+
+def test_huge_rows_do_not_overflow_the_sums():
+    x = torch.randn(3, 4, 300)
+    x[1] *= 1e19  # squares sum past float32's range unless scaled before summing
+    w, b = _params(4)
+    with normkit.set_backend("eager"):
+        want_cf, want_rows = F.layer_norm2d(x, w, b), F.layer_norm(x, 300)
+    torch.testing.assert_close(F.layer_norm2d(x, w, b, backend="compiled"), want_cf, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(F.layer_norm(x, 300, backend="compiled"), want_rows, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_input_and_expanded_gradient():
+    base = torch.randn(40, 24, dtype=D)
+    x = base.t().requires_grad_()  # (24, 40), not contiguous
+    w, b = (p.double().requires_grad_() for p in _params(40))
+    F.layer_norm(x, 40, w, b, backend="compiled").sum().backward()  # the incoming gradient has stride 0
+    xr = base.t().clone().requires_grad_()
+    wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref.layer_norm(xr, wr, br).sum().backward()
+    for a, c in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(a, c)
+
+
+def _run(env_extra: dict[str, str]) -> str:
+    code = (
+        "import warnings, torch, normkit\n"
+        "from normkit.kernels import cpu\n"
+        "with warnings.catch_warnings(record=True) as ws:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = normkit.functional.layer_norm(torch.randn(4, 8), 8, backend='compiled')\n"
+        "print(cpu.status()); print(bool(torch.isfinite(y).all()))\n"
+        "print(len([w for w in ws if 'CPU kernels' in str(w.message)]))\n"
+    )
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_disabled_or_unbuildable_kernels_fall_back_to_inductor(tmp_path):
+    off = _run({"NORMKIT_CPU_KERNELS": "0"}).splitlines()
+    assert off[0] == "normkit CPU kernels off: disabled by NORMKIT_CPU_KERNELS=0" and off[1] == "True"
+    broken = _run({"NORMKIT_CXX": "/bin/false", "NORMKIT_CACHE_DIR": str(tmp_path)}).splitlines()
+    assert broken[0].startswith("normkit CPU kernels off: /bin/false failed to build cpu_norms.cpp"), broken
+    assert broken[1] == "True" and broken[2] == "1"  # one warning says why, the layer still runs
+
+
+def test_build_goes_to_the_cache_dir_and_is_reused(tmp_path):
+    first = _run({"NORMKIT_CACHE_DIR": str(tmp_path)}).splitlines()[0]
+    assert first.startswith("normkit CPU kernels on (built in") and str(tmp_path) in first
+    assert len(list((tmp_path / "kernels").glob("cpu_norms_*.so"))) == 1
+    again = _run({"NORMKIT_CACHE_DIR": str(tmp_path)}).splitlines()[0]
+    assert again.startswith("normkit CPU kernels on (loaded from cache")
