@@ -148,12 +148,19 @@ def supports(x: Tensor, *params: Tensor | None) -> bool:
     return available()
 
 
-def _fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
-    return getattr(_library(), f"nk_{name}_{_DTYPES[dtype]}")
-
-
-def _p(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _call(name: str, dtype: torch.dtype, *args: Tensor | None | int | float) -> None:
+    """Run kernel ``name`` for ``dtype``. Tensors go in as pointers; ``args`` holds them, so every
+    temporary made in the argument list stays alive until the kernel returns (turning a tensor into
+    a bare address first would let Python free it before the call)."""
+    ptrs = []
+    for a in args:
+        if isinstance(a, Tensor):
+            if not a.is_contiguous() or a.dtype != dtype:
+                raise RuntimeError(f"normkit CPU kernel {name}: got a {a.dtype} tensor of strides {a.stride()}")
+            ptrs.append(a.data_ptr())
+        else:
+            ptrs.append(a)
+    getattr(_library(), f"nk_{name}_{_DTYPES[dtype]}")(*ptrs)
 
 
 def _ones(p: Tensor | None, n: int, like: Tensor, fill: float) -> Tensor:
@@ -177,8 +184,8 @@ def seg_forward(
     mean, var, rstd = (torch.empty(n, dtype=x.dtype) for _ in range(3))
     w = _ones(weight, groups * c, x, 1.0)
     b = _ones(bias, groups * c, x, 0.0)
-    _fn("seg_fwd", x.dtype)(
-        _p(x), _p(res), _p(s), _p(w), _p(b), _p(y), _p(mean), _p(var), _p(rstd),
+    _call("seg_fwd", x.dtype,
+        x, res, s, w, b, y, mean, var, rstd,
         n, c, length, groups, int(center), float(eps), _threads(),
     )
     return y, s, mean, var, rstd
@@ -194,9 +201,9 @@ def seg_backward(
     dx = torch.empty_like(s)
     dw = torch.empty(groups * c, dtype=s.dtype) if want_w else None
     db = torch.empty(groups * c, dtype=s.dtype) if want_b else None
-    _fn("seg_bwd", s.dtype)(
-        _p(g), _p(gs), _p(s), _p(_ones(weight, groups * c, s, 1.0)), _p(mean.contiguous()), _p(rstd.contiguous()),
-        _p(dx), _p(dw), _p(db), n, c, length, groups, int(center), _threads(),
+    _call("seg_bwd", s.dtype,
+        g, gs, s, _ones(weight, groups * c, s, 1.0), mean.contiguous(), rstd.contiguous(),
+        dx, dw, db, n, c, length, groups, int(center), _threads(),
     )
     return dx, dw, db
 
@@ -208,8 +215,8 @@ def cf_forward(
     x = x.contiguous()
     y = torch.empty_like(x)
     mean, var, rstd = (torch.empty(n * length, dtype=x.dtype) for _ in range(3))
-    _fn("cf_fwd", x.dtype)(
-        _p(x), _p(_ones(weight, c, x, 1.0)), _p(_ones(bias, c, x, 0.0)), _p(y), _p(mean), _p(var), _p(rstd),
+    _call("cf_fwd", x.dtype,
+        x, _ones(weight, c, x, 1.0), _ones(bias, c, x, 0.0), y, mean, var, rstd,
         n, c, length, int(center), float(eps), _threads(),
     )
     return y, x, mean, var, rstd
@@ -223,9 +230,9 @@ def cf_backward(
     dx = torch.empty_like(s)
     dw = torch.empty(c, dtype=s.dtype) if want_w else None
     db = torch.empty(c, dtype=s.dtype) if want_b else None
-    _fn("cf_bwd", s.dtype)(
-        _p(g), _p(s), _p(_ones(weight, c, s, 1.0)), _p(mean.contiguous()), _p(rstd.contiguous()),
-        _p(dx), _p(dw), _p(db), n, c, length, int(center), _threads(),
+    _call("cf_bwd", s.dtype,
+        g, s, _ones(weight, c, s, 1.0), mean.contiguous(), rstd.contiguous(),
+        dx, dw, db, n, c, length, int(center), _threads(),
     )
     return dx, dw, db
 
@@ -242,8 +249,8 @@ def dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | 
     x = x.contiguous()
     n, c, length = _dyt_view(x, channels_last)
     y = torch.empty_like(x)
-    _fn("dyt_fwd", x.dtype)(
-        _p(x), float(alpha), _p(_ones(weight, c, x, 1.0)), _p(_ones(bias, c, x, 0.0)), _p(y), n, c, length, _threads()
+    _call("dyt_fwd", x.dtype,
+        x, float(alpha), _ones(weight, c, x, 1.0), _ones(bias, c, x, 0.0), y, n, c, length, _threads()
     )
     return y
 
@@ -258,8 +265,8 @@ def dyt_backward(
     dalpha = ctypes.c_double(0.0)
     dw = torch.empty(c, dtype=x.dtype) if want_w else None
     db = torch.empty(c, dtype=x.dtype) if want_b else None
-    _fn("dyt_bwd", x.dtype)(
-        _p(g), _p(x), float(alpha), _p(_ones(weight, c, x, 1.0)), _p(dx), ctypes.addressof(dalpha),
-        _p(dw), _p(db), n, c, length, _threads(),
+    _call("dyt_bwd", x.dtype,
+        g, x, float(alpha), _ones(weight, c, x, 1.0), dx, ctypes.addressof(dalpha),
+        dw, db, n, c, length, _threads(),
     )
     return dx, torch.tensor(dalpha.value, dtype=alpha.dtype).reshape(alpha.shape), dw, db
