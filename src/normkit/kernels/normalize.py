@@ -33,10 +33,16 @@ loop over rows. With ``residual`` the kernel first forms ``s = x + residual`` an
 (pre-norm transformer blocks), so the sum is written once.
 
 The two pure functions below are the whole math; the ``"eager"`` backend runs them as is and
-the ``"compiled"`` backend runs them through ``torch.compile``. Under a compiler (the
-``"compiled"`` backend, or any backend inside a user's ``torch.compile`` region) they take a
-compiler-friendly spelling of the same formulas (:func:`normkit.stats.fused_moments`); the saved
-r is then computed from the returned variance, which matches the one the output used to rounding.
+the ``"inductor"`` backend runs them through ``torch.compile``. Under a compiler (``"inductor"``,
+or any backend inside a user's ``torch.compile`` region) they take a compiler-friendly spelling of
+the same formulas (:func:`normkit.stats.fused_moments`); the saved r is then computed from the
+returned variance, which matches the one the output used to rounding. The ``"compiled"`` backend
+runs the same formulas as normkit's C++ CPU kernels (:mod:`normkit.kernels.cpu`) for the layouts
+they cover — rows (L = 1, reduced axis 2), channels-first (G = 1, reduced axis 2) and
+GroupNorm/InstanceNorm segments (reduced axes 2, 3) — and as ``"inductor"`` otherwise (BatchNorm).
+
+A second derivative (``create_graph=True``) goes through :func:`_differentiable_backward`, which
+recomputes the statistics from the saved input with autograd recording.
 """
 
 from __future__ import annotations

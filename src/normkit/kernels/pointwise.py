@@ -1,8 +1,10 @@
 """Closed-form kernels for the two norms without per-channel moments: ScaleNorm and DyT.
 
 Same pattern as :mod:`normkit.kernels.normalize`: pure forward/backward math, run as is by the
-``"eager"`` backend and through ``torch.compile`` by ``"compiled"``, wrapped in an autograd
-function that saves only the input (plus O(rows) statistics).
+``"eager"`` backend and through ``torch.compile`` by ``"inductor"``, wrapped in an autograd
+function that saves only the input (plus O(rows) statistics). ``"compiled"`` runs DyT on CPU as
+normkit's C++ kernel (:mod:`normkit.kernels.cpu`: tanh and sech² from one exp/expm1 per element,
+∂w/∂b/∂α summed inside the row loop) and ScaleNorm as ``"inductor"`` (already at target there).
 
 ScaleNorm, ``y = g · x / n`` with ``n = max(‖x‖, eps)``::
 
