@@ -47,6 +47,10 @@ CASES = {
                    lambda x, w, b: ref.rms_norm2d(x, w, 1e-6) + b.reshape(1, -1, 1),
                    lambda x, w, b: TF.rms_norm(x.movedim(1, -1), x.shape[1:2], w, 1e-6).movedim(-1, 1) + b.reshape(1, -1, 1),
                    (1, 16, 600)),
+    "layer_norm2d_wide": (lambda x, w, b, be: F.layer_norm2d(x + 10, w, b, backend=be),  # sums down 4096 channels
+                          lambda x, w, b: ref.layer_norm2d(x + 10, w, b),
+                          lambda x, w, b: TF.layer_norm((x + 10).movedim(1, -1), x.shape[1:2], w, b).movedim(-1, 1),
+                          (2, 4096, 40)),
     "group_norm": (lambda x, w, b, be: F.group_norm(x, 4, w, b, backend=be),
                    lambda x, w, b: ref.group_norm(x, 4, w, b),
                    lambda x, w, b: TF.group_norm(x, 4, w, b), (3, 12, 9, 11)),
@@ -100,7 +104,7 @@ def test_compiled_backend_runs_the_cpu_kernels_not_inductor(monkeypatch):
         c = shape[-1] if name in ("layer_norm", "rms_norm", "dyt") else shape[1]
         w, b = (p.requires_grad_() for p in _params(c))
         ours(x, w, b, "compiled").sum().backward()
-    y, s = F.add_norm(torch.randn(4, 8), torch.randn(4, 8), 8, backend="compiled")
+    F.add_norm(torch.randn(4, 8), torch.randn(4, 8), 8, backend="compiled")
     assert set(calls) == {"seg_forward", "seg_backward", "cf_forward", "cf_backward", "dyt_forward", "dyt_backward"}
 
 
@@ -247,3 +251,48 @@ def test_kernel_index_math_matches_eager_on_random_layouts(n, g, cg, length, kin
         out[be] = (y, mean, var, *torch.autograd.grad(y, leaves, gy))
     for a, c in zip(out["eager"], out["compiled"]):
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-9)
+
+
+def test_dyt_edge_shapes_and_huge_inputs():
+    a = torch.tensor([0.5])
+    # a channels-first input needs a channel dim, on every backend
+    for be in ("eager", "compiled"):
+        with pytest.raises(ValueError, match=r"dyt expects input of shape \(N, C, \*\)"):
+            F.dyt(torch.randn(5), a, channels_last=False, backend=be)
+    # 2-D channels-first input and a (C, 1, 1) parameter shape: same results and gradient shapes as eager
+    for x, w, b, cl in (
+        (torch.randn(4, 5), torch.randn(5), torch.randn(5), False),
+        (torch.randn(2, 3, 4, 4), torch.randn(3, 1, 1), torch.randn(3, 1, 1), False),
+    ):
+        out = {}
+        for be in ("eager", "compiled"):
+            leaves = [t.clone().requires_grad_() for t in (x, a, w, b)]
+            y = F.dyt(leaves[0], leaves[1], leaves[2], leaves[3], channels_last=cl, backend=be)
+            out[be] = (y, *torch.autograd.grad(y.sin().sum(), leaves))
+        for e, c in zip(out["eager"], out["compiled"]):
+            assert e.shape == c.shape
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    # past the exp's underflow sech² is exactly 0: nothing leaks into ∂L/∂α = Σ w·sech²·x·g
+    x = torch.tensor([[1.0, 1e37]], requires_grad=True)
+    grads = [torch.autograd.grad(F.dyt(x, a.clone().requires_grad_(), backend=be).sum(), x)[0] for be in ("eager", "compiled")]
+    da = [torch.autograd.grad(F.dyt(x.detach(), (p := a.clone().requires_grad_()), backend=be).sum(), p)[0]
+          for be in ("eager", "compiled")]
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(da[1], da[0])
+
+
+def test_bias_gradient_keeps_the_bias_shape_without_weight():
+    x = torch.randn(4, 3, 4, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    for be in ("eager", "compiled", "inductor"):
+        (gb,) = torch.autograd.grad(F.layer_norm(x, (3, 4), None, b, backend=be).sum(), b)
+        assert gb.shape == (3, 4)
+        torch.testing.assert_close(gb, torch.full((3, 4), 4.0))
+
+
+def test_channels_last_memory_format_keeps_its_layout():
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
+    w, b = _params(8)
+    y = F.layer_norm2d(x, w, b, backend="compiled")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref.layer_norm2d(x, w, b))

@@ -41,7 +41,10 @@ def dyt(
     check_float(x)
     if alpha.numel() != 1:
         raise ValueError(f"dyt: alpha must be a single value, got shape {tuple(alpha.shape)}")
-    c = x.shape[-1] if channels_last else (x.shape[1] if x.dim() >= 2 else None)
+    if x.dim() < (1 if channels_last else 2):
+        want = "(*, C)" if channels_last else "(N, C, *) with channels_last=False"
+        raise ValueError(f"dyt expects input of shape {want}, got {tuple(x.shape)}")
+    c = x.shape[-1] if channels_last else x.shape[1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.numel() != c:
             layout = "last dim" if channels_last else "dim 1"

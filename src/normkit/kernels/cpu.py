@@ -10,10 +10,13 @@ segments, channels-first LayerNorm/RMSNorm) and for DyT, with the same closed-fo
 The source is compiled on first use with the system C++ compiler (``$NORMKIT_CXX``, ``$CXX``,
 else ``g++`` / ``c++`` / ``clang++`` — Inductor needs a C++ compiler as well) into a per-user cache
 (``$NORMKIT_CACHE_DIR``, default ``~/.cache/normkit``), keyed by the source, the flags, the
-compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL). It links OpenMP
-against the runtime torch has already loaded, so the two share one thread pool; the kernels use
-``torch.get_num_threads()`` threads. Where no compiler works (or ``NORMKIT_CPU_KERNELS=0``) the
-``"compiled"`` backend falls back to Inductor alone; :func:`status` says which.
+compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL). Built with GCC it
+links ``libgomp.so.1``, which resolves to the copy torch has already loaded, so the two share one
+thread pool (a clang build links LLVM's ``libomp``: a second pool, still correct); the kernels use
+``torch.get_num_threads()`` threads, parallel over rows / groups / position tiles (one long row
+runs on one thread). Old builds stay in the cache until removed by hand. Where no compiler works
+(or ``NORMKIT_CPU_KERNELS=0``) the ``"compiled"`` backend falls back to Inductor alone;
+:func:`status` says which.
 
 Coverage: contiguous (made so) float32/float64 CPU tensors with weight/bias of the same dtype
 and no ``stats_dtype`` override; anything else goes through Inductor.
@@ -116,7 +119,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
     except (OSError, RuntimeError) as e:
-        _failure = str(e).splitlines()[0]
+        _failure = (str(e).splitlines() or [repr(e)])[0]
         warnings.warn(f"normkit: CPU kernels unavailable, the 'compiled' backend uses Inductor only ({e})", stacklevel=3)
         return None
     for name, args in _SIGNATURES.items():

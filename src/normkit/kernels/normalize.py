@@ -155,8 +155,8 @@ def _cpu_layout(
     """``(kind, n, c, length, groups)`` for normkit's CPU kernels (:mod:`normkit.kernels.cpu`), or
     None where the ``"compiled"`` backend uses Inductor (BatchNorm's axes, half dtypes, a
     ``stats_dtype`` override, GPU tensors, kernels unavailable)."""
-    if impl != "compiled" or (stats_dtype is not None and stats_dtype != x.dtype):
-        return None
+    if impl != "compiled" or (stats_dtype is not None and stats_dtype != x.dtype) or not x.is_contiguous():
+        return None  # a strided view (e.g. channels_last memory format) keeps its layout on the Inductor path
     n, g, cg, length = x.shape
     if dims == (2, 3):  # GroupNorm / InstanceNorm: one segment per (sample, group)
         layout = ("seg", n * g, cg, length, g)
@@ -221,7 +221,8 @@ class _NormalizeFn(torch.autograd.Function):
         # without a residual the input itself is saved (not a copy or view made here), so a double
         # backward differentiates through the user's tensor
         ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
-        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key, layout, eps)
+        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key, layout, eps,
+                   None if bias is None else bias.shape)
         ctx.mark_non_differentiable(mean, var)
         if residual is None:
             return y, mean, var
@@ -230,7 +231,7 @@ class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *rest):  # noqa: ANN001, ANN205
         s, weight, mean, rstd = ctx.saved_tensors
-        dims, center, impl, has_b, has_r, has_w, key, layout, eps = ctx.cfg
+        dims, center, impl, has_b, has_r, has_w, key, layout, eps, bias_shape = ctx.cfg
         gs = rest[0] if has_r else None
         want_w, want_b = has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
@@ -258,7 +259,7 @@ class _NormalizeFn(torch.autograd.Function):
         if dw is not None:
             dw = dw.reshape(weight.shape).to(weight.dtype)
         if db is not None:
-            db = db.reshape(weight.shape if has_w else (-1,)).to(gy.dtype)
+            db = db.reshape(bias_shape).to(gy.dtype)
         dr = dx if has_r and ctx.needs_input_grad[3] else None
         return dx, dw, db, dr, None, None, None, None, None
 

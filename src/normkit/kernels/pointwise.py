@@ -11,8 +11,8 @@ ScaleNorm, ``y = g · x / n`` with ``n = max(‖x‖, eps)``::
     ∂L/∂x = (g / n) · (ĝ − x · (ĝ·x) / n²)   where ‖x‖ > eps, else (g / eps) · ĝ
     ∂L/∂g = Σ ĝ · x / n
 
-DyT, ``y = w · tanh(α x) + b`` with ``t = tanh(α x)`` recomputed in backward (compiled: 1 − t²
-evaluated as a sech² that keeps its digits where t ≈ ±1, see :func:`_sech2`)::
+DyT, ``y = w · tanh(α x) + b`` with ``t = tanh(α x)`` recomputed in backward (``"inductor"``:
+1 − t² evaluated as a sech² that keeps its digits where t ≈ ±1, see :func:`_sech2`)::
 
     ∂L/∂x = α · w · (1 − t²) · ĝ,   ∂L/∂α = Σ w · (1 − t²) · x · ĝ,
     ∂L/∂w = Σ_rows ĝ · t,           ∂L/∂b = Σ_rows ĝ
@@ -139,27 +139,35 @@ class _DyTFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, impl):  # noqa: ANN001, ANN205
         key = (channels_last, x.dtype, weight is None, bias is None)
-        cpu = impl == "compiled" and alpha.numel() == 1 and _cpu.supports(x, alpha, weight, bias)
+        cpu = (
+            impl == "compiled" and alpha.numel() == 1 and x.is_contiguous() and (channels_last or x.dim() >= 2)
+            and _cpu.supports(x, alpha, weight, bias)
+        )
         if cpu:  # normkit's CPU kernel: one exp per element, column sums inside the row loop
             y = _cpu.dyt_forward(x, alpha, weight, bias, channels_last)
         else:
             y = _backend.executor(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
         ctx.save_for_backward(x, alpha, weight)
-        ctx.cfg = (channels_last, impl, key, weight is not None, bias is not None, cpu)
+        shapes = (None if weight is None else weight.shape, None if bias is None else bias.shape)
+        ctx.cfg = (channels_last, impl, key, weight is not None, bias is not None, cpu, shapes)
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, alpha, weight = ctx.saved_tensors
-        channels_last, impl, key, has_w, has_b, cpu = ctx.cfg
+        channels_last, impl, key, has_w, has_b, cpu, (w_shape, b_shape) = ctx.cfg
         w = weight if has_w else None
         if torch.is_grad_enabled():  # create_graph=True: the eager math is differentiable in x, α, w
-            return (*_dyt_backward(g, x, alpha, w, channels_last, has_b), None, None)
-        if cpu and g.dtype == x.dtype:
+            dx, da, dw, db = _dyt_backward(g, x, alpha, w, channels_last, has_b)
+        elif cpu and g.dtype == x.dtype:
             want_w, want_b = has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3]
             dx, da, dw, db = _cpu.dyt_backward(g, x, alpha, w, channels_last, want_w, want_b)
-            return dx.view(x.shape), da, dw, db, None, None
-        dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, w, channels_last, has_b)
+            dx = dx.view(x.shape)
+        else:
+            dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, w, channels_last, has_b)
+        # parameters may carry singleton dims (e.g. a (C, 1, 1) weight); the sums come out flat
+        dw = None if dw is None else dw.reshape(w_shape)
+        db = None if db is None else db.reshape(b_shape)
         return dx, da, dw, db, None, None
 
 

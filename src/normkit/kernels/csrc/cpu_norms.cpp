@@ -15,8 +15,9 @@
 // Weight and bias pointers are never null (the caller passes ones / zeros).
 // Statistics: mean, then the mean squared deviation (two passes over the in-cache segment, no
 // E[x²] − E[x]² cancellation), every term scaled by 1/n before it is summed (no overflow where
-// the squares' sum would leave the float range); float sums are taken in blocks of 4096 (with
-// kLanes partial sums) and the block sums added in double. NaN in the input propagates to the output and the statistics; nothing is clamped away.
+// the squares' sum would leave the float range). Every long sum is taken in T over a block —
+// 4096 values (with kLanes partial sums), or 64 channels in the channels-first kernels — and the
+// block sums are added in double; column sums (dw, db) go to per-thread double buffers. NaN in the input propagates to the output and the statistics; nothing is clamped away.
 #include <omp.h>
 
 #include <algorithm>
@@ -33,6 +34,7 @@ constexpr int64_t kBlock = 4096;  // values summed in T before the block sum is 
 #define NK_CF_CHUNK 256
 #endif
 constexpr int64_t kCfChunk = NK_CF_CHUNK;  // positions l handled together by the channels-first kernels
+constexpr int64_t kChanBlock = 64;         // channels summed in T before the sums go to double (cf)
 
 #define NK_INLINE inline __attribute__((always_inline))
 
@@ -240,24 +242,24 @@ void seg_backward_impl(const T* g, const T* gs, const T* s, const T* w, const T*
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const T wc = wi[c];
-          const T* gc = gi + c * L;
-          const T* sc = si + c * L;
-          T a = 0, bb = 0, tw = 0, tb = 0;
-#pragma omp simd reduction(+ : a, bb, tw, tb)
-          for (int64_t l = 0; l < L; ++l) {
-            const T xh = (sc[l] - m) * r;
-            a += gc[l];
-            bb += gc[l] * xh;
-            if constexpr (kCols) {
-              tw += gc[l] * xh;
-              tb += gc[l];
+          double sg = 0, sgx = 0;  // Σ g and Σ g·x̂ over this channel's positions
+          for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+            const T* gc = gi + c * L + l0;
+            const T* sc = si + c * L + l0;
+            T a = 0, bb = 0;
+#pragma omp simd reduction(+ : a, bb)
+            for (int64_t l = 0; l < std::min(kBlock, L - l0); ++l) {
+              a += gc[l];
+              bb += gc[l] * ((sc[l] - m) * r);
             }
+            sg += a;
+            sgx += bb;
           }
-          sum_gw += static_cast<double>(a) * wc;
-          sum_gwx += static_cast<double>(bb) * wc;
+          sum_gw += sg * wc;
+          sum_gwx += sgx * wc;
           if constexpr (kCols) {
-            cw[off + c] += tw;
-            cb[off + c] += tb;
+            cw[off + c] += sgx;
+            cb[off + c] += sg;
           }
         }
       }
@@ -319,24 +321,37 @@ void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rs
     const int64_t nn = task / chunks, l0 = (task % chunks) * kCfChunk, m = std::min(kCfChunk, L - l0);
     const T* xn = x + nn * C * L + l0;
     T* yn = y + nn * C * L + l0;
-    T mu[kCfChunk], acc[kCfChunk], r[kCfChunk];
+    T mu[kCfChunk], acc[kCfChunk], r[kCfChunk], part[kCfChunk];
+    double total[kCfChunk];
     const T inv_c = T(1) / static_cast<T>(C);
-    for (int64_t l = 0; l < m; ++l) mu[l] = 0, acc[l] = 0;
+    // Σ over c in blocks of kChanBlock channels summed in T, the block sums added in double
+    // (a plain float sum down thousands of channels loses digits: 5-15× torch's error at C = 2048-4096)
+    for (int64_t l = 0; l < m; ++l) mu[l] = 0, total[l] = 0;
     if (center) {
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c0 = 0; c0 < C; c0 += kChanBlock) {
+        for (int64_t l = 0; l < m; ++l) part[l] = 0;
+        for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
+          const T* xc = xn + c * L;
+#pragma omp simd
+          for (int64_t l = 0; l < m; ++l) part[l] += xc[l] * inv_c;
+        }
+        for (int64_t l = 0; l < m; ++l) total[l] += part[l];
+      }
+      for (int64_t l = 0; l < m; ++l) mu[l] = static_cast<T>(total[l]), total[l] = 0;
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kChanBlock) {
+      for (int64_t l = 0; l < m; ++l) part[l] = 0;
+      for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
         const T* xc = xn + c * L;
 #pragma omp simd
-        for (int64_t l = 0; l < m; ++l) mu[l] += xc[l] * inv_c;
+        for (int64_t l = 0; l < m; ++l) {
+          const T d = xc[l] - mu[l];
+          part[l] += d * (d * inv_c);  // scaled before summing, as scaled_sqdev
+        }
       }
+      for (int64_t l = 0; l < m; ++l) total[l] += part[l];
     }
-    for (int64_t c = 0; c < C; ++c) {
-      const T* xc = xn + c * L;
-#pragma omp simd
-      for (int64_t l = 0; l < m; ++l) {
-        const T d = xc[l] - mu[l];
-        acc[l] += d * (d * inv_c);  // scaled before summing, as scaled_sqdev
-      }
-    }
+    for (int64_t l = 0; l < m; ++l) acc[l] = static_cast<T>(total[l]);
     T* mo = mean + nn * L + l0;
     T* vo = var + nn * L + l0;
     T* ro = rstd + nn * L + l0;
@@ -373,33 +388,37 @@ void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T
       const T* mu = mean + nn * L + l0;
       const T* r = rstd + nn * L + l0;
       T a[kCfChunk], bb[kCfChunk];
-      for (int64_t l = 0; l < m; ++l) a[l] = 0, bb[l] = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const T wc = w[c];
-        const T* gc = gn + c * L;
-        const T* sc = sn + c * L;
-        T tw = 0, tb = 0;
+      double ta[kCfChunk], tbb[kCfChunk];  // block sums over channels, as in cf_forward
+      for (int64_t l = 0; l < m; ++l) ta[l] = 0, tbb[l] = 0;
+      for (int64_t c0 = 0; c0 < C; c0 += kChanBlock) {
+        for (int64_t l = 0; l < m; ++l) a[l] = 0, bb[l] = 0;
+        for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
+          const T wc = w[c];
+          const T* gc = gn + c * L;
+          const T* sc = sn + c * L;
+          T tw = 0, tb = 0;
 #pragma omp simd reduction(+ : tw, tb)
-        for (int64_t l = 0; l < m; ++l) {
-          const T xh = (sc[l] - mu[l]) * r[l];
-          const T gw = gc[l] * wc;
-          a[l] += gw;
-          bb[l] += gw * xh;
+          for (int64_t l = 0; l < m; ++l) {
+            const T xh = (sc[l] - mu[l]) * r[l];
+            const T gw = gc[l] * wc;
+            a[l] += gw;
+            bb[l] += gw * xh;
+            if constexpr (kCols) {
+              tw += gc[l] * xh;
+              tb += gc[l];
+            }
+          }
           if constexpr (kCols) {
-            tw += gc[l] * xh;
-            tb += gc[l];
+            cw[c] += tw;
+            cb[c] += tb;
           }
         }
-        if constexpr (kCols) {
-          cw[c] += tw;
-          cb[c] += tb;
-        }
+        for (int64_t l = 0; l < m; ++l) ta[l] += a[l], tbb[l] += bb[l];
       }
-      const T inv_c = T(1) / static_cast<T>(C);
-#pragma omp simd
+      const double inv_c = 1.0 / static_cast<double>(C);
       for (int64_t l = 0; l < m; ++l) {
-        a[l] = center ? a[l] * inv_c : T(0);
-        bb[l] *= inv_c;
+        a[l] = center ? static_cast<T>(ta[l] * inv_c) : T(0);
+        bb[l] = static_cast<T>(tbb[l] * inv_c);
       }
       for (int64_t c = 0; c < C; ++c) {
         const T wc = w[c];
@@ -436,8 +455,8 @@ void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rst
 // relative) and 2^n from the exponent bits, which the compiler vectorizes; float64: libm.
 // NaN propagates (the clamp compares, so NaN passes through); ±inf give ±1 and sech² ≈ 0.
 NK_INLINE void exp_expm1_m2abs(float z, float& e, float& em) {
-  float x = -2.0f * std::fabs(z);
-  x = x < -86.0f ? -86.0f : x;  // keeps 2^n normal; e^-86 ≈ 4e-38, tanh is ±1 in float well before
+  const float x0 = -2.0f * std::fabs(z);
+  const float x = x0 < -86.0f ? -86.0f : x0;  // keeps 2^n normal; tanh is ±1 in float long before
   const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   float p = r * (1.0f / 5040.0f);
@@ -448,8 +467,9 @@ NK_INLINE void exp_expm1_m2abs(float z, float& e, float& em) {
   p = r * (p + 0.5f);
   p = r + r * p;  // expm1(r)
   const float s = std::bit_cast<float>((static_cast<int32_t>(fx) + 127) << 23);  // 2^n
-  e = s * p + s;
-  em = s * p + (s - 1.0f);
+  const bool under = x0 < -86.0f;  // e underflows: exactly 0 (a 4e-38 floor would leak into Σ x·sech²); NaN is not
+  e = under ? 0.0f : s * p + s;
+  em = under ? -1.0f : s * p + (s - 1.0f);
 }
 
 NK_INLINE void exp_expm1_m2abs(double z, double& e, double& em) {
