@@ -300,3 +300,15 @@ def test_channels_last_memory_format_keeps_its_layout():
     y = F.layer_norm2d(x, w, b, backend="compiled")
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, ref.layer_norm2d(x, w, b))
+
+
+@pytest.mark.parametrize("name", ["layernorm", "rmsnorm", "layernorm2d", "groupnorm", "instancenorm", "dyt"])
+def test_compiled_backend_layers_trace_without_graph_breaks(name):
+    # inside a user's torch.compile region the kernels' math is traced (no opaque ctypes call)
+    torch._dynamo.reset()
+    m = normkit.registry.sample_norm(name, 8)
+    m.backend = "compiled"
+    x = torch.randn(4, 8, requires_grad=True) if name in ("layernorm", "rmsnorm", "dyt") else torch.randn(2, 8, 3, 3)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = cm(x)
+    torch.testing.assert_close(y, m(x))

@@ -187,7 +187,7 @@ def _saved_bytes(fn):
 FUSED = ["layernorm", "rmsnorm", "layernorm2d", "rmsnorm2d", "groupnorm", "instancenorm", "batchnorm", "scalenorm", "dyt"]
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("backend", ["eager", "compiled", "inductor"])
 @pytest.mark.parametrize("name", FUSED)
 def test_saved_activations_at_most_input_plus_rows(name, backend):
     m = _build(name, 16) if norm_info(name).layout == "channels_last" else _build(name)
