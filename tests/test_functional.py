@@ -155,15 +155,19 @@ GRADCHECK = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", sorted(GRADCHECK))
-def test_gradcheck_float64(name, backend):
+def _gradcheck_inputs():
     x = torch.randn(8, 6, dtype=D, requires_grad=True)
     r = torch.randn(8, 6, dtype=D, requires_grad=True)
     w = (torch.rand(6, dtype=D) + 0.5).requires_grad_()
     b = torch.randn(6, dtype=D, requires_grad=True)
+    return x, r, w, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(GRADCHECK))
+def test_gradcheck_float64(name, backend):
     with normkit.set_backend(backend):
-        assert torch.autograd.gradcheck(GRADCHECK[name], (x, r, w, b), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(GRADCHECK[name], _gradcheck_inputs(), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,12 +175,8 @@ def test_gradcheck_float64(name, backend):
 def test_gradgradcheck_float64(name, backend):
     # second derivatives (gradient penalties through a norm): the backward with create_graph=True
     # must see the statistics' dependence on x, which the closed-form first backward treats as constant
-    x = torch.randn(8, 6, dtype=D, requires_grad=True)
-    r = torch.randn(8, 6, dtype=D, requires_grad=True)
-    w = (torch.rand(6, dtype=D) + 0.5).requires_grad_()
-    b = torch.randn(6, dtype=D, requires_grad=True)
     with normkit.set_backend(backend):
-        assert torch.autograd.gradgradcheck(GRADCHECK[name], (x, r, w, b), eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradgradcheck(GRADCHECK[name], _gradcheck_inputs(), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
