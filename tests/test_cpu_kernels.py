@@ -70,6 +70,11 @@ CASES = {
 }
 
 
+def _channels(name, shape):
+    """Size of the dim the affine runs along: the last for token norms, dim 1 for the others."""
+    return shape[-1] if name in ("layer_norm", "layer_norm_far_mean", "rms_norm", "dyt") else shape[1]
+
+
 def _grads(fn, x, w, b, g):
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
     y = fn(x, w, b)
@@ -82,8 +87,7 @@ def test_fp32_forward_and_backward_within_twice_torchs_error(name):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen) * 2 + 0.5
     g = torch.randn(shape, generator=gen)
-    c = shape[-1] if name in ("layer_norm", "layer_norm_far_mean", "rms_norm", "dyt") else shape[1]
-    w, b = _params(c)
+    w, b = _params(_channels(name, shape))
     exact = _grads(formula, x.double(), w.double(), b.double(), g.double())
     mine = _grads(lambda *a: ours(*a, "compiled"), x, w, b, g)
     torch_ = _grads(theirs, x, w, b, g)
@@ -105,8 +109,7 @@ def test_compiled_backend_runs_the_cpu_kernels_not_inductor(monkeypatch):
         monkeypatch.setattr(cpu, name, lambda *a, real=real, name=name, **k: (calls.append(name), real(*a, **k))[1])
     for name, (ours, _, _, shape) in CASES.items():
         x = torch.randn(shape, requires_grad=True)
-        c = shape[-1] if name in ("layer_norm", "layer_norm_far_mean", "rms_norm", "dyt") else shape[1]
-        w, b = (p.requires_grad_() for p in _params(c))
+        w, b = (p.requires_grad_() for p in _params(_channels(name, shape)))
         ours(x, w, b, "compiled").sum().backward()
     F.add_norm(torch.randn(4, 8), torch.randn(4, 8), 8, backend="compiled")
     assert set(calls) == {"seg_forward", "seg_backward", "cf_forward", "cf_backward", "dyt_forward", "dyt_backward"}

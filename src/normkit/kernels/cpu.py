@@ -143,8 +143,12 @@ def status() -> str:
 
 
 def supports(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether the kernels handle ``x`` (and these same-dtype parameters) — else use Inductor."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+    """Whether the kernels handle ``x`` (and these same-dtype parameters) — else use Inductor.
+
+    ``x`` must be contiguous: a strided view (e.g. channels_last memory format) stays on the
+    Inductor path, which keeps its layout, instead of being copied here.
+    """
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0 or not x.is_contiguous():
         return False
     if any(p is not None and (p.dtype != x.dtype or p.device.type != "cpu") for p in params):
         return False
@@ -166,7 +170,8 @@ def _call(name: str, dtype: torch.dtype, *args: Tensor | None | int | float) -> 
     getattr(_library(), f"nk_{name}_{_DTYPES[dtype]}")(*ptrs)
 
 
-def _ones(p: Tensor | None, n: int, like: Tensor, fill: float) -> Tensor:
+def _or_full(p: Tensor | None, n: int, like: Tensor, fill: float) -> Tensor:
+    """``p`` (contiguous), or ``n`` copies of ``fill``: the kernels always take a weight and a bias."""
     return torch.full((n,), fill, dtype=like.dtype) if p is None else p.contiguous()
 
 
@@ -179,16 +184,16 @@ def seg_forward(
     n: int, c: int, length: int, groups: int, center: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``n`` contiguous segments of ``c·length`` values; the affine of segment i is
-    ``weight[(i % groups)·c + k]``. Returns ``(y, s, mean, var, rstd)`` (flat statistics)."""
-    x = x.contiguous()
+    ``weight[(i % groups)·c + k]``. Returns ``(y, s, mean, var, rstd)`` (flat statistics).
+    ``x`` must be contiguous (:func:`supports`)."""
     res = None if residual is None else residual.contiguous()
     s = x if res is None else torch.empty_like(x)
     y = torch.empty_like(x)
     mean, var, rstd = (torch.empty(n, dtype=x.dtype) for _ in range(3))
-    w = _ones(weight, groups * c, x, 1.0)
-    b = _ones(bias, groups * c, x, 0.0)
-    _call("seg_fwd", x.dtype,
-        x, res, s, w, b, y, mean, var, rstd,
+    w = _or_full(weight, groups * c, x, 1.0)
+    b = _or_full(bias, groups * c, x, 0.0)
+    _call(
+        "seg_fwd", x.dtype, x, res, s, w, b, y, mean, var, rstd,
         n, c, length, groups, int(center), float(eps), _threads(),
     )
     return y, s, mean, var, rstd
@@ -204,8 +209,8 @@ def seg_backward(
     dx = torch.empty_like(s)
     dw = torch.empty(groups * c, dtype=s.dtype) if want_w else None
     db = torch.empty(groups * c, dtype=s.dtype) if want_b else None
-    _call("seg_bwd", s.dtype,
-        g, gs, s, _ones(weight, groups * c, s, 1.0), mean.contiguous(), rstd.contiguous(),
+    _call(
+        "seg_bwd", s.dtype, g, gs, s, _or_full(weight, groups * c, s, 1.0), mean, rstd,
         dx, dw, db, n, c, length, groups, int(center), _threads(),
     )
     return dx, dw, db
@@ -215,11 +220,10 @@ def cf_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Channels-first ``(n, c, length)`` normalized over c at every (n, l). Returns ``(y, x, mean, var, rstd)``."""
-    x = x.contiguous()
     y = torch.empty_like(x)
     mean, var, rstd = (torch.empty(n * length, dtype=x.dtype) for _ in range(3))
-    _call("cf_fwd", x.dtype,
-        x, _ones(weight, c, x, 1.0), _ones(bias, c, x, 0.0), y, mean, var, rstd,
+    _call(
+        "cf_fwd", x.dtype, x, _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), y, mean, var, rstd,
         n, c, length, int(center), float(eps), _threads(),
     )
     return y, x, mean, var, rstd
@@ -233,8 +237,8 @@ def cf_backward(
     dx = torch.empty_like(s)
     dw = torch.empty(c, dtype=s.dtype) if want_w else None
     db = torch.empty(c, dtype=s.dtype) if want_b else None
-    _call("cf_bwd", s.dtype,
-        g, s, _ones(weight, c, s, 1.0), mean.contiguous(), rstd.contiguous(),
+    _call(
+        "cf_bwd", s.dtype, g, s, _or_full(weight, c, s, 1.0), mean, rstd,
         dx, dw, db, n, c, length, int(center), _threads(),
     )
     return dx, dw, db
@@ -249,11 +253,10 @@ def _dyt_view(x: Tensor, channels_last: bool) -> tuple[int, int, int]:
 
 def dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool) -> Tensor:
     """``weight · tanh(alpha · x) + bias`` with the per-channel affine on the last (channels-last) or second dim."""
-    x = x.contiguous()
     n, c, length = _dyt_view(x, channels_last)
     y = torch.empty_like(x)
-    _call("dyt_fwd", x.dtype,
-        x, float(alpha), _ones(weight, c, x, 1.0), _ones(bias, c, x, 0.0), y, n, c, length, _threads()
+    _call(
+        "dyt_fwd", x.dtype, x, float(alpha), _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), y, n, c, length, _threads()
     )
     return y
 
@@ -268,8 +271,8 @@ def dyt_backward(
     dalpha = ctypes.c_double(0.0)
     dw = torch.empty(c, dtype=x.dtype) if want_w else None
     db = torch.empty(c, dtype=x.dtype) if want_b else None
-    _call("dyt_bwd", x.dtype,
-        g, x, float(alpha), _ones(weight, c, x, 1.0), dx, ctypes.addressof(dalpha),
+    _call(
+        "dyt_bwd", x.dtype, g, x, float(alpha), _or_full(weight, c, x, 1.0), dx, ctypes.addressof(dalpha),
         dw, db, n, c, length, _threads(),
     )
     return dx, torch.tensor(dalpha.value, dtype=alpha.dtype).reshape(alpha.shape), dw, db

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
-from normkit.stats import accumulation_dtype, fused_moments
+from normkit.stats import accumulation_dtype, fused_moments, mean_square, moments
 
 Dims = tuple[int, ...]
 
@@ -153,10 +153,10 @@ def _cpu_layout(
     dims: Dims, stats_dtype: torch.dtype | None,
 ) -> CpuLayout | None:
     """``(kind, n, c, length, groups)`` for normkit's CPU kernels (:mod:`normkit.kernels.cpu`), or
-    None where the ``"compiled"`` backend uses Inductor (BatchNorm's axes, half dtypes, a
-    ``stats_dtype`` override, GPU tensors, kernels unavailable)."""
-    if impl != "compiled" or (stats_dtype is not None and stats_dtype != x.dtype) or not x.is_contiguous():
-        return None  # a strided view (e.g. channels_last memory format) keeps its layout on the Inductor path
+    None where the ``"compiled"`` backend uses Inductor (BatchNorm's axes, a ``stats_dtype``
+    override, and whatever :func:`normkit.kernels.cpu.supports` turns down)."""
+    if impl != "compiled" or (stats_dtype is not None and stats_dtype != x.dtype):
+        return None
     n, g, cg, length = x.shape
     if dims == (2, 3):  # GroupNorm / InstanceNorm: one segment per (sample, group)
         layout = ("seg", n * g, cg, length, g)
@@ -188,10 +188,10 @@ def _differentiable_backward(
         w_ = None if weight is None else weight if weight.requires_grad else weight.detach().requires_grad_()
         xf = s_.to(sd)
         if center:
-            var, mean = torch.var_mean(xf, dims, correction=0, keepdim=True)
+            mean, var = moments(xf, dims)
             xhat = (xf - mean) * torch.rsqrt(var + eps)
         else:
-            xhat = xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+            xhat = xf * torch.rsqrt(mean_square(xf, dims) + eps)
         y = xhat if w_ is None else xhat * _affine_view(w_, xf).to(sd)
         grads = torch.autograd.grad(y.to(s.dtype), [s_] if w_ is None else [s_, w_], gy, create_graph=True)
     dx = grads[0] if gs is None else grads[0] + gs
@@ -221,7 +221,7 @@ class _NormalizeFn(torch.autograd.Function):
         # without a residual the input itself is saved (not a copy or view made here), so a double
         # backward differentiates through the user's tensor
         ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
-        ctx.cfg = (dims, center, impl, bias is not None, residual is not None, weight is not None, key, layout, eps,
+        ctx.cfg = (dims, center, impl, residual is not None, weight is not None, key, layout, eps,
                    None if bias is None else bias.shape)
         ctx.mark_non_differentiable(mean, var)
         if residual is None:
@@ -231,9 +231,9 @@ class _NormalizeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *rest):  # noqa: ANN001, ANN205
         s, weight, mean, rstd = ctx.saved_tensors
-        dims, center, impl, has_b, has_r, has_w, key, layout, eps, bias_shape = ctx.cfg
+        dims, center, impl, has_r, has_w, key, layout, eps, bias_shape = ctx.cfg
         gs = rest[0] if has_r else None
-        want_w, want_b = has_w and ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2]
+        want_w, want_b = has_w and ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             if has_r:
                 raise RuntimeError(
@@ -243,7 +243,7 @@ class _NormalizeFn(torch.autograd.Function):
             dx, dw = _differentiable_backward(gy, gs, s, weight if has_w else None, dims, center, eps, rstd.dtype)
             db = column_sum(gy.to(rstd.dtype)) if want_b else None
             dw = dw if want_w else None
-        elif layout is not None and gy.dtype == s.dtype:
+        elif layout is not None:
             kind, n, c, length, groups = layout
             w = weight if has_w else None
             if kind == "seg":

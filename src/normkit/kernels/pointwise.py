@@ -29,9 +29,14 @@ from normkit.kernels.normalize import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
 
+def _l2_norm(xf: Tensor) -> Tensor:
+    """‖x‖ over the last dim (kept), through the statistics engine."""
+    return (mean_square(xf, -1) * xf.shape[-1]).sqrt()
+
+
 def _scale_forward(x: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     xf = x.to(accumulation_dtype(x.dtype))
-    norm = (mean_square(xf, -1) * x.shape[-1]).sqrt()
+    norm = _l2_norm(xf)
     return (xf * (scale.to(xf.dtype) / norm.clamp_min(eps))).to(x.dtype), norm
 
 
@@ -60,7 +65,7 @@ class _ScaleNormFn(torch.autograd.Function):
         x, scale, norm = ctx.saved_tensors
         eps, impl, key = ctx.cfg
         if torch.is_grad_enabled():  # create_graph=True: ‖x‖ recomputed with autograd recording
-            norm = x.to(norm.dtype).square().sum(-1, keepdim=True).sqrt()
+            norm = _l2_norm(x.to(norm.dtype))
             return (*_scale_backward(g, x, scale, norm, eps), None, None)
         dx, ds = _backend.executor(impl, _scale_backward, key)(g, x, scale, norm, eps)
         return dx, ds, None, None
@@ -139,32 +144,28 @@ class _DyTFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, impl):  # noqa: ANN001, ANN205
         key = (channels_last, x.dtype, weight is None, bias is None)
-        cpu = (
-            impl == "compiled" and alpha.numel() == 1 and x.is_contiguous() and (channels_last or x.dim() >= 2)
-            and _cpu.supports(x, alpha, weight, bias)
-        )
+        cpu = impl == "compiled" and _cpu.supports(x, alpha, weight, bias)
         if cpu:  # normkit's CPU kernel: one exp per element, column sums inside the row loop
             y = _cpu.dyt_forward(x, alpha, weight, bias, channels_last)
         else:
             y = _backend.executor(impl, _dyt_forward, key)(x, alpha, weight, bias, channels_last)
         ctx.save_for_backward(x, alpha, weight)
-        shapes = (None if weight is None else weight.shape, None if bias is None else bias.shape)
-        ctx.cfg = (channels_last, impl, key, weight is not None, bias is not None, cpu, shapes)
+        ctx.cfg = (channels_last, impl, key, cpu, None if weight is None else weight.shape, None if bias is None else bias.shape)
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, alpha, weight = ctx.saved_tensors
-        channels_last, impl, key, has_w, has_b, cpu, (w_shape, b_shape) = ctx.cfg
-        w = weight if has_w else None
+        channels_last, impl, key, cpu, w_shape, b_shape = ctx.cfg
+        has_b = b_shape is not None
         if torch.is_grad_enabled():  # create_graph=True: the eager math is differentiable in x, α, w
-            dx, da, dw, db = _dyt_backward(g, x, alpha, w, channels_last, has_b)
-        elif cpu and g.dtype == x.dtype:
-            want_w, want_b = has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3]
-            dx, da, dw, db = _cpu.dyt_backward(g, x, alpha, w, channels_last, want_w, want_b)
+            dx, da, dw, db = _dyt_backward(g, x, alpha, weight, channels_last, has_b)
+        elif cpu:
+            want_w, want_b = weight is not None and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3]
+            dx, da, dw, db = _cpu.dyt_backward(g, x, alpha, weight, channels_last, want_w, want_b)
             dx = dx.view(x.shape)
         else:
-            dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, w, channels_last, has_b)
+            dx, da, dw, db = _backend.executor(impl, _dyt_backward, key)(g, x, alpha, weight, channels_last, has_b)
         # parameters may carry singleton dims (e.g. a (C, 1, 1) weight); the sums come out flat
         dw = None if dw is None else dw.reshape(w_shape)
         db = None if db is None else db.reshape(b_shape)

@@ -13,30 +13,27 @@
 //   cf:  (N, C, L) normalized over C for every (n, l) — LayerNorm2d / RMSNorm2d.
 //   dyt: (N, C, L), y = w[c]·tanh(α·x) + b[c] elementwise.
 // Weight and bias pointers are never null (the caller passes ones / zeros).
-// Statistics: float rows/segments take Σx and Σx² in double in one pass (a float's square is exact
-// in double; the cancellation in Σx²/n − mean² is ~1e-16·mean²/var, far below float resolution);
-// float64 and the channels-first kernels take the mean, then the mean squared deviation (two
-// passes over in-cache data, no E[x²] − E[x]² cancellation), every term scaled by 1/n before it is
-// summed (no overflow where the squares' sum would leave the float range). Every long sum is taken in T over a block —
-// 4096 values (with kLanes partial sums), or 64 channels in the channels-first kernels — and the
-// block sums are added in double; column sums (dw, db) go to per-thread double buffers. NaN in the input propagates to the output and the statistics; nothing is clamped away.
+// Statistics: float LayerNorm rows/segments take Σx and Σx² in double in one pass (a float's
+// square is exact in double; the cancellation in Σx²/n − mean² is ~1e-16·mean²/var, far below
+// float resolution). float64, RMS and the channels-first kernels take the mean (0 for RMS), then
+// the mean squared deviation (no E[x²] − E[x]² cancellation), every term scaled by 1/n before it
+// is summed (no overflow where the squares' sum would leave the float range). Every other long
+// sum is taken in T over a block — 4096 values (with kLanes partial sums), or 64 channels in the
+// channels-first kernels — and the block sums are added in double; column sums (dw, db) go to
+// per-thread double buffers. NaN in the input propagates to the output and the statistics.
 #include <omp.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 4096;  // values summed in T before the block sum is added in double
-#ifndef NK_CF_CHUNK
-#define NK_CF_CHUNK 256
-#endif
-constexpr int64_t kCfChunk = NK_CF_CHUNK;  // positions l handled together by the channels-first kernels
+constexpr int64_t kCfChunk = 256;          // positions l handled together by the channels-first kernels
 constexpr int64_t kChanBlock = 64;         // channels summed in T before the sums go to double (cf)
 
 #define NK_INLINE inline __attribute__((always_inline))
@@ -126,25 +123,23 @@ void seg_forward(const T* x, const T* res, T* s_out, const T* w, const T* b, T* 
     }
     T m;
     double v;
-    if constexpr (std::is_same_v<T, float>) {
-      // float: one pass, Σx and Σx² in double. A float's square is exact in double, so
+    if (std::is_same_v<T, float> && center) {
+      // float LayerNorm: one pass, Σx and Σx² in double. A float's square is exact in double, so
       // Σx²/n − mean² loses only ~1e-16·mean²/var — far below float's own resolution of x − mean
       // (6e-8·|mean|/std) — and nothing overflows. Saves a pass over the row (LN forward 1.2× faster).
       double s1 = 0, s2 = 0;
-      for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-        const T* q = xi + i0;
-        lane_sums<double>(std::min(kBlock, n - i0), s1, s2, [q](int64_t k, double& a, double& b) __attribute__((always_inline)) {
-          const double xv = q[k];
-          a = xv;
-          b = xv * xv;
-        });
-      }
-      const double mu = center ? s1 / static_cast<double>(n) : 0.0;
+      lane_sums<double>(n, s1, s2, [xi](int64_t k, double& a, double& b) __attribute__((always_inline)) {
+        const double xv = xi[k];
+        a = xv;
+        b = xv * xv;
+      });
+      const double mu = s1 / static_cast<double>(n);
       v = s2 / static_cast<double>(n) - mu * mu;
       v = v < 0 ? 0 : v;  // rounding; NaN compares false and stays
       m = static_cast<T>(mu);
     } else {
-      // float64: two passes (mean, then mean squared deviation), each term scaled by 1/n first
+      // float64: two passes (mean, then mean squared deviation), each term scaled by 1/n first.
+      // RMS (m = 0) is one pass either way; its float sums in blocks are 4% faster than in double.
       const T inv = static_cast<T>(1.0 / static_cast<double>(n));
       m = center ? static_cast<T>(scaled_sum(xi, n, inv)) : T(0);
       v = scaled_sqdev(xi, n, m, inv);  // m = 0: mean square
@@ -196,6 +191,20 @@ struct ColumnSums {
     }
   }
 };
+
+// Runs run(cols, flag) with flag = std::true_type when dw or db is wanted (the kernel then keeps
+// per-thread column sums, reduced into dw/db afterwards), else std::false_type and no buffers.
+template <typename T, typename Run>
+void with_column_sums(int nt, int64_t width, T* dw, T* db, Run run) {
+  const bool want = dw != nullptr || db != nullptr;
+  ColumnSums cols(nt, width, want);
+  if (want) {
+    run(cols, std::true_type{});
+    cols.reduce(nt, dw, db);
+  } else {
+    run(cols, std::false_type{});
+  }
+}
 
 // Column sums of row layouts (L = 1): each thread adds rows into buffers of T and folds them into
 // its double buffers every kFlushRows rows — exact enough (at most kFlushRows terms summed in T)
@@ -324,14 +333,9 @@ void seg_backward_impl(const T* g, const T* gs, const T* s, const T* w, const T*
 template <typename T>
 void seg_backward(const T* g, const T* gs, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw,
                   T* db, int64_t N, int64_t C, int64_t L, int64_t G, bool center, int nt) {
-  const bool want = dw != nullptr || db != nullptr;
-  ColumnSums cols(nt, G * C, want);
-  if (want) {
-    seg_backward_impl<T, true>(g, gs, s, w, mean, rstd, dx, cols, N, C, L, G, center, nt);
-    cols.reduce(nt, dw, db);
-  } else {
-    seg_backward_impl<T, false>(g, gs, s, w, mean, rstd, dx, cols, N, C, L, G, center, nt);
-  }
+  with_column_sums(nt, G * C, dw, db, [&](ColumnSums& cols, auto on) {
+    seg_backward_impl<T, decltype(on)::value>(g, gs, s, w, mean, rstd, dx, cols, N, C, L, G, center, nt);
+  });
 }
 
 // ------------------------------------------------------------------------------------ cf --
@@ -460,14 +464,9 @@ void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T
 template <typename T>
 void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N,
                  int64_t C, int64_t L, bool center, int nt) {
-  const bool want = dw != nullptr || db != nullptr;
-  ColumnSums cols(nt, C, want);
-  if (want) {
-    cf_backward_impl<T, true>(g, s, w, mean, rstd, dx, cols, N, C, L, center, nt);
-    cols.reduce(nt, dw, db);
-  } else {
-    cf_backward_impl<T, false>(g, s, w, mean, rstd, dx, cols, N, C, L, center, nt);
-  }
+  with_column_sums(nt, C, dw, db, [&](ColumnSums& cols, auto on) {
+    cf_backward_impl<T, decltype(on)::value>(g, s, w, mean, rstd, dx, cols, N, C, L, center, nt);
+  });
 }
 
 // ----------------------------------------------------------------------------------- dyt --
