@@ -69,6 +69,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run_cli(args)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from normkit.bench import e2e
+
+    return e2e.run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="normkit", description="normalization layers for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     bench.configure_parser(p)
     p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("models", help="train-step time of small real models with torch's vs normkit's norms (same run)")
+    from normkit.bench import e2e
+
+    e2e.configure_parser(p)
+    p.set_defaults(fn=_cmd_models)
     args = parser.parse_args(argv)
     return int(args.fn(args))
 
