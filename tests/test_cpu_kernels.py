@@ -6,6 +6,8 @@ with a tail, fewer tasks than threads, GroupNorm/InstanceNorm segments.
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -315,3 +317,170 @@ def test_compiled_backend_layers_trace_without_graph_breaks(name):
     cm = torch.compile(m, fullgraph=True, backend="aot_eager")
     y = cm(x)
     torch.testing.assert_close(y, m(x))
+
+
+# --- portable build: one library, a kernel copy per instruction set, chosen at run time ----------
+
+_ISA_SCRIPT = """
+import sys, torch
+from normkit.kernels import cpu
+out = {"isa": cpu.isa(), "status": cpu.status()}
+gen = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.float64):
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dt) * scale
+    def affine(c):
+        return torch.rand(c, generator=gen, dtype=dt) + 0.5, rnd(c)
+    x, res, g = rnd(37, 5000, scale=3.0) + 1, rnd(37, 5000), rnd(37, 5000)
+    w, b = affine(5000)
+    for center in (True, False):  # LayerNorm / RMSNorm rows, with a residual
+        y, s, mean, var, rstd = cpu.seg_forward(x, res, w, b, 37, 5000, 1, 1, center, 1e-5)
+        dx, dw, db = cpu.seg_backward(g, g, s, w, mean, rstd, 37, 5000, 1, 1, center, True, True)
+        out[f"rows_{center}_{dt}"] = (y, s, mean, var, rstd, dx, dw, db)
+    x, g = rnd(3, 12, 301), rnd(3, 12, 301)  # GroupNorm, 4 groups of 3 channels
+    w, b = affine(12)
+    y, s, mean, var, rstd = cpu.seg_forward(x, None, w, b, 12, 3, 301, 4, True, 1e-5)
+    out[f"groups_{dt}"] = (y, mean, var, rstd, *cpu.seg_backward(g, None, s, w, mean, rstd, 12, 3, 301, 4, True, True, True))
+    x, g = rnd(2, 70, 600), rnd(2, 70, 600)  # channels-first LayerNorm2d / RMSNorm2d
+    w, b = affine(70)
+    for center in (True, False):
+        y, s, mean, var, rstd = cpu.cf_forward(x, w, b, 2, 70, 600, center, 1e-6)
+        out[f"cf_{center}_{dt}"] = (y, mean, var, rstd, *cpu.cf_backward(g, s, w, mean, rstd, 2, 70, 600, center, True, True))
+    alpha = torch.tensor([0.8], dtype=dt)
+    for shape, last in (((40, 3000), True), ((3, 7, 301), False)):  # DyT, both layouts, into saturation
+        x, g = rnd(*shape, scale=20.0), rnd(*shape)
+        w, b = affine(shape[-1] if last else shape[1])
+        y = cpu.dyt_forward(x, alpha, w, b, last)
+        out[f"dyt_{last}_{dt}"] = (y, *cpu.dyt_backward(g, x, alpha, w, last, True, True))
+torch.save(out, sys.argv[1])
+"""
+
+
+def _isa_run(isa: str, path) -> dict:
+    env = {**os.environ, "NORMKIT_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return torch.load(path)
+
+
+def test_every_isa_this_cpu_runs_matches_the_baseline(tmp_path):
+    """Each kernel copy this CPU supports (forced with NORMKIT_CPU_ISA, one process each) gives the
+    baseline copy's results within float rounding: only the vector width of a few sums differs."""
+    assert cpu.isas()[0] == "baseline" and cpu.isa() == cpu.isas()[-1]  # auto: the widest
+    base = _isa_run("baseline", tmp_path / "baseline.pt")
+    assert base["isa"] == "baseline" and "baseline code, forced by NORMKIT_CPU_ISA" in base["status"]
+    for isa in cpu.isas()[1:]:
+        got = _isa_run(isa, tmp_path / f"{isa}.pt")
+        assert got["isa"] == isa and f"{isa} code" in got["status"]
+        for key, tensors in base.items():
+            if key in ("isa", "status"):
+                continue
+            tol = dict(rtol=1e-5, atol=1e-5) if "float32" in key else dict(rtol=1e-12, atol=1e-12)
+            for i, (a, b) in enumerate(zip(got[key], tensors, strict=True)):
+                where = f"{isa} vs baseline, {key}[{i}]"
+                torch.testing.assert_close(a, b, **tol, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def test_isa_request_resolution():
+    names = ["baseline", "avx2", "avx512"]
+    assert cpu._choose_isa("auto", names, names[:2]) == ("avx2", None)
+    assert cpu._choose_isa("", names, names) == ("avx512", None)
+    assert cpu._choose_isa(" AVX2 ", names, names) == ("avx2", None)
+    assert cpu._choose_isa("baseline", names, names) == ("baseline", None)
+    isa, warning = cpu._choose_isa("avx512", names, names[:2])  # the CPU lacks it: the widest narrower copy
+    assert isa == "avx2" and "does not support it; using avx2" in warning
+    isa, warning = cpu._choose_isa("avx2", names, names[:1])
+    assert isa == "baseline" and "using baseline" in warning
+    isa, warning = cpu._choose_isa("sse9", names, names[:2])  # unknown: the widest, and the valid names
+    assert isa == "avx2" and "not one of auto, baseline, avx2, avx512" in warning
+    assert cpu._choose_isa("avx512", ["baseline"], ["baseline"])[0] == "baseline"  # aarch64: one copy
+
+
+def test_unavailable_isa_falls_back_with_one_warning():
+    """Asking for a copy the CPU (or the library) lacks never fails and never runs it: one warning,
+    the widest copy narrower than the one asked for, named in status()."""
+    lacking = [n for n in ("avx2", "avx512") if n not in cpu.isas()]
+    for request in ["sse9", *lacking]:
+        code = (
+            "import warnings, torch\n"
+            "from normkit.kernels import cpu\n"
+            "with warnings.catch_warnings(record=True) as ws:\n"
+            "    warnings.simplefilter('always')\n"
+            "    y = cpu.dyt_forward(torch.randn(4, 8), torch.tensor([0.5]), None, None, True)\n"
+            "print(cpu.isa()); print(cpu.status()); print(bool(torch.isfinite(y).all()))\n"
+            "print([str(w.message) for w in ws if 'NORMKIT_CPU_ISA' in str(w.message)])\n"
+        )
+        env = {**os.environ, "NORMKIT_CPU_ISA": request}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+        isa, status, finite, warned = out.stdout.splitlines()
+        expected = cpu.isas()[-1]
+        assert isa == expected and f"{expected} code, NORMKIT_CPU_ISA={request} not available here" in status
+        assert finite == "True" and warned.count("NORMKIT_CPU_ISA") == 1, warned
+
+
+def _other_cpu(monkeypatch):
+    """Make this process look like one on a CPU with other feature flags and another model name."""
+    real_open = open
+
+    def fake_open(file, *args, **kwargs):
+        if str(file) == "/proc/cpuinfo":
+            import io
+            return io.StringIO("processor\t: 0\nmodel name\t: Other CPU\nflags\t\t: fpu sse sse2\n")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr("platform.processor", lambda: "other")
+    if hasattr(cpu, "_cpu_id"):  # the CPU identity must not reach the key, whichever way it is read
+        monkeypatch.setattr(cpu, "_cpu_id", lambda: "flags\t: fpu sse sse2")
+
+
+def test_cache_key_does_not_depend_on_the_cpu_flags(monkeypatch):
+    cxx = cpu._compiler()
+    key = cpu._cache_key(cxx, "version")
+    _other_cpu(monkeypatch)
+    assert cpu._cache_key(cxx, "version") == key
+    # what the library does depend on still changes the key
+    assert cpu._cache_key(cxx, "another version") != key
+    monkeypatch.setattr(cpu, "_MACHINE", "aarch64")
+    assert cpu._cache_key(cxx, "version") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "FLAGS", (*cpu.FLAGS, "-O2"))
+    assert cpu._cache_key(cxx, "version") != key
+
+
+def test_build_cache_survives_a_changed_cpu_flag_set(monkeypatch):
+    """The library this process loaded is found again, with no compile, on a 'different' CPU."""
+    loaded = cpu._library()._name
+
+    real_popen = subprocess.Popen
+
+    def no_compile(cmd, *args, **kwargs):
+        assert "-c" not in cmd and "-shared" not in cmd, f"rebuilt: {cmd}"
+        return real_popen(cmd, *args, **kwargs)  # `cxx --version` is fine
+
+    _other_cpu(monkeypatch)
+    monkeypatch.setattr(subprocess, "Popen", no_compile)
+    assert str(cpu._build(cpu._compiler())) == loaded
+
+
+@pytest.mark.skipif(cpu._MACHINE not in ("x86_64", "amd64") or shutil.which("objdump") is None,
+                    reason="x86-64 with objdump only")
+def test_only_the_wider_copies_contain_wider_instructions():
+    """Everything outside the avx2 / avx512 copies (entry points, baseline kernels, library code the
+    copies share) is plain x86-64: a build copied to an older CPU cannot hit an illegal instruction
+    before (or without) the runtime check."""
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", cpu._library()._name], capture_output=True,
+                         text=True, check=True).stdout
+    wide, bad, fn = set(), {}, ""
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            fn = line
+        elif re.search(r"%[yz]mm|%k[0-7]\b|\tv[a-z]", line):  # AVX registers, AVX-512 masks, VEX/EVEX ops
+            if "nk_avx2::" in fn or "nk_avx512::" in fn:
+                wide.add(fn)
+            else:
+                bad.setdefault(fn, line)
+    assert not bad, bad
+    assert any("nk_avx512::" in f for f in wide) and any("nk_avx2::" in f for f in wide)

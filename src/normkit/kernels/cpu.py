@@ -10,9 +10,17 @@ segments, channels-first LayerNorm/RMSNorm) and for DyT, with the same closed-fo
 The source is compiled on first use with the system C++ compiler (``$NORMKIT_CXX``, ``$CXX``,
 else ``g++`` / ``c++`` / ``clang++`` — Inductor needs a C++ compiler as well) into a per-user cache
 (``$NORMKIT_CACHE_DIR``, default ``~/.cache/normkit``), keyed by the source, the flags, the
-compiler and the CPU, and loaded with :mod:`ctypes` (calls release the GIL). Built with GCC it
-links ``libgomp.so.1``, which resolves to the copy torch has already loaded, so the two share one
-thread pool (a clang build links LLVM's ``libomp``: a second pool, still correct); the kernels use
+compiler and the machine architecture — not the CPU model, so a cache shared between machines
+is reused — and loaded with :mod:`ctypes` (calls release the GIL). The library runs on any CPU of
+that architecture: on x86-64 it holds three copies of the kernels (:data:`ISA_FLAGS`: the x86-64
+baseline, x86-64-v3 = AVX2 + FMA, and x86-64-v4 = AVX-512 preferring 512-bit vectors), compiled in
+parallel as separate translation units, and its entry points run the widest copy this CPU supports
+(chosen once at load; ``$NORMKIT_CPU_ISA`` = ``baseline`` / ``avx2`` / ``avx512`` forces one, for
+tests and benchmarks — one the CPU lacks falls back to the widest narrower one with a warning, it
+never runs an unsupported instruction); :func:`status` and :func:`isa` name the copy in use.
+Built with GCC it links ``libgomp.so.1``, which resolves to the copy torch has already loaded,
+so the two share one thread pool (a clang build links LLVM's ``libomp``: a second pool, still
+correct); the kernels use
 ``torch.get_num_threads()`` threads, parallel over rows / groups / position tiles (one long row
 runs on one thread). Old builds stay in the cache until removed by hand. Where no compiler works
 (or ``NORMKIT_CPU_KERNELS=0``) the ``"compiled"`` backend falls back to Inductor alone;
@@ -40,12 +48,27 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
-# no -ffast-math: NaN must propagate. -fno-trapping-math lets the compiler vectorize floor and the
-# selects of DyT's exp; 512-bit vectors where the CPU has them (DyT is compute-bound: 15% faster)
+# Compile flags of every variant. No -ffast-math: NaN must propagate. -fno-trapping-math lets the
+# compiler vectorize floor and the selects of DyT's exp. -fvisibility=hidden: only nk_* is exported.
 FLAGS = (
-    "-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
-    "-fno-math-errno", "-fno-trapping-math",
+    "-O3", "-fopenmp", "-fPIC", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden",
 )
+LINK_FLAGS = ("-shared", "-fopenmp")
+_MACHINE = platform.machine().lower()
+# The kernel copies in the library, narrowest first (the first is the baseline, which also holds the
+# entry points; csrc/cpu_norms.cpp has the same list). Nothing is compiled for the build machine's
+# own CPU (no -march=native), so a cached build copied to another CPU never hits an illegal
+# instruction. 512-bit vectors only in the AVX-512 copy (DyT is compute-bound: 15% faster there).
+if _MACHINE in ("x86_64", "amd64"):
+    ISA_FLAGS: dict[str, tuple[str, ...]] = {
+        "baseline": ("-march=x86-64", "-DNK_X86_VARIANTS"),  # its entry points dispatch to the other two
+        "avx2": ("-march=x86-64-v3",),
+        "avx512": ("-march=x86-64-v4", "-mprefer-vector-width=512"),
+    }
+elif _MACHINE in ("aarch64", "arm64"):
+    ISA_FLAGS = {"baseline": ("-march=armv8-a",)}
+else:  # the compiler's default target is that architecture's baseline
+    ISA_FLAGS = {"baseline": ()}
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
@@ -60,6 +83,9 @@ _SIGNATURES = {
 
 build_seconds: float | None = None  # compile time of this process's build (None: loaded from cache)
 _failure: str | None = None
+_isa: str | None = None  # the kernel copy in use
+_isas: list[str] = []  # the copies this CPU runs, narrowest first
+_isa_note = ""  # how it was chosen, for status()
 
 
 def _compiler() -> str | None:
@@ -69,41 +95,91 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _cache_dir() -> Path:
     root = os.environ.get("NORMKIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "normkit")
     return Path(root) / "kernels"
 
 
+def _cache_key(cxx: str, version: str) -> str:
+    """What the library depends on: source, flags, compiler, architecture — not this CPU's model
+    or feature flags (every copy is for a fixed ISA, chosen at run time), so a cache directory
+    shared between machines holds one build per architecture and compiler."""
+    parts = (SOURCE.read_text(), " ".join(FLAGS), " ".join(LINK_FLAGS), repr(ISA_FLAGS), cxx, version, _MACHINE)
+    return hashlib.sha256(b"\0".join(s.encode() for s in parts)).hexdigest()[:20]
+
+
 def _build(cxx: str) -> Path:
     global build_seconds
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (SOURCE.read_text(), " ".join(FLAGS), cxx, version, platform.machine(), _cpu_id()))
-    ).hexdigest()[:20]
-    out = _cache_dir() / f"cpu_norms_{key}.so"
+    out = _cache_dir() / f"cpu_norms_{_cache_key(cxx, version)}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        # one translation unit per copy, compiled in parallel; the baseline's also has the entry points
+        jobs = []
+        for i, (isa, flags) in enumerate(ISA_FLAGS.items()):
+            obj, log = Path(tmp) / f"{isa}.o", Path(tmp) / f"{isa}.log"
+            defines = [f"-DNK_ISA=nk_{isa}"] + (["-DNK_DISPATCH"] if i == 0 else [])
+            with open(log, "w") as err:
+                cmd = [cxx, *FLAGS, *flags, *defines, "-c", str(SOURCE), "-o", str(obj)]
+                jobs.append((obj, log, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)))
+        failed = [log.read_text() for _, log, proc in jobs if proc.wait() != 0]
+        if failed:
+            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{failed[0][-2000:]}")
+        # the baseline object first: of the inline library functions every object carries
+        # (std::vector members), the linker keeps the first copy, which then runs on any CPU
         tmp_so = Path(tmp) / out.name
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp_so)], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [cxx, *LINK_FLAGS, *(str(obj) for obj, _, _ in jobs), "-o", str(tmp_so)],
+            capture_output=True, text=True, check=False,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{cxx} failed to link {SOURCE.name}:\n{proc.stderr[-2000:]}")
         os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
     build_seconds = time.perf_counter() - start
     return out
+
+
+def _choose_isa(request: str, names: list[str], supported: list[str]) -> tuple[str, str | None]:
+    """The kernel copy to use for ``$NORMKIT_CPU_ISA`` = ``request``, and a warning or None.
+
+    ``names``: the library's copies, narrowest first; ``supported``: those this CPU runs (always
+    the baseline). Empty or ``auto``: the widest supported. A copy the CPU lacks, or an unknown
+    name, falls back to the widest supported copy narrower than the one asked for, with a warning
+    (a shared job script that pins ``avx512`` still runs on an AVX2 node)."""
+    request = request.strip().lower()
+    best = supported[-1]
+    if request in ("", "auto"):
+        return best, None
+    if request in supported:
+        return request, None
+    if request in names:
+        below = [n for n in supported if names.index(n) < names.index(request)]
+        return below[-1], f"NORMKIT_CPU_ISA={request}: this CPU does not support it; using {below[-1]}"
+    return best, f"NORMKIT_CPU_ISA={request} is not one of auto, {', '.join(names)}; using {best}"
+
+
+def _select_isa(lib: ctypes.CDLL) -> None:
+    global _isa, _isa_note, _isas
+    lib.nk_isa_name.restype = ctypes.c_char_p
+    lib.nk_isa_name.argtypes = lib.nk_isa_supported.argtypes = lib.nk_set_isa.argtypes = [_int]
+    names = [lib.nk_isa_name(i).decode() for i in range(lib.nk_isa_count())]
+    supported = [n for i, n in enumerate(names) if lib.nk_isa_supported(i)]
+    request = os.environ.get("NORMKIT_CPU_ISA", "auto")
+    name, warning = _choose_isa(request, names, supported)
+    if warning is not None:
+        warnings.warn(f"normkit: {warning}", stacklevel=4)
+    if not lib.nk_set_isa(names.index(name)):  # cannot happen: name is supported
+        raise RuntimeError(f"the CPU kernels refused the {name} copy")
+    _isa, _isas = name, supported
+    if warning is not None:
+        _isa_note = f"{name} code, NORMKIT_CPU_ISA={request.strip()} not available here"
+    elif request.strip().lower() in ("", "auto"):
+        _isa_note = f"{name} code, the widest of {'/'.join(supported)} this CPU runs"
+    else:
+        _isa_note = f"{name} code, forced by NORMKIT_CPU_ISA"
 
 
 @functools.cache
@@ -118,7 +194,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
-    except (OSError, RuntimeError) as e:
+        _select_isa(lib)
+    except (OSError, RuntimeError, AttributeError) as e:
         _failure = (str(e).splitlines() or [repr(e)])[0]
         warnings.warn(f"normkit: CPU kernels unavailable, the 'compiled' backend uses Inductor only ({e})", stacklevel=3)
         return None
@@ -134,12 +211,22 @@ def available() -> bool:
     return _library() is not None
 
 
+def isa() -> str | None:
+    """The kernel copy in use (``"baseline"``, ``"avx2"``, ``"avx512"``), None when the kernels are off."""
+    return _isa if _library() is not None else None
+
+
+def isas() -> list[str]:
+    """The kernel copies in the library that this CPU runs, narrowest first (empty when the kernels are off)."""
+    return list(_isas) if _library() is not None else []
+
+
 def status() -> str:
-    """One line for reports: where the kernels come from, or why they are not used."""
+    """One line for reports: where the kernels come from and which copy runs, or why they are not used."""
     if _library() is None:
         return f"normkit CPU kernels off: {_failure}"
     how = f"built in {build_seconds:.1f} s" if build_seconds is not None else "loaded from cache"
-    return f"normkit CPU kernels on ({how}, {_cache_dir()})"
+    return f"normkit CPU kernels on ({how}, {_cache_dir()}; {_isa_note})"
 
 
 def supports(x: Tensor, *params: Tensor | None) -> bool:

@@ -21,6 +21,22 @@
 // sum is taken in T over a block — 4096 values (with kLanes partial sums), or 64 channels in the
 // channels-first kernels — and the block sums are added in double; column sums (dw, db) go to
 // per-thread double buffers. NaN in the input propagates to the output and the statistics.
+//
+// Portable build, runtime dispatch. A cached build may be copied to (or shared with) another
+// machine, so nothing here is compiled for the build machine's CPU (-march=native would crash
+// with SIGILL on an older one). cpu.py compiles this one file several times, as separate
+// translation units built in parallel and linked into one library:
+//   nk_baseline  -march=x86-64 (SSE2; on aarch64 armv8-a, elsewhere the compiler's default),
+//                plus -DNK_DISPATCH: also the extern "C" entry points and the variant choice;
+//   nk_avx2      -march=x86-64-v3 (AVX2, FMA, BMI1/2, ...), x86-64 only;
+//   nk_avx512    -march=x86-64-v4 -mprefer-vector-width=512 (AVX-512 F/BW/CD/DQ/VL), x86-64 only.
+// -DNK_ISA=<namespace> puts each copy of the kernels in its own namespace. The entry points
+// switch on the variant chosen once, when the library is loaded: the widest this CPU runs
+// (__builtin_cpu_supports), or the one cpu.py sets with nk_set_isa (NORMKIT_CPU_ISA). Code of
+// a variant only ever runs after that check. Our code has internal linkage in every copy; the
+// inline library code the copies share (std::vector members) is emitted in each object and the
+// linker keeps the first, so cpu.py links the baseline object first and every shared function
+// is its baseline copy (tests/test_cpu_kernels.py disassembles the library to check).
 #include <omp.h>
 
 #include <algorithm>
@@ -30,6 +46,12 @@
 #include <type_traits>
 #include <vector>
 
+#ifndef NK_ISA  // a plain compile of this file alone: the baseline library with its entry points
+#define NK_ISA nk_baseline
+#define NK_DISPATCH
+#endif
+
+namespace NK_ISA {
 namespace {
 
 constexpr int64_t kBlock = 4096;  // values summed in T before the block sum is added in double
@@ -476,12 +498,16 @@ void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rst
 // one division, no cancellation anywhere: em keeps its digits for small |z| (where 1 − e would
 // not) and e for large |z| (where 1 − tanh² would not). float: exp/expm1 by Cody–Waite reduction
 // r = x − n·ln2, a degree-7 Taylor polynomial for expm1(r) (|r| ≤ ln2/2, truncation < 2e-8
-// relative) and 2^n from the exponent bits, which the compiler vectorizes; float64: libm.
+// relative) and 2^n from the exponent bits, which the compiler vectorizes (SSE2 up); float64: libm.
 // NaN propagates (the clamp compares, so NaN passes through); ±inf give ±1 and sech² ≈ 0.
 NK_INLINE void exp_expm1_m2abs(float z, float& e, float& em) {
   const float x0 = -2.0f * std::fabs(z);
   const float x = x0 < -86.0f ? -86.0f : x0;  // keeps 2^n normal; tanh is ±1 in float long before
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  // fx = floor(t) by truncation and a correction: a vector floor needs SSE4.1 (roundps), and
+  // without it the baseline (SSE2) copy of this loop would not vectorize at all (9x slower)
+  const float t = x * 1.44269504088896341f + 0.5f;  // in [-124.2, 0.5], or NaN
+  const float tt = static_cast<float>(static_cast<int32_t>(t));
+  const float fx = tt > t ? tt - 1.0f : tt;
   const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   float p = r * (1.0f / 5040.0f);
   p = r * (p + 1.0f / 720.0f);
@@ -607,33 +633,126 @@ void dyt_backward(const T* g, const T* x, T alpha, const T* w, T* dx, double* da
 }  // namespace
 
 // ------------------------------------------------------------------------------ C entry points --
-#define NK_EXPORT(T, SUF)                                                                                           \
-  extern "C" void nk_seg_fwd_##SUF(const T* x, const T* res, T* s_out, const T* w, const T* b, T* y, T* mean,     \
-                                   T* var, T* rstd, int64_t N, int64_t C, int64_t L, int64_t G, int center,        \
-                                   double eps, int nt) {                                                           \
-    seg_forward<T>(x, res, s_out, w, b, y, mean, var, rstd, N, C, L, G, center != 0, eps, nt);                     \
-  }                                                                                                                 \
-  extern "C" void nk_seg_bwd_##SUF(const T* g, const T* gs, const T* s, const T* w, const T* mean, const T* rstd, \
-                                   T* dx, T* dw, T* db, int64_t N, int64_t C, int64_t L, int64_t G, int center,    \
-                                   int nt) {                                                                       \
-    seg_backward<T>(g, gs, s, w, mean, rstd, dx, dw, db, N, C, L, G, center != 0, nt);                             \
-  }                                                                                                                 \
-  extern "C" void nk_cf_fwd_##SUF(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N,  \
-                                  int64_t C, int64_t L, int center, double eps, int nt) {                          \
-    cf_forward<T>(x, w, b, y, mean, var, rstd, N, C, L, center != 0, eps, nt);                                     \
-  }                                                                                                                 \
-  extern "C" void nk_cf_bwd_##SUF(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw,  \
-                                  T* db, int64_t N, int64_t C, int64_t L, int center, int nt) {                    \
-    cf_backward<T>(g, s, w, mean, rstd, dx, dw, db, N, C, L, center != 0, nt);                                     \
-  }                                                                                                                 \
-  extern "C" void nk_dyt_fwd_##SUF(const T* x, double alpha, const T* w, const T* b, T* y, int64_t N, int64_t C,  \
-                                   int64_t L, int nt) {                                                            \
-    dyt_forward<T>(x, static_cast<T>(alpha), w, b, y, N, C, L, nt);                                                \
-  }                                                                                                                 \
-  extern "C" void nk_dyt_bwd_##SUF(const T* g, const T* x, double alpha, const T* w, T* dx, double* dalpha, T* dw, \
-                                   T* db, int64_t N, int64_t C, int64_t L, int nt) {                               \
-    dyt_backward<T>(g, x, static_cast<T>(alpha), w, dx, dalpha, dw, db, N, C, L, nt);                              \
-  }
+// X(name, kernel, C parameters, arguments) for every entry point of one dtype: the one list the
+// per-variant definitions, their declarations and the dispatching extern "C" functions expand.
+// The kernels take the C arguments as they are (int center -> bool, double alpha -> T).
+#define NK_ENTRY_POINTS_OF(X, T, SUF)                                                                               \
+  X(seg_fwd_##SUF, seg_forward<T>,                                                                                  \
+    (const T* x, const T* res, T* s_out, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N,        \
+     int64_t C, int64_t L, int64_t G, int center, double eps, int nt),                                              \
+    (x, res, s_out, w, b, y, mean, var, rstd, N, C, L, G, center, eps, nt))                                    \
+  X(seg_bwd_##SUF, seg_backward<T>,                                                                                 \
+    (const T* g, const T* gs, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, \
+     int64_t C, int64_t L, int64_t G, int center, int nt),                                                          \
+    (g, gs, s, w, mean, rstd, dx, dw, db, N, C, L, G, center, nt))                                             \
+  X(cf_fwd_##SUF, cf_forward<T>,                                                                                    \
+    (const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N, int64_t C, int64_t L,           \
+     int center, double eps, int nt),                                                                               \
+    (x, w, b, y, mean, var, rstd, N, C, L, center, eps, nt))                                                   \
+  X(cf_bwd_##SUF, cf_backward<T>,                                                                                   \
+    (const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C,   \
+     int64_t L, int center, int nt),                                                                                \
+    (g, s, w, mean, rstd, dx, dw, db, N, C, L, center, nt))                                                    \
+  X(dyt_fwd_##SUF, dyt_forward<T>,                                                                                  \
+    (const T* x, double alpha, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t L, int nt),              \
+    (x, alpha, w, b, y, N, C, L, nt))                                                               \
+  X(dyt_bwd_##SUF, dyt_backward<T>,                                                                                 \
+    (const T* g, const T* x, double alpha, const T* w, T* dx, double* dalpha, T* dw, T* db, int64_t N, int64_t C,   \
+     int64_t L, int nt),                                                                                            \
+    (g, x, alpha, w, dx, dalpha, dw, db, N, C, L, nt))
+#define NK_ENTRY_POINTS(X) NK_ENTRY_POINTS_OF(X, float, f32) NK_ENTRY_POINTS_OF(X, double, f64)
 
-NK_EXPORT(float, f32)
-NK_EXPORT(double, f64)
+// This variant's entry points: NK_ISA::seg_fwd_f32 etc., plain C++ functions (external linkage).
+#define NK_DEFINE(name, kernel, params, args) \
+  void name params { kernel args; }
+NK_ENTRY_POINTS(NK_DEFINE)
+
+}  // namespace NK_ISA
+
+#ifdef NK_DISPATCH
+#define NK_DECLARE(name, kernel, params, args) void name params;
+
+#ifdef NK_X86_VARIANTS
+#if !defined(__x86_64__)
+#error "NK_X86_VARIANTS is for x86-64 builds"
+#endif
+namespace nk_avx2 {
+NK_ENTRY_POINTS(NK_DECLARE)
+}
+namespace nk_avx512 {
+NK_ENTRY_POINTS(NK_DECLARE)
+}
+#endif
+
+namespace {
+
+#ifdef NK_X86_VARIANTS
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+#else
+constexpr const char* kIsaNames[] = {"baseline"};
+#endif
+constexpr int kIsaCount = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
+
+// Whether this CPU (and OS: __builtin_cpu_supports checks the saved vector state) runs variant
+// isa. GCC >= 12 tests the x86-64 levels the variants are compiled for; older compilers test
+// the features of those levels the kernels can use.
+bool isa_supported(int isa) {
+#ifdef NK_X86_VARIANTS
+  __builtin_cpu_init();  // may run before libgcc's own constructor (we call it from one)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  const bool v3 = __builtin_cpu_supports("x86-64-v3");
+  const bool v4 = __builtin_cpu_supports("x86-64-v4");
+#else
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+#endif
+  if (isa == 1) return v3;
+  if (isa == 2) return v4;
+#endif
+  return isa == 0;
+}
+
+int best_isa() {
+  int best = 0;
+  for (int i = 1; i < kIsaCount; ++i)
+    if (isa_supported(i)) best = i;
+  return best;
+}
+
+int g_isa = best_isa();  // resolved once, when the library is loaded
+
+}  // namespace
+
+// cpu.py compiles with -fvisibility=hidden: the library exports these nk_* functions only.
+#define NK_API extern "C" __attribute__((visibility("default")))
+
+NK_API int nk_isa_count() { return kIsaCount; }
+NK_API const char* nk_isa_name(int isa) { return isa >= 0 && isa < kIsaCount ? kIsaNames[isa] : nullptr; }
+NK_API int nk_isa_supported(int isa) { return isa >= 0 && isa < kIsaCount && isa_supported(isa); }
+NK_API int nk_isa() { return g_isa; }
+// Use variant isa from now on (call it before any kernel runs); refused (returns 0) where the CPU lacks it.
+NK_API int nk_set_isa(int isa) {
+  if (!nk_isa_supported(isa)) return 0;
+  g_isa = isa;
+  return 1;
+}
+
+#ifdef NK_X86_VARIANTS
+#define NK_EXPORT(name, kernel, params, args) \
+  NK_API void nk_##name params {              \
+    switch (g_isa) {                          \
+      case 2: return nk_avx512::name args;    \
+      case 1: return nk_avx2::name args;      \
+      default: return nk_baseline::name args; \
+    }                                         \
+  }
+#else
+#define NK_EXPORT(name, kernel, params, args) \
+  NK_API void nk_##name params { nk_baseline::name args; }
+#endif
+NK_ENTRY_POINTS(NK_EXPORT)
+
+#endif  // NK_DISPATCH
