@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normkit
-from normkit.continual.adab2n import (
+from normkit.nn.adab2n import (
     AdaB2N,
     adab2n_eta,
     adab2n_layers,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from normkit.bench import SUITES, SuiteConfig, run
-from normkit.bench.data import load_digits
 from normkit.bench.suites_zoo import MICROBATCH_NORMS, SELFNORM_MODELS, TRANSFORMER_NORMS, layer_statistics
+from normkit.data import load_digits
 
 
 def _row(norm: str, acc: float, **kw) -> dict:

@@ -12,9 +12,9 @@ from torch import nn
 from normkit.bench import SUITES, Job, register_suite, run
 from normkit.bench.models import SmallCNN
 from normkit.bench.suites_continual import _continual_claims
-from normkit.continual.adab2n import AdaB2N, convert_adab2n
 from normkit.continual.replay import ReservoirBuffer
 from normkit.continual.split_digits import load_split_digits, train_online
+from normkit.nn.adab2n import AdaB2N, convert_adab2n
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from normkit.layers.normalizer_free import (
+from normkit.models.nf_resnet import NFBlock, NFResNet, StochasticDepth, nf_expected_stds, nf_output_std, nf_stages
+from normkit.nn.normalizer_free import (
     ACTIVATIONS,
     GAMMA,
     GammaAct,
@@ -16,7 +17,6 @@ from normkit.layers.normalizer_free import (
     gamma_act,
     scaled_standardize_weight,
 )
-from normkit.models.nf_resnet import NFBlock, NFResNet, StochasticDepth, nf_expected_stds, nf_output_std, nf_stages
 
 D = torch.float64
 

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from normkit.layers.init import lecun_normal_
 from normkit.models.self_normalizing import (
     SELU_ALPHA,
     SELU_SCALE,
@@ -13,6 +12,7 @@ from normkit.models.self_normalizing import (
     self_normalizing_mlp,
     selu_fixed_point,
 )
+from normkit.nn.init import lecun_normal_
 
 
 def test_lecun_normal_std_is_one_over_sqrt_fan_in():

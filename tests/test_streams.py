@@ -19,7 +19,7 @@ from normkit.adapt.streams import (
     iid_order,
     make_stream,
 )
-from normkit.bench.data import load_digits
+from normkit.data import load_digits
 
 
 def test_clean_digits_c_is_the_bench_test_split():

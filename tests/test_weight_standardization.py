@@ -9,7 +9,7 @@ import torch.nn.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normkit.layers.weight_standardization import WSConv2d, WSLinear, standardize_weight, weight_standardize_
+from normkit.nn.weight_standardization import WSConv2d, WSLinear, standardize_weight, weight_standardize_
 
 D = torch.float64
 

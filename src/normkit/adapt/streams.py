@@ -1,6 +1,6 @@
 """Shifted test streams from built-in data: digits-C (scikit-learn digits under corruptions).
 
-``digits_c(corruption, severity)`` is the digits *test* split of :func:`normkit.bench.data.load_digits`
+``digits_c(corruption, severity)`` is the digits *test* split of :func:`normkit.data.load_digits`
 (same images, same standardization with the *training* mean/std) with a corruption applied to the
 pixels in [0, 1] before standardizing, in the spirit of CIFAR-10-C / ImageNet-C (Hendrycks &
 Dietterich 2019, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations",
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from normkit.bench.data import digits_pixels, standardize
+from normkit.data import digits_pixels, standardize
 
 # --------------------------------------------------------------------------- corruptions
 
@@ -158,15 +158,15 @@ class DigitsPixels:
     std: float
 
     def standardize(self, pixels: np.ndarray) -> Tensor:
-        """Pixels → the model's input scale, exactly as :func:`normkit.bench.data.load_digits`."""
+        """Pixels → the model's input scale, exactly as :func:`normkit.data.load_digits`."""
         return standardize(pixels, self.mean, self.std)
 
 
 @cache
 def digits_test_pixels(test_fraction: float = 0.2) -> DigitsPixels:
-    """The test images of :func:`normkit.bench.data.load_digits` before standardization (same split).
+    """The test images of :func:`normkit.data.load_digits` before standardization (same split).
 
-    Both come from :func:`normkit.bench.data.digits_pixels`, so standardizing these pixels gives
+    Both come from :func:`normkit.data.digits_pixels`, so standardizing these pixels gives
     ``load_digits().x_test`` exactly.
     """
     px = digits_pixels(test_fraction)

@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from normkit.bench.data import DataSplit, load_digits
 from normkit.bench.models import SmallCNN, TinyViT
+from normkit.data import DataSplit, load_digits
 from normkit.registry import Layout, list_norms, norm_info
 
 

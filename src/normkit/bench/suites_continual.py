@@ -47,7 +47,7 @@ STRATEGIES = ("er_ace", "er")
 def _build(norm: str) -> nn.Module:
     model = SmallCNN("batchnorm")
     if norm == "adab2n":
-        from normkit.continual.adab2n import convert_adab2n
+        from normkit.nn.adab2n import convert_adab2n
 
         model = convert_adab2n(model, SETTING["num_tasks"], SETTING["classes_per_task"], SETTING["kappa"])
     return model

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normkit.bench.data import DataSplit, load_digits
 from normkit.bench.models import SmallCNN, TinyViT
 from normkit.bench.suites import Job, SuiteConfig, claim_line, mean_acc, register_suite
+from normkit.data import DataSplit, load_digits
 
 # --------------------------------------------------------------------------- microbatch
 
 
 def _ws_conv() -> Callable[..., nn.Module]:
-    from normkit.layers.weight_standardization import WSConv2d
+    from normkit.nn.weight_standardization import WSConv2d
 
     return WSConv2d
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normkit.bench.data import DataSplit
 from normkit.bench.suites import Job
+from normkit.data import DataSplit
 
 
 def seed_everything(seed: int) -> None:

@@ -1,13 +1,15 @@
 """Continual learning: AdaB²N and a small online class-incremental benchmark (Split-Digits + replay).
 
-* :mod:`normkit.continual.adab2n` — :class:`AdaB2N` (Lyu et al. 2023, arXiv:2310.08855),
+* :mod:`normkit.nn.adab2n` (re-exported here) — :class:`AdaB2N` (Lyu et al. 2023, arXiv:2310.08855),
   :func:`convert_adab2n`, the per-step task labels, the regulariser.
 * :mod:`normkit.continual.replay` — a reservoir-sampling replay buffer.
 * :mod:`normkit.continual.split_digits` — Split-Digits (5 tasks × 2 classes of scikit-learn's
   digits) and an online experience-replay training loop reporting final average accuracy.
 """
 
-from normkit.continual.adab2n import (
+from normkit.continual.replay import ReservoirBuffer
+from normkit.continual.split_digits import ContinualResult, TaskData, load_split_digits, train_online
+from normkit.nn.adab2n import (
     ADAB2N,
     AdaB2N,
     adab2n_eta,
@@ -20,8 +22,6 @@ from normkit.continual.adab2n import (
     set_task_ids,
     set_task_labels,
 )
-from normkit.continual.replay import ReservoirBuffer
-from normkit.continual.split_digits import ContinualResult, TaskData, load_split_digits, train_online
 
 __all__ = [
     "ADAB2N",

@@ -1,6 +1,6 @@
 """Split-Digits and an online class-incremental training loop with experience replay.
 
-Split-Digits cuts scikit-learn's digits (:func:`normkit.bench.data.load_digits`, the bench's
+Split-Digits cuts scikit-learn's digits (:func:`normkit.data.load_digits`, the bench's
 fixed 80/20 split) into 5 tasks of 2 classes ({0, 1}, {2, 3}, …). The loop follows the online
 setting of the AdaB²N paper (mammoth framework): each task's stream is seen once in small
 batches (10), every incoming batch is concatenated with a batch drawn from a reservoir
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normkit.bench.data import DataSplit, load_digits
-from normkit.continual.adab2n import adab2n_layers, adab2n_regularizer, end_task, set_task_ids, set_task_labels
 from normkit.continual.replay import ReservoirBuffer
+from normkit.data import DataSplit, load_digits
+from normkit.nn.adab2n import adab2n_layers, adab2n_regularizer, end_task, set_task_ids, set_task_labels
 
 Strategy = Literal["er", "er_ace"]
 

@@ -1,7 +1,10 @@
-"""Layers around normalization: weight standardization, normalizer-free tools, initialisers."""
+"""Moved to :mod:`normkit.nn` (weight standardization, normalizer-free layers) and :mod:`normkit.nn.init`.
 
-from normkit.layers.init import lecun_normal_
-from normkit.layers.normalizer_free import (
+Kept as a plain re-export so ``normkit.layers.X`` and its submodules keep working.
+"""
+
+from normkit.nn.init import lecun_normal_
+from normkit.nn.normalizer_free import (
     GAMMA,
     GammaAct,
     ScaledStdConv2d,
@@ -10,7 +13,7 @@ from normkit.layers.normalizer_free import (
     gamma_act,
     scaled_standardize_weight,
 )
-from normkit.layers.weight_standardization import WSConv2d, WSLinear, standardize_weight, weight_standardize_
+from normkit.nn.weight_standardization import WSConv2d, WSLinear, standardize_weight, weight_standardize_
 
 __all__ = [
     "GAMMA",

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from normkit.layers.init import lecun_normal_
-from normkit.layers.normalizer_free import GammaAct, ScaledStdConv2d, SkipInit
+from normkit.nn.init import lecun_normal_
+from normkit.nn.normalizer_free import GammaAct, ScaledStdConv2d, SkipInit
 
 ConvLayer = Callable[..., nn.Module]
 
@@ -111,8 +111,8 @@ class NFBlock(nn.Module):
         out = skip_gain · out                     # SkipInit, scalar initialised to skip_gain_init (0)
         return α · out + shortcut
 
-    ``act`` is a gamma-scaled activation (:class:`normkit.layers.GammaAct`), convolutions are
-    Scaled WS (:class:`normkit.layers.ScaledStdConv2d`). ``beta`` is the expected std of the
+    ``act`` is a gamma-scaled activation (:class:`normkit.nn.GammaAct`), convolutions are
+    Scaled WS (:class:`normkit.nn.ScaledStdConv2d`). ``beta`` is the expected std of the
     block's input (from :func:`nf_expected_stds`); note the official constructor takes its
     inverse (``beta = 1/expected_std``) — here ``beta`` is the std itself and the block divides.
 

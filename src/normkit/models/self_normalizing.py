@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from normkit.layers.init import lecun_normal_
+from normkit.nn.init import lecun_normal_
 from normkit.registry import Paper
 
 SNN_PAPER = Paper("Self-Normalizing Neural Networks", 2017, "1706.02515", "Klambauer, Unterthiner, Mayr, Hochreiter")
@@ -40,7 +40,7 @@ def self_normalizing_mlp(
     """A self-normalizing MLP: ``depth`` × (Linear → SELU [→ AlphaDropout]) → Linear.
 
     Klambauer et al. 2017, arXiv:1706.02515. Every Linear (the output layer too) gets LeCun-normal
-    weights ``N(0, 1/fan_in)`` (:func:`normkit.layers.lecun_normal_`) and zero biases, as the
+    weights ``N(0, 1/fan_in)`` (:func:`normkit.nn.init.lecun_normal_`) and zero biases, as the
     official code. ``dropout`` > 0 adds ``nn.AlphaDropout(dropout)`` after each SELU (the paper's
     recommendation: rates 0.05–0.1); inputs should be standardized to mean 0, variance 1.
     """

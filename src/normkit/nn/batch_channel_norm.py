@@ -2,7 +2,7 @@
 
 Qiao, Wang, Liu, Shen, Yuille, "Micro-Batch Training with Batch-Channel Normalization and
 Weight Standardization", 2019, arXiv:1903.10520 (v1 titled "Weight Standardization").
-Weight Standardization itself lives in :mod:`normkit.layers.weight_standardization`.
+Weight Standardization itself lives in :mod:`normkit.nn.weight_standardization`.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class BatchChannelNorm(nn.Module):
     :class:`EstBN`, the paper's micro-batch BCN that normalizes with running estimates updated
     at rate ``moving_speed`` (see :class:`EstBN` for the divergence in its default).
     ``eps`` is used by both steps (1e-5 in both in the official code). Use it with
-    weight-standardized convolutions (:class:`normkit.layers.WSConv2d`), as the paper does.
+    weight-standardized convolutions (:class:`normkit.nn.WSConv2d`), as the paper does.
     """
 
     def __init__(
