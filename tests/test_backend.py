@@ -23,17 +23,17 @@ def test_set_backend_is_global_and_a_context_manager():
 
 
 def test_auto_never_compiles(monkeypatch):
+    # "auto" may use ATen's ops and normkit's prebuilt C++ kernels, but never starts torch.compile
     def boom(*a, **k):
         raise AssertionError("auto backend started a compile")
 
     monkeypatch.setattr(B, "compiled", boom)
-    monkeypatch.setattr(normkit.kernels.cpu, "supports", boom)  # nor builds the CPU kernels
+    monkeypatch.setattr(torch, "compile", boom)
     x = torch.randn(4, 8, requires_grad=True)
     for name in normkit.list_norms():
         m = normkit.registry.sample_norm(name, 8)
         inp = x if normkit.norm_info(name).layout == "channels_last" else x.reshape(2, 8, 2)
         m(inp, **normkit.registry.sample_inputs(name, inp)).sum().backward()
-    assert B.resolve(None, x, "normalize") == "eager"
 
 
 def test_per_layer_backend_overrides_global(monkeypatch):

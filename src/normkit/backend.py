@@ -1,32 +1,66 @@
 """Kernel backend selection: one dispatch shared by every layer.
 
-Backends:
+Backends a user can ask for (per layer with ``backend=``, or globally with :func:`set_backend`):
 
-* ``"eager"`` — plain PyTorch ops with a hand-written closed-form backward
+* ``"auto"`` (default) — the fastest correct implementation for each call, chosen by the table
+  below (:data:`AUTO_RULES`). It never starts a ``torch.compile`` the user did not ask for; on CPU
+  it may build normkit's C++ kernels on first use (about 1.5 s, once per machine, cached on disk,
+  logged once on the ``normkit`` logger). Where no compiler works it uses ATen's op or the eager
+  math instead, with one warning, and never fails.
+* ``"native"`` — ATen's own op (``F.layer_norm``, ``F.group_norm``, …) wherever the layer's
+  configuration is one torch computes exactly (no mask, no ``stats_dtype`` override, …); other
+  configurations run the eager math.
+* ``"eager"`` — normkit's math as plain PyTorch ops with a hand-written closed-form backward
   (``torch.autograd.Function`` saving only the input plus per-row statistics). No warm-up.
-* ``"compiled"`` — the fastest compiled code for the same forward/backward math. On CPU the
-  row-wise norms (LayerNorm, RMSNorm, their channels-first forms, GroupNorm, InstanceNorm, fused
-  add + norm) and DyT run normkit's own C++ kernels (:mod:`normkit.kernels.cpu`: one pass per row,
-  column sums inside the row loop), built once with the system compiler and cached on disk;
-  everything else (BatchNorm, half dtypes, the zoo) is the ``"inductor"`` path.
-* ``"inductor"`` — the same math compiled with ``torch.compile`` alone (Inductor generates fused,
-  vectorized loops). Compiled functions are cached per configuration; the first call of each new
-  configuration pays the compile (seconds on CPU — ``normkit kernels`` reports it).
-* ``"triton"`` — GPU kernels for CUDA tensors. This is the slot that later Triton kernels plug
-  into via :func:`register_triton_kernel`; selecting it where it cannot run raises ``RuntimeError``.
-* ``"auto"`` (default) — Triton where a kernel is registered and the tensor is on CUDA, else
-  eager. ``"auto"`` never starts a compile the user did not ask for.
+* ``"kernels"`` — normkit's C++ CPU kernels (:mod:`normkit.kernels.cpu`) where they apply, else the
+  eager math; never compiles.
+* ``"compiled"`` — normkit's C++ CPU kernels where they apply, else the same math through
+  ``torch.compile`` (``"inductor"``).
+* ``"inductor"`` — the math compiled with ``torch.compile`` alone (cached per configuration; the first
+  call of each configuration pays the compile, seconds on CPU).
+* ``"triton"`` — GPU kernels for CUDA tensors, plugged in with :func:`register_triton_kernel`;
+  selecting it where it cannot run raises ``RuntimeError``.
 
-Inside a ``torch.compile`` region every backend traces the kernels' math (in the spelling the
-``"compiled"`` backend uses, e.g. fused statistics, DyT's exp-form tanh), so the user's compiler
-fuses it with its neighbours (no graph break, no nested compile).
+The ``"auto"`` table (op → preferred implementation per device; measured with ``normkit kernels``
+on the 2-core CPU machine, fp32, against the native module):
+
+================  ============  ============  ==============================================
+op                CPU           CUDA          why
+================  ============  ============  ==============================================
+layer_norm        native        native        ATen's fused op; normkit's kernel only ties it
+rms_norm          kernels       native        ATen's CPU RMSNorm is a chain of ops (5x slower)
+layer_norm2d      kernels       native        no ATen op: permute + F.layer_norm (3x slower)
+rms_norm2d        kernels       native        idem, permute + F.rms_norm
+group_norm        kernels       native        0.85-0.95x of F.group_norm at large sizes
+instance_norm     kernels       native        0.55x of F.instance_norm (it runs batch_norm)
+batch_norm        native        native        ATen's op; normkit's kernels have no BN layout
+add_norm          kernels       native        sum and norm in one pass
+dyt               kernels       eager         one exp per element, sums inside the row loop
+normalize         kernels       eager         the generic engine the zoo layers use
+(any other op)    eager         eager
+================  ============  ============  ==============================================
+
+Fallbacks, in order: a Triton kernel registered for the op wins on CUDA; ``kernels`` needs a
+float32/float64 contiguous CPU tensor, at least ``min_numel`` elements (below it the Python cost
+of the call outweighs the kernel's advantage) and built kernels, else ``native`` where the
+configuration is native-exact, else ``eager``; ``native`` on a configuration torch cannot compute
+falls to ``kernels`` where they apply, else ``eager``. Other device types use ``native`` where
+exact, else ``eager``.
+
+Inside a user's ``torch.compile`` region, ``kernels`` and ``compiled`` run the C++ kernels as torch
+operators (``torch.ops.normkit.*``, :mod:`normkit.kernels.ops`), so the compiled graph keeps them;
+``native`` stays ATen's op (Inductor lowers it); ``eager`` and ``inductor`` trace the math, which
+the user's compiler fuses with its neighbours (no graph break, no nested compile).
 
 Selection: per layer (``backend=`` argument, ``None`` = follow the global setting) or globally
 with :func:`set_backend`, which also works as a context manager::
 
-    normkit.set_backend("compiled")          # from now on
+    normkit.set_backend("compiled")          # from now on (this thread)
     with normkit.set_backend("eager"):       # only inside the block
         ...
+
+The global setting is per thread (like ``torch.set_grad_enabled``): a data-loader or serving thread
+does not see another thread's choice.
 """
 
 from __future__ import annotations
@@ -35,14 +69,45 @@ import functools
 import threading
 import types
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "eager", "compiled", "inductor", "triton")
+BACKENDS = ("auto", "native", "eager", "kernels", "compiled", "inductor", "triton")
 
 _state = threading.local()
 _triton_kernels: dict[str, Callable[..., Any]] = {}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``"auto"``'s choice for one op: preferred implementation on CPU and on CUDA.
+
+    ``min_numel``: below this many input elements ``kernels`` yields to ``native`` (when exact) on
+    CPU, because a call into normkit's kernels costs a few microseconds of Python more than ATen's.
+    """
+
+    cpu: str
+    cuda: str
+    min_numel: int = 0
+
+
+AUTO_RULES: dict[str, Rule] = {
+    "layer_norm": Rule(cpu="native", cuda="native"),
+    "rms_norm": Rule(cpu="kernels", cuda="native"),
+    "layer_norm2d": Rule(cpu="kernels", cuda="native"),
+    "rms_norm2d": Rule(cpu="kernels", cuda="native"),
+    "group_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 16),
+    "instance_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 16),
+    "batch_norm": Rule(cpu="native", cuda="native"),
+    "add_norm": Rule(cpu="kernels", cuda="native"),
+    "dyt": Rule(cpu="kernels", cuda="eager"),
+    "normalize": Rule(cpu="kernels", cuda="eager"),
+}
+_EAGER = Rule(cpu="eager", cuda="eager")
+_NATIVE_EVERYWHERE = frozenset(op for op, r in AUTO_RULES.items() if r.cpu == r.cuda == "native")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _check(name: str) -> str:
@@ -52,12 +117,12 @@ def _check(name: str) -> str:
 
 
 def get_backend() -> str:
-    """The global backend name (default ``"auto"``)."""
+    """The global backend name of this thread (default ``"auto"``)."""
     return getattr(_state, "backend", "auto")
 
 
 class set_backend:  # noqa: N801 - used like a function, as torch.set_grad_enabled
-    """Set the global backend; usable as a plain call or as a context manager."""
+    """Set the global backend (this thread); usable as a plain call or as a context manager."""
 
     def __init__(self, name: str) -> None:
         self.prev = get_backend()
@@ -71,17 +136,66 @@ class set_backend:  # noqa: N801 - used like a function, as torch.set_grad_enabl
 
 
 def register_triton_kernel(op: str, fn: Callable[..., Any]) -> None:
-    """Plug a Triton implementation of kernel ``op`` into the ``"triton"`` backend."""
+    """Plug a Triton implementation of kernel ``op`` into the ``"triton"`` backend (and ``"auto"`` on CUDA)."""
     _triton_kernels[op] = fn
 
 
-def resolve(backend: str | None, x: torch.Tensor, op: str) -> str:
-    """Concrete backend (``"eager"``, ``"compiled"``, ``"inductor"`` or ``"triton"``) for one call of ``op``."""
-    name = _check(backend) if backend is not None else get_backend()
-    if torch.compiler.is_compiling():
-        return "eager"
+def triton_kernel(op: str) -> Callable[..., Any]:
+    return _triton_kernels[op]
+
+
+# Set by normkit.kernels.cpu at import (the kernels sit above this module): whether normkit's C++
+# CPU kernels are built and loaded (building them on first call).
+_cpu_kernels_available: Callable[[], bool] = lambda: False  # noqa: E731
+
+
+def register_cpu_kernels(available: Callable[[], bool]) -> None:
+    global _cpu_kernels_available
+    _cpu_kernels_available = available
+
+
+def kernels_apply(x: torch.Tensor) -> bool:
+    """Whether normkit's C++ CPU kernels can take ``x`` (device, dtype, layout; built and loaded)."""
+    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.is_contiguous() and _cpu_kernels_available()
+
+
+def _auto(op: str, x: torch.Tensor, native_ok: bool) -> str:
+    if native_ok and op in _NATIVE_EVERYWHERE and op not in _triton_kernels:
+        return "native"  # the per-call fast path: no look at the tensor
+    dev = x.device.type
+    rule = AUTO_RULES.get(op, _EAGER)
+    if dev == "cuda":
+        if op in _triton_kernels:
+            return "triton"
+        pref = rule.cuda
+    elif dev == "cpu":
+        pref = rule.cpu
+        if pref == "kernels" and native_ok and x.numel() < rule.min_numel:
+            pref = "native"
+    else:
+        pref = "native"
+    if pref == "kernels":
+        if dev == "cpu" and kernels_apply(x):
+            return "kernels"
+        pref = "native"
+    if pref == "native":
+        if native_ok:
+            return "native"
+        return "kernels" if dev == "cpu" and rule.cpu != "eager" and kernels_apply(x) else "eager"
+    return pref
+
+
+def resolve(backend: str | None, x: torch.Tensor, op: str, native_ok: bool = False) -> str:
+    """Concrete implementation for one call of ``op`` on ``x``.
+
+    Returns ``"native"`` (only when ``native_ok``: the caller's configuration is one ATen's op
+    computes exactly), ``"kernels"``, ``"eager"``, ``"compiled"``, ``"inductor"`` or ``"triton"``.
+    """
+    name = getattr(_state, "backend", "auto") if backend is None else _check(backend)
     if name == "auto":
-        return "triton" if (x.is_cuda and op in _triton_kernels) else "eager"
+        return _auto(op, x, native_ok)
+    if name == "native":
+        return "native" if native_ok else "eager"
     if name == "triton":
         if not x.is_cuda:
             raise RuntimeError(f"backend 'triton' needs CUDA tensors; got a tensor on {x.device}")
@@ -90,11 +204,10 @@ def resolve(backend: str | None, x: torch.Tensor, op: str) -> str:
                 f"backend 'triton' has no kernel registered for {op!r} "
                 f"(registered: {sorted(_triton_kernels) or 'none'}); use 'auto', 'eager' or 'compiled'"
             )
+        return name
+    if torch.compiler.is_compiling():  # inside the user's compile: no nested compile
+        return "kernels" if name == "compiled" else "eager" if name == "inductor" else name
     return name
-
-
-def triton_kernel(op: str) -> Callable[..., Any]:
-    return _triton_kernels[op]
 
 
 @functools.cache

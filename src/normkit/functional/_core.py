@@ -17,7 +17,9 @@ from normkit.stats import Reducer, accumulation_dtype, mean_square, moments
 
 
 def check_eps(eps: float) -> float:
-    if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
+    if type(eps) is float and eps >= 0:  # the common case first (NaN fails the comparison)
+        return eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     return float(eps)
 

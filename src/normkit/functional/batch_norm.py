@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor
 
+from normkit import backend as _backend
 from normkit.functional._core import (
     canonical_mask,
     check_channels_first,
@@ -68,9 +70,11 @@ def batch_norm(
     c = check_channels_first(x, None if running_mean is None else running_mean.numel(), "batch_norm")
     check_param(weight, c, "weight", "batch_norm")
     check_param(bias, c, "bias", "batch_norm")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    if _backend.resolve(backend, x, "batch_norm", mask is None and reducer is None and stats_dtype is None) == "native":
+        return TF.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
         return channel_affine(x, running_mean, running_var, weight, bias, eps)
     per_channel = x.numel() // c
     if per_channel <= 1 and reducer is None:
@@ -113,6 +117,9 @@ def instance_norm(
     c = check_channels_first(x, None if running_mean is None else running_mean.numel(), "instance_norm")
     check_param(weight, c, "weight", "instance_norm")
     check_param(bias, c, "bias", "instance_norm")
+    impl = _backend.resolve(backend, x, "instance_norm", mask is None and stats_dtype is None)
+    if impl == "native" and x.dim() >= 3 and (use_input_stats or running_mean is not None):
+        return TF.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
@@ -123,7 +130,8 @@ def instance_norm(
     view = (x.shape[0], c, 1, -1)
     m4 = canonical_mask(mask, x, view)
     y, mean, var = normalize_view(
-        x.reshape(view), weight, bias, (2, 3), center=True, eps=eps, mask=m4, stats_dtype=stats_dtype, backend=backend
+        x.reshape(view), weight, bias, (2, 3), center=True, eps=eps, mask=m4, stats_dtype=stats_dtype,
+        backend="eager" if impl == "native" else impl,
     )
     if running_mean is not None and running_var is not None:
         count = float(spatial) if m4 is None else m4.sum((2, 3)).to(var.dtype).reshape(x.shape[0], c)
@@ -155,9 +163,12 @@ def group_norm(
         raise ValueError(f"group_norm: num_groups={num_groups!r} must be a positive divisor of the {c} channels")
     check_param(weight, c, "weight", "group_norm")
     check_param(bias, c, "bias", "group_norm")
+    impl = _backend.resolve(backend, x, "group_norm", mask is None and stats_dtype is None)
+    if impl == "native":
+        return TF.group_norm(x, num_groups, weight, bias, eps)
     view = (x.shape[0], num_groups, c // num_groups, -1)
     y = normalize_view(
         x.reshape(view), weight, bias, (2, 3), center=True, eps=eps,
-        mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=backend,
+        mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=impl,
     )[0]
     return y.reshape(x.shape)

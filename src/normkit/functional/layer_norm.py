@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor
 
+from normkit import backend as _backend
 from normkit.functional._core import (
     canonical_mask,
     check_channels_first,
@@ -34,6 +36,16 @@ def _rows(x: Tensor, normalized_shape: int | Sequence[int], what: str) -> tuple[
     for s in shape:
         d *= s
     return shape, d
+
+
+def _native(call, check) -> Tensor:  # noqa: ANN001
+    """Run ATen's op; if it rejects the input, raise normkit's error for it (``check``) instead of
+    ATen's, so every backend fails the same way. The checks cost nothing on the fast path."""
+    try:
+        return call()
+    except RuntimeError:
+        check()
+        raise
 
 
 def _default_rms_eps(eps: float | None, x: Tensor) -> float:
@@ -96,9 +108,19 @@ def layer_norm(
 
     ``mask`` (bool, broadcastable to ``x``) restricts the statistics to the True positions.
     """
+    check_float(x)
+    eps = check_eps(eps)
+    impl = _backend.resolve(backend, x, "layer_norm", mask is None and stats_dtype is None)
+    if impl == "native":
+        shape = _shape(normalized_shape)
+        w = with_offset(weight, weight_offset)
+        return _native(
+            lambda: TF.layer_norm(x, shape, w, bias, eps),
+            lambda: _token_norm(x, shape, weight, bias, eps, True, "layer_norm", backend="eager"),
+        )
     return _token_norm(
-        x, normalized_shape, weight, bias, check_eps(eps), True, "layer_norm",
-        weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=backend,
+        x, normalized_shape, weight, bias, eps, True, "layer_norm",
+        weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=impl,
     )[0]
 
 
@@ -122,9 +144,19 @@ def rms_norm(
 
     ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.functional.rms_norm``.
     """
+    check_float(x)
+    eps = _default_rms_eps(eps, x)
+    impl = _backend.resolve(backend, x, "rms_norm", mask is None and stats_dtype is None and bias is None)
+    if impl == "native":
+        shape = _shape(normalized_shape)
+        w = with_offset(weight, weight_offset)
+        return _native(
+            lambda: TF.rms_norm(x, shape, w, eps),
+            lambda: _token_norm(x, shape, weight, None, eps, False, "rms_norm", backend="eager"),
+        )
     return _token_norm(
-        x, normalized_shape, weight, bias, _default_rms_eps(eps, x), False, "rms_norm",
-        weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=backend,
+        x, normalized_shape, weight, bias, eps, False, "rms_norm",
+        weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=impl,
     )[0]
 
 
@@ -148,11 +180,25 @@ def add_norm(
     """
     if norm not in ("layernorm", "rmsnorm"):
         raise ValueError(f"add_norm: norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
+    check_float(x)
     center = norm == "layernorm"
     eps = (1e-5 if eps is None else check_eps(eps)) if center else _default_rms_eps(eps, x)
+    impl = _backend.resolve(backend, x, "add_norm", stats_dtype is None and (center or bias is None))
+    if impl == "native":
+        shape = _shape(normalized_shape)
+        w = with_offset(weight, weight_offset)
+
+        def call() -> tuple[Tensor, Tensor]:
+            s = x + residual
+            y = TF.layer_norm(s, shape, w, bias, eps) if center else TF.rms_norm(s, shape, w, eps)
+            return y, s
+
+        return _native(call, lambda: _token_norm(
+            x, shape, weight, bias, eps, center, "add_norm", residual=residual, backend="eager"
+        ))
     y, s = _token_norm(
         x, normalized_shape, weight, bias, eps, center, "add_norm",
-        residual=residual, weight_offset=weight_offset, stats_dtype=stats_dtype, backend=backend,
+        residual=residual, weight_offset=weight_offset, stats_dtype=stats_dtype, backend=impl,
     )
     return y, s
 
@@ -171,10 +217,17 @@ def _channels_first_norm(
 ) -> Tensor:
     c = check_channels_first(x, None if weight is None else weight.numel(), what)
     check_param(bias, c, "bias", what)
+    native_ok = mask is None and stats_dtype is None and (center or bias is None)
+    impl = _backend.resolve(backend, x, "layer_norm2d" if center else "rms_norm2d", native_ok)
+    w = with_offset(weight, weight_offset)
+    if impl == "native":  # what a user writes without normkit (timm's LayerNorm2d): two transposes
+        xt = x.movedim(1, -1)
+        y = TF.layer_norm(xt, (c,), w, bias, eps) if center else TF.rms_norm(xt, (c,), w, eps)
+        return y.movedim(-1, 1)
     view = (x.shape[0], 1, c, -1)
     y = normalize_view(
-        x.reshape(view), with_offset(weight, weight_offset), bias, (2,), center=center, eps=eps,
-        mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=backend,
+        x.reshape(view), w, bias, (2,), center=center, eps=eps,
+        mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=impl,
     )[0]
     return y.reshape(x.shape)
 

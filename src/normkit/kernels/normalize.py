@@ -52,7 +52,8 @@ from torch import Tensor
 
 from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
-from normkit.stats import accumulation_dtype, fused_moments, mean_square, moments
+from normkit.kernels import ops as _ops
+from normkit.stats import accumulation_dtype, fused_moments
 
 Dims = tuple[int, ...]
 
@@ -153,9 +154,10 @@ def _cpu_layout(
     dims: Dims, stats_dtype: torch.dtype | None,
 ) -> CpuLayout | None:
     """``(kind, n, c, length, groups)`` for normkit's CPU kernels (:mod:`normkit.kernels.cpu`), or
-    None where the ``"compiled"`` backend uses Inductor (BatchNorm's axes, a ``stats_dtype``
-    override, and whatever :func:`normkit.kernels.cpu.supports` turns down)."""
-    if impl != "compiled" or (stats_dtype is not None and stats_dtype != x.dtype):
+    None where the ``"kernels"`` backend runs the eager math and ``"compiled"`` Inductor
+    (BatchNorm's axes, a ``stats_dtype`` override, and whatever :func:`normkit.kernels.cpu.supports`
+    turns down)."""
+    if impl not in ("kernels", "compiled") or (stats_dtype is not None and stats_dtype != x.dtype):
         return None
     n, g, cg, length = x.shape
     if dims == (2, 3):  # GroupNorm / InstanceNorm: one segment per (sample, group)
@@ -166,36 +168,11 @@ def _cpu_layout(
         layout = ("cf", n, cg, length, 1)
     else:
         return None
-    return layout if _cpu.supports(x, weight, bias, residual) else None
+    return layout if _ops.accepts(x, weight, bias, residual) else None
 
 
 def _stats_shape(x: Tensor, dims: Dims) -> list[int]:
     return [1 if i in dims else x.shape[i] for i in range(4)]
-
-
-def _differentiable_backward(
-    gy: Tensor, gs: Tensor | None, s: Tensor, weight: Tensor | None, dims: Dims, center: bool, eps: float,
-    sd: torch.dtype,
-) -> tuple[Tensor, Tensor | None]:
-    """∂L/∂s and ∂L/∂w for a double backward: autograd through a plain statement of the forward.
-
-    The closed-form backward treats the saved statistics as constants, which is right for a first
-    derivative but drops their dependence on ``s`` in a second one; here they are recomputed from
-    ``s`` with autograd recording (gradient penalties through a norm, ``gradgradcheck``).
-    """
-    with torch.enable_grad():
-        s_ = s if s.requires_grad else s.detach().requires_grad_()
-        w_ = None if weight is None else weight if weight.requires_grad else weight.detach().requires_grad_()
-        xf = s_.to(sd)
-        if center:
-            mean, var = moments(xf, dims)
-            xhat = (xf - mean) * torch.rsqrt(var + eps)
-        else:
-            xhat = xf * torch.rsqrt(mean_square(xf, dims) + eps)
-        y = xhat if w_ is None else xhat * _affine_view(w_, xf).to(sd)
-        grads = torch.autograd.grad(y.to(s.dtype), [s_] if w_ is None else [s_, w_], gy, create_graph=True)
-    dx = grads[0] if gs is None else grads[0] + gs
-    return dx, (grads[1] if w_ is not None else None)
 
 
 class _NormalizeFn(torch.autograd.Function):
@@ -240,7 +217,9 @@ class _NormalizeFn(torch.autograd.Function):
                     "add_norm does not support double backward (create_graph=True): it saves only x + residual; "
                     "use the norm on x + residual computed outside (e.g. F.layer_norm(x + residual, ...))"
                 )
-            dx, dw = _differentiable_backward(gy, gs, s, weight if has_w else None, dims, center, eps, rstd.dtype)
+            dx, dw = _ops.differentiable_backward(
+                gy, gs, s, weight if has_w else None, tuple(s.shape), dims, center, eps, rstd.dtype
+            )
             db = column_sum(gy.to(rstd.dtype)) if want_b else None
             dw = dw if want_w else None
         elif layout is not None:
@@ -288,4 +267,25 @@ def normalize(
         return _backend.triton_kernel("normalize")(
             x, weight, bias, dims, center=center, eps=eps, residual=residual, stats_dtype=stats_dtype
         )
-    return _NormalizeFn.apply(x, weight, bias, residual, tuple(dims), center, float(eps), stats_dtype, impl)
+    dims = tuple(dims)
+    if impl == "kernels" and torch.compiler.is_compiling():
+        layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype)
+        if layout is not None:
+            return _operator(x, weight, bias, residual, dims, layout, center, float(eps))
+    return _NormalizeFn.apply(x, weight, bias, residual, dims, center, float(eps), stats_dtype, impl)
+
+
+def _operator(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, dims: Dims,
+    layout: CpuLayout, center: bool, eps: float,
+) -> tuple[Tensor, ...]:
+    """The CPU kernels through their torch operators (:mod:`normkit.kernels.ops`), so a user's
+    ``torch.compile`` graph keeps them; same outputs as :class:`_NormalizeFn`."""
+    kind, n, c, length, groups = layout
+    if kind == "seg":
+        y, s, mean, var, _ = torch.ops.normkit.seg_norm(x, residual, weight, bias, n, c, length, groups, center, eps)
+    else:
+        y, mean, var, _ = torch.ops.normkit.cf_norm(x, weight, bias, n, c, length, center, eps)
+    shape = _stats_shape(x, dims)
+    mean, var = mean.view(shape), var.view(shape)
+    return (y, mean, var) if residual is None else (y, s, mean, var)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
+from normkit.kernels import ops as _ops
 from normkit.kernels.normalize import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
@@ -144,7 +145,7 @@ class _DyTFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias, channels_last, impl):  # noqa: ANN001, ANN205
         key = (channels_last, x.dtype, weight is None, bias is None)
-        cpu = impl == "compiled" and _cpu.supports(x, alpha, weight, bias)
+        cpu = impl in ("kernels", "compiled") and _ops.accepts(x, alpha, weight, bias)
         if cpu:  # normkit's CPU kernel: one exp per element, column sums inside the row loop
             y = _cpu.dyt_forward(x, alpha, weight, bias, channels_last)
         else:
@@ -185,4 +186,6 @@ def dyt(
     impl = _backend.resolve(backend, x, "dyt")
     if impl == "triton":
         return _backend.triton_kernel("dyt")(x, alpha, weight, bias, channels_last)
+    if impl == "kernels" and torch.compiler.is_compiling() and _ops.accepts(x, alpha, weight, bias):
+        return torch.ops.normkit.dyt(x, alpha, weight, bias, channels_last)  # kept as a node in the user's graph
     return _DyTFn.apply(x, alpha, weight, bias, channels_last, impl)

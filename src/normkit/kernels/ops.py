@@ -1,0 +1,309 @@
+"""normkit's C++ CPU kernels as torch operators (``torch.ops.normkit.*``).
+
+Each kernel of :mod:`normkit.kernels.cpu` is registered with :func:`torch.library.custom_op`, with a
+fake (meta) implementation for shape propagation and, for the forward ops, an autograd formula
+whose backward is the matching backward operator. So ``torch.compile(model, fullgraph=True)`` keeps
+the kernels as opaque nodes (no graph break, no trace of the eager math) and ``torch.export``
+records them; :func:`torch.library.opcheck` checks the registrations (tests).
+
+=============================  ==========================================================
+operator                       computes
+=============================  ==========================================================
+``seg_norm``                   rows / GroupNorm / InstanceNorm segments (optional residual)
+``seg_norm_backward``          its closed-form backward (∂x, ∂w, ∂b)
+``cf_norm``                    channels-first LayerNorm/RMSNorm over C at every position
+``cf_norm_backward``           its backward
+``dyt`` / ``dyt_backward``     Dynamic Tanh and its backward
+=============================  ==========================================================
+
+Why ``custom_op`` over a ``TORCH_LIBRARY`` C++ extension: the kernels are plain C entry points
+built in ~1.5 s with the system compiler; a C++ extension would compile against torch's headers
+(a minute on 2 cores) on every new machine. Why eager calls do not go through these operators:
+a ``custom_op`` call costs ~30-70 µs of Python dispatch on the 2-core machine against ~10 µs for
+the :class:`torch.autograd.Function` the eager path uses (both call the same wrappers in
+:mod:`normkit.kernels.cpu`), which matters at small shapes; :mod:`normkit.kernels.normalize` and
+:mod:`normkit.kernels.pointwise` use the operators only under a compiler
+(:func:`torch.compiler.is_compiling`).
+
+Outputs that a configuration does not produce (the residual sum without a residual, ∂w without a
+weight) are returned as empty tensors, since operators return a fixed number of tensors and may
+not alias their inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from normkit import backend as _backend
+from normkit.kernels import cpu as _cpu
+from normkit.stats import mean_square, moments
+
+log = logging.getLogger("normkit")
+_reported = False
+
+
+@torch.compiler.assume_constant_result  # evaluated once at trace time, not traced into
+def kernels_available() -> bool:
+    """``"auto"``'s check: build/load the kernels on first use, report the outcome once.
+
+    A successful build is logged (INFO, logger ``normkit``) with its time; a missing compiler or a
+    failed build gives one warning (not when disabled with ``NORMKIT_CPU_KERNELS=0``), and
+    ``"auto"`` then uses ATen's ops or the eager math.
+    """
+    global _reported
+    ok = _cpu.available()
+    if not _reported:
+        _reported = True
+        if ok:
+            log.info("normkit: %s", _cpu.status())
+        elif os.environ.get("NORMKIT_CPU_KERNELS", "1") != "0" and _cpu._compiler() is None:
+            # (a failed build has already warned, from normkit.kernels.cpu)
+            warnings.warn(
+                f"normkit: {_cpu.status()}; backends 'auto' and 'kernels' use ATen's ops and the eager math "
+                "instead, 'compiled' uses Inductor",
+                RuntimeWarning, stacklevel=4,
+            )
+    return ok
+
+
+_backend.register_cpu_kernels(kernels_available)
+
+
+def accepts(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the kernels take ``x`` and these parameters (same dtype, on the CPU), building them on
+    first use; safe to call while Dynamo traces (unlike :func:`normkit.kernels.cpu.supports`)."""
+    if x.numel() == 0 or not _backend.kernels_apply(x):
+        return False
+    return all(p is None or (p.dtype == x.dtype and p.device.type == "cpu") for p in params)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _maybe(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+# ---------------------------------------------------------------- segments (rows, GroupNorm, InstanceNorm)
+
+
+@torch.library.custom_op("normkit::seg_norm", mutates_args=(), device_types="cpu")
+def seg_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    n: int, c: int, length: int, groups: int, center: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Normalize ``n`` contiguous segments of ``c·length`` values of ``x (+ residual)``.
+
+    Returns ``(y, s, mean, var, rstd)``: ``s = x + residual`` (empty without a residual) and flat
+    per-segment statistics. The affine of segment ``i`` is ``weight[(i % groups)·c + k]``.
+    """
+    y, s, mean, var, rstd = _cpu.seg_forward(
+        x.contiguous(), residual, weight, bias, n, c, length, groups, center, eps
+    )
+    return y.view(x.shape), (_empty(x) if residual is None else s.view(x.shape)), mean, var, rstd
+
+
+@seg_norm.register_fake
+def _(x, residual, weight, bias, n, c, length, groups, center, eps):  # noqa: ANN001, ANN202
+    stats = [x.new_empty(n) for _ in range(3)]
+    return torch.empty_like(x), (_empty(x) if residual is None else torch.empty_like(x)), *stats
+
+
+@torch.library.custom_op("normkit::seg_norm_backward", mutates_args=(), device_types="cpu")
+def seg_norm_backward(
+    g: Tensor, gs: Tensor | None, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    n: int, c: int, length: int, groups: int, center: bool, want_w: bool, want_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(∂x, ∂w, ∂b)`` of :func:`seg_norm` (∂x includes ``gs``, the gradient reaching ``s``); ∂w/∂b
+    are empty unless asked for."""
+    dx, dw, db = _cpu.seg_backward(g, gs, s, weight, mean, rstd, n, c, length, groups, center, want_w, want_b)
+    return dx.view(s.shape), (_empty(s) if dw is None else dw), (_empty(s) if db is None else db)
+
+
+@seg_norm_backward.register_fake
+def _(g, gs, s, weight, mean, rstd, n, c, length, groups, center, want_w, want_b):  # noqa: ANN001, ANN202
+    k = groups * c
+    return torch.empty_like(s), s.new_empty(k if want_w else 0), s.new_empty(k if want_b else 0)
+
+
+def differentiable_backward(
+    gy: Tensor, gs: Tensor | None, s: Tensor, weight: Tensor | None, view: tuple[int, ...], dims: tuple[int, ...],
+    center: bool, eps: float, sd: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """∂L/∂s and ∂L/∂w for a double backward (``create_graph=True``): autograd through a plain
+    statement of the forward on the canonical ``(N, G, Cg, L)`` ``view`` (in the statistics dtype
+    ``sd``, default ``s``'s), statistics recomputed from ``s``.
+
+    The closed-form backward treats the saved statistics as constants, which is right for a first
+    derivative but drops their dependence on ``s`` in a second one.
+    """
+    with torch.enable_grad():
+        s_ = s if s.requires_grad else s.detach().requires_grad_()
+        w_ = None if weight is None else weight if weight.requires_grad else weight.detach().requires_grad_()
+        xf = s_.reshape(view).to(sd or s.dtype)
+        if center:
+            mean, var = moments(xf, dims)
+            xhat = (xf - mean) * torch.rsqrt(var + eps)
+        else:
+            xhat = xf * torch.rsqrt(mean_square(xf, dims) + eps)
+        y = xhat if w_ is None else xhat * w_.reshape(1, view[1], view[2], 1).to(xf.dtype)
+        grads = torch.autograd.grad(
+            y.to(s.dtype).reshape(s.shape), [s_] if w_ is None else [s_, w_], gy, create_graph=True
+        )
+    dx = grads[0] if gs is None else grads[0] + gs
+    return dx, (grads[1].reshape(weight.shape) if w_ is not None else None)
+
+
+def _seg_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, residual, weight, bias, n, c, length, groups, center, eps = inputs
+    _, s, mean, _, rstd = output
+    ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
+    ctx.cfg = (n, c, length, groups, center, eps, residual is not None, None if bias is None else bias.shape)
+
+
+def _seg_backward(ctx, gy, gs, gmean, gvar, grstd):  # noqa: ANN001, ANN202
+    s, weight, mean, rstd = ctx.saved_tensors
+    n, c, length, groups, center, eps, has_r, bias_shape = ctx.cfg
+    gs = gs if has_r else None
+    want_w = weight is not None and ctx.needs_input_grad[2]
+    want_b = bias_shape is not None and ctx.needs_input_grad[3]
+    if torch.is_grad_enabled():  # create_graph=True
+        view = (n // groups, groups, c, length)
+        dx, dw = differentiable_backward(gy, gs, s, weight, view, (2, 3), center, eps)
+        db = gy.reshape(view).sum((0, 3)).reshape(bias_shape) if want_b else None
+        dw = dw if want_w else None
+    else:
+        dx, dw, db = torch.ops.normkit.seg_norm_backward(
+            gy, gs, s, weight, mean, rstd, n, c, length, groups, center, want_w, want_b
+        )
+        dw = _maybe(dw).reshape(weight.shape) if want_w else None
+        db = _maybe(db).reshape(bias_shape) if want_b else None
+    dr = dx if has_r and ctx.needs_input_grad[1] else None
+    return dx, dr, dw, db, None, None, None, None, None, None
+
+
+seg_norm.register_autograd(_seg_backward, setup_context=_seg_setup)
+
+
+# ---------------------------------------------------------------- channels-first (LayerNorm2d, RMSNorm2d)
+
+
+@torch.library.custom_op("normkit::cf_norm", mutates_args=(), device_types="cpu")
+def cf_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Channels-first ``(n, c, length)`` input normalized over c at every (n, l): ``(y, mean, var, rstd)``."""
+    y, _, mean, var, rstd = _cpu.cf_forward(x.contiguous(), weight, bias, n, c, length, center, eps)
+    return y.view(x.shape), mean, var, rstd
+
+
+@cf_norm.register_fake
+def _(x, weight, bias, n, c, length, center, eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), *(x.new_empty(n * length) for _ in range(3))
+
+
+@torch.library.custom_op("normkit::cf_norm_backward", mutates_args=(), device_types="cpu")
+def cf_norm_backward(
+    g: Tensor, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    n: int, c: int, length: int, center: bool, want_w: bool, want_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(∂x, ∂w, ∂b)`` of :func:`cf_norm`; ∂w/∂b are empty unless asked for."""
+    dx, dw, db = _cpu.cf_backward(g, s, weight, mean, rstd, n, c, length, center, want_w, want_b)
+    return dx.view(s.shape), (_empty(s) if dw is None else dw), (_empty(s) if db is None else db)
+
+
+@cf_norm_backward.register_fake
+def _(g, s, weight, mean, rstd, n, c, length, center, want_w, want_b):  # noqa: ANN001, ANN202
+    return torch.empty_like(s), s.new_empty(c if want_w else 0), s.new_empty(c if want_b else 0)
+
+
+def _cf_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, n, c, length, center, eps = inputs
+    _, mean, _, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.cfg = (n, c, length, center, eps, None if bias is None else bias.shape)
+
+
+def _cf_backward(ctx, gy, gmean, gvar, grstd):  # noqa: ANN001, ANN202
+    s, weight, mean, rstd = ctx.saved_tensors
+    n, c, length, center, eps, bias_shape = ctx.cfg
+    want_w = weight is not None and ctx.needs_input_grad[1]
+    want_b = bias_shape is not None and ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():  # create_graph=True
+        view = (n, 1, c, length)
+        dx, dw = differentiable_backward(gy, None, s, weight, view, (2,), center, eps)
+        db = gy.reshape(view).sum((0, 3)).reshape(bias_shape) if want_b else None
+        dw = dw if want_w else None
+    else:
+        dx, dw, db = torch.ops.normkit.cf_norm_backward(gy, s, weight, mean, rstd, n, c, length, center, want_w, want_b)
+        dw = _maybe(dw).reshape(weight.shape) if want_w else None
+        db = _maybe(db).reshape(bias_shape) if want_b else None
+    return dx, dw, db, None, None, None, None, None
+
+
+cf_norm.register_autograd(_cf_backward, setup_context=_cf_setup)
+
+
+# ---------------------------------------------------------------- DyT
+
+
+@torch.library.custom_op("normkit::dyt", mutates_args=(), device_types="cpu")
+def dyt(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool) -> Tensor:
+    """``weight · tanh(alpha · x) + bias``, affine on the last (channels-last) or second dim."""
+    return _cpu.dyt_forward(x.contiguous(), alpha, weight, bias, channels_last).view(x.shape)
+
+
+@dyt.register_fake
+def _(x, alpha, weight, bias, channels_last):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normkit::dyt_backward", mutates_args=(), device_types="cpu")
+def dyt_backward(
+    g: Tensor, x: Tensor, alpha: Tensor, weight: Tensor | None, channels_last: bool, want_w: bool, want_b: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(∂x, ∂α, ∂w, ∂b)`` of :func:`dyt`; ∂w/∂b are empty unless asked for."""
+    dx, da, dw, db = _cpu.dyt_backward(g, x.contiguous(), alpha, weight, channels_last, want_w, want_b)
+    return dx.view(x.shape), da, (_empty(x) if dw is None else dw), (_empty(x) if db is None else db)
+
+
+@dyt_backward.register_fake
+def _(g, x, alpha, weight, channels_last, want_w, want_b):  # noqa: ANN001, ANN202
+    c = x.shape[-1] if channels_last else x.shape[1]
+    return torch.empty_like(x), torch.empty_like(alpha), x.new_empty(c if want_w else 0), x.new_empty(c if want_b else 0)
+
+
+def _dyt_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, alpha, weight, bias, channels_last = inputs
+    ctx.save_for_backward(x, alpha, weight)
+    ctx.cfg = (channels_last, None if bias is None else bias.shape)
+
+
+def _dyt_backward(ctx, g):  # noqa: ANN001, ANN202
+    x, alpha, weight = ctx.saved_tensors
+    channels_last, bias_shape = ctx.cfg
+    want_w = weight is not None and ctx.needs_input_grad[2]
+    want_b = bias_shape is not None and ctx.needs_input_grad[3]
+    if torch.is_grad_enabled():  # create_graph=True: the closed form in differentiable torch ops
+        shape = (-1,) if channels_last else (-1,) + (1,) * (x.dim() - 2)
+        axes = tuple(range(x.dim() - 1)) if channels_last else (0, *range(2, x.dim()))
+        t = torch.tanh(alpha * x)
+        gw = g if weight is None else g * weight.reshape(shape)
+        dpre = gw * (1 - t * t)
+        dx, da = dpre * alpha, (dpre * x).sum().reshape(alpha.shape)
+        dw, db = (g * t).sum(axes), g.sum(axes)
+    else:
+        dx, da, dw, db = torch.ops.normkit.dyt_backward(g, x, alpha, weight, channels_last, want_w, want_b)
+        dw, db = _maybe(dw), _maybe(db)
+    dw = dw.reshape(weight.shape) if want_w else None
+    db = db.reshape(bias_shape) if want_b else None
+    return dx, da, dw, db, None
+
+
+dyt.register_autograd(_dyt_backward, setup_context=_dyt_setup)
