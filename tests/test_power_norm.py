@@ -80,8 +80,8 @@ def _step(m, x, gy, pad=None):
     "kw, masked",
     [
         ({"warmup_iters": 3}, False),
-        ({"warmup_iters": 2, "group_num": 2, "paper_exact": True, "alpha_fwd": 0.8, "alpha_bkw": 0.7}, True),
-        ({"warmup_iters": 0, "group_num": None}, True),
+        ({"warmup_iters": 2, "num_groups": 2, "paper_exact": True, "alpha_fwd": 0.8, "alpha_bkw": 0.7}, True),
+        ({"warmup_iters": 0, "num_groups": None}, True),
     ],
 )
 def test_train_steps_match_the_equations_and_the_nu_recursion(kw, masked):
@@ -91,7 +91,7 @@ def test_train_steps_match_the_equations_and_the_nu_recursion(kw, masked):
         kw["warmup_iters"],
         kw.get("alpha_fwd", 0.9),
         kw.get("alpha_bkw", 0.9),
-        groups=kw.get("group_num", 1),
+        groups=kw.get("num_groups", 1),
         paper_exact=kw.get("paper_exact", False),
     )
     w, b = m.weight.detach().clone(), m.bias.detach().clone()
@@ -116,7 +116,7 @@ def test_train_steps_match_the_equations_and_the_nu_recursion(kw, masked):
 
 
 def test_eval_is_the_running_quadratic_mean_affine_map():
-    m = _module(group_num=2)
+    m = _module(num_groups=2)
     with torch.no_grad():
         m.running_phi.uniform_(0.5, 2.0)
     m.eval()
@@ -128,13 +128,13 @@ def test_eval_is_the_running_quadratic_mean_affine_map():
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k
     # no GroupScaling
-    m2 = _module(group_num=None)
+    m2 = _module(num_groups=None)
     m2.eval()
     torch.testing.assert_close(m2(x), m2.weight * x / torch.sqrt(torch.ones(C, dtype=D) + 1e-5) + m2.bias)
 
 
 def test_running_phi_update_step_by_step():
-    m = PowerNorm(C, warmup_iters=3, alpha_fwd=0.8, group_num=None, dtype=D)
+    m = PowerNorm(C, warmup_iters=3, alpha_fwd=0.8, num_groups=None, dtype=D)
     phi = torch.ones(C, dtype=D)
     for t in range(1, 6):
         x = torch.randn(4, 3, C, dtype=D) * t
@@ -148,7 +148,7 @@ def test_running_phi_update_step_by_step():
 
 
 def test_warmup_uses_batch_statistics_then_the_previous_running_value():
-    m = PowerNorm(C, warmup_iters=2, group_num=None, affine=False, dtype=D)
+    m = PowerNorm(C, warmup_iters=2, num_groups=None, affine=False, dtype=D)
     with torch.no_grad():
         m.running_phi.fill_(100.0)
     for _ in range(2):
@@ -189,7 +189,7 @@ def _run(m, batches):
 def test_state_dict_resume_is_identical_to_an_uninterrupted_run():
     torch.manual_seed(1)
     batches = [(torch.randn(2, 5, C, dtype=D), torch.randn(2, 5, C, dtype=D), torch.rand(2, 5) < 0.2) for _ in range(6)]
-    kw = {"warmup_iters": 2, "group_num": 2}
+    kw = {"warmup_iters": 2, "num_groups": 2}
     straight = _module(**kw)
     first = PowerNorm(C, dtype=D, **kw)
     first.load_state_dict(straight.state_dict())
@@ -226,7 +226,7 @@ def test_official_state_dict_shapes_load():
 
 def test_compiled_multi_step_matches_eager_across_warmup():
     torch._dynamo.reset()
-    kw = {"warmup_iters": 2, "group_num": 2, "paper_exact": True}
+    kw = {"warmup_iters": 2, "num_groups": 2, "paper_exact": True}
     m, ref = PowerNorm(C, **kw), PowerNorm(C, **kw)
     ref.load_state_dict(m.state_dict())
     cm = torch.compile(m, fullgraph=True)
@@ -288,7 +288,7 @@ def test_two_forwards_before_one_backward():
 
 
 def test_eval_gradcheck_and_affine_false_backward():
-    m = _module(group_num=2)
+    m = _module(num_groups=2)
     m.eval()
     x = torch.randn(2, 3, C, dtype=D, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: m(x), (x,))
@@ -317,7 +317,7 @@ def test_functional_group_scaling_and_repr():
     x = torch.randn(3, C, dtype=D)
     torch.testing.assert_close(group_scaling(x, 4), ref_group_scaling(x, 4))
     r = repr(PowerNorm(C, paper_exact=True))
-    assert "warmup_iters=10000" in r and "group_num=1" in r and "paper_exact=True" in r
+    assert "warmup_iters=10000" in r and "num_groups=1" in r and "paper_exact=True" in r
 
 
 @settings(max_examples=25, deadline=None)
@@ -327,7 +327,7 @@ def test_warmup_output_is_invariant_to_per_channel_scale(seed, s):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, C, generator=g, dtype=D)
     scale = torch.rand(C, generator=g, dtype=D) * s + 0.05
-    m1, m2 = PowerNorm(C, eps=0.0, group_num=None, dtype=D), PowerNorm(C, eps=0.0, group_num=None, dtype=D)
+    m1, m2 = PowerNorm(C, eps=0.0, num_groups=None, dtype=D), PowerNorm(C, eps=0.0, num_groups=None, dtype=D)
     torch.testing.assert_close(m1(x * scale), m2(x))
 
 
@@ -343,8 +343,8 @@ def test_errors():
         m(torch.randn(2, 3, C), torch.zeros(2, 3))
     with pytest.raises(TypeError, match="floating-point"):
         m(torch.ones(2, C, dtype=torch.long))
-    with pytest.raises(ValueError, match="group_num"):
-        PowerNorm(C, group_num=3)
+    with pytest.raises(ValueError, match="num_groups"):
+        PowerNorm(C, num_groups=3)
     with pytest.raises(ValueError, match="alpha_fwd"):
         PowerNorm(C, alpha_fwd=1.5)
     with pytest.raises(ValueError, match="warmup_iters"):
@@ -355,3 +355,31 @@ def test_errors():
         power_norm(torch.randn(2, C), torch.ones(C), training=True, iters=torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="iters must be an integer tensor"):
         power_norm(torch.randn(2, C), torch.ones(C), training=True, ema_gz=torch.zeros(C), iters=torch.zeros(1))
+
+
+def test_group_num_is_the_old_name_of_num_groups():
+    import warnings
+
+    with pytest.warns(FutureWarning, match=r"PowerNorm: group_num= is renamed to num_groups=.*num_groups=2"):
+        old = PowerNorm(C, warmup_iters=2, group_num=2, dtype=D)
+    new = PowerNorm(C, warmup_iters=2, num_groups=2, dtype=D)
+    assert old.num_groups == new.num_groups == 2 and repr(old) == repr(new)
+    with pytest.warns(FutureWarning, match="renamed to num_groups"):
+        assert old.group_num == 2
+    x = torch.randn(3, 4, C, dtype=D)
+    torch.testing.assert_close(old(x), new(x))
+    with pytest.warns(FutureWarning):
+        assert PowerNorm(C, group_num=None).num_groups is None  # None (GroupScaling off) is passed through
+    with pytest.raises(TypeError, match="both num_groups=2 and its old name group_num=2"):
+        PowerNorm(C, num_groups=2, group_num=2)
+    with pytest.warns(FutureWarning, match=r"group_scaling\(\): group_num="):
+        torch.testing.assert_close(group_scaling(x, group_num=4), group_scaling(x, 4))
+    with pytest.raises(TypeError, match="missing required argument 'num_groups'"):
+        group_scaling(x)
+    with pytest.warns(FutureWarning, match=r"power_norm\(\): group_num="):
+        got = power_norm(x, torch.ones(C, dtype=D), group_num=None)
+    torch.testing.assert_close(got, power_norm(x, torch.ones(C, dtype=D), num_groups=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name, the defaults and the module's forward: silent
+        PowerNorm(C, num_groups=4)(x)
+        power_norm(x, torch.ones(C, dtype=D))

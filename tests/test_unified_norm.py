@@ -102,7 +102,7 @@ CASES = [
     ({"window_size": 3, "warmup_iters": 2, "compensation_iters": 4}, False, {"window_fwd", "window_bwd", "compensation"}),
     # separate windows, filtration with an outlier batch, padding mask
     (
-        {"window_size": (3, 2), "warmup_iters": 4, "outlier_filtration": True, "momentum": 0.8, "compensation_iters": 0},
+        {"window_size": (3, 2), "warmup_iters": 4, "outlier_filtration": True, "decay": 0.8, "compensation_iters": 0},
         True,
         {"outlier", "window_fwd", "window_bwd", "compensation"},
     ),
@@ -122,7 +122,7 @@ def test_train_steps_match_the_equations(kw, masked, branches):
         wb,
         kw["warmup_iters"],
         kw.get("outlier_filtration", False),
-        kw.get("momentum", 0.9),
+        kw.get("decay", 0.9),
         comp=kw.get("compensation_iters", 1000),
     )
     w, b = m.weight.detach().clone(), m.bias.detach().clone()
@@ -335,3 +335,61 @@ def test_errors():
         UnifiedNorm(C, warmup_iters=1.5)
     with pytest.raises(ValueError, match=r"buffer_x2, a floating tensor of shape \(window, 8\)"):
         unified_norm(torch.randn(2, C), torch.ones(C), training=True, buffer_x2=torch.zeros(4, 3))
+
+
+# --- momentum in torch's convention, the official meaning as decay ------------------------------------------
+
+
+def _running_var_after_one_step(**kw):
+    m = UnifiedNorm(C, window_size=2, warmup_iters=10, dtype=D, **kw)
+    x = torch.randn(3, 4, C, dtype=D, generator=torch.Generator().manual_seed(0))
+    m(x)
+    return m.running_var, (x**2).mean((0, 1))
+
+
+def test_momentum_weights_the_new_value_as_in_torch():
+    rv, x2 = _running_var_after_one_step(momentum=0.25)
+    torch.testing.assert_close(rv, 0.75 * torch.ones(C, dtype=D) + 0.25 * x2)
+    default, _ = _running_var_after_one_step()  # unchanged by the rename: 0.9 of the old value
+    torch.testing.assert_close(default, 0.9 + 0.1 * x2)
+    assert UnifiedNorm(C).momentum == pytest.approx(0.1) and "momentum=0.1" in repr(UnifiedNorm(C))
+
+
+def test_decay_is_the_official_meaning_and_equals_one_minus_momentum():
+    a, _ = _running_var_after_one_step(decay=0.8)
+    b, _ = _running_var_after_one_step(momentum=0.2)
+    torch.testing.assert_close(a, b)
+    assert UnifiedNorm(C, decay=0.8).momentum == pytest.approx(0.2)
+    with pytest.raises(TypeError, match="both momentum=0.2 and decay=0.8"):
+        UnifiedNorm(C, momentum=0.2, decay=0.8)
+    with pytest.raises(ValueError, match="decay"):
+        UnifiedNorm(C, decay=1.5)
+    x = torch.randn(4, C, dtype=D)
+    want = unified_norm(x, torch.ones(C, dtype=D), momentum=0.2)  # eval: the factor is validated only
+    torch.testing.assert_close(unified_norm(x, torch.ones(C, dtype=D), decay=0.8), want)
+
+
+def test_old_meaning_momentum_warns_and_takes_the_new_meaning():
+    with pytest.warns(FutureWarning, match=r"momentum=0.9 now weights the new value.*decay=0.9"):
+        m = UnifiedNorm(C, momentum=0.9)
+    assert m.momentum == 0.9
+    with pytest.warns(FutureWarning, match="decay=0.9"):
+        unified_norm(torch.randn(4, C), torch.ones(C), None, None, False, 0.9)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch-style values, decay and the module's own forward: silent
+        for kw in ({}, {"momentum": 0.1}, {"momentum": 0.5}, {"decay": 0.9}, {"decay": 0.1}):
+            UnifiedNorm(C, **kw)(torch.randn(2, 3, C))
+        with pytest.warns(FutureWarning):
+            fast = UnifiedNorm(C, momentum=0.9)
+        fast(torch.randn(2, 3, C))
+
+
+def test_checkpoints_load_across_the_rename():
+    old_style = UnifiedNorm(C, decay=0.9, window_size=(3, 2))
+    old_style(torch.randn(2, 3, C))
+    new = UnifiedNorm(C, window_size=(3, 2))
+    new.load_state_dict(old_style.state_dict(), strict=True)
+    for k, v in old_style.state_dict().items():
+        assert torch.equal(new.state_dict()[k], v), k

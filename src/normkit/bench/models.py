@@ -28,8 +28,8 @@ NORM_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
     "instancenorm": lambda channels: {"affine": True},
     "ghostbn": lambda channels: {"virtual_batch_size": 16},
     "batchrenorm": lambda channels: {"warmup_steps": 50, "r_max_end_step": 400, "d_max_end_step": 250},
-    # group_num=4 = the ViT's heads, as the official code wires GroupScaling
-    "powernorm": lambda channels: {"warmup_iters": 100, "group_num": 4 if channels % 4 == 0 else 1},
+    # num_groups=4 = the ViT's heads, as the official code wires GroupScaling (its group_num)
+    "powernorm": lambda channels: {"warmup_iters": 100, "num_groups": 4 if channels % 4 == 0 else 1},
     "unifiednorm": lambda channels: {"warmup_iters": 100, "compensation_iters": 100},
     "prepbn": lambda channels: {"total_step": 500},  # LN → RepBN over the first 500 of ~660 steps
 }

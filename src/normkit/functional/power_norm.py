@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from normkit._compat import MISSING, renamed_argument
 from normkit.functional._core import check_eps, check_float, check_param, snapshot
 from normkit.stats import accumulation_dtype, mean_square
 
@@ -91,17 +92,19 @@ def _affine_forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     return y
 
 
-def group_scaling(x: Tensor, group_num: int, eps: float = 1e-5) -> Tensor:
+def group_scaling(x: Tensor, num_groups: int = MISSING, eps: float = 1e-5, *, group_num: int = MISSING) -> Tensor:
     """PowerNorm's ``GroupScaling1D``: per token, ``x / sqrt(mean_{group}(x²) + eps)``.
 
-    The C channels of each token are split into ``group_num`` contiguous groups (official:
-    the number of attention heads); no affine. With ``group_num=1`` this is an RMSNorm without
-    weight. The mean square is accumulated in float32 for half inputs.
+    The C channels of each token are split into ``num_groups`` contiguous groups (official:
+    ``group_num``, the number of attention heads); no affine. With ``num_groups=1`` this is an
+    RMSNorm without weight. The mean square is accumulated in float32 for half inputs.
+    ``group_num=`` is the old name of ``num_groups`` (accepted with a ``FutureWarning``).
     """
+    num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="group_scaling()")
     c = x.shape[-1]
-    if isinstance(group_num, bool) or not isinstance(group_num, int) or group_num <= 0 or c % group_num:
-        raise ValueError(f"group_num={group_num!r} must be a positive divisor of the {c} channels")
-    xg = x.reshape(*x.shape[:-1], group_num, c // group_num)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+        raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of the {c} channels")
+    xg = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
     ms = mean_square(xg, -1)
     return (xg.to(ms.dtype) * torch.rsqrt(ms + eps)).to(x.dtype).reshape(x.shape)
 
@@ -148,18 +151,19 @@ def power_norm(
     iters: Tensor | None = None,
     alpha_bkw: float = 0.9,
     warmup_iters: int = 10000,
-    group_num: int | None = 1,
+    num_groups: int | None = MISSING,
     group_eps: float = 1e-5,
     pad_mask: Tensor | None = None,
     paper_exact: bool = False,
     stats_dtype: torch.dtype | None = None,
+    group_num: int | None = MISSING,
 ) -> Tensor:
     """Power Normalization of a channels-last ``(B, T, C)`` or ``(N, C)`` tensor.
 
     Shen et al., "PowerNorm: Rethinking Batch Normalization in Transformers", 2020,
     arXiv:2003.07845. Per channel c, with the quadratic mean (no centring) over the tokens::
 
-        x      ← GroupScaling(x)                       (official code, group_num; None = off)
+        x      ← GroupScaling(x)                       (official code, num_groups; None = off)
         ψ²_B   = mean_{non-padded tokens}(x²)
         z      = x / sqrt(ψ²_B + eps)        if t ≤ warmup_iters        (batch statistics)
                = x / sqrt(running_phi + eps) otherwise                   (ψ²_{t−1}, before the update)
@@ -184,8 +188,9 @@ def power_norm(
 
     Divergences between the paper and the official code (the code is the default):
 
-    * GroupScaling1D (``group_num``, eps ``group_eps`` = 1e-5) divides each token by the RMS of
-      its channel group before PN; it is not in the paper. ``group_num=None`` turns it off.
+    * GroupScaling1D (``num_groups``, default 1, the official ``group_num``; eps ``group_eps`` =
+      1e-5) divides each token by the RMS of its channel group before PN; it is not in the paper.
+      ``num_groups=None`` turns it off. ``group_num=`` is still accepted, with a ``FutureWarning``.
     * The backward divides by the current batch's ``sqrt(ψ²_B + eps)``; the paper divides by
       the running ψ_{t−1} used in the forward. ``paper_exact=True`` uses the forward's
       denominator (batch during warmup, running afterwards).
@@ -194,14 +199,15 @@ def power_norm(
       but, as in the official code, ``ema_gz``'s mean runs over all positions.
     """
     what = "power_norm"
+    num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="power_norm()", default=1)
     eps, group_eps = check_eps(eps), check_eps(group_eps)
     c = _check_common(x, running_phi, "running_phi", weight, bias, pad_mask, what)
     alpha_fwd, alpha_bkw = _check_unit(alpha_fwd, "alpha_fwd"), _check_unit(alpha_bkw, "alpha_bkw")
     warmup_iters = _check_count(warmup_iters, "warmup_iters")
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xs = x.to(sd)
-    if group_num is not None:
-        xs = group_scaling(xs, group_num, group_eps)
+    if num_groups is not None:
+        xs = group_scaling(xs, num_groups, group_eps)
     if not training:
         return _eval_affine(xs, running_phi, weight, bias, eps, x.dtype)
     ema_gz = _check_buffer(ema_gz, (c,), "ema_gz", what)

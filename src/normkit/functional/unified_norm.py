@@ -9,6 +9,8 @@ Stabilizing Transformers", ACM MM 2022, arXiv:2208.01313. Official code:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
@@ -26,6 +28,38 @@ from normkit.stats import accumulation_dtype, mean_square
 
 #: Gradient-compensation ratio r is clamped to [1/R_MAX, R_MAX] (official constant).
 R_MAX = 5.0
+
+
+#: ``momentum`` above this is almost surely written for the official (old-value) meaning
+_OLD_MEANING_THRESHOLD = 0.5
+
+
+def resolve_momentum(momentum: float | None, decay: float | None, where: str) -> float:
+    """UN's update factor in torch's convention (the weight of the *new* value) from either spelling.
+
+    Until normkit 0.1, UN's ``momentum`` weighted the *old* value, as in the official code
+    (default 0.9), the opposite of torch's and of every other ``momentum`` here; it now means
+    what it means in torch (default 0.1, the same update). The official meaning is ``decay``
+    (= 1 − momentum). Both at once is a ``TypeError``. A ``momentum`` above 0.5 (a fast-moving
+    running statistic in torch's convention, but the typical *old*-meaning value) is taken in the
+    new meaning with a ``FutureWarning``, since code written before the change meant ``decay``.
+    """
+    if momentum is not None and decay is not None:
+        raise TypeError(f"{where} got both momentum={momentum!r} and decay={decay!r}; decay = 1 − momentum, pass one")
+    if decay is not None:
+        return 1.0 - _check_unit(decay, "decay")
+    if momentum is None:
+        return 0.1
+    momentum = _check_unit(momentum, "momentum")
+    if momentum > _OLD_MEANING_THRESHOLD:
+        warnings.warn(
+            f"{where}: momentum={momentum} now weights the new value as in torch "
+            f"(running_var ← (1 − momentum)·running_var + momentum·var); before, it weighted the old value. "
+            f"For the old meaning pass decay={momentum} (= momentum={1.0 - momentum:.6g}).",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return momentum
 
 
 def _one_hot_rows(index: Tensor, rows: int) -> Tensor:
@@ -81,9 +115,10 @@ def unified_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.9,
+    momentum: float | None = None,
     eps: float = 1e-5,
     *,
+    decay: float | None = None,
     ema_gz: Tensor | None = None,
     iters: Tensor | None = None,
     buffer_x2: Tensor | None = None,
@@ -99,7 +134,7 @@ def unified_norm(
 
     Yang et al., "Unified Normalization for Accelerating and Stabilizing Transformers", 2022,
     arXiv:2208.01313. Per channel, with t the step (``iters`` after this call's increment),
-    W_f / W_b the rows of ``buffer_x2`` / ``buffer_gz`` and m = ``momentum``::
+    W_f / W_b the rows of ``buffer_x2`` / ``buffer_gz`` and m = 1 − ``momentum`` = ``decay``::
 
         x2    = mean_{non-padded tokens}(x²)                       (no centring)
         s²    = var(sqrt(buffer_x2))          one unbiased scalar over all W_f·C entries, before insertion
@@ -131,8 +166,12 @@ def unified_norm(
     and ``skip_counter`` in place; the backward updates ``ema_gz`` and ``buffer_gz``. All are
     required in training; eval needs ``running_var`` only.
 
-    This is the official code (defaults: momentum 0.9, which weights the *old* value;
-    warmup_iters 4000; outlier_filtration False, the NLP setting; True is the CV setting).
+    ``momentum`` follows torch (it weights the *new* value, default 0.1); ``decay`` is the
+    official code's ``momentum`` (it weights the *old* value, official default 0.9), i.e.
+    ``decay = 1 − momentum``; pass one or the other (see :func:`resolve_momentum`).
+
+    This is the official code (defaults: decay 0.9 = momentum 0.1; warmup_iters 4000;
+    outlier_filtration False, the NLP setting; True is the CV setting).
     Its constants are kept: the r clamp [1/5, 5] and the compensation start
     ``compensation_iters=1000`` (a keyword here). ``pad_mask`` (True = padding, shape
     ``x.shape[:-1]``) removes padded tokens from x2, but gz averages over all positions, as in
@@ -141,7 +180,7 @@ def unified_norm(
     what = "unified_norm"
     eps = check_eps(eps)
     c = _check_common(x, running_var, "running_var", weight, bias, pad_mask, what)
-    m = _check_unit(momentum, "momentum")
+    m = 1.0 - resolve_momentum(momentum, decay, what)  # the official code's factor on the old value
     warmup_iters = _check_count(warmup_iters, "warmup_iters")
     compensation_iters = _check_count(compensation_iters, "compensation_iters")
     sd = accumulation_dtype(x.dtype, stats_dtype)

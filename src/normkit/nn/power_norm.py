@@ -7,11 +7,13 @@ State-dict keys are the official code's (``sIncerass/powernorm``, ``MaskPowerNor
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from normkit._compat import MISSING, renamed_argument
 from normkit.functional.power_norm import _check_count, _check_unit, power_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.registry import Paper, register_norm
@@ -53,14 +55,16 @@ class PowerNorm(nn.Module):
     uses ``running_phi``: a per-channel affine map after GroupScaling.
 
     Defaults are the official ``MaskPowerNorm``'s: eps 1e-5, alpha_fwd = alpha_bkw = 0.9,
-    warmup_iters 10000 (the IWSLT recipe passes its LR warmup, 8000), group_num 1
-    (the fairseq wiring passes the number of attention heads, 4 on IWSLT).
+    warmup_iters 10000 (the IWSLT recipe passes its LR warmup, 8000), num_groups 1 (the
+    official ``group_num``; the fairseq wiring passes the number of attention heads, 4 on IWSLT).
+    ``group_num=`` still works, with a ``FutureWarning``: ``num_groups`` is the name every other
+    grouped layer here (and torch's ``GroupNorm``) uses.
 
     ``forward(x, pad_mask=None)``: ``pad_mask`` is the official (fairseq) convention, a bool
     tensor shaped ``x.shape[:-1]`` with **True = padding**; padded tokens are left out of ψ²_B.
 
     Divergences from the paper, all defaulting to the official code:
-    ``group_num=None`` removes GroupScaling (not in the paper); ``paper_exact=True`` divides
+    ``num_groups=None`` removes GroupScaling (not in the paper); ``paper_exact=True`` divides
     the backward by the forward's denominator (the paper's ψ_{t−1}) instead of the batch's;
     warmup and the cumulative-mean running update exist in the code only; ``ema_gz`` averages
     over padded positions too. Beyond the code: ``affine=False`` drops weight and bias (the
@@ -79,30 +83,32 @@ class PowerNorm(nn.Module):
         alpha_bkw: float = 0.9,
         affine: bool = True,
         warmup_iters: int = 10000,
-        group_num: int | None = 1,
+        num_groups: int | None = MISSING,
         *,
         group_eps: float = 1e-5,
         paper_exact: bool = False,
         stats_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        group_num: int | None = MISSING,
     ) -> None:
         super().__init__()
+        num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="PowerNorm", default=1)
         check_module_args(eps, None)
         check_module_args(group_eps, None)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if group_num is not None and (
-            isinstance(group_num, bool) or not isinstance(group_num, int) or group_num <= 0 or num_features % group_num
+        if num_groups is not None and (
+            isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups
         ):
-            raise ValueError(f"group_num={group_num!r} must be None or a positive divisor of num_features={num_features}")
+            raise ValueError(f"num_groups={num_groups!r} must be None or a positive divisor of num_features={num_features}")
         self.num_features = num_features
         self.eps = float(eps)
         self.alpha_fwd = _check_unit(alpha_fwd, "alpha_fwd")
         self.alpha_bkw = _check_unit(alpha_bkw, "alpha_bkw")
         self.affine = bool(affine)
         self.warmup_iters = _check_count(warmup_iters, "warmup_iters")
-        self.group_num = group_num
+        self.num_groups = num_groups
         self.group_eps = float(group_eps)
         self.paper_exact = bool(paper_exact)
         self.stats_dtype = stats_dtype
@@ -117,6 +123,12 @@ class PowerNorm(nn.Module):
         self.register_buffer("ema_gz", torch.zeros(num_features, **fk))
         self.register_buffer("iters", torch.zeros(1, dtype=torch.long, device=device))
         self.reset_parameters()
+
+    @property
+    def group_num(self) -> int | None:
+        """Old name of :attr:`num_groups` (read with a ``FutureWarning``)."""
+        warnings.warn("PowerNorm.group_num is renamed to num_groups", FutureWarning, stacklevel=2)
+        return self.num_groups
 
     def reset_running_stats(self) -> None:
         """Back to the start: ``running_phi`` = 1, ``ema_gz`` = 0, ``iters`` = 0 (warmup runs again)."""
@@ -151,7 +163,7 @@ class PowerNorm(nn.Module):
             iters=self.iters,
             alpha_bkw=self.alpha_bkw,
             warmup_iters=self.warmup_iters,
-            group_num=self.group_num,
+            num_groups=self.num_groups,
             group_eps=self.group_eps,
             pad_mask=pad_mask,
             paper_exact=self.paper_exact,
@@ -161,7 +173,7 @@ class PowerNorm(nn.Module):
     def extra_repr(self) -> str:
         s = (
             f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-            f"affine={self.affine}, warmup_iters={self.warmup_iters}, group_num={self.group_num}"
+            f"affine={self.affine}, warmup_iters={self.warmup_iters}, num_groups={self.num_groups}"
         )
         if self.paper_exact:
             s += ", paper_exact=True"

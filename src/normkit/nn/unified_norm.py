@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normkit.functional.power_norm import _check_count, _check_unit
-from normkit.functional.unified_norm import unified_norm
+from normkit.functional.power_norm import _check_count
+from normkit.functional.unified_norm import resolve_momentum, unified_norm
 from normkit.nn._base import check_module_args, extra_options
 from normkit.registry import Paper, register_norm
 
@@ -68,8 +68,13 @@ class UnifiedNorm(nn.Module):
 
     Defaults are the official ``UN1d``'s: ``window_size=4`` (int, or ``(forward, backward)``),
     ``warmup_iters=4000``, ``outlier_filtration=False`` (the official NLP setting; the CV models
-    use True), eps 1e-5, ``momentum=0.9`` (weights the *old* running value, unlike torch's BN).
-    ``compensation_iters=1000`` is the official hard-coded constant.
+    use True), eps 1e-5, the official ``momentum=0.9`` on the *old* running value, here
+    ``momentum=0.1`` in torch's convention (the weight of the new value, as in every other
+    normkit layer), or ``decay=0.9`` in the official one (``decay = 1 − momentum``; one or the
+    other). Until normkit 0.1 ``momentum`` had the official meaning; a ``momentum`` above 0.5 now
+    gives a ``FutureWarning`` (see :func:`~normkit.functional.unified_norm.resolve_momentum`). The
+    update is the same as before by default and no state depends on the spelling, so checkpoints
+    load unchanged. ``compensation_iters=1000`` is the official hard-coded constant.
 
     ``forward(x, pad_mask=None)``: the official convention, a bool tensor shaped
     ``x.shape[:-1]`` with **True = padding**; padded tokens are left out of x2 (the backward's
@@ -87,8 +92,9 @@ class UnifiedNorm(nn.Module):
         warmup_iters: int = 4000,
         outlier_filtration: bool = False,
         eps: float = 1e-5,
-        momentum: float = 0.9,
+        momentum: float | None = None,
         *,
+        decay: float | None = None,
         affine: bool = True,
         compensation_iters: int = 1000,
         stats_dtype: torch.dtype | None = None,
@@ -105,7 +111,8 @@ class UnifiedNorm(nn.Module):
         self.compensation_iters = _check_count(compensation_iters, "compensation_iters")
         self.outlier_filtration = bool(outlier_filtration)
         self.eps = float(eps)
-        self.momentum = _check_unit(momentum, "momentum")
+        #: torch's convention: running_var ← (1 − momentum)·running_var + momentum·var
+        self.momentum = resolve_momentum(momentum, decay, "UnifiedNorm")
         self.affine = bool(affine)
         self.stats_dtype = stats_dtype
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -150,8 +157,9 @@ class UnifiedNorm(nn.Module):
             self.weight,
             self.bias,
             self.training,
-            self.momentum,
+            None,
             self.eps,
+            decay=1.0 - self.momentum,  # already checked (and warned about) at construction
             ema_gz=self.ema_gz,
             iters=self.iters,
             buffer_x2=self.buffer_x2,
