@@ -503,11 +503,16 @@ void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rst
 NK_INLINE void exp_expm1_m2abs(float z, float& e, float& em) {
   const float x0 = -2.0f * std::fabs(z);
   const float x = x0 < -86.0f ? -86.0f : x0;  // keeps 2^n normal; tanh is ±1 in float long before
-  // fx = floor(t) by truncation and a correction: a vector floor needs SSE4.1 (roundps), and
-  // without it the baseline (SSE2) copy of this loop would not vectorize at all (9x slower)
   const float t = x * 1.44269504088896341f + 0.5f;  // in [-124.2, 0.5], or NaN
+#if defined(__x86_64__) && !defined(__SSE4_1__)
+  // the SSE2 baseline has no vector floor (roundps): floor by truncation and a correction, or
+  // this loop would not vectorize at all there (~9x slower). The AVX copies keep std::floor
+  // (one vroundps; GCC 12 leaves the truncation form unvectorized there).
   const float tt = static_cast<float>(static_cast<int32_t>(t));
   const float fx = tt > t ? tt - 1.0f : tt;
+#else
+  const float fx = std::floor(t);
+#endif
   const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   float p = r * (1.0f / 5040.0f);
   p = r * (p + 1.0f / 720.0f);
