@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from normkit.bench import kernels as benchmark
 from normkit.cli import main
-from normkit.kernels import benchmark
 from normkit.registry import list_norms
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -35,12 +35,13 @@ def test_kernels_benchmark_reports_ratios(capsys):
     out = capsys.readouterr().out
     assert "vs native" in out
     rows = [line for line in out.splitlines() if line.startswith(("rmsnorm", "batchnorm"))]
-    assert len(rows) == 6  # torch, eager, compiled for each
-    rows = benchmark.run(["layernorm"], quick=True, reps=1, echo=None)
-    assert [r.impl for r in rows] == ["torch", "eager", "compiled"]
+    assert len(rows) == 8  # torch, auto, eager, compiled for each
+    rows = benchmark.run(["layernorm", "rmsnorm"], quick=True, reps=1, echo=None)
+    assert [r.impl for r in rows] == ["torch", "auto", "eager", "compiled"] * 2
     assert rows[0].vs_native == pytest.approx(1.0)
     assert all(r.fwdbwd_ms > 0 and r.saved_x <= 1.1 for r in rows)
-    assert rows[2].compile_s is not None
+    assert rows[3].compile_s is not None
+    assert (rows[1].runs, rows[5].runs) == ("native", "kernels")  # what "auto" chose, named in the table
 
 
 def test_kernels_warm_alloc_flag_runs_in_its_own_process():

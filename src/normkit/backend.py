@@ -111,7 +111,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _check(name: str) -> str:
-    if name not in BACKENDS:
+    if name.__class__ is not str or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
 
@@ -133,6 +133,42 @@ class set_backend:  # noqa: N801 - used like a function, as torch.set_grad_enabl
 
     def __exit__(self, *exc: object) -> None:
         _state.backend = self.prev
+
+
+class record:  # noqa: N801 - used like a function, as set_backend
+    """Collect the implementation each normkit call resolves to (this thread), for reports and tests::
+
+        with normkit.backend.record() as calls:
+            normkit.RMSNorm(64)(x)
+        calls  # [("rms_norm", "kernels"), ("normalize", "kernels")]
+
+    A layer may resolve twice (its own op, then the generic engine it calls).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def __enter__(self) -> list[tuple[str, str]]:
+        global _recording
+        self.prev = getattr(_state, "record", None)
+        _state.record = self.calls
+        _recording += 1
+        return self.calls
+
+    def __exit__(self, *exc: object) -> None:
+        global _recording
+        _state.record = self.prev
+        _recording -= 1
+
+
+_recording = 0  # active record() blocks in any thread: resolve() skips the lookup when 0
+
+
+def note(op: str, impl: str) -> None:
+    """Add ``(op, impl)`` to an active :class:`record` (a kernel that fell back after resolution)."""
+    rec = getattr(_state, "record", None)
+    if rec is not None:
+        rec.append((op, impl))
 
 
 def register_triton_kernel(op: str, fn: Callable[..., Any]) -> None:
@@ -192,6 +228,13 @@ def resolve(backend: str | None, x: torch.Tensor, op: str, native_ok: bool = Fal
     computes exactly), ``"kernels"``, ``"eager"``, ``"compiled"``, ``"inductor"`` or ``"triton"``.
     """
     name = getattr(_state, "backend", "auto") if backend is None else _check(backend)
+    impl = _resolve(name, x, op, native_ok)
+    if _recording:
+        note(op, impl)
+    return impl
+
+
+def _resolve(name: str, x: torch.Tensor, op: str, native_ok: bool) -> str:
     if name == "auto":
         return _auto(op, x, native_ok)
     if name == "native":

@@ -45,11 +45,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from normkit.kernels import benchmark
+    from normkit.bench import kernels as benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)
     norms = args.norms.split(",") if args.norms else None
+    if args.defaults:
+        from normkit.bench import defaults
+        from normkit.kernels import cpu
+
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; median of {args.reps} rounds; "
+              f"normkit default backend {normkit_backend()!r}; {cpu.status()}")
+        print(defaults.HEADER)
+        defaults.run(norms, reps=args.reps, quick=args.quick)
+        return 0
     alloc = "fresh outputs page-faulted in (glibc default)"
     if args.warm_alloc:
         alloc = "warm allocator: kernel time only" if benchmark.warm_allocator() else "warm allocator unavailable (not glibc)"
@@ -61,6 +70,12 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     print(benchmark.HEADER)
     benchmark.run(norms, quick=args.quick, reps=args.reps, backends=tuple(args.backends.split(",")))
     return 0
+
+
+def normkit_backend() -> str:
+    from normkit.backend import get_backend
+
+    return get_backend()
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -87,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument(
-        "--backends", default="eager,compiled",
-        help="comma-separated: eager, compiled (normkit's CPU kernels + Inductor), inductor (torch.compile only)",
+        "--backends", default="auto,eager,compiled",
+        help="comma-separated: auto (the default backend; the runs column says what it picked), native, eager, "
+        "kernels (normkit's CPU kernels, else eager), compiled (CPU kernels + Inductor), inductor (torch.compile only)",
+    )
+    p.add_argument(
+        "--defaults", action="store_true",
+        help="normkit's modules on the default backend vs torch's modules, large and small shapes, train/fwd/eval",
     )
     p.add_argument(
         "--warm-alloc", action="store_true",

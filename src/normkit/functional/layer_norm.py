@@ -21,6 +21,8 @@ from normkit.functional._core import (
 
 
 def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if normalized_shape.__class__ is tuple:  # the modules' case, on every call
+        return normalized_shape
     return (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
 
 
@@ -108,16 +110,16 @@ def layer_norm(
 
     ``mask`` (bool, broadcastable to ``x``) restricts the statistics to the True positions.
     """
-    check_float(x)
     eps = check_eps(eps)
     impl = _backend.resolve(backend, x, "layer_norm", mask is None and stats_dtype is None)
-    if impl == "native":
+    if impl == "native":  # the hot path of the default backend: kept to a few Python operations
         shape = _shape(normalized_shape)
-        w = with_offset(weight, weight_offset)
-        return _native(
-            lambda: TF.layer_norm(x, shape, w, bias, eps),
-            lambda: _token_norm(x, shape, weight, bias, eps, True, "layer_norm", backend="eager"),
-        )
+        try:
+            return TF.layer_norm(x, shape, weight + weight_offset if weight_offset else weight, bias, eps)
+        except RuntimeError:  # ATen rejected the input: raise normkit's error for it instead, if it has one
+            _token_norm(x, shape, weight, bias, eps, True, "layer_norm", backend="eager")
+            raise
+    check_float(x)
     return _token_norm(
         x, normalized_shape, weight, bias, eps, True, "layer_norm",
         weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=impl,

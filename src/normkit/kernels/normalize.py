@@ -180,6 +180,8 @@ class _NormalizeFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl):  # noqa: ANN001, ANN205
         key = (dims, center, eps, stats_dtype, x.dtype, weight is not None, bias is not None, residual is not None)
         layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype)
+        if layout is None and impl == "kernels":
+            _backend.note("normalize", "eager")  # a layout (BatchNorm's axes) or input the kernels lack
         if layout is not None:
             kind, n, c, length, groups = layout
             if kind == "seg":

@@ -174,6 +174,11 @@ def _seg_backward(ctx, gy, gs, gmean, gvar, grstd):  # noqa: ANN001, ANN202
     want_w = weight is not None and ctx.needs_input_grad[2]
     want_b = bias_shape is not None and ctx.needs_input_grad[3]
     if torch.is_grad_enabled():  # create_graph=True
+        if has_r:
+            raise RuntimeError(
+                "normkit::seg_norm with a residual (add_norm) does not support double backward (create_graph=True): "
+                "it saves only x + residual; use the norm on x + residual computed outside"
+            )
         view = (n // groups, groups, c, length)
         dx, dw = differentiable_backward(gy, gs, s, weight, view, (2, 3), center, eps)
         db = gy.reshape(view).sum((0, 3)).reshape(bias_shape) if want_b else None
