@@ -418,6 +418,7 @@ def test_registered_and_half_precision():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
+@pytest.mark.slow
 def test_compiled_balanced_path_matches_eager():
     m = AdaB2N(4, 3, 2, kappa=0.4)
     m.end_task()

@@ -264,6 +264,7 @@ def test_brn_state_dict_resume_with_counter():
     BatchRenorm(3).load_state_dict(bn.state_dict())
 
 
+@pytest.mark.slow
 def test_brn_compiled_follows_the_schedule_without_graph_breaks():
     torch._dynamo.reset()
     kw = {"warmup_steps": 1, "r_max_end_step": 3, "d_max_end_step": 2}

@@ -38,6 +38,7 @@ def temp_suite():
         SUITES.pop(name, None)
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
     results = run("quick", scale=TINY, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False)
 
@@ -66,6 +67,7 @@ def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
     assert "batchnorm" in out and "layernorm" in out and "results.csv" in out
 
 
+@pytest.mark.slow
 def test_runs_are_deterministic(tmp_path):
     a = run("quick", scale=0.01, norms=["rmsnorm"], out_dir=tmp_path / "a", progress=False)
     b = run("quick", scale=0.01, norms=["rmsnorm"], out_dir=tmp_path / "b", progress=False)
@@ -102,6 +104,7 @@ def test_quick_suite_selects_core_norms_by_layout():
     assert {(j.model, j.norm) for j in explicit} == {("cnn", "groupnorm"), ("vit", "dyt")}
 
 
+@pytest.mark.slow
 def test_registered_suite_runs_with_claims(tmp_path, temp_suite, capsys):
     seen: list[int] = []
 

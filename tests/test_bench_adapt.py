@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from normkit.bench import SUITES, SuiteConfig, run
 from normkit.bench.suites_adapt import (
     LONG_BATCH_SIZE,
@@ -24,6 +26,7 @@ def test_suites_are_registered_with_the_expected_jobs():
     assert [j.norm for j in SUITES["normonly"].jobs(SuiteConfig())] == list(NORMONLY_VARIANTS)
 
 
+@pytest.mark.slow
 def test_tta_suite_runs_at_tiny_scale(tmp_path, capsys):
     results = run(
         "tta", scale=TINY, norms=["source", "tbn", "alpha_bn", "unmix_tns"], out_dir=tmp_path, progress=False, threads=1

@@ -24,7 +24,21 @@ from normkit import functional as F
 from normkit.kernels import cpu
 from normkit.kernels.normalize import normalize
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.status()}")
+# Skipped only when the kernels are switched off on purpose. A machine that merely lacks a C++
+# compiler fails every test here, so CI cannot go green without having tested the kernels.
+pytestmark = pytest.mark.skipif(
+    os.environ.get("NORMKIT_CPU_KERNELS", "1") == "0", reason="CPU kernels disabled by NORMKIT_CPU_KERNELS=0"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_must_be_available():
+    if not cpu.available():
+        pytest.fail(
+            f"{cpu.status()}; install a C++ compiler (or point $NORMKIT_CXX at one), "
+            "or set NORMKIT_CPU_KERNELS=0 to skip these tests deliberately",
+            pytrace=False,
+        )
 
 D = torch.float64
 
@@ -220,6 +234,7 @@ def _run(env_extra: dict[str, str]) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_disabled_or_unbuildable_kernels_fall_back_to_inductor(tmp_path):
     off = _run({"NORMKIT_CPU_KERNELS": "0"}).splitlines()
     assert off[0] == "normkit CPU kernels off: disabled by NORMKIT_CPU_KERNELS=0" and off[1] == "True"
@@ -228,6 +243,7 @@ def test_disabled_or_unbuildable_kernels_fall_back_to_inductor(tmp_path):
     assert broken[1] == "True" and broken[2] == "1"  # one warning says why, the layer still runs
 
 
+@pytest.mark.slow
 def test_build_goes_to_the_cache_dir_and_is_reused(tmp_path):
     first = _run({"NORMKIT_CACHE_DIR": str(tmp_path)}).splitlines()[0]
     assert first.startswith("normkit CPU kernels on (built in") and str(tmp_path) in first
@@ -364,6 +380,7 @@ def _isa_run(isa: str, path) -> dict:
     return torch.load(path)
 
 
+@pytest.mark.slow
 def test_every_isa_this_cpu_runs_matches_the_baseline(tmp_path):
     """Each kernel copy this CPU supports (forced with NORMKIT_CPU_ISA, one process each) gives the
     baseline copy's results within float rounding: only the vector width of a few sums differs."""
@@ -397,6 +414,7 @@ def test_isa_request_resolution():
     assert cpu._choose_isa("avx512", ["baseline"], ["baseline"])[0] == "baseline"  # aarch64: one copy
 
 
+@pytest.mark.slow
 def test_unavailable_isa_falls_back_with_one_warning():
     """Asking for a copy the CPU (or the library) lacks never fails and never runs it: one warning,
     the widest copy narrower than the one asked for, named in status()."""

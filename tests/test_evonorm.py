@@ -188,6 +188,7 @@ def test_s0_apply_act_false_and_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w, b, v: evonorm_s0(x, 2, w, b, v), (x, w, b, v))
 
 
+@pytest.mark.slow
 def test_compiled_backend_agrees():
     x = torch.randn(4, 8, 3, 3, requires_grad=True)
     v = torch.randn(8, requires_grad=True)

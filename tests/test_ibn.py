@@ -105,6 +105,7 @@ def test_matches_official_and_loads_its_state_dict():
     OfficialIBN(8).load_state_dict(torch.load(buf, weights_only=True), strict=True)
 
 
+@pytest.mark.slow
 def test_gradcheck_float64():
     m = IBN(4).double()
     _randomize(m)

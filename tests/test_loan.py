@@ -122,6 +122,7 @@ def test_state_dict_round_trip_resumes_exactly():
     torch.testing.assert_close(m2(x, cond), m(x, cond))
 
 
+@pytest.mark.slow
 def test_gradcheck():
     m = _module(2, 2)
     x = torch.randn(2, 2, 3, 3, dtype=D, requires_grad=True)

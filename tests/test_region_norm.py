@@ -257,6 +257,7 @@ def test_rn_l_threshold_is_not_differentiable():
     assert m.sa.conv1.weight.grad is None or torch.all(m.sa.conv1.weight.grad == 0)
 
 
+@pytest.mark.slow
 def test_rn_l_gradcheck():
     m = _rn_l_module()
     x = torch.randn(2, 4, 4, 4, dtype=D, requires_grad=True)

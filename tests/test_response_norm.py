@@ -149,6 +149,7 @@ def test_grn_errors():
         GlobalResponseNorm(0)
 
 
+@pytest.mark.slow
 def test_compiled_backend_agrees():
     x = torch.randn(4, 8, 3, 3, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
