@@ -133,7 +133,8 @@ def test_auto_runs_what_the_table_says_at_benchmark_sizes():
         (normkit.LayerNorm(256), (512, 256), "native"),
         (normkit.RMSNorm(256), (512, 256), "kernels"),
         (normkit.LayerNorm2d(64), (4, 64, 16, 16), "kernels"),
-        (normkit.GroupNorm(64, 8), (4, 64, 32, 32), "kernels"),
+        (normkit.GroupNorm(64, 8), (16, 64, 32, 32), "kernels"),
+        (normkit.GroupNorm(64, 8), (4, 64, 8, 8), "native"),  # small: ATen, whose call costs less
         (normkit.BatchNorm2d(64), (4, 64, 16, 16), "native"),
         (normkit.DyT(256), (512, 256), "kernels"),
     ]
@@ -220,8 +221,8 @@ def test_operators_pass_opcheck_and_gradcheck(op, args):
 def test_compiled_model_keeps_the_kernels_without_graph_breaks():
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), normkit.RMSNorm(32), torch.nn.GELU(), normkit.DyT(32))
-    x = torch.randn(8, 32, requires_grad=True)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), normkit.RMSNorm(64), torch.nn.GELU(), normkit.DyT(64))
+    x = torch.randn(512, 64, requires_grad=True)  # large enough that "auto" picks the kernels
     cnt = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=cnt)
     y = compiled(x)
@@ -238,10 +239,10 @@ def test_compiled_model_keeps_the_kernels_without_graph_breaks():
 
 @pytest.mark.skipif(not CPU_KERNELS, reason="needs the CPU kernels")
 def test_export_records_the_operator():
-    ep = torch.export.export(normkit.LayerNorm2d(8).eval(), (torch.randn(2, 8, 3, 3),))
+    x = torch.randn(2, 64, 16, 16)  # large enough that "auto" picks the kernels
+    ep = torch.export.export(normkit.LayerNorm2d(64).eval(), (x,))
     assert any("normkit.cf_norm" in str(n.target) for n in ep.graph.nodes)
-    x = torch.randn(2, 8, 3, 3)
-    torch.testing.assert_close(ep.module()(x), TF.layer_norm(x.movedim(1, -1), (8,)).movedim(-1, 1))
+    torch.testing.assert_close(ep.module()(x), TF.layer_norm(x.movedim(1, -1), (64,)).movedim(-1, 1))
 
 
 def test_auto_without_a_compiler_falls_back_with_one_warning(tmp_path):

@@ -39,9 +39,11 @@ def test_kernels_benchmark_reports_ratios(capsys):
     rows = benchmark.run(["layernorm", "rmsnorm"], quick=True, reps=1, echo=None)
     assert [r.impl for r in rows] == ["torch", "auto", "eager", "compiled"] * 2
     assert rows[0].vs_native == pytest.approx(1.0)
-    assert all(r.fwdbwd_ms > 0 and r.saved_x <= 1.1 for r in rows)
+    assert all(r.fwdbwd_ms > 0 for r in rows)
+    # normkit's own paths save one input-sized tensor; at this tiny size "auto" runs ATen's op, which may save two
+    assert all(r.saved_x <= (2.1 if r.impl in ("torch", "auto") else 1.1) for r in rows)
     assert rows[3].compile_s is not None
-    assert (rows[1].runs, rows[5].runs) == ("native", "kernels")  # what "auto" chose, named in the table
+    assert (rows[1].runs, rows[5].runs) == ("native", "native")  # what "auto" chose at 256x64, named in the table
 
 
 def test_kernels_warm_alloc_flag_runs_in_its_own_process():

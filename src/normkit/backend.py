@@ -24,25 +24,30 @@ Backends a user can ask for (per layer with ``backend=``, or globally with :func
 The ``"auto"`` table (op → preferred implementation per device; measured with ``normkit kernels``
 on the 2-core CPU machine, fp32, against the native module):
 
-================  ============  ============  ==============================================
-op                CPU           CUDA          why
-================  ============  ============  ==============================================
-layer_norm        native        native        ATen's fused op; normkit's kernel only ties it
-rms_norm          kernels       native        ATen's CPU RMSNorm is a chain of ops (5x slower)
-layer_norm2d      kernels       native        no ATen op: permute + F.layer_norm (3x slower)
-rms_norm2d        kernels       native        idem, permute + F.rms_norm
-group_norm        kernels       native        0.85-0.95x of F.group_norm at large sizes
-instance_norm     kernels       native        0.55x of F.instance_norm (it runs batch_norm)
-batch_norm        native        native        ATen's op; normkit's kernels have no BN layout
-add_norm          kernels       native        sum and norm in one pass
-dyt               kernels       eager         one exp per element, sums inside the row loop
-normalize         kernels       eager         the generic engine the zoo layers use
-(any other op)    eager         eager
-================  ============  ============  ==============================================
+================  ============  ============  =========  =========================================
+op                CPU           CUDA          min_numel  why
+================  ============  ============  =========  =========================================
+layer_norm        native        native        -          ATen's fused op; normkit's kernel only ties it
+rms_norm          kernels       native        32K        ATen's CPU RMSNorm is a chain of ops (5x slower)
+layer_norm2d      kernels       native        16K        no ATen op: permute + F.layer_norm (3x slower)
+rms_norm2d        kernels       native        16K        idem, permute + F.rms_norm
+group_norm        kernels       native        1M         0.85-0.95x of F.group_norm, only at large sizes
+instance_norm     kernels       native        32K        0.55-0.95x of F.instance_norm (it runs BN)
+batch_norm        native        native        -          ATen's op; the kernels have no BN layout
+add_norm          kernels       native        256K       sum and norm in one pass
+dyt               kernels       eager         32K        one exp per element, sums inside the row loop
+scale_norm        eager         eager         64K        closed-form backward, saves only the input
+normalize         kernels       eager         -          the generic engine the zoo layers use
+(any other op)    eager         eager         -
+================  ============  ============  =========  =========================================
+
+``min_numel``: below it (input elements) the CPU uses ``native`` where exact — ATen's op, or for
+DyT and ScaleNorm the plain torch expression — because a call into normkit's kernels costs ~40 µs
+(forward) to ~100 µs (forward + backward) more Python than ATen's op on the 2-core machine, which
+only the kernels' speed on larger inputs pays back (thresholds from ``normkit kernels --defaults``).
 
 Fallbacks, in order: a Triton kernel registered for the op wins on CUDA; ``kernels`` needs a
-float32/float64 contiguous CPU tensor, at least ``min_numel`` elements (below it the Python cost
-of the call outweighs the kernel's advantage) and built kernels, else ``native`` where the
+float32/float64 contiguous CPU tensor and built kernels, else ``native`` where the
 configuration is native-exact, else ``eager``; ``native`` on a configuration torch cannot compute
 falls to ``kernels`` where they apply, else ``eager``. Other device types use ``native`` where
 exact, else ``eager``.
@@ -84,8 +89,9 @@ _triton_kernels: dict[str, Callable[..., Any]] = {}
 class Rule:
     """``"auto"``'s choice for one op: preferred implementation on CPU and on CUDA.
 
-    ``min_numel``: below this many input elements ``kernels`` yields to ``native`` (when exact) on
-    CPU, because a call into normkit's kernels costs a few microseconds of Python more than ATen's.
+    ``min_numel``: below this many input elements the CPU choice yields to ``native`` (when exact),
+    because a call into normkit's kernels or autograd functions costs microseconds of Python more
+    than ATen's op (or the plain torch code that stands for it), which matters only at small sizes.
     """
 
     cpu: str
@@ -95,14 +101,15 @@ class Rule:
 
 AUTO_RULES: dict[str, Rule] = {
     "layer_norm": Rule(cpu="native", cuda="native"),
-    "rms_norm": Rule(cpu="kernels", cuda="native"),
-    "layer_norm2d": Rule(cpu="kernels", cuda="native"),
-    "rms_norm2d": Rule(cpu="kernels", cuda="native"),
-    "group_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 16),
-    "instance_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 16),
+    "rms_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 15),
+    "layer_norm2d": Rule(cpu="kernels", cuda="native", min_numel=1 << 14),
+    "rms_norm2d": Rule(cpu="kernels", cuda="native", min_numel=1 << 14),
+    "group_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 20),
+    "instance_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 15),
     "batch_norm": Rule(cpu="native", cuda="native"),
-    "add_norm": Rule(cpu="kernels", cuda="native"),
-    "dyt": Rule(cpu="kernels", cuda="eager"),
+    "add_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 18),
+    "dyt": Rule(cpu="kernels", cuda="eager", min_numel=1 << 15),
+    "scale_norm": Rule(cpu="eager", cuda="eager", min_numel=1 << 16),
     "normalize": Rule(cpu="kernels", cuda="eager"),
 }
 _EAGER = Rule(cpu="eager", cuda="eager")
@@ -206,7 +213,7 @@ def _auto(op: str, x: torch.Tensor, native_ok: bool) -> str:
         pref = rule.cuda
     elif dev == "cpu":
         pref = rule.cpu
-        if pref == "kernels" and native_ok and x.numel() < rule.min_numel:
+        if native_ok and x.numel() < rule.min_numel:
             pref = "native"
     else:
         pref = "native"

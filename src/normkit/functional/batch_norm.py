@@ -30,6 +30,11 @@ def channel_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, 
     return torch.addcmul(shift.reshape(shape).to(x.dtype), x, scale.reshape(shape).to(x.dtype))
 
 
+def _tracked(*stats: Tensor | None) -> bool:
+    """Whether any of these running statistics requires grad (autograd must see them)."""
+    return any(t is not None and t.requires_grad for t in stats)
+
+
 @torch.no_grad()
 def _update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor | float, momentum: float
@@ -72,7 +77,10 @@ def batch_norm(
     check_param(bias, c, "bias", "batch_norm")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
-    if _backend.resolve(backend, x, "batch_norm", mask is None and reducer is None and stats_dtype is None) == "native":
+    # ATen's op treats the running statistics as constants; normkit's eval path is differentiable in them
+    # (test-time adaptation mixes them with batch statistics under autograd), so those calls stay here
+    native_ok = mask is None and reducer is None and stats_dtype is None and not _tracked(running_mean, running_var)
+    if _backend.resolve(backend, x, "batch_norm", native_ok) == "native":
         return TF.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training:
         return channel_affine(x, running_mean, running_var, weight, bias, eps)
@@ -117,7 +125,9 @@ def instance_norm(
     c = check_channels_first(x, None if running_mean is None else running_mean.numel(), "instance_norm")
     check_param(weight, c, "weight", "instance_norm")
     check_param(bias, c, "bias", "instance_norm")
-    impl = _backend.resolve(backend, x, "instance_norm", mask is None and stats_dtype is None)
+    impl = _backend.resolve(
+        backend, x, "instance_norm", mask is None and stats_dtype is None and not _tracked(running_mean, running_var)
+    )
     if impl == "native" and x.dim() >= 3 and (use_input_stats or running_mean is not None):
         return TF.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:

@@ -246,42 +246,61 @@ def _call(name: str, dtype: torch.dtype, *args: Tensor | None | int | float) -> 
     """Run kernel ``name`` for ``dtype``. Tensors go in as pointers; ``args`` holds them, so every
     temporary made in the argument list stays alive until the kernel returns (turning a tensor into
     a bare address first would let Python free it before the call)."""
-    ptrs = []
-    for a in args:
-        if isinstance(a, Tensor):
-            if not a.is_contiguous() or a.dtype != dtype:
-                raise RuntimeError(f"normkit CPU kernel {name}: got a {a.dtype} tensor of strides {a.stride()}")
-            ptrs.append(a.data_ptr())
-        else:
-            ptrs.append(a)
-    getattr(_library(), f"nk_{name}_{_DTYPES[dtype]}")(*ptrs)
+    # the wrappers below make every tensor contiguous and of x's dtype (``supports`` checked the
+    # parameters); checking each again here cost a fifth of a small call
+    ptrs = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
+    fn = _entry_points.get((name, dtype))
+    if fn is None:
+        fn = _entry_points[(name, dtype)] = getattr(_library(), f"nk_{name}_{_DTYPES[dtype]}")
+    fn(*ptrs)
+
+
+_entry_points: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+_constants: dict[tuple[int, torch.dtype, float], Tensor] = {}
 
 
 def _or_full(p: Tensor | None, n: int, like: Tensor, fill: float) -> Tensor:
-    """``p`` (contiguous), or ``n`` copies of ``fill``: the kernels always take a weight and a bias."""
-    return torch.full((n,), fill, dtype=like.dtype) if p is None else p.contiguous()
+    """``p`` (contiguous), or ``n`` copies of ``fill``: the kernels always take a weight and a bias.
+
+    The constant vectors are made once per (size, dtype) and reused (the kernels only read them):
+    a fresh ``torch.full`` per call was a visible share of a small call's cost.
+    """
+    if p is not None:
+        return p.contiguous()
+    key = (n, like.dtype, fill)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) > 64:
+            _constants.clear()
+        t = _constants[key] = torch.full((n,), fill, dtype=like.dtype)
+    return t
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+GRAIN = 32768  # elements below which a call runs on one thread, as ATen's parallel_for grain size
+
+
+def _threads(work: int) -> int:
+    """Threads for a call over ``work`` elements: one for small inputs (starting a parallel region
+    costs more than the work, and much more when the cores are busy), else torch's setting."""
+    return 1 if work < GRAIN else max(1, torch.get_num_threads())
 
 
 def seg_forward(
     x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-    n: int, c: int, length: int, groups: int, center: bool, eps: float,
+    n: int, c: int, length: int, groups: int, center: bool, eps: float, stats_shape: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``n`` contiguous segments of ``c·length`` values; the affine of segment i is
-    ``weight[(i % groups)·c + k]``. Returns ``(y, s, mean, var, rstd)`` (flat statistics).
-    ``x`` must be contiguous (:func:`supports`)."""
+    ``weight[(i % groups)·c + k]``. Returns ``(y, s, mean, var, rstd)``: y and s in x's shape, the
+    statistics flat or in ``stats_shape`` (n elements). ``x`` must be contiguous (:func:`supports`)."""
     res = None if residual is None else residual.contiguous()
     s = x if res is None else torch.empty_like(x)
     y = torch.empty_like(x)
-    mean, var, rstd = (torch.empty(n, dtype=x.dtype) for _ in range(3))
+    mean, var, rstd = (torch.empty(stats_shape or (n,), dtype=x.dtype) for _ in range(3))
     w = _or_full(weight, groups * c, x, 1.0)
     b = _or_full(bias, groups * c, x, 0.0)
     _call(
         "seg_fwd", x.dtype, x, res, s, w, b, y, mean, var, rstd,
-        n, c, length, groups, int(center), float(eps), _threads(),
+        n, c, length, groups, int(center), float(eps), _threads(x.numel()),
     )
     return y, s, mean, var, rstd
 
@@ -298,20 +317,22 @@ def seg_backward(
     db = torch.empty(groups * c, dtype=s.dtype) if want_b else None
     _call(
         "seg_bwd", s.dtype, g, gs, s, _or_full(weight, groups * c, s, 1.0), mean, rstd,
-        dx, dw, db, n, c, length, groups, int(center), _threads(),
+        dx, dw, db, n, c, length, groups, int(center), _threads(s.numel()),
     )
     return dx, dw, db
 
 
 def cf_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float,
+    stats_shape: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Channels-first ``(n, c, length)`` normalized over c at every (n, l). Returns ``(y, x, mean, var, rstd)``."""
+    """Channels-first ``(n, c, length)`` normalized over c at every (n, l). Returns ``(y, x, mean, var, rstd)``
+    (statistics flat, or in ``stats_shape``)."""
     y = torch.empty_like(x)
-    mean, var, rstd = (torch.empty(n * length, dtype=x.dtype) for _ in range(3))
+    mean, var, rstd = (torch.empty(stats_shape or (n * length,), dtype=x.dtype) for _ in range(3))
     _call(
         "cf_fwd", x.dtype, x, _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), y, mean, var, rstd,
-        n, c, length, int(center), float(eps), _threads(),
+        n, c, length, int(center), float(eps), _threads(x.numel()),
     )
     return y, x, mean, var, rstd
 
@@ -326,7 +347,7 @@ def cf_backward(
     db = torch.empty(c, dtype=s.dtype) if want_b else None
     _call(
         "cf_bwd", s.dtype, g, s, _or_full(weight, c, s, 1.0), mean, rstd,
-        dx, dw, db, n, c, length, int(center), _threads(),
+        dx, dw, db, n, c, length, int(center), _threads(s.numel()),
     )
     return dx, dw, db
 
@@ -343,7 +364,8 @@ def dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | 
     n, c, length = _dyt_view(x, channels_last)
     y = torch.empty_like(x)
     _call(
-        "dyt_fwd", x.dtype, x, float(alpha), _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), y, n, c, length, _threads()
+        "dyt_fwd", x.dtype, x, float(alpha), _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), y, n, c, length,
+        _threads(x.numel()),
     )
     return y
 
@@ -360,6 +382,6 @@ def dyt_backward(
     db = torch.empty(c, dtype=x.dtype) if want_b else None
     _call(
         "dyt_bwd", x.dtype, g, x, float(alpha), _or_full(weight, c, x, 1.0), dx, ctypes.addressof(dalpha),
-        dw, db, n, c, length, _threads(),
+        dw, db, n, c, length, _threads(x.numel()),
     )
     return dx, torch.tensor(dalpha.value, dtype=alpha.dtype).reshape(alpha.shape), dw, db

@@ -171,8 +171,8 @@ def _cpu_layout(
     return layout if _ops.accepts(x, weight, bias, residual) else None
 
 
-def _stats_shape(x: Tensor, dims: Dims) -> list[int]:
-    return [1 if i in dims else x.shape[i] for i in range(4)]
+def _stats_shape(x: Tensor, dims: Dims) -> tuple[int, ...]:
+    return tuple(1 if i in dims else x.shape[i] for i in range(4))
 
 
 class _NormalizeFn(torch.autograd.Function):
@@ -184,12 +184,11 @@ class _NormalizeFn(torch.autograd.Function):
             _backend.note("normalize", "eager")  # a layout (BatchNorm's axes) or input the kernels lack
         if layout is not None:
             kind, n, c, length, groups = layout
-            if kind == "seg":
-                y, s, mean, var, rstd = _cpu.seg_forward(x, residual, weight, bias, n, c, length, groups, center, eps)
-            else:
-                y, s, mean, var, rstd = _cpu.cf_forward(x, weight, bias, n, c, length, center, eps)
             shape = _stats_shape(x, dims)
-            y, s, mean, var, rstd = y.view(x.shape), s.view(x.shape), mean.view(shape), var.view(shape), rstd.view(shape)
+            if kind == "seg":
+                y, s, mean, var, rstd = _cpu.seg_forward(x, residual, weight, bias, n, c, length, groups, center, eps, shape)
+            else:
+                y, s, mean, var, rstd = _cpu.cf_forward(x, weight, bias, n, c, length, center, eps, shape)
         else:
             y, s, mean, var = _backend.executor(impl, _forward_math, key)(
                 x, weight, bias, residual, dims, center, eps, stats_dtype

@@ -174,7 +174,10 @@ class _DyTFn(torch.autograd.Function):
 
 
 def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None) -> Tensor:
-    impl = _backend.resolve(backend, x, "scale_norm")
+    impl = _backend.resolve(backend, x, "scale_norm", True)
+    if impl == "native":  # the plain torch code (autograd through ATen's ops): cheapest per call
+        return x * (scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=accumulation_dtype(x.dtype))
+                    .clamp_min(eps)).to(x.dtype)
     if impl == "triton":
         return _backend.triton_kernel("scale_norm")(x, scale, eps)
     return _ScaleNormFn.apply(x, scale, eps, impl)
@@ -183,7 +186,9 @@ def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None) -> Ten
 def dyt(
     x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool, backend: str | None
 ) -> Tensor:
-    impl = _backend.resolve(backend, x, "dyt")
+    impl = _backend.resolve(backend, x, "dyt", True)
+    if impl == "native":  # the plain torch code (autograd through ATen's ops): cheapest per call
+        return _dyt_forward(x, alpha, weight, bias, channels_last)
     if impl == "triton":
         return _backend.triton_kernel("dyt")(x, alpha, weight, bias, channels_last)
     if impl == "kernels" and torch.compiler.is_compiling() and _ops.accepts(x, alpha, weight, bias):
