@@ -17,6 +17,7 @@ from normkit.functional.evonorm import evonorm_b0, evonorm_s0
 from normkit.functional.gdwct import coloring_matrix, coloring_regularizer, gdwct, group_whitening, whitening_regularizer
 from normkit.functional.layer_norm import add_norm, layer_norm, layer_norm2d, rms_norm, rms_norm2d
 from normkit.functional.loan import loan
+from normkit.functional.normalize import normalize
 from normkit.functional.pointwise import dyt, scale_norm
 from normkit.functional.power_norm import group_scaling, power_norm
 from normkit.functional.region_norm import region_norm_b, region_norm_l, region_normalize
@@ -56,6 +57,7 @@ __all__ = [
     "layer_norm",
     "layer_norm2d",
     "loan",
+    "normalize",
     "power_norm",
     "region_norm_b",
     "region_norm_l",

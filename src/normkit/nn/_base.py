@@ -17,7 +17,7 @@ def check_module_args(eps: float | None, backend: str | None) -> None:
 
 def extra_options(**opts: object) -> str:
     """``extra_repr`` suffix listing normkit's options that differ from their defaults."""
-    defaults = {"weight_offset": 0.0, "stats_dtype": None, "backend": None}
+    defaults = {"weight_offset": 0.0, "reduction_dims": None, "stats_dtype": None, "backend": None}
     parts = [f"{k}={v!r}" for k, v in opts.items() if v != defaults.get(k)]
     return (", " + ", ".join(parts)) if parts else ""
 

@@ -18,6 +18,27 @@ from normkit.nn._base import check_module_args, extra_options
 from normkit.registry import register_norm
 
 
+def _check_reduction_dims(k: int | None, shape: tuple[int, ...]) -> int | None:
+    """``reduction_dims`` as given (None: statistics over all of ``normalized_shape``), validated."""
+    if k is None or k == len(shape):
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(shape):
+        raise ValueError(f"reduction_dims must be an int in [1, {len(shape)}] (normalized_shape={shape}), got {k!r}")
+    return k
+
+
+def _per_group(m: nn.Module, x: Tensor, mask: Tensor | None, center: bool) -> Tensor:
+    """The statistics over the last ``m.reduction_dims`` dims, the affine over all of ``normalized_shape``."""
+    shape = m.normalized_shape
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"{type(m).__name__} expects input of shape (*, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    return F.normalize(
+        x, tuple(range(-m.reduction_dims, 0)), feature_dims=tuple(range(-len(shape), 0)), center=center,
+        weight=m.weight, bias=m.bias, eps=m.eps if m.eps is not None else torch.finfo(x.dtype).eps,
+        weight_offset=m.weight_offset, mask=mask, stats_dtype=m.stats_dtype, backend=m.backend,
+    )
+
+
 def _offset_init(module: nn.Module) -> None:
     # with a zero-centred (Gemma-style) weight the effective scale offset + w starts at 1
     offset = getattr(module, "weight_offset", 0.0)
@@ -47,6 +68,9 @@ class LayerNorm(nn.LayerNorm):
         elementwise_affine: learn ``w`` (and ``b`` if ``bias``).
         bias: learn ``b``.
         weight_offset: Gemma-style scale ``offset + w``; ``w`` is then initialised to ``1 − offset``.
+        reduction_dims: how many trailing dims of ``normalized_shape`` the statistics span (default:
+            all). ``LayerNorm((H, Dh), reduction_dims=1)`` normalizes each head of a ``(..., H, Dh)``
+            input on its own, with a weight per head (:func:`normkit.functional.normalize`).
         stats_dtype: accumulation dtype (default float32 for half inputs).
         backend: kernel backend for this layer (``None`` follows :func:`normkit.set_backend`).
     """
@@ -59,6 +83,7 @@ class LayerNorm(nn.LayerNorm):
         bias: bool = True,
         *,
         weight_offset: float = 0.0,
+        reduction_dims: int | None = None,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
         device: torch.device | str | None = None,
@@ -69,12 +94,15 @@ class LayerNorm(nn.LayerNorm):
         self.stats_dtype = stats_dtype
         self.backend = backend
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        self.reduction_dims = _check_reduction_dims(reduction_dims, self.normalized_shape)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.reduction_dims is not None:
+            return _per_group(self, x, mask, center=True)
         return F.layer_norm(
             x, self.normalized_shape, self.weight, self.bias, self.eps,
             weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
@@ -89,7 +117,8 @@ class LayerNorm(nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + extra_options(
-            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend
+            weight_offset=self.weight_offset, reduction_dims=self.reduction_dims, stats_dtype=self.stats_dtype,
+            backend=self.backend,
         )
 
 
@@ -109,6 +138,8 @@ class RMSNorm(nn.RMSNorm):
     ``y = x / sqrt(mean(x²) + eps) · (weight_offset + w) [+ b]`` (Zhang & Sennrich 2019, arXiv:1910.07467).
     ``eps=None`` uses ``torch.finfo(x.dtype).eps`` as torch does. ``bias=True`` adds an optional
     bias (not in the paper; some models use it); ``weight_offset=1.0`` gives Gemma's ``(1 + w)``.
+    ``reduction_dims=k`` takes the statistics over the last k dims of ``normalized_shape`` only:
+    ``RMSNorm((num_heads, head_dim), reduction_dims=1)`` is a per-head QK-norm with a weight per head.
     """
 
     def __init__(
@@ -119,6 +150,7 @@ class RMSNorm(nn.RMSNorm):
         *,
         bias: bool = False,
         weight_offset: float = 0.0,
+        reduction_dims: int | None = None,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
         device: torch.device | str | None = None,
@@ -129,6 +161,7 @@ class RMSNorm(nn.RMSNorm):
         self.stats_dtype = stats_dtype
         self.backend = backend
         super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        self.reduction_dims = _check_reduction_dims(reduction_dims, self.normalized_shape)
         if elementwise_affine and bias:
             self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -142,6 +175,8 @@ class RMSNorm(nn.RMSNorm):
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.reduction_dims is not None:
+            return _per_group(self, x, mask, center=False)
         return F.rms_norm(
             x, self.normalized_shape, self.weight, self.eps, bias=self.bias,
             weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
@@ -156,7 +191,8 @@ class RMSNorm(nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", bias=True" if self.bias is not None else "") + extra_options(
-            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend
+            weight_offset=self.weight_offset, reduction_dims=self.reduction_dims, stats_dtype=self.stats_dtype,
+            backend=self.backend,
         )
 
 
