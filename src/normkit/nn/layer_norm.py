@@ -207,10 +207,12 @@ class RMSNorm(nn.RMSNorm):
     aliases=("ln2d",),
 )
 class LayerNorm2d(LayerNorm):
-    """LayerNorm over the channels of a channels-first ``(N, C, *)`` tensor (timm's ``LayerNorm2d``).
+    """LayerNorm over the channels of a channels-first ``(N, C, *)`` tensor (timm's ``LayerNorm2d`` layout).
 
     Same keys as ``nn.LayerNorm(C)``; normalizes each spatial position over its C channels
-    without transposing the input.
+    without transposing the input. The default eps is torch's ``nn.LayerNorm`` 1e-5 (as every
+    LayerNorm here); timm's ``LayerNorm2d`` and ConvNeXt use 1e-6, so pass ``eps=1e-6`` to
+    reproduce them exactly (a converted timm model keeps its own eps).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, **kwargs) -> None:  # noqa: ANN003
