@@ -26,6 +26,7 @@ class _FakeCuda:
     """Stands in for a CUDA tensor in the resolver (no GPU here): the CUDA column of the table."""
 
     is_cuda = True
+    is_cpu = False
     dtype = torch.float32
 
     class device:  # noqa: N801
