@@ -57,6 +57,7 @@ from normkit.adapt._layers import (
     UnMixTNSBatchNorm,
 )
 from normkit.adapt._norms import named_norms
+from normkit.nn.replace import replace_modules
 from normkit.registry import Paper
 
 ADABN = Paper("Revisiting Batch Normalization For Practical Domain Adaptation", 2016, "1603.04779", "Li, Wang, Shi, Liu, Hou")
@@ -105,11 +106,6 @@ _LAYERS: dict[str, type[TTABatchNorm]] = {
 def softmax_entropy(logits: Tensor) -> Tensor:
     """Per-sample entropy of ``softmax(logits)`` over dim 1 (TENT's loss before the batch mean)."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class TestTimeAdapter(nn.Module):
@@ -208,15 +204,11 @@ class TestTimeAdapter(nn.Module):
             if not isinstance(seed, int):
                 raise TypeError(f"unmix_tns: seed must be an int, got {seed!r}")
             kwargs["generator"] = torch.Generator().manual_seed(seed)
-        targets = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
-        for name, bn in targets:
-            layer = cls(bn, name, **kwargs)
-            if name == "":
-                model = layer
-            else:
-                _set_submodule(model, name, layer)
-            self.adapted_layers.append(name)
-        return model
+        report = replace_modules(
+            model, lambda name, m: isinstance(m, _BatchNorm), lambda name, bn: cls(bn, name, **kwargs)
+        )
+        self.adapted_layers.extend(name for name, _, _ in report)
+        return report.model
 
     def _configure_tent(self) -> None:
         o = self.options

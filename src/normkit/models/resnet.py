@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit.nn.batch_norm import BatchNorm2d, InstanceNorm
 from normkit.nn.ibn import IBN
+from normkit.nn.replace import replace_modules
 
 IBNPlacement = Literal["a", "b"]
 NormLayer = Callable[[int], nn.Module]
@@ -331,9 +332,11 @@ def to_ibn_a(model: nn.Module, *, ratio: float = 0.5, keep_weights: bool = True)
         for blk in _blocks(stage):
             if not hasattr(blk, "bn1") or not hasattr(blk, "conv1"):
                 raise TypeError(f"to_ibn_a expects blocks with conv1/bn1 (torchvision-style), got {type(blk).__name__}")
-            if isinstance(blk.bn1, IBN):
-                continue
-            blk.bn1 = _ibn_from(blk.bn1, _out_channels(blk, "conv1"), ratio, keep_weights)
+            replace_modules(
+                blk,
+                lambda name, m: name == "bn1" and not isinstance(m, IBN),
+                lambda name, m, b=blk: _ibn_from(m, _out_channels(b, "conv1"), ratio, keep_weights),
+            )
     return model
 
 
@@ -373,7 +376,8 @@ def to_ibn_b(model: nn.Module, *, keep_weights: bool = True) -> nn.Module:
     if stem is None:
         raise TypeError(f"to_ibn_b expects the stem norm at model.bn1, {type(model).__name__} has none")
     if not isinstance(stem, nn.modules.instancenorm._InstanceNorm):
-        model.bn1 = _in_from(stem, _out_channels(model, "conv1"), keep_weights, stem)
+        channels = _out_channels(model, "conv1")
+        replace_modules(model, lambda name, m: name == "bn1", lambda name, m: _in_from(m, channels, keep_weights, m))
     for stage in stages[:2]:
         blocks = _blocks(stage)
         if len(blocks) < 2:

@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit import functional as NF
 from normkit.functional._core import check_channels_first, check_eps, check_momentum, snapshot
+from normkit.nn.replace import replace_modules
 from normkit.registry import Paper, register_norm
 from normkit.stats import accumulation_dtype, moments
 
@@ -451,15 +452,11 @@ def convert_adab2n(
     optimizer afterwards: the new ``task_weight`` parameters must be in it. Raises ValueError for a
     BatchNorm with ``track_running_stats=False``, ``momentum=None`` or a cross-process ``reducer``.
     """
-    if isinstance(model, AdaB2N):
-        return model
-    if isinstance(model, _BatchNorm):
-        return _from_bn(model, num_tasks, classes_per_task, kappa, init_weight, renormalize)
-    for name, child in model.named_children():
-        new = convert_adab2n(child, num_tasks, classes_per_task, kappa, init_weight=init_weight, renormalize=renormalize)
-        if new is not child:
-            setattr(model, name, new)
-    return model
+    return replace_modules(
+        model,
+        lambda name, m: isinstance(m, _BatchNorm) and not isinstance(m, AdaB2N),
+        lambda name, m: _from_bn(m, num_tasks, classes_per_task, kappa, init_weight, renormalize),  # type: ignore[arg-type]
+    ).model
 
 
 def _from_bn(

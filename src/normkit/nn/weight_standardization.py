@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional._core import check_eps
+from normkit.nn.replace import replace_modules
 
 EpsPlacement = Literal["outside", "inside"]
 
@@ -187,9 +188,14 @@ def weight_standardize_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_standardize_ expects an nn.Module, got {type(model).__name__}")
     skip = set(exclude)
-    for name, m in model.named_modules():
-        if type(m) not in types or name in skip or (filter is not None and not filter(name, m)):
-            continue
-        m.__class__ = _WS_CLASSES[type(m)]
+
+    def match(name: str, m: nn.Module) -> bool:
+        return type(m) in types and name not in skip and (filter is None or filter(name, m))
+
+    def build(name: str, m: nn.Module) -> nn.Module:
+        m.__class__ = _WS_CLASSES[type(m)]  # a class swap: parameters, hooks and keys stay
         m.eps, m.unbiased, m.eps_placement = eps, unbiased, eps_placement  # type: ignore[assignment]
+        return m
+
+    replace_modules(model, match, build)
     return model
