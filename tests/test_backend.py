@@ -128,7 +128,7 @@ def test_compiled_layer_norm_handles_values_whose_squares_sum_past_float32():
 
 def test_compiled_normalize_with_half_stats_dtype_matches_eager():
     # a float16 stats_dtype keeps var_mean under compile (summing 2e4-sized values in fp16 overflows)
-    from normkit.kernels.normalize import normalize
+    from normkit.kernels import normalize
 
     x = (torch.randn(4, 1, 8, 1, generator=torch.Generator().manual_seed(0)) * 100 + 2e4).half()
     ref = normalize(x, None, None, (2,), stats_dtype=torch.float16, backend="eager")[0]

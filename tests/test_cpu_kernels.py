@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 import normkit
 from normkit import backend as B
 from normkit import functional as F
-from normkit.kernels import cpu
-from normkit.kernels.normalize import normalize
+from normkit.kernels import cpu, normalize
 
 # Skipped only when the kernels are switched off on purpose. A machine that merely lacks a C++
 # compiler fails every test here, so CI cannot go green without having tested the kernels.

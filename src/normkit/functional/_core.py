@@ -1,7 +1,7 @@
 """Shared plumbing of the functional layer: validation and the route to the kernel.
 
 Each functional norm only decides its canonical ``(N, G, Cg, L)`` view and reduced axes
-(see :mod:`normkit.kernels.normalize`) and calls :func:`normalize_view`.
+(see :mod:`normkit.kernels.canonical`) and calls :func:`normalize_view`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normkit.kernels import normalize as _kernel
+from normkit.kernels.canonical import normalize as _kernel
 from normkit.stats import Reducer, accumulation_dtype, mean_square, moments
 
 

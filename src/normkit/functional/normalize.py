@@ -13,7 +13,7 @@ variant is a configuration instead of a new kernel::
     # InstanceNorm with a per-channel affine, masked statistics
     normalize(x, (2, 3), feature_dims=1, weight=w_c, bias=b_c, mask=keep)
 
-The input is viewed as the engine's canonical ``(N, G, Cg, L)`` tensor (:mod:`normkit.kernels.normalize`):
+The input is viewed as the engine's canonical ``(N, G, Cg, L)`` tensor (:mod:`normkit.kernels.canonical`):
 ``N`` the dims that are neither reduced nor carry a weight, ``G`` the weighted dims that are not
 reduced (one set of statistics per entry), ``Cg`` the weighted reduced dims, ``L`` the reduced dims
 without a weight. When the dims already lie in that order the view is free; otherwise the input is

@@ -4,7 +4,7 @@ Inductor (``torch.compile``) cannot generate two things the row-wise norms need 
 memory speed on a CPU: a backward that sums ∂L/∂w, ∂L/∂b down the rows *inside* the row loop
 (it always adds a second pass over ``g`` and ``x``), and a channels-first norm whose statistics
 and output share one loop order. ``csrc/cpu_norms.cpp`` holds those kernels, written once for
-the canonical layouts of :mod:`normkit.kernels.normalize` (rows, GroupNorm/InstanceNorm
+the canonical layouts of :mod:`normkit.kernels.canonical` (rows, GroupNorm/InstanceNorm
 segments, channels-first LayerNorm/RMSNorm) and for DyT, with the same closed-form math.
 
 The source is compiled on first use with the system C++ compiler (``$NORMKIT_CXX``, ``$CXX``,

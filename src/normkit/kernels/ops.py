@@ -21,7 +21,7 @@ built in ~1.5 s with the system compiler; a C++ extension would compile against 
 (a minute on 2 cores) on every new machine. Why eager calls do not go through these operators:
 a ``custom_op`` call costs ~30-70 µs of Python dispatch on the 2-core machine against ~10 µs for
 the :class:`torch.autograd.Function` the eager path uses (both call the same wrappers in
-:mod:`normkit.kernels.cpu`), which matters at small shapes; :mod:`normkit.kernels.normalize` and
+:mod:`normkit.kernels.cpu`), which matters at small shapes; :mod:`normkit.kernels.canonical` and
 :mod:`normkit.kernels.pointwise` use the operators only under a compiler
 (:func:`torch.compiler.is_compiling`).
 

@@ -1,6 +1,6 @@
 """Closed-form kernels for the two norms without per-channel moments: ScaleNorm and DyT.
 
-Same pattern as :mod:`normkit.kernels.normalize`: pure forward/backward math, run as is by the
+Same pattern as :mod:`normkit.kernels.canonical`: pure forward/backward math, run as is by the
 ``"eager"`` backend and through ``torch.compile`` by ``"inductor"``, wrapped in an autograd
 function that saves only the input (plus O(rows) statistics). ``"compiled"`` runs DyT on CPU as
 normkit's C++ kernel (:mod:`normkit.kernels.cpu`: tanh and sech² from one exp/expm1 per element,
@@ -26,7 +26,7 @@ from torch import Tensor
 from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
 from normkit.kernels import ops as _ops
-from normkit.kernels.normalize import column_sum
+from normkit.kernels.canonical import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
 
