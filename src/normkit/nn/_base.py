@@ -22,6 +22,31 @@ def extra_options(**opts: object) -> str:
     return (", " + ", ".join(parts)) if parts else ""
 
 
+_UNSET: object = object()
+
+
+def set_options(
+    module: object, eps: float | None = None, *, stats_dtype: object = _UNSET, backend: object = _UNSET
+) -> None:
+    """The option handling every module shell shares: validate ``eps`` and ``backend``, then store
+    ``stats_dtype`` / ``backend`` as attributes (only those passed: a shell without a backend
+    option gets no ``backend`` attribute). Pair with :func:`options_repr` in ``extra_repr``."""
+    check_module_args(eps, None if backend is _UNSET else backend)  # type: ignore[arg-type]
+    if stats_dtype is not _UNSET:
+        module.stats_dtype = stats_dtype  # type: ignore[attr-defined]
+    if backend is not _UNSET:
+        module.backend = backend  # type: ignore[attr-defined]
+
+
+def options_repr(module: object, **opts: object) -> str:
+    """``extra_repr`` suffix: ``opts`` then the ``stats_dtype`` / ``backend`` that :func:`set_options`
+    stored on ``module``, each shown only when it differs from its default (:func:`extra_options`)."""
+    for name in ("stats_dtype", "backend"):
+        if name in vars(module):
+            opts[name] = vars(module)[name]
+    return extra_options(**opts)
+
+
 def largest_group_count(channels: int, at_most: int = 8) -> int:
     """The largest divisor of ``channels`` that is ≤ ``at_most`` (a valid group count for any C)."""
     return max(g for g in range(1, min(at_most, channels) + 1) if channels % g == 0)

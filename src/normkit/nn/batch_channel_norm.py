@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first
 from normkit.functional.batch_channel_norm import channel_norm, estimated_batch_norm
-from normkit.nn._base import check_module_args, extra_options, group_sample_kwargs
+from normkit.nn._base import group_sample_kwargs, options_repr, set_options
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
 from normkit.stats import Reducer
@@ -68,13 +68,12 @@ class EstBN(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, None)
+        set_options(self, eps, stats_dtype=stats_dtype)
         if not isinstance(moving_speed, (int, float)) or not 0.0 <= moving_speed <= 1.0:
             raise ValueError(f"EstBN: moving_speed must be a number in [0, 1], got {moving_speed!r}")
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.moving_speed = float(moving_speed)
-        self.stats_dtype = stats_dtype
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_features, **kw))
@@ -112,7 +111,7 @@ class EstBN(nn.Module):
 
     def extra_repr(self) -> str:
         speed = self.moving_speed if self.estbn_moving_speed.is_meta else float(self.estbn_moving_speed[0])
-        return f"{self.num_features}, eps={self.eps}, moving_speed={speed:g}" + extra_options(stats_dtype=self.stats_dtype)
+        return f"{self.num_features}, eps={self.eps}, moving_speed={speed:g}" + options_repr(self)
 
 
 @register_norm(
@@ -167,7 +166,7 @@ class BatchChannelNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or num_channels % num_groups:
             raise ValueError(
                 f"BatchChannelNorm: num_groups={num_groups!r} must be a positive divisor of num_channels={num_channels}"
@@ -178,8 +177,6 @@ class BatchChannelNorm(nn.Module):
         self.num_groups = num_groups
         self.eps = float(eps)
         self.estimate = bool(estimate)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         kw = {"device": device, "dtype": dtype}
         self.pbn: nn.Module
         if estimate:
@@ -205,5 +202,5 @@ class BatchChannelNorm(nn.Module):
         return (
             f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}"
             + (", estimate=True" if self.estimate else "")
-            + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+            + options_repr(self)
         )

@@ -15,7 +15,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from normkit import functional as F
 from normkit.functional._core import check_channels_first, check_momentum
 from normkit.nn import papers
-from normkit.nn._base import check_module_args, extra_options, group_sample_kwargs
+from normkit.nn._base import group_sample_kwargs, options_repr, set_options
 from normkit.registry import register_norm
 from normkit.stats import Reducer
 
@@ -61,13 +61,11 @@ class BatchNorm(_BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         momentum = check_momentum(momentum, type(self).__name__, allow_none=True)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.channels_last = bool(channels_last)
         self.reducer = reducer
-        self.stats_dtype = stats_dtype
-        self.backend = backend
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
@@ -107,7 +105,7 @@ class BatchNorm(_BatchNorm):
         )
 
     def extra_repr(self) -> str:
-        opts = extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        opts = options_repr(self)
         return super().extra_repr() + (", channels_last=True" if self.channels_last else "") + opts
 
 
@@ -173,10 +171,8 @@ class InstanceNorm(_InstanceNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
 
     def _get_no_batch_dim(self) -> int:
         return 2
@@ -196,7 +192,7 @@ class InstanceNorm(_InstanceNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return super().extra_repr() + options_repr(self)
 
 
 @register_norm(
@@ -230,12 +226,10 @@ class GroupNorm(nn.GroupNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         if not isinstance(num_groups, int) or num_groups <= 0 or num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_groups={num_groups!r} must be a positive divisor of num_channels={num_channels}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         check_channels_first(x, self.num_channels, type(self).__name__)
@@ -245,4 +239,4 @@ class GroupNorm(nn.GroupNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return super().extra_repr() + options_repr(self)

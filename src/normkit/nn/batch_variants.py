@@ -20,7 +20,7 @@ from normkit.functional.batch_variants import (
     check_virtual_batch_size,
     ghost_batch_norm,
 )
-from normkit.nn._base import extra_options
+from normkit.nn._base import options_repr
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
 
@@ -263,4 +263,4 @@ class BatchRenorm(BatchNorm):
             s += f", running_update={self.running_update!r}"
         if self.channels_last:
             s += ", channels_last=True"
-        return s + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return s + options_repr(self)

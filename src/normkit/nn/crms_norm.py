@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional.crms_norm import crms_norm
-from normkit.nn._base import check_module_args, describe, extra_options
+from normkit.nn._base import describe, options_repr, set_options
 from normkit.registry import Paper, register_norm
 
 PRE_CRMS = Paper(
@@ -62,14 +62,12 @@ class CRMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"CRMSNorm: num_features (the stored width d-1) must be a positive int, got {num_features!r}")
         self.num_features = num_features
         self.eps = float(eps)
         self.elementwise_affine = bool(elementwise_affine)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype)) if bias else None
@@ -97,4 +95,4 @@ class CRMSNorm(nn.Module):
         s = f"{self.num_features} (d={self.num_features + 1}), eps={self.eps}"
         if self.elementwise_affine:
             s += ", elementwise_affine=True" + (", bias=True" if self.bias is not None else "")
-        return s + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return s + options_repr(self)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first, check_momentum
 from normkit.functional.evonorm import evonorm_b0, evonorm_s0
-from normkit.nn._base import check_module_args, extra_options, group_sample_kwargs
+from normkit.nn._base import group_sample_kwargs, options_repr, set_options
 from normkit.registry import Paper, register_norm
 
 EVONORM = Paper("Evolving Normalization-Activation Layers", 2020, "2004.02967", "Liu, Brock, Simonyan, Le")
@@ -118,14 +118,12 @@ class EvoNormB0(_EvoNormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         momentum = check_momentum(momentum, "EvoNormB0")
         super().__init__(num_features, apply_act, zero_init, device, dtype)
         self.momentum = momentum
         self.eps = float(eps)
         self.unbiased_running_var = bool(unbiased_running_var)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -155,7 +153,7 @@ class EvoNormB0(_EvoNormBase):
             s += ", zero_init=True"
         if self.unbiased_running_var:
             s += ", unbiased_running_var=True"
-        return s + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return s + options_repr(self)
 
 
 @register_norm(
@@ -209,12 +207,10 @@ class EvoNormS0(_EvoNormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         super().__init__(num_features, apply_act, zero_init, device, dtype)
         self.num_groups = _resolve_groups(num_features, num_groups, group_size, shrink_groups)
         self.eps = float(eps)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         self.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -235,4 +231,4 @@ class EvoNormS0(_EvoNormBase):
         s = f"{self.num_features}, num_groups={self.num_groups}, apply_act={self.apply_act}, eps={self.eps}"
         if self.zero_init:
             s += ", zero_init=True"
-        return s + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return s + options_repr(self)

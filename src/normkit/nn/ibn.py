@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import check_module_args, options_repr
 from normkit.nn.batch_norm import BatchNorm, InstanceNorm
 from normkit.registry import Paper, register_norm
 
@@ -101,6 +101,4 @@ class IBN(nn.Module):
         return torch.cat((self.IN(a), self.BN(b)), dim=1)
 
     def extra_repr(self) -> str:
-        return f"{self.planes}, ratio={self.ratio}, half={self.half}" + extra_options(
-            stats_dtype=self.IN.stats_dtype, backend=self.IN.backend
-        )
+        return f"{self.planes}, ratio={self.ratio}, half={self.half}" + options_repr(self.IN)

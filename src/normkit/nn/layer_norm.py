@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from normkit import functional as F
 from normkit.functional._core import check_channels_first
 from normkit.nn import papers
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import options_repr, set_options
 from normkit.registry import register_norm
 
 
@@ -89,10 +89,8 @@ class LayerNorm(nn.LayerNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         self.weight_offset = float(weight_offset)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self.reduction_dims = _check_reduction_dims(reduction_dims, self.normalized_shape)
 
@@ -116,10 +114,7 @@ class LayerNorm(nn.LayerNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + extra_options(
-            weight_offset=self.weight_offset, reduction_dims=self.reduction_dims, stats_dtype=self.stats_dtype,
-            backend=self.backend,
-        )
+        return super().extra_repr() + options_repr(self, weight_offset=self.weight_offset, reduction_dims=self.reduction_dims)
 
 
 @register_norm(
@@ -156,10 +151,8 @@ class RMSNorm(nn.RMSNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         self.weight_offset = float(weight_offset)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
         self.reduction_dims = _check_reduction_dims(reduction_dims, self.normalized_shape)
         if elementwise_affine and bias:
@@ -190,9 +183,8 @@ class RMSNorm(nn.RMSNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", bias=True" if self.bias is not None else "") + extra_options(
-            weight_offset=self.weight_offset, reduction_dims=self.reduction_dims, stats_dtype=self.stats_dtype,
-            backend=self.backend,
+        return super().extra_repr() + (", bias=True" if self.bias is not None else "") + options_repr(
+            self, weight_offset=self.weight_offset, reduction_dims=self.reduction_dims
         )
 
 

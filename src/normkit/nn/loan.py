@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_momentum
 from normkit.functional.loan import FREE_NORMS, loan
-from normkit.nn._base import check_module_args, describe
+from normkit.nn._base import describe, set_options
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
 
@@ -78,7 +78,7 @@ class LOAN(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, backend)
+        set_options(self, eps, backend=backend)
         if free_norm not in FREE_NORMS:
             raise ValueError(f"LOAN: free_norm must be one of {FREE_NORMS}, got {free_norm!r}")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -90,7 +90,6 @@ class LOAN(nn.Module):
         self.free_norm_type = free_norm
         self.eps = float(eps)
         self.momentum = float(momentum)
-        self.backend = backend
         kw = {"device": device, "dtype": dtype}
         bn = {"eps": eps, "momentum": momentum, "affine": False, "track_running_stats": track_running_stats, **kw}
         # containers of the running statistics, named as the official module; the math is in functional.loan

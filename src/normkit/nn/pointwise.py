@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from normkit import functional as F
 from normkit.nn import papers
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import options_repr, set_options
 from normkit.registry import register_norm
 
 
@@ -41,11 +41,10 @@ class ScaleNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, backend)
+        set_options(self, eps, backend=backend)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.scale_init = math.sqrt(num_features) if scale_init is None else float(scale_init)
-        self.backend = backend
         self.scale = nn.Parameter(torch.empty((), device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -58,7 +57,7 @@ class ScaleNorm(nn.Module):
         return F.scale_norm(x, self.scale, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + extra_options(backend=self.backend)
+        return f"{self.num_features}, eps={self.eps}" + options_repr(self)
 
 
 @register_norm(
@@ -92,11 +91,10 @@ class DyT(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(None, backend)
+        set_options(self, backend=backend)
         self.num_features = int(num_features)
         self.alpha_init = float(alpha_init)
         self.channels_last = channels_last
-        self.backend = backend
         kw = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.empty(1, **kw))
         self.weight = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine else None
@@ -120,5 +118,5 @@ class DyT(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, alpha_init={self.alpha_init}, channels_last={self.channels_last}"
-            + extra_options(backend=self.backend)
+            + options_repr(self)
         )

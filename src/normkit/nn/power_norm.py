@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normkit._compat import MISSING, renamed_argument
 from normkit.functional.power_norm import _check_count, _check_unit, power_norm
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import check_module_args, options_repr, set_options
 from normkit.registry import Paper, register_norm
 
 POWER_NORM = Paper(
@@ -94,7 +94,7 @@ class PowerNorm(nn.Module):
     ) -> None:
         super().__init__()
         num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="PowerNorm", default=1)
-        check_module_args(eps, None)
+        set_options(self, eps, stats_dtype=stats_dtype)
         check_module_args(group_eps, None)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -111,7 +111,6 @@ class PowerNorm(nn.Module):
         self.num_groups = num_groups
         self.group_eps = float(group_eps)
         self.paper_exact = bool(paper_exact)
-        self.stats_dtype = stats_dtype
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **fk))
@@ -177,4 +176,4 @@ class PowerNorm(nn.Module):
         )
         if self.paper_exact:
             s += ", paper_exact=True"
-        return s + extra_options(stats_dtype=self.stats_dtype)
+        return s + options_repr(self)

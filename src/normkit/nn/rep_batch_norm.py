@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_momentum, snapshot
 from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import check_module_args, options_repr
 from normkit.nn.batch_norm import BatchNorm
 from normkit.nn.layer_norm import LayerNorm
 from normkit.registry import Paper, register_norm
@@ -155,7 +155,7 @@ class RepBN(nn.Module):
         return (
             s
             + (", zero_init=True" if self.zero_init else "")
-            + extra_options(stats_dtype=self.bn.stats_dtype, backend=self.bn.backend)
+            + options_repr(self.bn)
         )
 
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first
 from normkit.functional.response_norm import filter_response_norm, global_response_norm
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import options_repr, set_options
 from normkit.registry import Paper, register_norm
 
 FRN = Paper(
@@ -76,14 +76,12 @@ class FilterResponseNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         kw = {"device": device, "dtype": dtype}
         self.num_features = _check_features("FilterResponseNorm", num_features)
         self.apply_act = bool(apply_act)
         self.eps = float(eps)
         self.learned_eps_init = float(learned_eps_init)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_features, **kw))
         self.tau = nn.Parameter(torch.empty(num_features, **kw)) if apply_act else None
@@ -115,7 +113,7 @@ class FilterResponseNorm(nn.Module):
         s = f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}"
         if self.learned_eps is not None:
             s += ", learnable_eps=True"
-        return s + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return s + options_repr(self)
 
 
 @register_norm(
@@ -160,13 +158,11 @@ class GlobalResponseNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
         kw = {"device": device, "dtype": dtype}
         self.num_features = _check_features("GlobalResponseNorm", num_features)
         self.eps = float(eps)
         self.channels_last = bool(channels_last)
-        self.stats_dtype = stats_dtype
-        self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_features, **kw))
         self.reset_parameters()
@@ -202,4 +198,4 @@ class GlobalResponseNorm(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}" + (", channels_last=True" if self.channels_last else "")
-        return s + extra_options(stats_dtype=self.stats_dtype, backend=self.backend)
+        return s + options_repr(self)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normkit.functional.power_norm import _check_count
 from normkit.functional.unified_norm import resolve_momentum, unified_norm
-from normkit.nn._base import check_module_args, extra_options
+from normkit.nn._base import options_repr, set_options
 from normkit.registry import Paper, register_norm
 
 UNIFIED_NORM = Paper(
@@ -102,7 +102,7 @@ class UnifiedNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, None)
+        set_options(self, eps, stats_dtype=stats_dtype)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.num_features = num_features
@@ -114,7 +114,6 @@ class UnifiedNorm(nn.Module):
         #: torch's convention: running_var ← (1 − momentum)·running_var + momentum·var
         self.momentum = resolve_momentum(momentum, decay, "UnifiedNorm")
         self.affine = bool(affine)
-        self.stats_dtype = stats_dtype
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **fk))
@@ -182,4 +181,4 @@ class UnifiedNorm(nn.Module):
             s += ", affine=False"
         if self.compensation_iters != 1000:
             s += f", compensation_iters={self.compensation_iters}"
-        return s + extra_options(stats_dtype=self.stats_dtype)
+        return s + options_repr(self)
