@@ -106,11 +106,16 @@ def _sech2(z: Tensor) -> Tensor:
 
 def _dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor | None, channels_last: bool) -> Tensor:
     y = _tanh(alpha * x)
-    shape = _affine_shape(x, channels_last)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
+    if channels_last:  # per-channel vectors broadcast as they are (no reshape op per call)
+        w, b = weight, bias
+    else:
+        shape = _affine_shape(x, channels_last)
+        w = None if weight is None else weight.reshape(shape)
+        b = None if bias is None else bias.reshape(shape)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
     return y
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normkit import functional as F
+from normkit.backend import resolve
 from normkit.functional._core import check_channels_first
 from normkit.nn import papers
 from normkit.nn._base import options_repr, set_options
@@ -39,6 +41,11 @@ def _per_group(m: nn.Module, x: Tensor, mask: Tensor | None, center: bool) -> Te
     )
 
 
+def _plain(self: nn.Module) -> bool:
+    """No normkit-only option is set: ATen's op computes this layer exactly."""
+    return not self.weight_offset and self.stats_dtype is None and self.reduction_dims is None
+
+
 def _offset_init(module: nn.Module) -> None:
     # with a zero-centred (Gemma-style) weight the effective scale offset + w starts at 1
     offset = getattr(module, "weight_offset", 0.0)
@@ -58,6 +65,8 @@ def _offset_init(module: nn.Module) -> None:
     aliases=("ln", "layer_norm"),
 )
 class LayerNorm(nn.LayerNorm):
+    _plain = _plain
+
     """LayerNorm over the trailing ``normalized_shape`` dims (drop-in for ``torch.nn.LayerNorm``).
 
     ``y = (x − E[x]) / sqrt(Var[x] + eps) · (weight_offset + w) + b`` (Ba et al. 2016, arXiv:1607.06450).
@@ -99,6 +108,11 @@ class LayerNorm(nn.LayerNorm):
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None and self._plain() and resolve(self.backend, x, "layer_norm", True) == "native":
+            try:  # the hot path: ATen's op with no Python in between (per-call cost as nn.LayerNorm)
+                return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            except RuntimeError:
+                pass  # rejected: normkit's path below raises its own, clearer error
         if self.reduction_dims is not None:
             return _per_group(self, x, mask, center=True)
         return F.layer_norm(
@@ -128,6 +142,8 @@ class LayerNorm(nn.LayerNorm):
     aliases=("rms", "rms_norm"),
 )
 class RMSNorm(nn.RMSNorm):
+    _plain = _plain
+
     """RMSNorm over the trailing dims (drop-in for ``torch.nn.RMSNorm``).
 
     ``y = x / sqrt(mean(x²) + eps) · (weight_offset + w) [+ b]`` (Zhang & Sennrich 2019, arXiv:1910.07467).
@@ -168,6 +184,12 @@ class RMSNorm(nn.RMSNorm):
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if (mask is None and self.bias is None and self._plain()
+                and resolve(self.backend, x, "rms_norm", True) == "native"):
+            try:  # ATen's op directly (small inputs, or no kernels): no Python in between
+                return TF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+            except RuntimeError:
+                pass  # rejected: normkit's path below raises its own, clearer error
         if self.reduction_dims is not None:
             return _per_group(self, x, mask, center=False)
         return F.rms_norm(
