@@ -103,3 +103,22 @@ def test_per_head_rmsnorm_is_invariant_to_scaling_each_head(scales):
     x = torch.randn(3, 4, 8, dtype=torch.float64)
     c = torch.tensor(scales, dtype=torch.float64).reshape(1, 4, 1)
     torch.testing.assert_close(m(x * c), m(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager", "native"])
+def test_scalenorm2d_matches_the_formula(backend):
+    # ScaleNorm over the channels of (N, C, H, W): g · x / max(‖x‖₂ over C, eps) at every position
+    torch.manual_seed(0)
+    m = normkit.ScaleNorm2d(6, backend=backend).double()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    x.data[0, :, 0, 0] = 0.0  # a zero vector: the clamp, not a division by zero
+    y = m(x)
+    ref = m.scale * x / x.norm(dim=1, keepdim=True).clamp_min(1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, m.scale], g)
+    want = torch.autograd.grad(ref, [x, m.scale], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 6, \*\)"):
+        m(torch.randn(2, 5, 3, dtype=torch.float64))

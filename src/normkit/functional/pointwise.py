@@ -8,19 +8,22 @@ from normkit.functional._core import check_eps, check_float
 from normkit.kernels import pointwise as _kernels
 
 
-def scale_norm(x: Tensor, scale: Tensor, eps: float = 1e-5, *, backend: str | None = None) -> Tensor:
-    """ScaleNorm: ``y = g · x / max(‖x‖₂, eps)`` over the last dim, one learned scalar ``g``.
+def scale_norm(
+    x: Tensor, scale: Tensor, eps: float = 1e-5, *, dim: int = -1, backend: str | None = None
+) -> Tensor:
+    """ScaleNorm: ``y = g · x / max(‖x‖₂, eps)`` over ``dim`` (default the last), one learned scalar ``g``.
 
     Nguyen & Salazar, "Transformers without Tears: Improving the Normalization of
     Self-Attention", 2019, arXiv:1910.05895. The clamp (not ``+ eps``) follows the official code.
+    ``dim=1`` normalizes the channels of a channels-first ``(N, C, *)`` tensor (ScaleNorm2d).
     """
     check_float(x)
     eps = check_eps(eps)
-    if x.dim() < 1:
-        raise ValueError("scale_norm expects at least a 1-D input (…, features)")
+    if x.dim() < 1 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"scale_norm over dim {dim} expects an input with that dim, got shape {tuple(x.shape)}")
     if scale.numel() != 1:
         raise ValueError(f"scale_norm: scale must be a single value, got shape {tuple(scale.shape)}")
-    return _kernels.scale_norm(x, scale, eps, backend)
+    return _kernels.scale_norm(x, scale, eps, backend, dim)
 
 
 def dyt(

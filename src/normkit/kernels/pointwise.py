@@ -30,22 +30,24 @@ from normkit.kernels.canonical import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
 
-def _l2_norm(xf: Tensor) -> Tensor:
-    """‖x‖ over the last dim (kept), through the statistics engine."""
-    return (mean_square(xf, -1) * xf.shape[-1]).sqrt()
+def _l2_norm(xf: Tensor, dim: int = -1) -> Tensor:
+    """‖x‖ over ``dim`` (kept), through the statistics engine."""
+    return (mean_square(xf, dim) * xf.shape[dim]).sqrt()
 
 
-def _scale_forward(x: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _scale_forward(x: Tensor, scale: Tensor, eps: float, dim: int = -1) -> tuple[Tensor, Tensor]:
     xf = x.to(accumulation_dtype(x.dtype))
-    norm = _l2_norm(xf)
+    norm = _l2_norm(xf, dim)
     return (xf * (scale.to(xf.dtype) / norm.clamp_min(eps))).to(x.dtype), norm
 
 
-def _scale_backward(g: Tensor, x: Tensor, scale: Tensor, norm: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _scale_backward(
+    g: Tensor, x: Tensor, scale: Tensor, norm: Tensor, eps: float, dim: int = -1
+) -> tuple[Tensor, Tensor]:
     sd = norm.dtype
     gf, xf = g.to(sd), x.to(sd)
     n = norm.clamp_min(eps)
-    dot = (gf * xf).sum(-1, keepdim=True)
+    dot = (gf * xf).sum(dim, keepdim=True)
     proj = torch.where(norm > eps, dot / (n * n), torch.zeros_like(n))
     dx = torch.addcmul(gf, xf, proj, value=-1.0).mul_(scale.to(sd) / n)
     dscale = (dot / n).sum()
@@ -54,22 +56,22 @@ def _scale_backward(g: Tensor, x: Tensor, scale: Tensor, norm: Tensor, eps: floa
 
 class _ScaleNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, eps, impl):  # noqa: ANN001, ANN205
-        key = (eps, x.dtype)
-        y, norm = _backend.executor(impl, _scale_forward, key)(x, scale, eps)
+    def forward(ctx, x, scale, eps, dim, impl):  # noqa: ANN001, ANN205
+        key = (eps, x.dtype, dim)
+        y, norm = _backend.executor(impl, _scale_forward, key)(x, scale, eps, dim)
         ctx.save_for_backward(x, scale, norm)
-        ctx.cfg = (eps, impl, key)
+        ctx.cfg = (eps, dim, impl, key)
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, scale, norm = ctx.saved_tensors
-        eps, impl, key = ctx.cfg
+        eps, dim, impl, key = ctx.cfg
         if torch.is_grad_enabled():  # create_graph=True: ‖x‖ recomputed with autograd recording
-            norm = _l2_norm(x.to(norm.dtype))
-            return (*_scale_backward(g, x, scale, norm, eps), None, None)
-        dx, ds = _backend.executor(impl, _scale_backward, key)(g, x, scale, norm, eps)
-        return dx, ds, None, None
+            norm = _l2_norm(x.to(norm.dtype), dim)
+            return (*_scale_backward(g, x, scale, norm, eps, dim), None, None, None)
+        dx, ds = _backend.executor(impl, _scale_backward, key)(g, x, scale, norm, eps, dim)
+        return dx, ds, None, None, None
 
 
 def _affine_shape(x: Tensor, channels_last: bool) -> tuple[int, ...]:
@@ -178,14 +180,14 @@ class _DyTFn(torch.autograd.Function):
         return dx, da, dw, db, None, None
 
 
-def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None) -> Tensor:
+def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None, dim: int = -1) -> Tensor:
     impl = _backend.resolve(backend, x, "scale_norm", True)
     if impl == "native":  # the plain torch code (autograd through ATen's ops): cheapest per call
-        return x * (scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=accumulation_dtype(x.dtype))
+        return x * (scale / torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=accumulation_dtype(x.dtype))
                     .clamp_min(eps)).to(x.dtype)
     if impl == "triton":
-        return _backend.triton_kernel("scale_norm")(x, scale, eps)
-    return _ScaleNormFn.apply(x, scale, eps, impl)
+        return _backend.triton_kernel("scale_norm")(x, scale, eps, dim)
+    return _ScaleNormFn.apply(x, scale, eps, dim, impl)
 
 
 def dyt(

@@ -20,7 +20,7 @@ from normkit.nn.layer_norm_scaling import LayerNormScaling, RMSNormScaling, appl
 from normkit.nn.loan import LOAN
 from normkit.nn.normalizer_free import GammaAct, ScaledStdConv2d, SkipInit
 from normkit.nn.patch_norm import DualPatchNorm
-from normkit.nn.pointwise import DyT, ScaleNorm
+from normkit.nn.pointwise import DyT, ScaleNorm, ScaleNorm2d
 from normkit.nn.power_norm import PowerNorm
 from normkit.nn.region_norm import RegionNormB, RegionNormL
 from normkit.nn.rep_batch_norm import PRepBN, RepBN, fuse_rep_batch_norm
@@ -64,6 +64,7 @@ __all__ = [
     "RegionNormL",
     "RepBN",
     "ScaleNorm",
+    "ScaleNorm2d",
     "ScaledStdConv2d",
     "SkipInit",
     "UnifiedNorm",

@@ -36,12 +36,14 @@ class ScaleNorm(nn.Module):
         eps: float = 1e-5,
         *,
         scale_init: float | None = None,
+        channels_last: bool = True,
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         set_options(self, eps, backend=backend)
+        self.channels_last = bool(channels_last)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.scale_init = math.sqrt(num_features) if scale_init is None else float(scale_init)
@@ -52,12 +54,31 @@ class ScaleNorm(nn.Module):
         nn.init.constant_(self.scale, self.scale_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.num_features:
-            raise ValueError(f"ScaleNorm expects input of shape (*, {self.num_features}), got {tuple(x.shape)}")
-        return F.scale_norm(x, self.scale, self.eps, backend=self.backend)
+        dim = -1 if self.channels_last else 1
+        if x.dim() < (1 if self.channels_last else 2) or x.shape[dim] != self.num_features:
+            layout = f"(*, {self.num_features})" if self.channels_last else f"(N, {self.num_features}, *)"
+            raise ValueError(f"{type(self).__name__} expects input of shape {layout}, got {tuple(x.shape)}")
+        return F.scale_norm(x, self.scale, self.eps, dim=dim, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + options_repr(self)
+        cf = "" if self.channels_last else ", channels_last=False"
+        return f"{self.num_features}, eps={self.eps}{cf}" + options_repr(self)
+
+
+@register_norm(
+    "scalenorm2d",
+    family="scale",
+    paper=papers.SCALE_NORM,
+    layout="channels_first",
+    batch_dependent=False,
+    train_eval_differ=False,
+    description="ScaleNorm over the channel dim of (N, C, *) input: g · x / ‖x‖ at every position",
+)
+class ScaleNorm2d(ScaleNorm):
+    """ScaleNorm over the channels of a channels-first ``(N, C, *)`` tensor: ``ScaleNorm(C, channels_last=False)``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(num_features, eps, channels_last=False, **kwargs)
 
 
 @register_norm(
