@@ -72,6 +72,10 @@ def test_resolution_fallbacks(monkeypatch):
     assert B.resolve(None, big.bfloat16(), "rms_norm", False) == "eager"
     assert B.resolve(None, big.reshape(1024, 1024).t(), "group_norm", True) == "native"
     assert B.resolve(None, _meta(1 << 20), "rms_norm", True) == "native"  # another device type
+    # an op with an inference choice: ScaleNorm's closed-form function only when a backward follows
+    assert B.resolve(None, big, "scale_norm", True) == "eager"
+    assert B.resolve(None, big, "scale_norm", True, needs_grad=False) == "native"
+    assert B.resolve("eager", big, "scale_norm", True, needs_grad=False) == "eager"  # explicit stays explicit
     # small inputs: ATen's op, whose per-call cost is lower
     assert B.resolve(None, torch.empty(4, 8, 3, 3), "group_norm", True) == "native"
     # no kernels (no compiler): native where exact, else eager

@@ -36,7 +36,8 @@ instance_norm     kernels       native        32K        0.55-0.95x of F.instanc
 batch_norm        native        native        -          ATen's op; the kernels have no BN layout
 add_norm          kernels       native        256K       sum and norm in one pass
 dyt               kernels       eager         32K        one exp per element, sums inside the row loop
-scale_norm        eager         eager         64K        closed-form backward, saves only the input
+scale_norm        eager         eager         64K        closed-form backward, saves only the input;
+                                                         without grad: the plain expression
 normalize         kernels       eager         -          the generic engine the zoo layers use
 (any other op)    eager         eager         -
 ================  ============  ============  =========  =========================================
@@ -89,6 +90,8 @@ _triton_kernels: dict[str, Callable[..., Any]] = {}
 class Rule:
     """``"auto"``'s choice for one op: preferred implementation on CPU and on CUDA.
 
+    ``inference``: what to run when the caller says no gradient is needed (a closed-form autograd
+    function pays off only with a backward: ScaleNorm's forward alone is 1.9x the plain expression).
     ``min_numel``: below this many input elements the CPU choice yields to ``native`` (when exact),
     because a call into normkit's kernels or autograd functions costs microseconds of Python more
     than ATen's op (or the plain torch code that stands for it), which matters only at small sizes.
@@ -97,6 +100,7 @@ class Rule:
     cpu: str
     cuda: str
     min_numel: int = 0
+    inference: str | None = None  # the choice when no gradient is needed (callers pass needs_grad)
 
 
 AUTO_RULES: dict[str, Rule] = {
@@ -109,7 +113,7 @@ AUTO_RULES: dict[str, Rule] = {
     "batch_norm": Rule(cpu="native", cuda="native"),
     "add_norm": Rule(cpu="kernels", cuda="native", min_numel=1 << 18),
     "dyt": Rule(cpu="kernels", cuda="eager", min_numel=1 << 15),
-    "scale_norm": Rule(cpu="eager", cuda="eager", min_numel=1 << 16),
+    "scale_norm": Rule(cpu="eager", cuda="eager", min_numel=1 << 16, inference="native"),
     "normalize": Rule(cpu="kernels", cuda="eager"),
 }
 _EAGER = Rule(cpu="eager", cuda="eager")
@@ -202,10 +206,12 @@ def kernels_apply(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in _KERNEL_DTYPES and x.is_contiguous() and _cpu_kernels_available()
 
 
-def _auto(op: str, x: torch.Tensor, native_ok: bool) -> str:
+def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) -> str:
     if native_ok and op in _NATIVE_EVERYWHERE and op not in _triton_kernels:
         return "native"  # the per-call fast path: no look at the tensor
     rule = AUTO_RULES.get(op, _EAGER)
+    if not needs_grad and rule.inference is not None and (native_ok or rule.inference != "native"):
+        return rule.inference
     # x.is_cpu / x.is_cuda, not x.device.type: building a device object costs ~1 µs per call
     if x.is_cpu:
         if native_ok and x.numel() < rule.min_numel:
@@ -228,14 +234,16 @@ def _auto(op: str, x: torch.Tensor, native_ok: bool) -> str:
     return pref
 
 
-def resolve(backend: str | None, x: torch.Tensor, op: str, native_ok: bool = False) -> str:
+def resolve(backend: str | None, x: torch.Tensor, op: str, native_ok: bool = False, needs_grad: bool = True) -> str:
     """Concrete implementation for one call of ``op`` on ``x``.
 
     Returns ``"native"`` (only when ``native_ok``: the caller's configuration is one ATen's op
     computes exactly), ``"kernels"``, ``"eager"``, ``"compiled"``, ``"inductor"`` or ``"triton"``.
+    ``needs_grad=False`` (the caller checked that no input requires grad) lets ``"auto"`` use an op's
+    ``inference`` choice.
     """
     name = getattr(_state, "backend", "auto") if backend is None else _check(backend)
-    impl = _resolve(name, x, op, native_ok)
+    impl = _auto(op, x, native_ok, needs_grad) if name == "auto" else _resolve(name, x, op, native_ok)
     if _recording:
         note(op, impl)
     return impl

@@ -181,7 +181,8 @@ class _DyTFn(torch.autograd.Function):
 
 
 def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None, dim: int = -1) -> Tensor:
-    impl = _backend.resolve(backend, x, "scale_norm", True)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
+    impl = _backend.resolve(backend, x, "scale_norm", True, needs_grad)
     if impl == "native":  # the plain torch code (autograd through ATen's ops): cheapest per call
         return x * (scale / torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=accumulation_dtype(x.dtype))
                     .clamp_min(eps)).to(x.dtype)
