@@ -6,6 +6,7 @@ name with the feature/channel count as the first argument (timm's ``norm_layer(C
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -51,6 +52,37 @@ class NormInfo:
     sample_kwargs: Callable[[int], dict[str, Any]] | None = None
     #: ``x -> {name: tensor}``: example values of :attr:`extra_inputs` for an input ``x``.
     sample_inputs: Callable[[Tensor], dict[str, Any]] | None = None
+
+
+def _skip_empty_batches(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a batch-dependent norm's ``forward``: an input with no elements (N = 0, or zero-length
+    sequences/spatial dims) in training mode runs the evaluation path instead, so the running
+    statistics, counters and any other state stay untouched (as torch's BatchNorm leaves its
+    statistics) and the output is empty, still connected to the parameters. Every submodule's
+    ``training`` flag is restored afterwards."""
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and isinstance(x, Tensor) and x.numel() == 0):
+            return forward(self, x, *args, **kwargs)
+        flags = [(m, m.training) for m in self.modules()]
+        self.train(False)
+        try:
+            return forward(self, x, *args, **kwargs)
+        finally:
+            for m, t in flags:
+                m.training = t
+
+    wrapper.__normkit_empty_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _no_torchscript(self: nn.Module) -> nn.Module:
+    """``torch.jit.script`` calls this on every submodule first: one clear error instead of failures
+    deep in TorchScript's frontend (TorchScript is deprecated upstream)."""
+    raise RuntimeError(
+        f"{type(self).__name__}: TorchScript (torch.jit.script) is not supported; use torch.compile or torch.export"
+    )
 
 
 _REGISTRY: dict[str, NormInfo] = {}
@@ -99,6 +131,10 @@ def register_norm(
         for a in names:
             _ALIASES[a] = name
         _ALIAS_CLASSES.update(extra)
+        if "__prepare_scriptable__" not in vars(cls):
+            cls.__prepare_scriptable__ = _no_torchscript  # type: ignore[attr-defined]
+        if batch_dependent and not getattr(cls.forward, "__normkit_empty_guard__", False):
+            cls.forward = _skip_empty_batches(cls.forward)  # type: ignore[method-assign]
         for c in (cls, *extra.values()):
             _BY_CLASS.setdefault(c, _REGISTRY[name])
         return cls

@@ -138,6 +138,15 @@ def check_momentum(momentum: float | None, what: str, *, allow_none: bool = Fals
     return float(momentum)
 
 
+def trailing_numel(x: Tensor, start: int = 2) -> int:
+    """``prod(x.shape[start:])``: the explicit size of a flattened trailing block.
+
+    Use it instead of ``-1`` in a ``reshape``: for a tensor with no elements (N = 0) ``-1`` is
+    ambiguous and torch raises "cannot reshape tensor of 0 elements".
+    """
+    return math.prod(x.shape[start:])
+
+
 def channel_view(p: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
     """A per-channel ``(C,)`` tensor shaped to broadcast against ``x`` (``(N, C, *)``, or ``(*, C)``)."""
     return p.reshape(-1) if channels_last else p.reshape((1, -1) + (1,) * (x.dim() - 2))

@@ -13,6 +13,7 @@ from normkit.functional._core import (
     check_eps,
     check_param,
     normalize_view,
+    trailing_numel,
 )
 from normkit.stats import Reducer
 
@@ -87,7 +88,7 @@ def batch_norm(
     per_channel = x.numel() // c
     if per_channel <= 1 and reducer is None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    view = (x.shape[0], c, 1, -1)
+    view = (x.shape[0], c, 1, trailing_numel(x))
     m4 = canonical_mask(mask, x, view)
     y, mean, var = normalize_view(
         x.reshape(view), weight, bias, (0, 2, 3), center=True, eps=eps,
@@ -128,16 +129,17 @@ def instance_norm(
     impl = _backend.resolve(
         backend, x, "instance_norm", mask is None and stats_dtype is None and not _tracked(running_mean, running_var)
     )
-    if impl == "native" and x.dim() >= 3 and (use_input_stats or running_mean is not None):
+    if impl == "native" and x.dim() >= 3 and x.shape[0] and (use_input_stats or running_mean is not None):
+        # (torch's op fails on N = 0 with an affine weight: "select(): index 0 out of range")
         return TF.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
         return channel_affine(x, running_mean, running_var, weight, bias, eps)
-    spatial = x.numel() // max(x.shape[0] * c, 1)
+    spatial = trailing_numel(x)
     if spatial <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
-    view = (x.shape[0], c, 1, -1)
+    view = (x.shape[0], c, 1, trailing_numel(x))
     m4 = canonical_mask(mask, x, view)
     y, mean, var = normalize_view(
         x.reshape(view), weight, bias, (2, 3), center=True, eps=eps, mask=m4, stats_dtype=stats_dtype,
@@ -176,7 +178,7 @@ def group_norm(
     impl = _backend.resolve(backend, x, "group_norm", mask is None and stats_dtype is None)
     if impl == "native":
         return TF.group_norm(x, num_groups, weight, bias, eps)
-    view = (x.shape[0], num_groups, c // num_groups, -1)
+    view = (x.shape[0], num_groups, c // num_groups, trailing_numel(x))
     y = normalize_view(
         x.reshape(view), weight, bias, (2, 3), center=True, eps=eps,
         mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=impl,

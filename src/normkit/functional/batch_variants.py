@@ -7,7 +7,15 @@ import math
 import torch
 from torch import Tensor
 
-from normkit.functional._core import canonical_mask, check_channels_first, check_eps, check_momentum, check_param, normalize_view
+from normkit.functional._core import (
+    canonical_mask,
+    check_channels_first,
+    check_eps,
+    check_momentum,
+    check_param,
+    normalize_view,
+    trailing_numel,
+)
 from normkit.functional.batch_norm import batch_norm, channel_affine
 from normkit.stats import accumulation_dtype, moments
 
@@ -195,7 +203,7 @@ def batch_renorm(
     per_channel = x.numel() // c
     if per_channel <= 1:
         raise ValueError(f"batch_renorm: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    view = (x.shape[0], c, 1, -1)
+    view = (x.shape[0], c, 1, trailing_numel(x))
     x4 = x.reshape(view)
     m4 = canonical_mask(mask, x, view)
     sd = accumulation_dtype(x.dtype, stats_dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.functional._core import channel_view, check_channels_first, check_eps, check_momentum, check_param
+from normkit.functional._core import channel_view, check_channels_first, check_eps, check_momentum, check_param, trailing_numel
 from normkit.stats import accumulation_dtype, moments
 
 
@@ -120,7 +120,7 @@ def _s0_math(
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xf = x.to(sd)
     n, c = x.shape[:2]
-    xg = xf.reshape(n, num_groups, c // num_groups, -1)
+    xg = xf.reshape(n, num_groups, c // num_groups, trailing_numel(x))
     std = torch.sqrt(moments(xg, (2, 3)).var + eps)
     den = std.expand(xg.shape).reshape(x.shape)
     y = xf * torch.sigmoid(channel_view(v, xf).to(sd) * xf) / den

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit.functional._core import check_channels_first, check_eps, check_float
+from normkit.functional._core import check_channels_first, check_eps, check_float, trailing_numel
 from normkit.stats import accumulation_dtype
 
 
@@ -60,11 +60,11 @@ def group_whitening(
     xf = x.to(accumulation_dtype(x.dtype))
     b = x.shape[0]
     if per_sample:
-        v = xf.reshape(b, num_groups, n, -1)  # (N, G, n, L)
+        v = xf.reshape(b, num_groups, n, trailing_numel(x))  # (N, G, n, L)
     else:
-        v = xf.reshape(b, c, -1).transpose(0, 1).reshape(1, num_groups, n, -1)  # (1, G, n, N·L)
+        v = xf.reshape(b, c, trailing_numel(x)).transpose(0, 1).reshape(1, num_groups, n, b * trailing_numel(x))  # (1, G, n, N·L)
     m = v.shape[-1]
-    if m < 2:
+    if m < 2 and x.numel():  # an empty batch gives an empty output
         raise ValueError(
             f"group_whitening needs at least 2 positions per group to estimate a covariance, got shape {tuple(x.shape)}"
         )
@@ -80,7 +80,7 @@ def group_whitening(
     if per_sample:
         y = out.reshape(x.shape)
     else:
-        y = out.reshape(c, b, -1).transpose(0, 1).reshape(x.shape)
+        y = out.reshape(c, b, trailing_numel(x)).transpose(0, 1).reshape(x.shape)
         cov = cov.squeeze(0)
     return y.to(x.dtype), cov
 
@@ -136,7 +136,7 @@ def gdwct(
     xw, cov = group_whitening(x, num_groups, eps, exact=exact, per_sample=per_sample)
     mat, u = coloring_matrix(coloring, num_groups)
     b = x.shape[0]
-    colored = (mat.to(xw.dtype) @ xw.reshape(b, num_groups, n, -1)).reshape(x.shape)
+    colored = (mat.to(xw.dtype) @ xw.reshape(b, num_groups, n, trailing_numel(x))).reshape(x.shape)
     mu = style_mean.reshape((b, c) + (1,) * (x.dim() - 2)).to(x.dtype)
     return alpha * (colored + mu) + (1 - alpha) * x, cov, u
 

@@ -16,6 +16,7 @@ from normkit.functional._core import (
     check_float,
     check_param,
     normalize_view,
+    trailing_numel,
     with_offset,
 )
 
@@ -226,7 +227,7 @@ def _channels_first_norm(
         xt = x.movedim(1, -1)
         y = TF.layer_norm(xt, (c,), w, bias, eps) if center else TF.rms_norm(xt, (c,), w, eps)
         return y.movedim(-1, 1)
-    view = (x.shape[0], 1, c, -1)
+    view = (x.shape[0], 1, c, trailing_numel(x))
     y = normalize_view(
         x.reshape(view), w, bias, (2,), center=center, eps=eps,
         mask=canonical_mask(mask, x, view), stats_dtype=stats_dtype, backend=impl,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.functional._core import channel_view, check_channels_first, check_eps, check_float, check_param
+from normkit.functional._core import channel_view, check_channels_first, check_eps, check_float, check_param, trailing_numel
 from normkit.stats import accumulation_dtype, mean_square
 
 
@@ -24,7 +24,8 @@ def _frn_math(
 ) -> Tensor:
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xf = x.to(sd)
-    nu2 = mean_square(xf.reshape(x.shape[0], x.shape[1], -1), 2).reshape((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2))
+    flat = xf.reshape(x.shape[0], x.shape[1], trailing_numel(x))
+    nu2 = mean_square(flat, 2).reshape((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2))
     e = eps if learned_eps is None else eps + learned_eps.to(sd).abs().reshape(())
     y = xf * torch.rsqrt(nu2 + e)
     if weight is not None:

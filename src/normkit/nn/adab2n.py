@@ -249,6 +249,13 @@ class AdaB2N(_BatchNorm):
         self.task_ids: Tensor | None = None
         self.loss: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        # ``loss`` is a non-leaf tensor of the latest training forward (part of that step's graph):
+        # copy.deepcopy / pickle would fail on it, so a copy starts without one (regularizer() needs a new forward)
+        state = dict(super().__getstate__())
+        state["loss"] = None
+        return state
+
     # ------------------------------------------------------------------ continual-learning API
 
     def reset_parameters(self) -> None:

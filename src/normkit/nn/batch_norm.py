@@ -183,6 +183,7 @@ class InstanceNorm(_InstanceNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
+        momentum = check_momentum(momentum, type(self).__name__, allow_none=True)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
 
     def _get_no_batch_dim(self) -> int:

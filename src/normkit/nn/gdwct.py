@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from normkit.functional._core import trailing_numel
 from normkit.functional.gdwct import coloring_regularizer, gdwct, whitening_regularizer
 from normkit.nn._base import check_module_args, describe, largest_group_count
 from normkit.registry import Paper, register_norm
@@ -42,7 +43,7 @@ class _MLP(nn.Module):
         self.main = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x.reshape(x.shape[0], -1))
+        return self.main(x.reshape(x.shape[0], trailing_numel(x, 1)))
 
 
 def _sample_kwargs(c: int) -> dict[str, int]:

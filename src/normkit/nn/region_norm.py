@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +23,7 @@ def _random_mask(x: Tensor) -> Tensor:
     """A random binary (N, 1, *spatial) hole mask with both regions non-empty in every sample."""
     n = x.shape[0]
     spatial = tuple(x.shape[2:])
-    m = (torch.rand((n, 1, *spatial), device=x.device) < 0.4).to(x.dtype).reshape(n, -1)
+    m = (torch.rand((n, 1, *spatial), device=x.device) < 0.4).to(x.dtype).reshape(n, math.prod(spatial))
     m[:, 0] = 1.0
     if m.shape[1] > 1:
         m[:, -1] = 0.0

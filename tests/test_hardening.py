@@ -1,0 +1,35 @@
+"""Issue 12, item 7: momentum range, deepcopy after training, a clear TorchScript error."""
+
+import copy
+
+import pytest
+import torch
+
+import normkit
+from normkit.registry import list_norms, sample_norm
+
+
+@pytest.mark.parametrize("momentum", [-0.5, 1.5, True])
+def test_instancenorm_rejects_momentum_outside_unit_interval(momentum):
+    with pytest.raises(ValueError, match=r"InstanceNorm: momentum must be a number in \[0, 1\]"):
+        normkit.create_norm("instancenorm", 8, momentum=momentum)
+    assert normkit.create_norm("instancenorm", 8, momentum=None).momentum is None
+
+
+def test_adab2n_deepcopy_after_training_forward():
+    m = normkit.create_norm("adab2n", 8)
+    m(torch.randn(4, 8, 3, 3, requires_grad=True))
+    assert m.loss is not None and m.loss.grad_fn is not None
+    c = copy.deepcopy(m)
+    assert c.loss is None and m.loss is not None
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, c.state_dict()[k])
+    c(torch.randn(4, 8, 3, 3, requires_grad=True))
+    c.regularizer().backward()
+
+
+@pytest.mark.parametrize("name", list_norms())
+def test_torchscript_gives_one_clear_error(name):
+    model = torch.nn.Sequential(torch.nn.Identity(), sample_norm(name, 8))
+    with pytest.raises(RuntimeError, match="TorchScript .* is not supported; use torch.compile or torch.export"):
+        torch.jit.script(model)
