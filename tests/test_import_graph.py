@@ -2,7 +2,8 @@
 
 Layers, bottom to top::
 
-    stats / backend / registry  →  kernels  →  functional  →  nn  →  models / adapt / continual  →  bench / cli / normkit
+    stats / backend / registry  →  kernels  →  functional  →  nn  →  models / adapt / continual
+        →  convert / integrations  →  bench / cli / normkit
 
 A module may import its own layer and the ones below it. Imports inside functions count too (a
 lazy import in the CLI or the bench is fine because it points down). :mod:`normkit.data` depends
@@ -40,9 +41,11 @@ LAYERS: dict[str, int] = {
     "models": 4,
     "adapt": 4,
     "continual": 4,
-    "bench": 5,
-    "cli": 5,
-    "": 5,  # the package root: eager imports of the lower layers, lazy access to the rest
+    "convert": 5,  # tools that put normkit into existing models (torch's and transformers')
+    "integrations": 5,  # third-party integrations (transformers), optional dependencies only
+    "bench": 6,
+    "cli": 6,
+    "": 6,  # the package root: eager imports of the lower layers, lazy access to the rest
 }
 LAYER_NAMES = {
     0: "stats/backend/registry/_compat/data",
@@ -50,7 +53,8 @@ LAYER_NAMES = {
     2: "functional",
     3: "nn",
     4: "models/adapt/continual",
-    5: "bench/cli",
+    5: "convert/integrations",
+    6: "bench/cli",
 }
 
 #: who may import normkit.data: the code that trains or evaluates on it

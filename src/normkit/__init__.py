@@ -65,16 +65,16 @@ from normkit.nn.init import lecun_normal_
 from normkit.registry import NormInfo, Paper, create_norm, list_norms, norm_info, register_norm, sample_norm
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load on first attribute access
-    from normkit import adapt, bench, continual, layers, models  # noqa: F401  (bench: not in __all__)
+    from normkit import adapt, bench, continual, convert, layers, models  # noqa: F401  (bench: not in __all__)
     from normkit.models import self_normalizing_mlp
 
 __version__ = "0.1.0"
 
 #: Subpackages loaded on first access (PEP 562), not by ``import normkit``: they sit above the
-#: modules (models, test-time adaptation, continual learning, the bench with its data and suites)
+#: modules (models, test-time adaptation, continual learning, model conversion, the bench with its data and suites)
 #: and most users of a normalization layer never touch them. ``normkit.layers`` is the old home
 #: of ``normkit.nn``'s weight-standardized / normalizer-free layers, kept as a re-export.
-_LAZY_SUBMODULES = ("adapt", "bench", "continual", "layers", "models")
+_LAZY_SUBMODULES = ("adapt", "bench", "continual", "convert", "layers", "models")
 #: Top-level names that live in a lazily loaded subpackage: name → the module that defines it.
 _LAZY_ATTRS = {"self_normalizing_mlp": "normkit.models"}
 
@@ -143,6 +143,7 @@ __all__ = [
     "apply_layernorm_scaling",
     "adapt",
     "continual",
+    "convert",
     "create_norm",
     "functional",
     "fuse_rep_batch_norm",
