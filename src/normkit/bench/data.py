@@ -1,5 +1,10 @@
-"""Moved to :mod:`normkit.data` (the data is shared with adapt and continual); re-exported here."""
+"""Moved to :mod:`normkit.data.digits` (the data is shared with adapt and continual).
 
-from normkit.data.digits import SPLIT_SEED, DataSplit, DigitsPixels, digits_pixels, load_digits, standardize
+The old import path is the new module itself (an alias in ``sys.modules``), so no name is listed twice.
+"""
 
-__all__ = ["SPLIT_SEED", "DataSplit", "DigitsPixels", "digits_pixels", "load_digits", "standardize"]
+import sys
+
+from normkit.data import digits as _moved
+
+sys.modules[__name__] = _moved

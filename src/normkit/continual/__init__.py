@@ -9,35 +9,7 @@
 
 from normkit.continual.replay import ReservoirBuffer
 from normkit.continual.split_digits import ContinualResult, TaskData, load_split_digits, train_online
-from normkit.nn.adab2n import (
-    ADAB2N,
-    AdaB2N,
-    adab2n_eta,
-    adab2n_layers,
-    adab2n_regularizer,
-    adab2n_sample_weights,
-    adab2n_statistics,
-    convert_adab2n,
-    end_task,
-    set_task_ids,
-    set_task_labels,
-)
+from normkit.nn import adab2n as _adab2n
+from normkit.nn.adab2n import *  # noqa: F403 - AdaB²N re-exported, its names listed once in nn.adab2n
 
-__all__ = [
-    "ADAB2N",
-    "AdaB2N",
-    "ContinualResult",
-    "ReservoirBuffer",
-    "TaskData",
-    "adab2n_eta",
-    "adab2n_layers",
-    "adab2n_regularizer",
-    "adab2n_sample_weights",
-    "adab2n_statistics",
-    "convert_adab2n",
-    "end_task",
-    "load_split_digits",
-    "set_task_ids",
-    "set_task_labels",
-    "train_online",
-]
+__all__ = ["ContinualResult", "ReservoirBuffer", "TaskData", "load_split_digits", "train_online", *_adab2n.__all__]

@@ -1,29 +1,10 @@
-"""AdaB²N moved to :mod:`normkit.nn.adab2n` (every registered layer lives under ``nn``); re-exported here."""
+"""AdaB²N moved to :mod:`normkit.nn.adab2n` (every registered layer lives under ``nn``).
 
-from normkit.nn.adab2n import (
-    ADAB2N,
-    AdaB2N,
-    adab2n_eta,
-    adab2n_layers,
-    adab2n_regularizer,
-    adab2n_sample_weights,
-    adab2n_statistics,
-    convert_adab2n,
-    end_task,
-    set_task_ids,
-    set_task_labels,
-)
+The old import path is the new module itself (an alias in ``sys.modules``), so no name is listed twice.
+"""
 
-__all__ = [
-    "ADAB2N",
-    "AdaB2N",
-    "adab2n_eta",
-    "adab2n_layers",
-    "adab2n_regularizer",
-    "adab2n_sample_weights",
-    "adab2n_statistics",
-    "convert_adab2n",
-    "end_task",
-    "set_task_ids",
-    "set_task_labels",
-]
+import sys
+
+from normkit.nn import adab2n as _moved
+
+sys.modules[__name__] = _moved

@@ -1,5 +1,10 @@
-"""Moved to :mod:`normkit.nn.init`; re-exported here so old imports keep working."""
+"""Moved to :mod:`normkit.nn.init`.
 
-from normkit.nn.init import fan_in, lecun_normal_
+The old import path is the new module itself (an alias in ``sys.modules``), so no name is listed twice.
+"""
 
-__all__ = ["fan_in", "lecun_normal_"]
+import sys
+
+from normkit.nn import init as _moved
+
+sys.modules[__name__] = _moved

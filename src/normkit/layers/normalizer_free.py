@@ -1,29 +1,10 @@
-"""Moved to :mod:`normkit.nn.normalizer_free`; re-exported here so old imports keep working."""
+"""Moved to :mod:`normkit.nn.normalizer_free`.
 
-from normkit.nn.normalizer_free import (
-    ACTIVATIONS,
-    GAMMA,
-    NF_RESNET_PAPER,
-    NFNET_PAPER,
-    SKIPINIT_PAPER,
-    GammaAct,
-    ScaledStdConv2d,
-    SkipInit,
-    compute_gamma,
-    gamma_act,
-    scaled_standardize_weight,
-)
+The old import path is the new module itself (an alias in ``sys.modules``), so no name is listed twice.
+"""
 
-__all__ = [
-    "ACTIVATIONS",
-    "GAMMA",
-    "NFNET_PAPER",
-    "NF_RESNET_PAPER",
-    "SKIPINIT_PAPER",
-    "GammaAct",
-    "ScaledStdConv2d",
-    "SkipInit",
-    "compute_gamma",
-    "gamma_act",
-    "scaled_standardize_weight",
-]
+import sys
+
+from normkit.nn import normalizer_free as _moved
+
+sys.modules[__name__] = _moved

@@ -1,5 +1,10 @@
-"""Moved to :mod:`normkit.nn.weight_standardization`; re-exported here so old imports keep working."""
+"""Moved to :mod:`normkit.nn.weight_standardization`.
 
-from normkit.nn.weight_standardization import EpsPlacement, WSConv2d, WSLinear, standardize_weight, weight_standardize_
+The old import path is the new module itself (an alias in ``sys.modules``), so no name is listed twice.
+"""
 
-__all__ = ["EpsPlacement", "WSConv2d", "WSLinear", "standardize_weight", "weight_standardize_"]
+import sys
+
+from normkit.nn import weight_standardization as _moved
+
+sys.modules[__name__] = _moved
