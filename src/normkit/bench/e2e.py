@@ -57,6 +57,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 import normkit
+from normkit.bench.models import Attention
 
 MODELS = ("llama", "vit", "resnet", "convnext")
 MODES = ("eager", "compiled")
@@ -107,25 +108,11 @@ class TorchLayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = TF.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
 class _ViTBlock(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
