@@ -2,7 +2,8 @@
 
 Each kernel of :mod:`normkit.kernels.cpu` is registered with :func:`torch.library.custom_op`, with a
 fake (meta) implementation for shape propagation and, for the forward ops, an autograd formula
-whose backward is the matching backward operator. So ``torch.compile(model, fullgraph=True)`` keeps
+whose backward is the matching backward operator (DyT's is registered in
+:mod:`normkit.kernels.pointwise`, next to the math its double backward uses). So ``torch.compile(model, fullgraph=True)`` keeps
 the kernels as opaque nodes (no graph break, no trace of the eager math) and ``torch.export``
 records them; :func:`torch.library.opcheck` checks the registrations (tests).
 
@@ -283,32 +284,5 @@ def _(g, x, alpha, weight, channels_last, want_w, want_b):  # noqa: ANN001, ANN2
     c = x.shape[-1] if channels_last else x.shape[1]
     return torch.empty_like(x), torch.empty_like(alpha), x.new_empty(c if want_w else 0), x.new_empty(c if want_b else 0)
 
-
-def _dyt_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, alpha, weight, bias, channels_last = inputs
-    ctx.save_for_backward(x, alpha, weight)
-    ctx.cfg = (channels_last, None if bias is None else bias.shape)
-
-
-def _dyt_backward(ctx, g):  # noqa: ANN001, ANN202
-    x, alpha, weight = ctx.saved_tensors
-    channels_last, bias_shape = ctx.cfg
-    want_w = weight is not None and ctx.needs_input_grad[2]
-    want_b = bias_shape is not None and ctx.needs_input_grad[3]
-    if torch.is_grad_enabled():  # create_graph=True: the closed form in differentiable torch ops
-        shape = (-1,) if channels_last else (-1,) + (1,) * (x.dim() - 2)
-        axes = tuple(range(x.dim() - 1)) if channels_last else (0, *range(2, x.dim()))
-        t = torch.tanh(alpha * x)
-        gw = g if weight is None else g * weight.reshape(shape)
-        dpre = gw * (1 - t * t)
-        dx, da = dpre * alpha, (dpre * x).sum().reshape(alpha.shape)
-        dw, db = (g * t).sum(axes), g.sum(axes)
-    else:
-        dx, da, dw, db = torch.ops.normkit.dyt_backward(g, x, alpha, weight, channels_last, want_w, want_b)
-        dw, db = _maybe(dw), _maybe(db)
-    dw = dw.reshape(weight.shape) if want_w else None
-    db = db.reshape(bias_shape) if want_b else None
-    return dx, da, dw, db, None
-
-
-dyt.register_autograd(_dyt_backward, setup_context=_dyt_setup)
+# dyt's autograd formula is registered in normkit.kernels.pointwise, beside the DyT math its
+# double backward differentiates through (one statement of the closed form, not two).

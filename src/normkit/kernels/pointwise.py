@@ -180,6 +180,31 @@ class _DyTFn(torch.autograd.Function):
         return dx, da, dw, db, None, None
 
 
+def _dyt_op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, alpha, weight, bias, channels_last = inputs
+    ctx.save_for_backward(x, alpha, weight)
+    ctx.cfg = (channels_last, None if bias is None else bias.shape)
+
+
+def _dyt_op_backward(ctx, g):  # noqa: ANN001, ANN202
+    """Autograd of ``torch.ops.normkit.dyt``: its backward operator, or for a double backward
+    (``create_graph=True``) :func:`_dyt_backward`, which is differentiable in x, α and w."""
+    x, alpha, weight = ctx.saved_tensors
+    channels_last, bias_shape = ctx.cfg
+    want_w = weight is not None and ctx.needs_input_grad[2]
+    want_b = bias_shape is not None and ctx.needs_input_grad[3]
+    if torch.is_grad_enabled():
+        dx, da, dw, db = _dyt_backward(g, x, alpha, weight, channels_last, bias_shape is not None)
+    else:
+        dx, da, dw, db = torch.ops.normkit.dyt_backward(g, x, alpha, weight, channels_last, want_w, want_b)
+    dw = dw.reshape(weight.shape) if want_w else None
+    db = db.reshape(bias_shape) if want_b else None
+    return dx, da, dw, db, None
+
+
+_ops.dyt.register_autograd(_dyt_op_backward, setup_context=_dyt_op_setup)
+
+
 def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None, dim: int = -1) -> Tensor:
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
     impl = _backend.resolve(backend, x, "scale_norm", True, needs_grad)
