@@ -224,13 +224,13 @@ def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) ->
     else:
         pref = "native"
     if pref == "kernels":
-        if x.is_cpu and kernels_apply(x):
+        if kernels_apply(x):  # (checks the device too)
             return "kernels"
         pref = "native"
     if pref == "native":
         if native_ok:
             return "native"
-        return "kernels" if x.is_cpu and rule.cpu != "eager" and kernels_apply(x) else "eager"
+        return "kernels" if rule.cpu != "eager" and kernels_apply(x) else "eager"
     return pref
 
 
@@ -243,15 +243,14 @@ def resolve(backend: str | None, x: torch.Tensor, op: str, native_ok: bool = Fal
     ``inference`` choice.
     """
     name = getattr(_state, "backend", "auto") if backend is None else _check(backend)
-    impl = _auto(op, x, native_ok, needs_grad) if name == "auto" else _resolve(name, x, op, native_ok)
+    impl = _auto(op, x, native_ok, needs_grad) if name == "auto" else _explicit(name, x, op, native_ok)
     if _recording:
         note(op, impl)
     return impl
 
 
-def _resolve(name: str, x: torch.Tensor, op: str, native_ok: bool) -> str:
-    if name == "auto":
-        return _auto(op, x, native_ok)
+def _explicit(name: str, x: torch.Tensor, op: str, native_ok: bool) -> str:
+    """The implementation a backend the user named runs for ``op``."""
     if name == "native":
         return "native" if native_ok else "eager"
     if name == "triton":
