@@ -174,6 +174,9 @@ def test_native_path_keeps_normkits_errors():
         F.layer_norm(torch.randn(3, 8), 8, eps=-1.0)
     with pytest.raises(ValueError, match="weight must have 8 elements"):
         F.layer_norm(torch.randn(3, 8), 8, torch.ones(7))
+    # ATen's path would broadcast a (8,) residual; normkit's add_norm refuses it on every backend
+    with pytest.raises(ValueError, match=r"residual must have the input's shape \(3, 8\)"):
+        F.add_norm(torch.randn(3, 8), torch.randn(8), 8)
 
 
 # ------------------------------------------------------------------ the kernels as torch operators

@@ -41,16 +41,6 @@ def _rows(x: Tensor, normalized_shape: int | Sequence[int], what: str) -> tuple[
     return shape, d
 
 
-def _native(call, check) -> Tensor:  # noqa: ANN001
-    """Run ATen's op; if it rejects the input, raise normkit's error for it (``check``) instead of
-    ATen's, so every backend fails the same way. The checks cost nothing on the fast path."""
-    try:
-        return call()
-    except RuntimeError:
-        check()
-        raise
-
-
 def _default_rms_eps(eps: float | None, x: Tensor) -> float:
     return torch.finfo(x.dtype).eps if eps is None else check_eps(eps)
 
@@ -152,11 +142,11 @@ def rms_norm(
     impl = _backend.resolve(backend, x, "rms_norm", mask is None and stats_dtype is None and bias is None)
     if impl == "native":
         shape = _shape(normalized_shape)
-        w = with_offset(weight, weight_offset)
-        return _native(
-            lambda: TF.rms_norm(x, shape, w, eps),
-            lambda: _token_norm(x, shape, weight, None, eps, False, "rms_norm", backend="eager"),
-        )
+        try:
+            return TF.rms_norm(x, shape, weight + weight_offset if weight_offset else weight, eps)
+        except RuntimeError:  # ATen rejected the input: raise normkit's error for it instead, if it has one
+            _token_norm(x, shape, weight, None, eps, False, "rms_norm", backend="eager")
+            raise
     return _token_norm(
         x, normalized_shape, weight, bias, eps, False, "rms_norm",
         weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=impl,
@@ -188,17 +178,16 @@ def add_norm(
     eps = (1e-5 if eps is None else check_eps(eps)) if center else _default_rms_eps(eps, x)
     impl = _backend.resolve(backend, x, "add_norm", stats_dtype is None and (center or bias is None))
     if impl == "native":
+        if residual.shape != x.shape:  # x + residual would broadcast where normkit's kernel refuses
+            raise ValueError(f"add_norm: residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         shape = _shape(normalized_shape)
         w = with_offset(weight, weight_offset)
-
-        def call() -> tuple[Tensor, Tensor]:
+        try:
             s = x + residual
-            y = TF.layer_norm(s, shape, w, bias, eps) if center else TF.rms_norm(s, shape, w, eps)
-            return y, s
-
-        return _native(call, lambda: _token_norm(
-            x, shape, weight, bias, eps, center, "add_norm", residual=residual, backend="eager"
-        ))
+            return (TF.layer_norm(s, shape, w, bias, eps) if center else TF.rms_norm(s, shape, w, eps)), s
+        except RuntimeError:  # ATen rejected the input: raise normkit's error for it instead, if it has one
+            _token_norm(x, shape, weight, bias, eps, center, "add_norm", residual=residual, backend="eager")
+            raise
     y, s = _token_norm(
         x, normalized_shape, weight, bias, eps, center, "add_norm",
         residual=residual, weight_offset=weight_offset, stats_dtype=stats_dtype, backend=impl,
