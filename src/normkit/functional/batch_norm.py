@@ -139,7 +139,7 @@ def instance_norm(
     spatial = trailing_numel(x)
     if spatial <= 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
-    view = (x.shape[0], c, 1, trailing_numel(x))
+    view = (x.shape[0], c, 1, spatial)
     m4 = canonical_mask(mask, x, view)
     y, mean, var = normalize_view(
         x.reshape(view), weight, bias, (2, 3), center=True, eps=eps, mask=m4, stats_dtype=stats_dtype,

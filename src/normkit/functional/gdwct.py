@@ -58,11 +58,11 @@ def group_whitening(
     if x.dim() < 3:
         raise ValueError(f"group_whitening expects (N, C, *spatial) input, got shape {tuple(x.shape)}")
     xf = x.to(accumulation_dtype(x.dtype))
-    b = x.shape[0]
+    b, length = x.shape[0], trailing_numel(x)
     if per_sample:
-        v = xf.reshape(b, num_groups, n, trailing_numel(x))  # (N, G, n, L)
+        v = xf.reshape(b, num_groups, n, length)  # (N, G, n, L)
     else:
-        v = xf.reshape(b, c, trailing_numel(x)).transpose(0, 1).reshape(1, num_groups, n, b * trailing_numel(x))  # (1, G, n, N·L)
+        v = xf.reshape(b, c, length).transpose(0, 1).reshape(1, num_groups, n, b * length)  # (1, G, n, N·L)
     m = v.shape[-1]
     if m < 2 and x.numel():  # an empty batch gives an empty output
         raise ValueError(
@@ -80,7 +80,7 @@ def group_whitening(
     if per_sample:
         y = out.reshape(x.shape)
     else:
-        y = out.reshape(c, b, trailing_numel(x)).transpose(0, 1).reshape(x.shape)
+        y = out.reshape(c, b, length).transpose(0, 1).reshape(x.shape)
         cov = cov.squeeze(0)
     return y.to(x.dtype), cov
 
