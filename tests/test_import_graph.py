@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "registry": 0,
     "_compat": 0,  # deprecation shims for renamed arguments, usable from any layer
     "data": 0,  # depends on nothing in normkit; who may import it is restricted below
+    "sync": 0,  # cross-process moment sums (torch.distributed), used by the statistics engine
     "kernels": 1,
     "functional": 2,
     "nn": 3,
@@ -41,6 +42,8 @@ LAYERS: dict[str, int] = {
     "models": 4,
     "adapt": 4,
     "continual": 4,
+    "optim": 4,  # optimizers and diagnostics for scale-invariant weights
+    "distributed": 4,  # convert_sync_norms and buffer averaging over a process group
     "convert": 5,  # tools that put normkit into existing models (torch's and transformers')
     "integrations": 5,  # third-party integrations (transformers), optional dependencies only
     "bench": 6,
@@ -48,11 +51,11 @@ LAYERS: dict[str, int] = {
     "": 6,  # the package root: eager imports of the lower layers, lazy access to the rest
 }
 LAYER_NAMES = {
-    0: "stats/backend/registry/_compat/data",
+    0: "stats/sync/backend/registry/_compat/data",
     1: "kernels",
     2: "functional",
     3: "nn",
-    4: "models/adapt/continual",
+    4: "models/adapt/continual/optim/distributed",
     5: "convert/integrations",
     6: "bench/cli",
 }
