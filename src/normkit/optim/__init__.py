@@ -1,0 +1,12 @@
+"""Optimizers and tools for scale-invariant (normalized) weights.
+
+A weight that feeds a normalization layer is scale-invariant: the loss does not change when it
+is multiplied by a positive constant, so its gradient is orthogonal to it and plain updates grow
+its norm, which shrinks the effective step. The optimizers here act on that: AdamP/SGDP project
+the radial component out, LAMB/LARS/NovoGrad scale steps layer-wise, SinkGD normalizes whole
+gradient matrices, AGC clips gradients relative to the weights' norms.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
