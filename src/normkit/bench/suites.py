@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from normkit.bench.models import SmallCNN, TinyViT
+from normkit.bench.verdict import claim_line  # noqa: F401  (re-exported for suites not yet migrated)
 from normkit.data import DataSplit, load_digits
 from normkit.registry import Layout, list_norms, norm_info
 
@@ -172,12 +173,6 @@ def mean_acc(results: Iterable[Mapping[str, Any]], **match: Any) -> float | None
     """
     accs = [r["test_acc"] for r in results if r["status"] == "ok" and all(r.get(k) == v for k, v in match.items())]
     return statistics.fmean(accs) if accs else None
-
-
-def claim_line(source: str, claim: str, ours: str, holds: bool | None) -> str:
-    """One claim line: ``[holds] source: claim | ours: ...``."""
-    verdict = {True: "holds", False: "does NOT hold", None: "n/a"}[holds]
-    return f"[{verdict}] {source}: {claim} | ours: {ours}"
 
 
 QUICK_IMAGE_NORMS = ("batchnorm", "groupnorm", "instancenorm", "layernorm2d", "rmsnorm2d")
