@@ -8,6 +8,7 @@ import pytest
 
 from normkit.bench.verdict import (
     claim_line,
+    combine,
     format_claim,
     label_of,
     paired_differences,
@@ -81,6 +82,21 @@ def test_margin_is_part_of_the_claim():
     assert paired_verdict(d, margin=0.01).label == "supported"
     assert paired_verdict(d, margin=0.10).label == "contradicted"  # "at least 10 pt": the effect is smaller
     assert paired_verdict(d, margin=0.04).label == "inconclusive"
+
+
+def test_noninferiority():
+    assert paired_verdict([-0.004, -0.006, -0.005], "noninferior", margin=0.01).label == "supported"
+    assert paired_verdict([-0.04, -0.06, -0.05], "noninferior", margin=0.01).label == "contradicted"
+    assert paired_verdict([-0.03, 0.01, -0.01], "noninferior", margin=0.01).label == "inconclusive"
+
+
+def test_combined_claims():
+    yes, no, maybe = paired_verdict([0.03, 0.04, 0.05]), paired_verdict([-0.03, -0.04, -0.05]), paired_verdict([0.1, -0.1])
+    assert combine([yes, yes]) == "supported" and combine([yes, maybe]) == "inconclusive"
+    assert combine([yes, no, maybe]) == "contradicted" and combine([]) == "inconclusive"
+    line = format_claim("S", "c", {"BN drop": yes, "BN − GN drop": maybe}, paper="p", ours="o")
+    assert line.startswith("[inconclusive] S: c | paper: p | ours: o | Δ BN drop +4.0 pt")
+    assert "(supported); BN − GN drop" in line
 
 
 def test_equivalence():

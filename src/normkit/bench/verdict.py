@@ -11,7 +11,8 @@ standard deviation ``s`` (``n − 1`` in the denominator) and the two-sided 95% 
     d̄ ± t_{0.975, n−1} · s / √n
 
 A claim states a direction (``"greater"``: the difference is positive; ``"less"``: negative),
-optionally beyond a ``margin``; ``"equivalent"`` claims ``|d| < margin``:
+optionally beyond a ``margin``; ``"noninferior"`` claims ``d > −margin`` ("at least as good, up to
+``margin``"); ``"equivalent"`` claims ``|d| < margin``:
 
 ================  ==============================  ==============================
 claim             ``supported`` when              ``contradicted`` when
@@ -19,6 +20,7 @@ claim             ``supported`` when              ``contradicted`` when
 ``greater``       low > margin                    high < margin (default margin 0: the
                                                   interval excludes 0 on the wrong side)
 ``less``          high < −margin                  low > −margin
+``noninferior``   low > −margin                   high < −margin
 ``equivalent``    −margin < low and high < margin high < −margin or low > margin
 ================  ==============================  ==============================
 
@@ -40,9 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Label = Literal["supported", "contradicted", "inconclusive"]
-Direction = Literal["greater", "less", "equivalent"]
+Direction = Literal["greater", "less", "noninferior", "equivalent"]
 LABELS: tuple[Label, ...] = ("supported", "contradicted", "inconclusive")
-DIRECTIONS: tuple[Direction, ...] = ("greater", "less", "equivalent")
+DIRECTIONS: tuple[Direction, ...] = ("greater", "less", "noninferior", "equivalent")
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (standard tables).
 _T975 = (
@@ -115,6 +117,8 @@ def paired_verdict(diffs: Iterable[float], direction: Direction = "greater", mar
         label: Label = "supported" if low > margin else "contradicted" if high < margin else "inconclusive"
     elif direction == "less":
         label = "supported" if high < -margin else "contradicted" if low > -margin else "inconclusive"
+    elif direction == "noninferior":
+        label = "supported" if low > -margin else "contradicted" if high < -margin else "inconclusive"
     else:
         inside = -margin < low and high < margin
         label = "supported" if inside else "contradicted" if (high < -margin or low > margin) else "inconclusive"
@@ -173,10 +177,23 @@ def seed_mean(results: Iterable[Mapping[str, Any]], metric: str = "test_acc", **
 # --------------------------------------------------------------------------- claim lines
 
 
+def combine(verdicts: Iterable[Verdict]) -> Label:
+    """Label of a claim made of several parts that must all hold ("BN drops, and more than GN").
+
+    ``supported`` only if every part is; ``contradicted`` if any part is; else ``inconclusive``.
+    """
+    labels = [v.label for v in verdicts]
+    if not labels:
+        return "inconclusive"
+    if "contradicted" in labels:
+        return "contradicted"
+    return "supported" if all(label == "supported" for label in labels) else "inconclusive"
+
+
 def format_claim(
     source: str,
     claim: str,
-    verdict: Verdict,
+    verdict: Verdict | Mapping[str, Verdict],
     *,
     paper: str,
     ours: str,
@@ -186,9 +203,14 @@ def format_claim(
     """One claim line: ``[supported] source: claim | paper: setting | ours: setting, numbers | Δ …``.
 
     ``paper`` quotes the paper's setting (data, model, batch) and ``ours`` ours with the measured
-    numbers, side by side, so a reader sees what the verdict is and is not about.
+    numbers, side by side, so a reader sees what the verdict is and is not about. A mapping
+    ``{part name: verdict}`` is a claim of several parts, labelled by :func:`combine`, each part's
+    interval shown under its name.
     """
-    return f"[{verdict.label}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {verdict.interval(scale, unit)}"
+    if isinstance(verdict, Verdict):
+        return f"[{verdict.label}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {verdict.interval(scale, unit)}"
+    parts = "; ".join(f"{name} {v.interval(scale, unit)} ({v.label})" for name, v in verdict.items())
+    return f"[{combine(verdict.values())}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {parts}"
 
 
 def claim_line(source: str, claim: str, ours: str, holds: bool | None) -> str:
