@@ -13,7 +13,8 @@ so dtype policy, masking and cross-process reduction are decided once:
   of *sums* and must return the sum of that tensor over all participating processes (the
   semantics of ``all_reduce(SUM)``). Sums, not means, are reduced so unequal per-process
   counts (masks, uneven batches) are weighted correctly. :func:`all_reduce_sum` builds one
-  from ``torch.distributed``.
+  from ``torch.distributed`` (:class:`normkit.sync.GroupSum`); :func:`reduced_moments` packs a
+  norm's sums so each call is one collective.
 
 Without mask or reducer the engine calls ``torch.var_mean`` (a fused two-pass kernel);
 with either it computes masked sums in two passes (mean first, then squared deviations),
@@ -90,28 +91,13 @@ def moments(
         stats_dtype: accumulation dtype override (default: :func:`accumulation_dtype`).
     """
     dims = _normalize_dims(x, dims)
-    xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
     if mask is None and reducer is None:
+        xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
         var, mean = torch.var_mean(xf, dims, correction=correction, keepdim=True)
         return Moments(mean, var)
-    if mask is None:
-        w = None
-        count = xf.new_full([1 if i in dims else s for i, s in enumerate(xf.shape)], _numel(xf, dims))
-    else:
-        w = _mask_weights(xf, mask)
-        count = w.sum(dims, keepdim=True)
-    total = (xf if w is None else xf * w).sum(dims, keepdim=True)
-    if reducer is not None:
-        both = reducer(torch.stack([total, count]))
-        total, count = both[0], both[1]
-    mean = total / count
-    dev = xf - mean
-    if w is not None:
-        dev = dev * w
-    sq = dev.square().sum(dims, keepdim=True)
-    if reducer is not None:
-        sq = reducer(sq)
-    return Moments(mean, sq / (count - correction))
+    r = reduced_moments(x, dims, mask=mask, reducer=reducer, stats_dtype=stats_dtype)
+    var = r.var if correction == 0 else r.var * (r.count / (r.count - correction))
+    return Moments(r.mean, var)  # type: ignore[arg-type]
 
 
 def mean_square(
@@ -124,20 +110,76 @@ def mean_square(
 ) -> Tensor:
     """Mean of ``x²`` over ``dims`` (kept) — the statistic of RMS-type norms."""
     dims = _normalize_dims(x, dims)
-    xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
     if mask is None and reducer is None:
+        xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
         return xf.square().mean(dims, keepdim=True)
-    if mask is None:
-        sq = xf.square().sum(dims, keepdim=True)
-        count = torch.full_like(sq, _numel(xf, dims))
-    else:
-        w = _mask_weights(xf, mask)
-        sq = (xf.square() * w).sum(dims, keepdim=True)
-        count = w.sum(dims, keepdim=True)
-    if reducer is not None:
-        both = reducer(torch.stack([sq, count]))
-        sq, count = both[0], both[1]
-    return sq / count
+    return reduced_moments(x, dims, center=False, mask=mask, reducer=reducer, stats_dtype=stats_dtype).var
+
+
+class Reduced(NamedTuple):
+    """Moments from (possibly cross-process) sums: ``mean`` (None when not centred), the biased
+    ``var`` (the mean square when not centred) and the ``count`` behind them, all with the reduced
+    axes kept."""
+
+    mean: Tensor | None
+    var: Tensor
+    count: Tensor
+
+
+def reduced_moments(
+    x: Tensor,
+    dims: Sequence[int] | int,
+    *,
+    center: bool = True,
+    mask: Tensor | None = None,
+    reducer: Reducer | None = None,
+    shift: Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
+) -> Reduced:
+    """Count-weighted moments of ``x`` over ``dims`` from sums, the engine's synchronized path.
+
+    The norm declares what it needs by ``center``: ``(n, Σx, Σx²)`` for mean and variance,
+    ``(n, Σx²)`` for the mean square (PowerNorm, RMS-type). ``n`` is the number of included
+    positions (``Σ mask``). With a ``reducer`` the sums of every process are added, so uneven
+    batches, per-process masks and a process with no samples give the moments of the concatenated
+    batch; gradients flow through the reducer (see :mod:`normkit.sync`).
+
+    Cancellation: ``E[x²] − E[x]²`` loses ``log10(μ²/σ²)`` digits. The centred sums are therefore
+    taken about a **shift** ``K`` (detached): ``Σ(x−K)``, ``Σ(x−K)²``, then
+    ``mean = K + Σ(x−K)/n``, ``var = Σ(x−K)²/n − (Σ(x−K)/n)²``, which loses only
+    ``log10((μ−K)²/σ²)`` digits. ``K`` must be the same on every process (a layer's running mean:
+    synchronized updates keep it equal, DDP and :func:`normkit.distributed.convert_sync_norms`
+    broadcast it); then the whole call is **one** collective of ``(2C + 1)``-sized sums
+    (:func:`normkit.sync.reduce_packed`). Without a shift the exact two-pass form runs instead —
+    ``(n, Σx)`` reduced, then ``Σ(x − mean)²`` reduced: no cancellation, two collectives.
+    """
+    from normkit.sync import reduce_packed
+
+    dims = _normalize_dims(x, dims)
+    xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
+    kept = [1 if i in dims else s for i, s in enumerate(xf.shape)]
+    w = None if mask is None else _mask_weights(xf, mask)
+    count = xf.new_full(kept, _numel(xf, dims)) if w is None else w.sum(dims, keepdim=True)
+
+    def wsum(t: Tensor) -> Tensor:
+        return (t if w is None else t * w).sum(dims, keepdim=True)
+
+    def reduce(*parts: Tensor) -> list[Tensor]:
+        return list(parts) if reducer is None else reduce_packed(parts, reducer)
+
+    if not center:
+        count, sq = reduce(count, wsum(xf.square()))
+        return Reduced(None, sq / count, count)
+    if shift is not None:
+        k = shift.detach().to(xf.dtype).reshape(kept)
+        d = xf - k
+        count, s1, s2 = reduce(count, wsum(d), wsum(d.square()))
+        m1 = s1 / count
+        return Reduced(k + m1, (s2 / count - m1.square()).clamp_min(0), count)
+    count, total = reduce(count, wsum(xf))
+    mean = total / count
+    (sq,) = reduce(wsum((xf - mean).square()))
+    return Reduced(mean, sq / count, count)
 
 
 class FusedMoments(NamedTuple):
@@ -195,17 +237,12 @@ def _numel(x: Tensor, dims: tuple[int, ...]) -> int:
 
 
 def all_reduce_sum(group: object | None = None) -> Reducer:
-    """A :data:`Reducer` that sums over the processes of a ``torch.distributed`` group.
+    """A :data:`Reducer` that sums over the processes of a ``torch.distributed`` group (default: the world).
 
-    Uses the autograd-aware ``torch.distributed.nn.functional.all_reduce`` so gradients flow
-    through the synchronized statistics, as in SyncBatchNorm.
+    The autograd-aware, compile-traceable collective of :mod:`normkit.sync` (gradients flow through
+    the synchronized statistics, as in SyncBatchNorm). Calling it before ``init_process_group``
+    raises a ValueError.
     """
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
+    from normkit.sync import GroupSum
 
-    def reduce(t: Tensor) -> Tensor:
-        if not dist.is_available() or not dist.is_initialized():
-            return t
-        return all_reduce(t, op=dist.ReduceOp.SUM, group=group or dist.group.WORLD)
-
-    return reduce
+    return GroupSum("world" if group is None else group)

@@ -1,0 +1,133 @@
+"""Synchronized statistics over ``torch.distributed``: the one cross-process mechanism.
+
+Data-parallel training gives every batch-dependent norm only its rank's slice of the batch. To
+normalize with the statistics of the *global* batch, a norm declares the per-channel sums it needs
+(count, Σx, Σx² — or Σx² alone for PowerNorm, masked counts, the backward's Σg·z ...); this module
+packs them into **one** tensor and sums it across the process group with **one** ``all_reduce`` per
+call (:func:`reduce_packed`). Sums, not means, are reduced, so the result is count-weighted: uneven
+per-rank batches, masks that differ per rank and a rank with zero samples (it adds zeros) are exact.
+How the sums become a mean and a variance without catastrophic cancellation (a shift common to all
+ranks) is the statistics engine's business (:func:`normkit.stats.reduced_moments`).
+
+The collective is ``torch.distributed._functional_collectives.all_reduce``: it is differentiable
+(its backward is again an ``all_reduce(SUM)`` of the incoming gradient, so input gradients equal the
+single-process gradients on the concatenated batch, as in SyncBatchNorm, arXiv:1711.07240 /
+torch's ``SyncBatchNorm``) and traceable by ``torch.compile(fullgraph=True)`` (no graph break; the
+deprecated ``torch.distributed.nn.functional.all_reduce`` is neither). Works with gloo on CPU and
+NCCL on CUDA (torch's own ``SyncBatchNorm`` raises for CPU tensors).
+
+A process group is named by a ``ProcessGroup`` object or the string ``"world"`` (the default group,
+resolved at call time so a layer can be built before ``init_process_group``). ``None`` means no
+synchronization. Calling with a group before ``init_process_group`` raises a ``ValueError`` that says
+so; a group of one process is a (cheap) no-op collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: what a layer's ``process_group=`` accepts: a ``torch.distributed.ProcessGroup``, ``"world"`` or None
+ProcessGroupLike = Any
+
+_calls = [0]
+
+
+def collective_calls() -> int:
+    """How many synchronizing collectives this process has issued in eager mode (forward and backward).
+
+    A counter for tests and benchmarks ("one collective per layer call", "eval never communicates");
+    collectives inside a compiled graph are not counted.
+    """
+    return _calls[0]
+
+
+def resolve_group(process_group: ProcessGroupLike) -> Any:
+    """The ``ProcessGroup`` a layer's ``process_group`` names; ValueError when there is none to use."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError("process_group was given but torch.distributed is not available in this torch build")
+    if not dist.is_initialized():
+        raise ValueError(
+            "process_group was given but no default process group is initialized: call "
+            "torch.distributed.init_process_group(...) (or launch with torchrun) before the first training "
+            "call, or build the layer with process_group=None for no synchronization"
+        )
+    if isinstance(process_group, str):
+        if process_group != "world":
+            raise ValueError(f"process_group must be a ProcessGroup, 'world' or None, got the string {process_group!r}")
+        return dist.group.WORLD
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, 'world' or None, "
+                        f"got {type(process_group).__name__}")
+    return process_group
+
+
+def check_process_group(process_group: ProcessGroupLike) -> ProcessGroupLike:
+    """Validate a layer's ``process_group`` argument at construction (no group needs to exist yet)."""
+    if process_group is None or process_group == "world":
+        return process_group
+    import torch.distributed as dist
+
+    if isinstance(process_group, str) or not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, 'world' or None, got {process_group!r}")
+    return process_group
+
+
+def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
+    """``Σ_ranks t`` over ``group``, differentiable (backward: ``all_reduce(SUM)`` of the gradient)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    if not torch.compiler.is_compiling():
+        _calls[0] += 1
+    out = funcol.all_reduce(t.contiguous(), "sum", group)
+    return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+
+
+class GroupSum:
+    """The statistics engine's ``Reducer`` for a process group: ``t ↦ Σ_ranks t`` (autograd-aware).
+
+    Equal reducers compare equal (same group), so modules can cache them and ``torch.compile``
+    guards do not multiply.
+    """
+
+    __slots__ = ("process_group",)
+
+    def __init__(self, process_group: ProcessGroupLike = "world") -> None:
+        self.process_group = check_process_group(process_group)
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return all_reduce_sum(t, resolve_group(self.process_group))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GroupSum) and other.process_group is self.process_group
+
+    def __hash__(self) -> int:
+        return hash(("GroupSum", id(self.process_group)))
+
+    def __repr__(self) -> str:
+        return f"GroupSum({self.process_group!r})"
+
+
+def reduce_packed(parts: Sequence[Tensor], reducer: Any) -> list[Tensor]:
+    """Sum several tensors across processes with one collective: pack, ``reducer`` once, unpack.
+
+    ``parts`` are promoted to one floating dtype (counts travel as floats; exact up to 2^53 in float64,
+    2^24 in float32 — the accumulation dtype of every engine call). Returns the summed parts in their
+    original shapes. This is the only place a norm's declared sums meet the collective.
+    """
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    flat = torch.cat([p.to(dtype).reshape(-1) for p in parts])
+    summed = reducer(flat)
+    out, start = [], 0
+    for p in parts:
+        n = p.numel()
+        out.append(summed[start:start + n].reshape(p.shape))
+        start += n
+    return out
