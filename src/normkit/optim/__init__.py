@@ -9,4 +9,10 @@ gradient matrices, AGC clips gradients relative to the weights' norms.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from normkit.optim.adamp import AdamP
+from normkit.optim.sgdp import SGDP
+
+__all__ = [
+    "AdamP",
+    "SGDP",
+]

@@ -1,0 +1,59 @@
+"""Argument checks shared by the optimizers, with torch.optim's wording (``Invalid learning rate: -1``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def check_lr(lr: Any) -> None:
+    """``lr`` must be a non-negative number (or a 0-d tensor, as torch's optimizers accept)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}")
+        lr = float(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a float, got {type(lr).__name__}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr} (expected lr >= 0)")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """A float hyper-parameter that must be >= 0 (eps, weight_decay, delta, ...)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid {name} value: {value} (expected {name} >= 0)")
+
+
+def check_unit(name: str, value: Any) -> None:
+    """A coefficient in [0, 1) (a momentum or an EMA factor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value} (expected 0 <= {name} < 1)")
+
+
+def check_betas(betas: Any) -> None:
+    """Two EMA coefficients, each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_unit("beta parameter at index 0", betas[0])
+    check_unit("beta parameter at index 1", betas[1])
+
+
+def check_dense(params: Iterable[torch.Tensor], name: str) -> None:
+    """The optimizers here have no sparse path (their norms and projections need the whole gradient)."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients (got one for a {tuple(p.shape)} parameter)")
+
+
+def use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
+    """``foreach=None`` means: multi-tensor kernels when every tensor is on an accelerator (on CPU they
+    are a Python loop over the same per-tensor ops, so there is nothing to gain)."""
+    if foreach is not None:
+        return bool(foreach)
+    return bool(params) and all(p.device.type not in ("cpu", "meta") for p in params)
