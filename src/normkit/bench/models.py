@@ -98,10 +98,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # head size from the projections, not from x: a Pre-CRMSNorm model's stream is d - 1 wide
+        n, t = x.shape[:2]
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(n, t, d))
+        return self.proj(y.transpose(1, 2).reshape(n, t, -1))
 
 
 class Block(nn.Module):
