@@ -10,9 +10,13 @@ gradient matrices, AGC clips gradients relative to the weights' norms.
 from __future__ import annotations
 
 from normkit.optim.adamp import AdamP
+from normkit.optim.scale_invariant import find_scale_invariant, scale_invariant_groups, scale_invariant_params
 from normkit.optim.sgdp import SGDP
 
 __all__ = [
     "AdamP",
     "SGDP",
+    "find_scale_invariant",
+    "scale_invariant_groups",
+    "scale_invariant_params",
 ]
