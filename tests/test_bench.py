@@ -159,13 +159,35 @@ def test_failing_norm_is_recorded_and_bench_continues(tmp_path, temp_suite, caps
     assert run_cli(args) == 1  # some runs failed
 
 
-def test_quick_claim_compares_small_batch_drops():
-    def row(norm: str, bs: int, acc: float) -> dict:
-        return {"model": "cnn", "norm": norm, "batch_size": bs, "test_acc": acc, "status": "ok"}
+def _rows(values: dict[tuple[str, int], list[float]]) -> list[dict]:
+    """Result rows, one per seed, for (norm, batch size) → per-seed accuracies."""
+    return [
+        {"task": "digits", "model": "cnn", "norm": norm, "batch_size": bs, "seed": s, "test_acc": acc, "status": "ok"}
+        for (norm, bs), accs in values.items()
+        for s, acc in enumerate(accs)
+    ]
 
+
+def test_quick_claim_is_a_paired_verdict_on_both_parts():
     claims = SUITES["quick"].claims
-    bn_drops = [row("batchnorm", 64, 0.98), row("batchnorm", 2, 0.80), row("groupnorm", 64, 0.97), row("groupnorm", 2, 0.96)]
-    assert claims(bn_drops)[0].startswith("[holds]")
-    gn_drops = [row("batchnorm", 64, 0.98), row("batchnorm", 2, 0.98), row("groupnorm", 64, 0.97), row("groupnorm", 2, 0.90)]
-    assert claims(gn_drops)[0].startswith("[does NOT hold]")
-    assert claims(bn_drops[:2]) == []  # no GN results: no verdict
+    gn = {("groupnorm", 64): [0.97, 0.96, 0.97], ("groupnorm", 2): [0.96, 0.96, 0.955]}
+    bn_drops = {("batchnorm", 64): [0.98, 0.97, 0.985], ("batchnorm", 2): [0.80, 0.82, 0.79], **gn}
+    line = claims(_rows(bn_drops))[0]
+    assert line.startswith("[supported] Wu & He 2018 (GroupNorm)") and "3 seeds" in line and "paper: ImageNet" in line
+    gn_drops = {**bn_drops, ("batchnorm", 2): [0.98, 0.97, 0.985], ("groupnorm", 2): [0.90, 0.88, 0.89]}
+    assert claims(_rows(gn_drops))[0].startswith("[contradicted]")
+    # BN gets *better* at batch 2 (and GN even more): the old check said "holds"; BN does not degrade.
+    both_improve = {("batchnorm", 64): [0.45, 0.46, 0.44], ("batchnorm", 2): [0.70, 0.71, 0.69],
+                    ("groupnorm", 64): [0.08, 0.07, 0.09], ("groupnorm", 2): [0.67, 0.66, 0.68]}  # fmt: skip
+    line = claims(_rows(both_improve))[0]
+    assert line.startswith("[contradicted]") and "BN drop -25.0 pt" in line
+    one_seed = {k: v[:1] for k, v in bn_drops.items()}
+    assert claims(_rows(one_seed))[0].startswith("[inconclusive]")
+    noisy = {("batchnorm", 64): [0.98, 0.90, 0.99], ("batchnorm", 2): [0.97, 0.97, 0.90], **gn}
+    assert claims(_rows(noisy))[0].startswith("[inconclusive]")
+    assert claims(_rows({k: v for k, v in bn_drops.items() if k[0] == "batchnorm"}))[0].startswith("[inconclusive]")
+
+
+def test_seeds_option(tmp_path):
+    with pytest.raises(ValueError, match="seeds must be an int >= 1"):
+        run("quick", seeds=0, out_dir=tmp_path)

@@ -54,34 +54,39 @@ def test_normonly_suite_runs_at_tiny_scale(tmp_path, capsys):
     assert "Frankle et al. 2021" in capsys.readouterr().out
 
 
-def _row(model, norm, bs, acc):
-    return {"model": model, "norm": norm, "batch_size": bs, "test_acc": acc, "status": "ok"}
+def _rows(model, norm, bs, accs, **kw):
+    return [
+        {"task": "digits-C5", "model": model, "norm": norm, "batch_size": bs, "seed": s, "test_acc": a, "status": "ok", **kw}
+        for s, a in enumerate(accs)
+    ]
 
 
 def test_tta_claim_verdicts():
-    rows = [
-        _row("cnn/iid", "alpha_bn", 1, 0.5), _row("cnn/iid", "source", 1, 0.45), _row("cnn/iid", "tbn", 1, 0.1),
-        _row("cnn/iid", "alpha_bn", 4, 0.5), _row("cnn/iid", "source", 4, 0.45), _row("cnn/iid", "tbn", 4, 0.7),
-        _row("cnn/iid", "tbn", 64, 0.8), _row("cnn/dirichlet", "tbn", 64, 0.4),
-        _row("cnn/iid", "unmix_tns", 64, 0.7), _row("cnn/dirichlet", "unmix_tns", 64, 0.69), _row("cnn/iid", "source", 64, 0.45),
-        _row("cnn/iid/long", "tbn", 64, 0.8), _row("cnn/dirichlet/long", "tbn", 64, 0.78),
-        _row("cnn/iid/long", "unmix_tns", 64, 0.4), _row("cnn/dirichlet/long", "unmix_tns", 64, 0.4),
-        _row("cnn/iid/long", "source", 64, 0.45),
-        _row("cnn/iid/long", "tent", 64, 0.85),
+    spec = [
+        ("cnn/iid", "alpha_bn", 1, [0.5, 0.52, 0.51]), ("cnn/iid", "source", 1, [0.45, 0.46, 0.44]),
+        ("cnn/iid", "tbn", 1, [0.1, 0.1, 0.1]),
+        ("cnn/iid", "alpha_bn", 4, [0.5, 0.51, 0.5]), ("cnn/iid", "source", 4, [0.45, 0.46, 0.44]),
+        ("cnn/iid", "tbn", 4, [0.7, 0.69, 0.71]),
+        ("cnn/iid", "tbn", 64, [0.8, 0.8, 0.81]), ("cnn/dirichlet", "tbn", 64, [0.4, 0.42, 0.41]),
+        ("cnn/iid", "unmix_tns", 64, [0.7, 0.71, 0.7]), ("cnn/dirichlet", "unmix_tns", 64, [0.69, 0.7, 0.69]),
+        ("cnn/iid", "source", 64, [0.45, 0.46, 0.44]),
+        ("cnn/iid/long", "tbn", 64, [0.8, 0.8, 0.8]), ("cnn/dirichlet/long", "tbn", 64, [0.78, 0.79, 0.77]),
+        ("cnn/iid/long", "unmix_tns", 64, [0.4, 0.4, 0.4]), ("cnn/dirichlet/long", "unmix_tns", 64, [0.4, 0.4, 0.4]),
+        ("cnn/iid/long", "tent", 64, [0.85, 0.84, 0.84]),
     ]  # fmt: skip
-    lines = _tta_claims(rows)
-    verdicts = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
-    assert verdicts == ["[holds]", "[does NOT hold]", "[holds]", "[does NOT hold]", "[holds]"]
-    assert any("note: UnMix-TNS stays below the source model" in line for line in lines)
+    rows = [r for m, n, bs, a in spec for r in _rows(m, n, bs, a)]
+    labels = [line.split("]")[0][1:] for line in _tta_claims(rows) if line.startswith("[")]
+    assert labels == ["supported", "contradicted", "supported", "contradicted", "supported"]
 
 
 def test_normonly_claim_verdicts():
     rows = [
-        {"norm": "bn_only", "test_acc": 0.6, "status": "ok", "gamma_near_zero": 0.2},
-        {"norm": "random_subset", "test_acc": 0.65, "status": "ok"},
-        {"norm": "bn+head", "test_acc": 0.9, "status": "ok"},
-        {"norm": "full", "test_acc": 0.99, "status": "ok", "gamma_near_zero": 0.0},
+        *_rows("cnn", "bn_only", 64, [0.6, 0.62, 0.61], gamma_near_zero=0.2),
+        *_rows("cnn", "random_subset", 64, [0.65, 0.66, 0.64]),
+        *_rows("cnn", "bn+head", 64, [0.9, 0.9, 0.9]),
+        *_rows("cnn", "full", 64, [0.99, 0.98, 0.99], gamma_near_zero=0.0),
     ]
+    rows[1]["gamma_near_zero"] = 0.25  # a spread, so the interval has a width
     lines = _normonly_claims(rows)
-    assert [line.split("]")[0] + "]" for line in lines] == ["[holds]", "[does NOT hold]", "[holds]"]
+    assert [line.split("]")[0][1:] for line in lines] == ["supported", "contradicted", "supported"]
     assert "160 of" in lines[0]

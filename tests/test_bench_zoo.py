@@ -56,40 +56,51 @@ def test_layer_statistics_matches_a_manual_pass():
     torch.testing.assert_close(torch.tensor(stats["layer_var"]), torch.stack([h1.var(), h2.var()]).detach())
 
 
+def _seeded(norm: str, accs: list[float], **kw) -> list[dict]:
+    return [{"task": "digits", "norm": norm, "test_acc": a, "status": "ok", "seed": s, **kw} for s, a in enumerate(accs)]
+
+
 def test_microbatch_claim_verdicts():
     claims = SUITES["microbatch"].claims
 
-    def rows(bn_small: float) -> list[dict]:
-        out = [_row("batchnorm", 0.98, model="cnn", batch_size=64), _row("batchnorm", bn_small, model="cnn", batch_size=2)]
+    def rows(bn_small: list[float]) -> list[dict]:
+        out = _seeded("batchnorm", [0.98, 0.97, 0.985], model="cnn", batch_size=64)
+        out += _seeded("batchnorm", bn_small, model="cnn", batch_size=2)
         for n in ("groupnorm+ws", "bcn+ws", "evonorm_s0"):
-            out += [_row(n, 0.97, model="cnn", batch_size=64), _row(n, 0.96, model="cnn", batch_size=2)]
+            out += _seeded(n, [0.97, 0.96, 0.97], model="cnn", batch_size=64)
+            out += _seeded(n, [0.96, 0.955, 0.96], model="cnn", batch_size=2)
         return out
 
-    assert claims(rows(0.80))[0].startswith("[holds]")
-    assert claims(rows(0.98))[0].startswith("[does NOT hold]")
+    lines = claims(rows([0.80, 0.82, 0.79]))
+    assert len(lines) == 3 and all(line.startswith("[supported]") for line in lines)
+    assert "GN+WS" in lines[0] and "BCN+WS" in lines[1] and "EvoNorm-S0" in lines[2]
+    assert all(line.startswith("[contradicted]") for line in claims(rows([0.98, 0.97, 0.985])))
     assert claims([]) == []
 
 
 def test_transformer_claim_verdicts():
     claims = SUITES["transformer"].claims
-    base = {"layernorm": 0.95, "batchnorm": 0.90, "unifiednorm": 0.948, "prepbn": 0.90}
-    lines = claims([_row(n, a, model="vit") for n, a in {**base, "powernorm": 0.96}.items()])
-    assert lines[0].startswith("[holds] Shen") and lines[1].startswith("[holds] Yang")
-    assert lines[2].startswith("[does NOT hold] Guo")
-    lines = claims([_row(n, a, model="vit") for n, a in {**base, "powernorm": 0.85}.items()])
-    assert lines[0].startswith("[does NOT hold] Shen")
+    base = {"layernorm": [0.95, 0.94, 0.96], "batchnorm": [0.90, 0.89, 0.91], "unifiednorm": [0.948, 0.942, 0.957],
+            "prepbn": [0.90, 0.88, 0.91]}  # fmt: skip
+    rows = [r for n, a in {**base, "powernorm": [0.96, 0.95, 0.97]}.items() for r in _seeded(n, a, model="vit")]
+    lines = claims(rows)
+    assert [line.split("]")[0][1:] for line in lines] == ["supported", "supported", "supported", "supported", "contradicted"]
+    assert lines[3].startswith("[supported] Yang") and lines[4].startswith("[contradicted] Guo")
+    rows = [r for n, a in {**base, "powernorm": [0.85, 0.86, 0.84]}.items() for r in _seeded(n, a, model="vit")]
+    assert claims(rows)[2].startswith("[contradicted] Shen") and "at least as good as LN" in claims(rows)[2]
 
 
 def test_selfnorm_claim_uses_best_learning_rate():
     claims = SUITES["selfnorm"].claims
     stats = {"layer_mean": [0.01] * 32, "layer_var": [1.0] * 32}
     results = [
-        _row("selu+lecun", 0.95, lr=1e-3, **stats), _row("selu+lecun", 0.50, lr=1e-2, **stats),
-        _row("relu+bn", 0.20, lr=1e-3), _row("relu+bn", 0.94, lr=1e-2),
-        _row("relu", 0.10, lr=1e-3), _row("relu", 0.10, lr=1e-2),
+        *_seeded("selu+lecun", [0.95, 0.94], lr=1e-3, **stats), *_seeded("selu+lecun", [0.50, 0.5], lr=1e-2, **stats),
+        *_seeded("relu+bn", [0.2, 0.2], lr=1e-3), *_seeded("relu+bn", [0.94, 0.93], lr=1e-2),
+        *_seeded("relu", [0.1, 0.1], lr=1e-3), *_seeded("relu", [0.1, 0.11], lr=1e-2),
     ]  # fmt: skip
     lines = claims(results)
-    assert lines[0].startswith("[holds]") and "selu+lecun 95.0% (lr 0.001)" in lines[0]
-    assert lines[1].startswith("[holds]") and "after training" in lines[1]  # the init check is measured, not given
-    results[0]["test_acc"] = 0.5
-    assert claims(results)[0].startswith("[does NOT hold]")
+    assert lines[0].startswith("[supported]") and "selu+lecun 94.5% (lr 0.001)" in lines[0]
+    assert lines[1].startswith("[supported]") and "2/2 seeds" in lines[1]  # the init check is measured on fresh nets
+    for r in results[:2]:
+        r["test_acc"] = 0.5
+    assert claims(results)[0].startswith("[contradicted]")

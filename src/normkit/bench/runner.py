@@ -190,10 +190,13 @@ def run(
     progress: bool = True,
     scale: float = 1.0,
     threads: int | None = 2,
+    seeds: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run a bench suite, print its leaderboard and claims, write results.{csv,json,png} to ``out_dir``.
 
-    ``full`` trains longer and over several seeds (``seed``, ``seed + 1``, ...); ``norms``
+    Every job runs over the same paired seeds ``seed, seed + 1, …``: ``seeds`` of them, by default
+    the suite's ``seeds`` (``full_seeds`` with ``full``), so the claims get paired-seed verdicts.
+    ``full`` trains longer; ``norms``
     restricts the suite to those methods; ``scale`` multiplies the training length (tests use
     ~0.02); ``threads`` sets torch's intra-op threads for the duration (small models are
     fastest on few threads, and it makes timings comparable across machines; None keeps the
@@ -206,12 +209,15 @@ def run(
     jobs = _filter_jobs(list(spec.jobs(SuiteConfig(full=full, seed=seed))), norms, suite)
     if not jobs:
         raise ValueError(f"suite {suite!r} has no jobs")
-    seeds = [seed + i for i in range(spec.full_seeds if full else 1)]
+    n_seeds = seeds if seeds is not None else spec.full_seeds if full else spec.seeds
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {n_seeds!r}")
+    seed_list = [seed + i for i in range(n_seeds)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     with torch_threads(threads):
-        runs = [(job, s) for job in jobs for s in seeds]
+        runs = [(job, s) for job in jobs for s in seed_list]
         steps = [total_steps(job, job.data(), scale) for job, _ in runs]
         results: list[dict[str, Any]] = []
         with _make_progress(progress, sum(steps)) as bar:
@@ -228,7 +234,7 @@ def run(
                 row.update(_run_one(job, s, scale, bar, n_steps))
                 results.append(row)
                 bar.finish(i, len(runs), label, row)
-        env = _environment(spec, full=full, seed=seed, seeds=seeds, scale=scale, norms=norms)
+        env = _environment(spec, full=full, seed=seed, seeds=seed_list, scale=scale, norms=norms)
 
     _report(spec, results, out, env, start)
     return results
@@ -272,7 +278,8 @@ def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add the ``normkit bench`` options to ``p`` (called by :mod:`normkit.cli`)."""
     p.add_argument("--suite", default="quick", help="suite to run (default: quick; see --list-suites)")
-    p.add_argument("--full", action="store_true", help="longer training and several seeds (mean ± std)")
+    p.add_argument("--full", action="store_true", help="longer training and more paired seeds")
+    p.add_argument("--seeds", type=int, default=None, help="paired seeds per job (default: the suite's, enough for its claims)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for results.csv/json/png (default: {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="base seed; --full uses seed, seed+1, ... (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-run lines")
@@ -299,6 +306,7 @@ def run_cli(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             scale=getattr(args, "scale", 1.0),
             threads=getattr(args, "threads", 2),
+            seeds=getattr(args, "seeds", None),
         )
     except ValueError as e:
         print(f"normkit bench: error: {e}", file=sys.stderr)

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from normkit.bench.models import SmallCNN
-from normkit.bench.suites import Job, SuiteConfig, claim_line, mean_acc, register_suite
+from normkit.bench.suites import Job, SuiteConfig, pct, register_suite
 from normkit.bench.train import torch_threads, total_steps, train_run
+from normkit.bench.verdict import advantage, format_claim, paired_verdict, per_seed, seed_mean
 
 # --------------------------------------------------------------------------- tta
 
@@ -152,61 +153,68 @@ def _tta_job(method: str, batch_size: int, order: str, passes: int, epochs: floa
     return Job(f"digits-C{TTA_SEVERITY}", model, method, SmallCNN, batch_size, epochs, 1e-2, extra=extra, run=_tta_run)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1%}"
+TTA_PAPER = "CIFAR-10-C sev. 5, ResNet, 10,000 images per corruption"
 
 
 def _tta_claims(results: list[dict[str, Any]]) -> list[str]:
-    def acc(method: str, bs: int, model: str) -> float | None:
-        return mean_acc(results, norm=method, batch_size=bs, model=model)
+    def sel(method: str, bs: int, model: str) -> dict[str, Any]:
+        return {"norm": method, "batch_size": bs, "model": model}
 
+    def acc(method: str, bs: int, model: str) -> str:
+        return pct(seed_mean(results, **sel(method, bs, model)))
+
+    present = {(r["norm"], r["batch_size"], r["model"]) for r in results if r["status"] == "ok"}
+
+    def have(*keys: tuple[str, int, str]) -> bool:
+        return all(k in present for k in keys)
+
+    task = next((r["task"] for r in results if r["status"] == "ok"), "digits-C")
     lines: list[str] = []
     for bs in (1, 4):
-        a, s, t = acc("alpha_bn", bs, "cnn/iid"), acc("source", bs, "cnn/iid"), acc("tbn", bs, "cnn/iid")
-        if None in (a, s, t):
+        m = "cnn/iid"
+        if not have(("alpha_bn", bs, m), ("source", bs, m), ("tbn", bs, m)):
             continue
-        lines.append(claim_line(
-            "You et al. 2021 (α-BN)",
+        parts = {
+            "α-BN − source": advantage(results, sel("alpha_bn", bs, m), sel("source", bs, m)),
+            "α-BN − TBN": advantage(results, sel("alpha_bn", bs, m), sel("tbn", bs, m)),
+        }
+        lines.append(format_claim(
+            "You et al. 2021 (α-BN, arXiv:2110.04065)",
             f"at batch size {bs}, α-BN (α = 0.1) beats both the source statistics and test-batch BN",
-            f"α-BN {a:.1%}, source {s:.1%}, TBN {t:.1%} (digits-C sev. 5, i.i.d.)",
-            a > s and a > t,
+            parts,
+            paper=f"{TTA_PAPER}, batch 1-16",
+            ours=f"{task} (i.i.d. stream), batch {bs}: α-BN {acc('alpha_bn', bs, m)}, source {acc('source', bs, m)}, "
+                 f"TBN {acc('tbn', bs, m)}",
         ))  # fmt: skip
 
-    below_source = False
-    for suffix, label in (("", "359 images/domain"), ("/long", f"each domain × {LONG_PASSES}")):
-        bs = LONG_BATCH_SIZE
-        t_iid, t_cor = acc("tbn", bs, f"cnn/iid{suffix}"), acc("tbn", bs, f"cnn/dirichlet{suffix}")
-        u_iid, u_cor = acc("unmix_tns", bs, f"cnn/iid{suffix}"), acc("unmix_tns", bs, f"cnn/dirichlet{suffix}")
-        s = acc("source", bs, f"cnn/iid{suffix}")
-        if None in (t_iid, t_cor, u_iid, u_cor):
+    bs = LONG_BATCH_SIZE
+    for suffix, label in (("", "one pass per domain"), ("/long", f"each domain × {LONG_PASSES}")):
+        iid, cor = f"cnn/iid{suffix}", f"cnn/dirichlet{suffix}"
+        if not have(("tbn", bs, iid), ("tbn", bs, cor), ("unmix_tns", bs, iid), ("unmix_tns", bs, cor)):
             continue
-        drop_t, drop_u = t_iid - t_cor, u_iid - u_cor
-        ours = (
-            f"batch {bs}, {label}: TBN {t_iid:.1%} → {t_cor:.1%} ({-drop_t * 100:+.1f} pt), "
-            f"UnMix-TNS {u_iid:.1%} → {u_cor:.1%} ({-drop_u * 100:+.1f} pt), source {_pct(s)} (i.i.d. → Dirichlet δ={TTA_DELTA})"
-        )
-        lines.append(claim_line(
-            "Tomar et al. 2024 (UnMix-TNS)",
-            "TBN collapses on label-correlated streams (≥ 5 pt drop) while UnMix-TNS does not (< half that drop) and beats it",
-            ours,
-            drop_t >= 0.05 and drop_u < drop_t / 2 and u_cor > t_cor,
+        parts = {
+            "TBN i.i.d. − correlated": advantage(results, sel("tbn", bs, iid), sel("tbn", bs, cor)),
+            "UnMix-TNS − TBN (correlated)": advantage(results, sel("unmix_tns", bs, cor), sel("tbn", bs, cor)),
+        }
+        lines.append(format_claim(
+            "Tomar et al. 2024 (UnMix-TNS, arXiv:2401.08328)",
+            "TBN loses accuracy on label-correlated streams and UnMix-TNS beats it there",
+            parts,
+            paper=f"{TTA_PAPER}, batch 64, Dirichlet δ = 0.1",
+            ours=f"{task}, batch {bs}, {label}: TBN {acc('tbn', bs, iid)} → {acc('tbn', bs, cor)}, UnMix-TNS "
+                 f"{acc('unmix_tns', bs, iid)} → {acc('unmix_tns', bs, cor)} (i.i.d. → Dirichlet δ = {TTA_DELTA}); "
+                 f"source {acc('source', bs, iid)}",
         ))  # fmt: skip
-        below_source |= s is not None and u_iid < s
-    if below_source:
-        lines.append(
-            "    note: UnMix-TNS stays below the source model on digits-C: its 16 components start at noisy copies of the "
-            "source statistics (σ_k² = σ_s²/2, μ_k = μ_s + ~σ_s noise) and a component only moves by M·p_bk per batch "
-            "(M = 0.1 at batch 64), so within these domains the mixture is mostly that perturbed source estimate"
-        )
 
-    t, n = acc("tent", LONG_BATCH_SIZE, "cnn/iid/long"), acc("tbn", LONG_BATCH_SIZE, "cnn/iid/long")
-    if t is not None and n is not None:
-        ours = f"TENT {t:.1%} vs TBN {n:.1%} ({(t - n) * 100:+.1f} pt; batch {LONG_BATCH_SIZE}, i.i.d., domains × {LONG_PASSES})"
-        if abs(t - n) < 0.01:
-            one_seed = len({r.get("seed") for r in results}) <= 1
-            ours += "; gap < 1 pt, within seed noise" + (" (use --full)" if one_seed else "")
-        claim = "entropy minimisation on the BN affine improves on test-batch BN alone"
-        lines.append(claim_line("Wang et al. 2021 (TENT)", claim, ours, t > n))
+    m = "cnn/iid/long"
+    if have(("tent", bs, m), ("tbn", bs, m)):
+        lines.append(format_claim(
+            "Wang et al. 2021 (TENT, arXiv:2006.10726)",
+            "entropy minimisation on the BN affine improves on test-batch BN alone",
+            advantage(results, sel("tent", bs, m), sel("tbn", bs, m)),
+            paper=f"{TTA_PAPER}, batch 128, Adam lr 1e-3",
+            ours=f"{task}, batch {bs}, i.i.d., domains × {LONG_PASSES}: TENT {acc('tent', bs, m)} vs TBN {acc('tbn', bs, m)}",
+        ))  # fmt: skip
     return lines
 
 
@@ -254,39 +262,51 @@ def _normonly_measure(model: nn.Module, _data: Any) -> Mapping[str, Any]:
 
 
 def _normonly_claims(results: list[dict[str, Any]]) -> list[str]:
-    acc = {v: mean_acc(results, norm=v) for v in NORMONLY_VARIANTS}
-    if acc["bn_only"] is None:
+    if seed_mean(results, norm="bn_only") is None:
         return []
-    model = SmallCNN("batchnorm")
     from normkit.adapt.norm_only import norm_parameter_count
 
+    source = "Frankle et al. 2021 (BatchNorm only, arXiv:2003.00152)"
+    paper = "CIFAR-10 ResNet-110: BN-only 69.5%, ImageNet ResNet-200: 32.3%"
+    model = SmallCNN("batchnorm")
     n_bn, n_all = norm_parameter_count(model), sum(p.numel() for p in model.parameters())
+    acc = {v: pct(seed_mean(results, norm=v)) for v in NORMONLY_VARIANTS}
+    bn_only = {"norm": "bn_only"}
+    chance3 = paired_verdict([a - 3 * CHANCE for a in per_seed(results, norm="bn_only").values()])
     lines = [
-        claim_line(
-            "Frankle et al. 2021 (BatchNorm only)",
+        format_claim(
+            source,
             "training only the BN γ/β of a random-init CNN reaches far above chance (here: > 3× chance)",
-            f"BN-only {acc['bn_only']:.1%} with {n_bn} of {n_all:,} parameters trained; chance {CHANCE:.0%}; "
-            f"full training {_pct(acc['full'])}, BN + output layer {_pct(acc['bn+head'])}",
-            acc["bn_only"] > 3 * CHANCE,
+            chance3,
+            paper=paper,
+            ours=f"digits CNN, {n_bn} of {n_all:,} parameters trained: BN-only {acc['bn_only']} (chance {CHANCE:.0%}); "
+            f"full training {acc['full']}, BN + output layer {acc['bn+head']}",
         )
     ]
-    if acc["random_subset"] is not None:
-        lines.append(claim_line(
-            "Frankle et al. 2021 (BatchNorm only)",
+    if seed_mean(results, norm="random_subset") is not None:
+        lines.append(format_claim(
+            source,
             "BN-only training beats training the same number of randomly chosen other parameters",
-            f"BN-only {acc['bn_only']:.1%} vs {n_bn} random parameters {acc['random_subset']:.1%}",
-            acc["bn_only"] > acc["random_subset"] + 0.01,
+            advantage(results, bn_only, {"norm": "random_subset"}),
+            paper="CIFAR-10 ResNets: BN-only above random subsets of 2× the parameters",
+            ours=f"BN-only {acc['bn_only']} vs {n_bn} random parameters {acc['random_subset']}",
         ))  # fmt: skip
-    fr = {v: [r["gamma_near_zero"] for r in results if r["status"] == "ok" and r["norm"] == v] for v in ("bn_only", "full")}
-    if fr["bn_only"] and fr["full"]:
-        f_bn, f_full = sum(fr["bn_only"]) / len(fr["bn_only"]), sum(fr["full"]) / len(fr["full"])
-        lines.append(claim_line(
-            "Frankle et al. 2021 (BatchNorm only)",
-            "BN-only training switches features off: many γ go to ≈ 0 "
-            f"(about a third in deep ResNets; here: ≥ 10 % with |γ| < {GAMMA_THRESHOLD:g})",
-            f"{f_bn:.1%} of γ with |γ| < {GAMMA_THRESHOLD:g} after BN-only training vs {f_full:.1%} after full training "
-            "(a 3-conv CNN, short training)",
-            f_bn >= 0.10 and f_bn > f_full,
+    if per_seed(results, "gamma_near_zero", norm="full"):
+        parts = {
+            "BN-only fraction − 10%": paired_verdict(
+                [f - 0.10 for f in per_seed(results, "gamma_near_zero", norm="bn_only").values()]
+            ),
+            "BN-only − full": advantage(results, bn_only, {"norm": "full"}, metric="gamma_near_zero"),
+        }
+        frac = {v: seed_mean(results, "gamma_near_zero", norm=v) for v in ("bn_only", "full")}
+        lines.append(format_claim(
+            source,
+            f"BN-only training switches features off: many γ go to ≈ 0 (here: ≥ 10 % with |γ| < {GAMMA_THRESHOLD:g}, "
+            "more than full training)",
+            parts,
+            paper="deep ResNets: about a third of γ near 0 after BN-only training",
+            ours=f"{pct(frac['bn_only'])} of γ with |γ| < {GAMMA_THRESHOLD:g} after BN-only training vs "
+            f"{pct(frac['full'])} after full training (3-conv CNN)",
         ))  # fmt: skip
     return lines
 

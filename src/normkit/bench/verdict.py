@@ -84,14 +84,15 @@ class Verdict:
     direction: Direction
     margin: float = 0.0
 
-    def interval(self, scale: float = 100.0, unit: str = " pt") -> str:
+    def interval(self, scale: float = 100.0, unit: str = " pt", digits: int = 1) -> str:
         """``"+3.2 pt [+1.1, +5.3] 95% CI, 5 seeds"`` (``scale`` 100 turns accuracy fractions into points)."""
         if self.n == 0:
             return "no paired seeds"
         seeds = f"{self.n} seed{'s' if self.n != 1 else ''}"
+        f = f"+.{digits}f"
         if math.isnan(self.low):
-            return f"{self.mean * scale:+.1f}{unit}, {seeds} (no interval: use --seeds ≥ 2)"
-        return f"{self.mean * scale:+.1f}{unit} [{self.low * scale:+.1f}, {self.high * scale:+.1f}] 95% CI, {seeds}"
+            return f"{self.mean * scale:{f}}{unit}, {seeds} (no interval: use --seeds ≥ 2)"
+        return f"{self.mean * scale:{f}}{unit} [{self.low * scale:{f}}, {self.high * scale:{f}}] 95% CI, {seeds}"
 
 
 def paired_verdict(diffs: Iterable[float], direction: Direction = "greater", margin: float = 0.0) -> Verdict:
@@ -168,6 +169,25 @@ def paired_differences(
     return [sum(s[seed] for s in series[:k]) - sum(s[seed] for s in series[k:]) for seed in common]
 
 
+def advantage(
+    results: Sequence[Mapping[str, Any]],
+    a: Match,
+    b: Match,
+    *,
+    metric: str = "test_acc",
+    lower_is_better: bool = False,
+    direction: Direction = "greater",
+    margin: float = 0.0,
+) -> Verdict:
+    """Verdict on "``a`` is better than ``b``" from paired seeds: d = a − b, or b − a for a loss.
+
+    The sign convention makes a positive difference always mean "``a`` better", so ``direction``
+    reads the same for accuracies and losses (``"noninferior"``: ``a`` no worse than ``b`` − margin).
+    """
+    d = paired_differences(results, [b], [a], metric) if lower_is_better else paired_differences(results, [a], [b], metric)
+    return paired_verdict(d, direction, margin)
+
+
 def seed_mean(results: Iterable[Mapping[str, Any]], metric: str = "test_acc", **match: Any) -> float | None:
     """Mean over seeds of :func:`per_seed` (None without runs), for the numbers quoted beside a verdict."""
     values = per_seed(results, metric, **match)
@@ -199,6 +219,7 @@ def format_claim(
     ours: str,
     scale: float = 100.0,
     unit: str = " pt",
+    digits: int = 1,
 ) -> str:
     """One claim line: ``[supported] source: claim | paper: setting | ours: setting, numbers | Δ …``.
 
@@ -208,8 +229,8 @@ def format_claim(
     interval shown under its name.
     """
     if isinstance(verdict, Verdict):
-        return f"[{verdict.label}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {verdict.interval(scale, unit)}"
-    parts = "; ".join(f"{name} {v.interval(scale, unit)} ({v.label})" for name, v in verdict.items())
+        return f"[{verdict.label}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {verdict.interval(scale, unit, digits)}"
+    parts = "; ".join(f"{name} {v.interval(scale, unit, digits)} ({v.label})" for name, v in verdict.items())
     return f"[{combine(verdict.values())}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {parts}"
 
 
