@@ -2,11 +2,25 @@
 
 :func:`replace_norms` swaps the normalization layers of any ``nn.Module`` (torch's classes and the
 transformers RMSNorm families, recognised by behaviour) for normkit's, exactly where it can and
-saying so where it cannot.
+saying so where it cannot. :func:`fold_norms` folds eval-mode norms into the adjacent Conv/Linear
+(inference), :func:`tune_mode_convbn` computes Conv → BN(eval) as one convolution (fine-tuning with
+frozen statistics).
 """
 
 from __future__ import annotations
 
+from normkit.convert.fold import FoldReport, eval_affine, fold_norms
 from normkit.convert.replace_norms import NormReplacement, NormReport, recognise_norm, replace_norms
+from normkit.convert.tune_mode import TuneModeReport, tune_mode_convbn
 
-__all__ = ["NormReplacement", "NormReport", "recognise_norm", "replace_norms"]
+__all__ = [
+    "FoldReport",
+    "NormReplacement",
+    "NormReport",
+    "TuneModeReport",
+    "eval_affine",
+    "fold_norms",
+    "recognise_norm",
+    "replace_norms",
+    "tune_mode_convbn",
+]

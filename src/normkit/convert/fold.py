@@ -74,18 +74,19 @@ from normkit.nn.rep_batch_norm import PRepBN, RepBN
 from normkit.nn.unified_norm import UnifiedNorm
 from normkit.registry import Paper, norm_info_of
 
-__all__ = ["EFFICIENT_CONVBN", "EvalAffine", "FoldReport", "Folded", "NotFolded", "eval_affine", "fold_norms"]
+__all__ = ["EFFICIENT_CONVBN", "EvalAffine", "FoldReport", "Folded", "NotFoldableError", "NotFolded", "eval_affine", "fold_norms"]
 
 EFFICIENT_CONVBN = Paper(
-    "Efficient ConvBN Blocks for Transfer Learning and Beyond", 2024, "2305.11624", "You, Zhou, Wang, Long"
-)
+    "Efficient ConvBN Blocks for Transfer Learning and Beyond", 2024, "2305.11624",
+    "You, Qin, Bao, Cao, Huang, Shan, Long",
+)  # fmt: skip
 
 Side = Literal["after", "before"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-class NotFoldable(Exception):
+class NotFoldableError(ValueError):
     """A norm whose eval form is not a per-channel affine map (the message says why)."""
 
 
@@ -127,7 +128,7 @@ def _f64(t: Tensor | None, like: Tensor, fill: float) -> Tensor:
 
 def _bn_affine(m: nn.Module, mean: Tensor | None, var: Tensor | None, what: str) -> tuple[Tensor, Tensor]:
     if mean is None or var is None:
-        raise NotFoldable(f"{what} has no running statistics (track_running_stats=False): eval uses batch statistics")
+        raise NotFoldableError(f"{what} has no running statistics (track_running_stats=False): eval uses batch statistics")
     v = var.detach().to(torch.float64)
     inv = torch.rsqrt(v + m.eps)
     a = _f64(m.weight, inv, 1.0) * inv
@@ -135,7 +136,7 @@ def _bn_affine(m: nn.Module, mean: Tensor | None, var: Tensor | None, what: str)
 
 
 def eval_affine(m: nn.Module) -> EvalAffine:
-    """The per-channel affine map ``m`` computes in eval mode; raises :class:`NotFoldable` with the reason otherwise."""
+    """The per-channel affine map ``m`` computes in eval mode; raises :class:`NotFoldableError` with the reason otherwise."""
     name = type(m).__name__
     if isinstance(m, _BatchNorm):  # torch's BatchNorm*d/SyncBatchNorm, normkit's BatchNorm, GhostBN, BatchRenorm
         a, c = _bn_affine(m, m.running_mean, m.running_var, name)
@@ -145,7 +146,7 @@ def eval_affine(m: nn.Module) -> EvalAffine:
         return EvalAffine(a, c, "channels_first")
     if isinstance(m, PRepBN):
         if m.eval_mix and (int(m.warm) > 0 or int(m.iter) > 0):
-            raise NotFoldable(
+            raise NotFoldableError(
                 f"PRepBN(eval_mix=True) mid-schedule (warm={int(m.warm)}, iter={int(m.iter)}): eval mixes in LayerNorm "
                 "(λ > 0); it folds once λ = 0"
             )
@@ -175,12 +176,12 @@ def eval_affine(m: nn.Module) -> EvalAffine:
         return EvalAffine(inner.scale, inner.shift, "channels_first", ("after",), keep_group_norm)
     if isinstance(m, EvoNormB0):
         if m.apply_act:
-            raise NotFoldable("EvoNorm-B0 with apply_act=True divides by max(√(var+eps), v·x + per-sample std): not affine")
+            raise NotFoldableError("EvoNorm-B0 with apply_act=True divides by max(√(var+eps), v·x + per-sample std): not affine")
         w = m.weight.detach().to(torch.float64)
         return EvalAffine(w.clone(), _f64(m.bias, w, 0.0), "channels_first")
     if norm_info_of(m) is not None or isinstance(m, _TORCH_NORMS):
-        raise NotFoldable(f"{name} is not a per-channel affine map in eval mode (its statistics depend on the input)")
-    raise NotFoldable(f"{name} is not a normalization layer")
+        raise NotFoldableError(f"{name} is not a per-channel affine map in eval mode (its statistics depend on the input)")
+    raise NotFoldableError(f"{name} is not a normalization layer")
 
 
 # ---------------------------------------------------------------------------------- report
@@ -403,7 +404,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
 def _foldable(m: nn.Module) -> bool:
     try:
         eval_affine(m)
-    except NotFoldable:
+    except NotFoldableError:
         return False
     return True
 
@@ -475,7 +476,7 @@ def fold_norms(
     for name, m in norms.items():
         try:
             affines[name] = eval_affine(m)
-        except NotFoldable as e:
+        except NotFoldableError as e:
             not_folded[name] = str(e)
     used = "fx"
     pairs: list[_Pair]
@@ -516,7 +517,8 @@ def fold_norms(
     for name, m in norms.items():
         if name in done:
             continue
-        reason = not_folded.get(name) or "; ".join(tried.get(name, [])) or "no adjacent Conv/Linear (or its output has other users)"
+        reason = (not_folded.get(name) or "; ".join(tried.get(name, []))
+                  or "no adjacent Conv/Linear (or its output has other users)")
         report.not_folded.append(NotFolded(name, type(m).__name__, reason))
     if reference is not None:
         folded = _outputs(target, example_inputs)
