@@ -10,13 +10,26 @@ gradient matrices, AGC clips gradients relative to the weights' norms.
 from __future__ import annotations
 
 from normkit.optim.adamp import AdamP
+from normkit.optim.groups import bias_and_norm_groups, is_bias_or_norm
+from normkit.optim.lamb import LAMB
+from normkit.optim.lars import LARS
+from normkit.optim.novograd import NovoGrad
 from normkit.optim.scale_invariant import find_scale_invariant, scale_invariant_groups, scale_invariant_params
 from normkit.optim.sgdp import SGDP
+from normkit.optim.sinkgd import SinkGD, sinkgd_param_groups, sinkhorn_normalize
 
 __all__ = [
     "AdamP",
+    "LAMB",
+    "LARS",
+    "NovoGrad",
     "SGDP",
+    "SinkGD",
+    "bias_and_norm_groups",
     "find_scale_invariant",
+    "is_bias_or_norm",
     "scale_invariant_groups",
     "scale_invariant_params",
+    "sinkgd_param_groups",
+    "sinkhorn_normalize",
 ]
