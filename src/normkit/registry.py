@@ -59,11 +59,15 @@ def _skip_empty_batches(forward: Callable[..., Any]) -> Callable[..., Any]:
     sequences/spatial dims) in training mode runs the evaluation path instead, so the running
     statistics, counters and any other state stay untouched (as torch's BatchNorm leaves its
     statistics) and the output is empty, still connected to the parameters. Every submodule's
-    ``training`` flag is restored afterwards."""
+    ``training`` flag is restored afterwards. A layer synchronized over a ``process_group`` (itself
+    or a submodule) runs its training path: it must join its group's collective, contributing zero
+    samples, and updates its state with the global statistics as every other process does."""
 
     @functools.wraps(forward)
     def wrapper(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if not (self.training and isinstance(x, Tensor) and x.numel() == 0):
+        if not (self.training and isinstance(x, Tensor) and x.numel() == 0) or any(
+            getattr(m, "process_group", None) is not None for m in self.modules()
+        ):
             return forward(self, x, *args, **kwargs)
         flags = [(m, m.training) for m in self.modules()]
         self.train(False)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from normkit.kernels.canonical import normalize as _kernel
-from normkit.stats import Reducer, accumulation_dtype, mean_square, moments
+from normkit.stats import Reducer, accumulation_dtype, reduced_moments
 
 
 def check_eps(eps: float) -> float:
@@ -82,10 +82,15 @@ def normalize_view(
     reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    shift: Tensor | None = None,
+    with_count: bool = False,
 ) -> tuple[Tensor, ...]:
     """Fused kernel when possible; with a mask or reducer, autograd through the statistics engine.
 
-    Returns ``(y, mean, var)`` or, with ``residual``, ``(y, x + residual, mean, var)``.
+    Returns ``(y, mean, var)`` or, with ``residual``, ``(y, x + residual, mean, var)``; with
+    ``with_count`` the (global) number of included positions per statistic is appended (the mask /
+    reducer path only). ``shift``: a value common to all processes the synchronized sums are taken
+    about (:func:`normkit.stats.reduced_moments`), e.g. the running mean.
     """
     if mask is None and reducer is None:
         return _kernel(
@@ -95,20 +100,19 @@ def normalize_view(
     s = x4 if residual is None else x4 + residual
     sd = accumulation_dtype(s.dtype, stats_dtype)
     xf = s.to(sd)
-    if center:
-        mean, var = moments(xf, dims, mask=mask, reducer=reducer)
-        y = (xf - mean) * torch.rsqrt(var + eps)
-    else:
-        var = mean_square(xf, dims, mask=mask, reducer=reducer)
+    mean, var, count = reduced_moments(xf, dims, center=center, mask=mask, reducer=reducer, shift=shift)
+    if mean is None:
         mean = torch.zeros_like(var)
         y = xf * torch.rsqrt(var + eps)
+    else:
+        y = (xf - mean) * torch.rsqrt(var + eps)
     shape = (1, x4.shape[1], x4.shape[2], 1)
     if weight is not None:
         y = y * weight.reshape(shape).to(sd)
     if bias is not None:
         y = y + bias.reshape(shape).to(sd)
     y = y.to(x4.dtype)
-    stats = (mean.detach(), var.detach())
+    stats = (mean.detach(), var.detach()) + ((count.detach(),) if with_count else ())
     return (y, *stats) if residual is None else (y, s, *stats)
 
 

@@ -70,7 +70,10 @@ def batch_norm(
     Eval (``training=False``) uses the running statistics.
 
     ``mask`` (bool, broadcastable to ``x``) keeps padded positions out of the statistics;
-    ``reducer`` sums the statistics across processes (see :mod:`normkit.stats`).
+    ``reducer`` sums the statistics across processes (see :mod:`normkit.stats`): one collective of
+    ``(n, Σ(x−K), Σ(x−K)²)`` per call, taken about the running mean ``K`` (equal on every process),
+    and the running buffers get the global batch's moments with the global count — every process
+    updates them identically. Without running buffers the exact two-pass form runs (two collectives).
     """
     eps = check_eps(eps)
     c = check_channels_first(x, None if running_mean is None else running_mean.numel(), "batch_norm")
@@ -90,14 +93,18 @@ def batch_norm(
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     view = (x.shape[0], c, 1, trailing_numel(x))
     m4 = canonical_mask(mask, x, view)
-    y, mean, var = normalize_view(
-        x.reshape(view), weight, bias, (0, 2, 3), center=True, eps=eps,
-        mask=m4, reducer=reducer, stats_dtype=stats_dtype, backend=backend,
-    )
+    if m4 is None and reducer is None:
+        y, mean, var = normalize_view(
+            x.reshape(view), weight, bias, (0, 2, 3), center=True, eps=eps, stats_dtype=stats_dtype, backend=backend,
+        )
+        count: Tensor | float = float(per_channel)
+    else:  # the engine's sums: (n, Σ(x−K), Σ(x−K)²) about the running mean K, one collective with a reducer
+        y, mean, var, count = normalize_view(
+            x.reshape(view), weight, bias, (0, 2, 3), center=True, eps=eps, mask=m4, reducer=reducer,
+            stats_dtype=stats_dtype, backend=backend, shift=running_mean, with_count=True,
+        )
+        count = count.reshape(c)
     if running_mean is not None and running_var is not None:
-        count: Tensor | float = float(per_channel) if m4 is None else m4.sum((0, 2, 3)).to(var.dtype)
-        if reducer is not None:
-            count = reducer(torch.as_tensor(count, dtype=var.dtype, device=x.device).expand(c).clone())
         _update_running(running_mean, running_var, mean.reshape(c), var.reshape(c), count, momentum)
     return y.reshape(x.shape)
 

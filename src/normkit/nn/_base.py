@@ -6,6 +6,8 @@ from torch import Tensor
 
 from normkit.backend import BACKENDS
 from normkit.functional._core import check_eps
+from normkit.stats import Reducer
+from normkit.sync import GroupSum, check_process_group
 
 
 def check_module_args(eps: float | None, backend: str | None) -> None:
@@ -17,7 +19,7 @@ def check_module_args(eps: float | None, backend: str | None) -> None:
 
 def extra_options(**opts: object) -> str:
     """``extra_repr`` suffix listing normkit's options that differ from their defaults."""
-    defaults = {"weight_offset": 0.0, "reduction_dims": None, "stats_dtype": None, "backend": None}
+    defaults = {"weight_offset": 0.0, "reduction_dims": None, "stats_dtype": None, "backend": None, "process_group": None}
     parts = [f"{k}={v!r}" for k, v in opts.items() if v != defaults.get(k)]
     return (", " + ", ".join(parts)) if parts else ""
 
@@ -26,22 +28,47 @@ _UNSET: object = object()
 
 
 def set_options(
-    module: object, eps: float | None = None, *, stats_dtype: object = _UNSET, backend: object = _UNSET
+    module: object,
+    eps: float | None = None,
+    *,
+    stats_dtype: object = _UNSET,
+    backend: object = _UNSET,
+    process_group: object = _UNSET,
 ) -> None:
     """The option handling every module shell shares: validate ``eps`` and ``backend``, then store
-    ``stats_dtype`` / ``backend`` as attributes (only those passed: a shell without a backend
-    option gets no ``backend`` attribute). Pair with :func:`options_repr` in ``extra_repr``."""
+    ``stats_dtype`` / ``backend`` / ``process_group`` as attributes (only those passed: a shell
+    without a backend option gets no ``backend`` attribute). Pair with :func:`options_repr` in
+    ``extra_repr``; batch-dependent shells read the group back through :func:`sync_reducer`."""
     check_module_args(eps, None if backend is _UNSET else backend)  # type: ignore[arg-type]
+    if process_group is not _UNSET:
+        module.process_group = check_process_group(process_group)  # type: ignore[attr-defined]
     if stats_dtype is not _UNSET:
         module.stats_dtype = stats_dtype  # type: ignore[attr-defined]
     if backend is not _UNSET:
         module.backend = backend  # type: ignore[attr-defined]
 
 
+def sync_reducer(module: object) -> Reducer | None:
+    """The statistics engine's reducer for a batch-dependent layer: the one place ``process_group``
+    becomes cross-process sums (:class:`normkit.sync.GroupSum`).
+
+    Only in training: eval normalizes with running statistics (or per-process batch statistics when
+    a layer keeps none) and never communicates, so ranks may call eval a different number of times.
+    An explicit ``reducer`` attribute (BatchNorm's older hook) wins when set.
+    """
+    explicit = getattr(module, "reducer", None)
+    if explicit is not None:
+        return explicit
+    group = getattr(module, "process_group", None)
+    if group is None or not module.training:  # type: ignore[attr-defined]
+        return None
+    return GroupSum(group)
+
+
 def options_repr(module: object, **opts: object) -> str:
     """``extra_repr`` suffix: ``opts`` then the ``stats_dtype`` / ``backend`` that :func:`set_options`
     stored on ``module``, each shown only when it differs from its default (:func:`extra_options`)."""
-    for name in ("stats_dtype", "backend"):
+    for name in ("stats_dtype", "backend", "process_group"):
         if name in vars(module):
             opts[name] = vars(module)[name]
     return extra_options(**opts)

@@ -17,9 +17,10 @@ from normkit import functional as F
 from normkit.backend import resolve
 from normkit.functional._core import check_channels_first, check_momentum
 from normkit.nn import papers
-from normkit.nn._base import group_sample_kwargs, options_repr, set_options
+from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
 from normkit.registry import register_norm
 from normkit.stats import Reducer
+from normkit.sync import ProcessGroupLike
 
 
 class _Ranked:
@@ -43,7 +44,11 @@ class BatchNorm(_BatchNorm):
     Eval uses the running statistics (batch statistics if ``track_running_stats=False``).
 
     Beyond torch: ``forward(x, mask)`` excludes padded positions from the statistics,
-    ``reducer`` synchronizes statistics across processes (e.g. :func:`normkit.stats.all_reduce_sum`),
+    ``process_group`` (a ``torch.distributed.ProcessGroup`` or ``"world"``; None = no sync)
+    normalizes with the statistics of the whole distributed batch in training (one packed
+    ``all_reduce`` per call, count-weighted, exact gradients; :mod:`normkit.sync`; gloo/CPU as
+    NCCL/CUDA, where torch's ``SyncBatchNorm`` is CUDA-only), ``reducer`` is the lower-level hook
+    (any cross-process sum, e.g. :func:`normkit.stats.all_reduce_sum`),
     and ``channels_last=True`` takes ``(*, C)`` input — e.g. BN over the batch and tokens of a
     transformer's ``(B, T, C)`` activations, as PowerNorm's and SLAB's BN baselines.
     """
@@ -60,10 +65,11 @@ class BatchNorm(_BatchNorm):
         stats_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend, process_group=process_group)
         momentum = check_momentum(momentum, type(self).__name__, allow_none=True)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.channels_last = bool(channels_last)
@@ -91,7 +97,8 @@ class BatchNorm(_BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
-        if (mask is None and self.reducer is None and self.stats_dtype is None
+        reducer = sync_reducer(self)
+        if (mask is None and reducer is None and self.stats_dtype is None
                 and resolve(self.backend, x, "batch_norm", True) == "native"):
             try:  # ATen's op directly: per-call cost as torch's BatchNorm (input checked above)
                 return TF.batch_norm(
@@ -110,7 +117,7 @@ class BatchNorm(_BatchNorm):
             factor,
             self.eps,
             mask=mask,
-            reducer=self.reducer,
+            reducer=reducer,
             stats_dtype=self.stats_dtype,
             backend=self.backend,
         )
