@@ -10,6 +10,7 @@ gradient matrices, AGC clips gradients relative to the weights' norms.
 from __future__ import annotations
 
 from normkit.optim.adamp import AdamP
+from normkit.optim.agc import AGC, adaptive_clip_grad_, nfnet_param_groups, unitwise_norm
 from normkit.optim.groups import bias_and_norm_groups, is_bias_or_norm
 from normkit.optim.lamb import LAMB
 from normkit.optim.lars import LARS
@@ -19,17 +20,21 @@ from normkit.optim.sgdp import SGDP
 from normkit.optim.sinkgd import SinkGD, sinkgd_param_groups, sinkhorn_normalize
 
 __all__ = [
+    "AGC",
     "AdamP",
     "LAMB",
     "LARS",
     "NovoGrad",
     "SGDP",
     "SinkGD",
+    "adaptive_clip_grad_",
     "bias_and_norm_groups",
     "find_scale_invariant",
     "is_bias_or_norm",
+    "nfnet_param_groups",
     "scale_invariant_groups",
     "scale_invariant_params",
     "sinkgd_param_groups",
     "sinkhorn_normalize",
+    "unitwise_norm",
 ]
