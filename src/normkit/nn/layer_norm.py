@@ -54,6 +54,48 @@ def _offset_init(module: nn.Module) -> None:
             module.weight.fill_(1.0 - offset)
 
 
+#: rounding orders of :class:`RMSNorm`'s ``casting`` option (half-precision inputs), see its docstring
+CASTINGS: tuple[str, ...] = ("llama", "gemma", "olmo2")
+
+
+def _check_casting(casting: str | None, reduction_dims: int | None) -> str | None:
+    if casting is None:
+        return None
+    if casting not in CASTINGS:
+        raise ValueError(f"RMSNorm: casting must be None or one of {', '.join(map(repr, CASTINGS))}, got {casting!r}")
+    if reduction_dims is not None:
+        raise ValueError("RMSNorm: casting reproduces whole-vector RMSNorms; it cannot be combined with reduction_dims")
+    return casting
+
+
+def _cast_ordered_rms(m: nn.Module, x: Tensor) -> Tensor:
+    """RMSNorm with a third-party rounding order, as plain torch ops (the same ops as the reference code,
+    so the result is bit for bit theirs): statistics in float32, then
+
+    * ``"llama"`` (transformers' Llama/Mistral/Qwen RMSNorm, Liger ``casting_mode="llama"``):
+      ``x̂`` cast to the input dtype, *then* ``w · x̂``;
+    * ``"gemma"`` (transformers' Gemma, Liger ``"gemma"``): everything in float32,
+      ``x̂ · (offset + w.float())``, then cast;
+    * ``"olmo2"`` (transformers' OLMo-2): ``(w · x̂)`` in float32 (type promotion), then cast.
+    """
+    dt = x.dtype
+    xf = x.to(torch.float32)
+    k = len(m.normalized_shape)
+    dims = -1 if k == 1 else tuple(range(-k, 0))
+    eps = m.eps if m.eps is not None else torch.finfo(dt).eps
+    xh = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    w, offset = m.weight, m.weight_offset
+    if m.casting == "gemma":
+        y = (xh if w is None else xh * (offset + w.float())).type_as(x)
+    else:
+        we = None if w is None else (w + offset if offset else w)
+        if m.casting == "llama":
+            y = xh.to(dt) if we is None else we * xh.to(dt)
+        else:  # olmo2
+            y = (xh if we is None else we * xh).to(dt)
+    return y if m.bias is None else y + m.bias
+
+
 @register_norm(
     "layernorm",
     family="layer",
@@ -143,6 +185,7 @@ class LayerNorm(nn.LayerNorm):
 )
 class RMSNorm(nn.RMSNorm):
     _plain = _plain
+    casting: str | None = None  # (class default: modules pickled before the option existed)
 
     """RMSNorm over the trailing dims (drop-in for ``torch.nn.RMSNorm``).
 
@@ -151,6 +194,16 @@ class RMSNorm(nn.RMSNorm):
     bias (not in the paper; some models use it); ``weight_offset=1.0`` gives Gemma's ``(1 + w)``.
     ``reduction_dims=k`` takes the statistics over the last k dims of ``normalized_shape`` only:
     ``RMSNorm((num_heads, head_dim), reduction_dims=1)`` is a per-head QK-norm with a weight per head.
+
+    ``casting`` reproduces a third-party rounding order for float16/bfloat16 inputs (or a weight of
+    another dtype than the input), so that a converted model's half-precision outputs are bit for bit
+    the original's: ``"llama"`` (transformers' Llama/Mistral/Qwen RMSNorm and Liger's
+    ``casting_mode="llama"``: normalise in float32, cast to the input dtype, then multiply by the
+    weight), ``"gemma"`` (transformers' Gemma and Liger's ``"gemma"``: all in float32, ``x̂·(1 + w)``,
+    then cast) or ``"olmo2"`` (``(w·x̂)`` in float32, then cast). Those inputs then run as plain torch
+    ops (exact rounding over speed); float32/float64 inputs, where the orders coincide up to float
+    rounding, keep the fast path. ``None`` (default): normkit's order (float32 statistics and affine,
+    one rounding at the end).
     """
 
     def __init__(
@@ -162,6 +215,7 @@ class RMSNorm(nn.RMSNorm):
         bias: bool = False,
         weight_offset: float = 0.0,
         reduction_dims: int | None = None,
+        casting: str | None = None,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
         device: torch.device | str | None = None,
@@ -171,6 +225,7 @@ class RMSNorm(nn.RMSNorm):
         self.weight_offset = float(weight_offset)
         super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
         self.reduction_dims = _check_reduction_dims(reduction_dims, self.normalized_shape)
+        self.casting = _check_casting(casting, self.reduction_dims)
         if elementwise_affine and bias:
             self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -184,6 +239,11 @@ class RMSNorm(nn.RMSNorm):
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.casting is not None and (x.dtype in (torch.float16, torch.bfloat16) or (
+                self.weight is not None and self.weight.dtype != x.dtype)):
+            if mask is not None:
+                raise ValueError(f"RMSNorm(casting={self.casting!r}) does not take a mask for {x.dtype} input")
+            return _cast_ordered_rms(self, x)
         if (mask is None and self.bias is None and self._plain()
                 and resolve(self.backend, x, "rms_norm", True) == "native"):
             try:  # ATen's op directly (small inputs, or no kernels): no Python in between
@@ -207,7 +267,7 @@ class RMSNorm(nn.RMSNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + (", bias=True" if self.bias is not None else "") + options_repr(
             self, weight_offset=self.weight_offset, reduction_dims=self.reduction_dims
-        )
+        ) + (f", casting={self.casting!r}" if self.casting else "")
 
 
 @register_norm(
