@@ -1,4 +1,6 @@
-"""Finding normalization layers in a model: torch's norm classes plus every class in normkit's registry."""
+"""Finding normalization layers in a model: torch's norm classes, every class in normkit's registry, and
+third-party norms recognised by behaviour (transformers' ``LlamaRMSNorm``, ``GemmaRMSNorm``, ...; see
+:func:`normkit.nn.recognize.recognise_norm`, the recognition ``replace_norms`` uses too)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from normkit.nn.recognize import is_third_party_norm
 from normkit.registry import norm_info_of
 
 #: torch's own normalization classes (normkit's subclass them where they share math)
@@ -24,8 +27,8 @@ def is_norm(module: nn.Module, kind: NormKind = "all") -> bool:
     """Whether ``module`` is a normalization layer of ``kind``.
 
     ``"batch"``: batch-dependent norms (torch ``_BatchNorm`` or a registered norm with
-    ``batch_dependent=True``); ``"layer"``: LayerNorm/RMSNorm-type norms (torch's, or registered in the
-    ``"layer"`` family); ``"all"``: any torch norm class or registered norm.
+    ``batch_dependent=True``); ``"layer"``: LayerNorm/RMSNorm-type norms (torch's, registered in the
+    ``"layer"`` family, or third-party ones such as transformers' RMSNorms); ``"all"``: any of these.
     """
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
@@ -33,8 +36,9 @@ def is_norm(module: nn.Module, kind: NormKind = "all") -> bool:
     if kind == "batch":
         return isinstance(module, _BatchNorm) or (info is not None and info.batch_dependent)
     if kind == "layer":
-        return isinstance(module, TORCH_LAYER_NORMS) or (info is not None and info.family == "layer")
-    return isinstance(module, TORCH_NORMS) or info is not None
+        return (isinstance(module, TORCH_LAYER_NORMS) or (info is not None and info.family == "layer")
+                or is_third_party_norm(module))
+    return isinstance(module, TORCH_NORMS) or info is not None or is_third_party_norm(module)
 
 
 def named_norms(model: nn.Module, kind: NormKind = "all") -> Iterator[tuple[str, nn.Module]]:

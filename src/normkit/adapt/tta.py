@@ -103,6 +103,13 @@ _LAYERS: dict[str, type[TTABatchNorm]] = {
 }
 
 
+def _logits(out: Any) -> Any:
+    """The logits to adapt on, classes on dim 1: a tensor as returned, or a transformers ``ModelOutput``'s
+    ``.logits`` with its last dim (classes / vocabulary: ``(N, C)``, ``(N, T, V)``) moved to dim 1."""
+    logits = getattr(out, "logits", None) if not isinstance(out, Tensor) else None
+    return logits.movedim(-1, 1) if isinstance(logits, Tensor) and logits.dim() >= 2 else out
+
+
 def softmax_entropy(logits: Tensor) -> Tensor:
     """Per-sample entropy of ``softmax(logits)`` over dim 1 (TENT's loss before the batch mean)."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
@@ -134,7 +141,11 @@ class TestTimeAdapter(nn.Module):
               ``norms="all"`` (BN + every other norm's ``weight``/``bias``) or ``"bn"`` (BN only,
               the original TENT). Wang et al. 2021, arXiv:2006.10726.
 
-    ``adapter(x)`` returns the model's output and adapts as a side effect. TENT follows the official
+    ``adapter(x)`` returns the model's output and adapts as a side effect. A model may return a
+    transformers ``ModelOutput`` (e.g. ``LlamaForCausalLM``): TENT then minimises the entropy of
+    ``.logits`` over their last dim (classes / vocabulary) and returns the output with detached logits;
+    transformers' norms (``LlamaRMSNorm``, ...) are found by :func:`normkit.nn.recognize.recognise_norm`.
+    TENT follows the official
     ``forward_and_adapt``: forward with test-batch BN statistics, loss = mean entropy of the softmax,
     one optimizer step; the output returned is the one computed *before* the step (detached here),
     and the step runs under ``torch.enable_grad()`` so the adapter also works inside
@@ -258,19 +269,23 @@ class TestTimeAdapter(nn.Module):
             self.reset()
         return out
 
-    def _tent_step(self, *args: Any, **kwargs: Any) -> Tensor:
+    def _tent_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self.optimizer is not None
         with torch.enable_grad():
             for _ in range(self.options["steps"]):
                 out = self.model(*args, **kwargs)
-                if not isinstance(out, Tensor) or out.dim() < 2:
-                    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                logits = _logits(out)
+                if not isinstance(logits, Tensor) or logits.dim() < 2:
+                    got = tuple(logits.shape) if isinstance(logits, Tensor) else type(out).__name__
                     raise ValueError(f"tent minimises the entropy of (N, num_classes, ...) logits; the model returned {got}")
-                loss = softmax_entropy(out).mean()
+                loss = softmax_entropy(logits).mean()
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return out.detach()
+        if isinstance(out, Tensor):
+            return out.detach()
+        out["logits"] = out.logits.detach()  # a transformers ModelOutput: returned with its logits detached
+        return out
 
     def reset(self) -> None:
         """Restore the adapted model (and TENT's optimizer) to the state right after construction."""

@@ -7,7 +7,8 @@ Two ways in, as Liger-Kernel's ``apply_liger_kernel_to_*``:
   numerically per module; state-dict keys unchanged, so checkpoints load both ways);
 * :func:`patch_transformers_classes` — **class patch**: while active, models built afterwards
   construct normkit modules in place of ``LlamaRMSNorm``, ``MistralRMSNorm``, ``Qwen2RMSNorm``,
-  ``Qwen3RMSNorm`` and ``GemmaRMSNorm`` (those whose modules exist in the installed version).
+  ``Qwen3RMSNorm``, ``GemmaRMSNorm`` and ``Olmo2RMSNorm`` (those whose modules exist in the installed
+  version), each with its model's half-precision rounding order (``RMSNorm(casting=...)``).
   Use it as a context manager, or call ``.restore()`` on the handle it returns.
 """
 
@@ -28,22 +29,39 @@ from torch import nn
 from normkit.convert.replace_norms import NormReport, replace_norms
 from normkit.nn import RMSNorm
 
-__all__ = ["NormkitGemmaRMSNorm", "NormkitLlamaRMSNorm", "TransformersPatch", "apply_normkit", "patch_transformers_classes"]
+__all__ = [
+    "NormkitGemmaRMSNorm",
+    "NormkitLlamaRMSNorm",
+    "NormkitOlmo2RMSNorm",
+    "TransformersPatch",
+    "apply_normkit",
+    "patch_transformers_classes",
+]
 
 
 def apply_normkit(model: nn.Module, *, inplace: bool = True, **kwargs: Any) -> NormReport:
     """Swap every norm of ``model`` that has an exact normkit equivalent; the rest are reported, not touched.
 
-    ``kwargs`` go to the new modules (e.g. ``backend="compiled"``). Returns the
+    Each transformers RMSNorm becomes ``normkit.RMSNorm`` with the ``casting`` (rounding order) that
+    reproduces it bit for bit in bf16/fp16 — ``"llama"`` for Llama/Mistral/Qwen, ``"gemma"`` for
+    Gemma, ``"olmo2"`` for OLMo-2 — found by running both (see :mod:`normkit.nn.recognize`), so a
+    patched half-precision model's logits equal the original's. ``kwargs`` go to the new modules
+    (e.g. ``backend="compiled"``). Returns the
     :class:`~normkit.convert.NormReport` (``report.model`` is the converted model).
     """
     return replace_norms(model, None, inplace=inplace, **kwargs)
 
 
 class NormkitLlamaRMSNorm(RMSNorm):
-    """``normkit.RMSNorm`` with the constructor and attributes of ``LlamaRMSNorm`` (``w · x̂``)."""
+    """``normkit.RMSNorm`` with the constructor and attributes of ``LlamaRMSNorm`` (``w · x̂``).
+
+    ``casting="llama"`` (default): in bf16/fp16 the rounding order is Llama's (normalise in float32,
+    cast to the input dtype, then multiply by the weight), so half-precision logits are bit for bit
+    those of the original class.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, **kwargs: Any) -> None:
+        kwargs.setdefault("casting", "llama")
         super().__init__(hidden_size, eps, **kwargs)
 
     @property
@@ -52,10 +70,22 @@ class NormkitLlamaRMSNorm(RMSNorm):
 
 
 class NormkitGemmaRMSNorm(RMSNorm):
-    """``normkit.RMSNorm(weight_offset=1)`` with the constructor of ``GemmaRMSNorm`` (``(1 + w) · x̂``, ``w`` = 0 at init)."""
+    """``normkit.RMSNorm(weight_offset=1)`` with the constructor of ``GemmaRMSNorm`` (``(1 + w) · x̂``, ``w`` = 0 at init).
+
+    ``casting="gemma"`` (default): in bf16/fp16 everything is computed in float32 and cast once, as Gemma.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6, **kwargs: Any) -> None:
+        kwargs.setdefault("casting", "gemma")
         super().__init__(dim, eps, weight_offset=1.0, **kwargs)
+
+
+class NormkitOlmo2RMSNorm(NormkitLlamaRMSNorm):
+    """``NormkitLlamaRMSNorm`` with OLMo-2's rounding order (``(w · x̂)`` in float32, then cast)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, **kwargs: Any) -> None:
+        kwargs.setdefault("casting", "olmo2")
+        super().__init__(hidden_size, eps, **kwargs)
 
 
 #: (module under ``transformers.models``, class name, replacement)
@@ -65,6 +95,7 @@ _CLASSES: tuple[tuple[str, str, type[nn.Module]], ...] = (
     ("qwen2.modeling_qwen2", "Qwen2RMSNorm", NormkitLlamaRMSNorm),
     ("qwen3.modeling_qwen3", "Qwen3RMSNorm", NormkitLlamaRMSNorm),
     ("gemma.modeling_gemma", "GemmaRMSNorm", NormkitGemmaRMSNorm),
+    ("olmo2.modeling_olmo2", "Olmo2RMSNorm", NormkitOlmo2RMSNorm),
 )
 
 
@@ -96,7 +127,7 @@ class TransformersPatch:
 
 
 def patch_transformers_classes() -> TransformersPatch:
-    """Make models created from now on use normkit's RMSNorm (Llama, Mistral, Qwen2, Qwen3, Gemma).
+    """Make models created from now on use normkit's RMSNorm (Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo-2).
 
     Patches the class name in each ``transformers.models.<family>.modeling_<family>`` module that
     exists in the installed version (the modeling code looks it up there when it builds a layer).
