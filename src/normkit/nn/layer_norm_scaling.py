@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor, nn
 
 from normkit.nn.layer_norm import LayerNorm, RMSNorm
+from normkit.nn.recognize import exact_equivalent, is_third_party_norm
 from normkit.registry import Paper, register_norm
 
 CURSE_OF_DEPTH = Paper("The Curse of Depth in Large Language Models", 2025, "2502.05795", "Sun, Song, Li, Yin, Zheng, Liu")
@@ -115,10 +116,19 @@ class RMSNormScaling(_Scaled, RMSNorm):
 
 
 def _scaled_copy(m: nn.Module, layer_index: int) -> nn.Module | None:
-    """A LayerNormScaling/RMSNormScaling equal to the plain norm ``m`` (same parameters), or None if ``m`` is not one."""
+    """A LayerNormScaling/RMSNormScaling equal to the plain norm ``m`` (same parameters), or None if ``m`` is not one.
+
+    A third-party norm (e.g. transformers' ``LlamaRMSNorm``, ``GemmaRMSNorm``) is first mapped to its
+    exact normkit equivalent by the shared recognition (:func:`normkit.nn.recognize.exact_equivalent`:
+    checked numerically, Gemma's ``1 + w`` as ``weight_offset=1``, the bf16 rounding order as ``casting``).
+    """
+    if is_third_party_norm(m):
+        m, _ = exact_equivalent(m)
+        if m is None:
+            return None
     p = next(iter(m.parameters()), None)
     kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-    opts = {k: getattr(m, k) for k in ("weight_offset", "stats_dtype", "backend") if hasattr(m, k)}
+    opts = {k: getattr(m, k) for k in ("weight_offset", "casting", "stats_dtype", "backend") if hasattr(m, k)}
     if type(m) in (nn.LayerNorm, LayerNorm):
         new: nn.Module = LayerNormScaling(
             m.normalized_shape, layer_index, m.eps, m.elementwise_affine, m.bias is not None, **opts, **kw
@@ -139,9 +149,11 @@ def apply_layernorm_scaling(blocks: Iterable[nn.Module], *, start: int = 1) -> l
     Block ``i`` (counting from ``start``, default 1) gets ``ℓ = i``: every ``LayerNormScaling`` /
     ``RMSNormScaling`` inside it is re-indexed, and every plain ``torch.nn.LayerNorm`` /
     ``torch.nn.RMSNorm`` (or normkit's ``LayerNorm``/``RMSNorm``, exact types only) is replaced
-    by its scaled counterpart with the same parameters. Other modules — including subclasses
-    such as ``LayerNorm2d`` and third-party norm classes (e.g. HF ``LlamaRMSNorm``) — are left
-    alone. Pass only the blocks (e.g. ``model.layers``), not the final norm, which the paper
+    by its scaled counterpart with the same parameters. Third-party norms recognised by
+    :func:`normkit.nn.recognize.recognise_norm` (e.g. transformers' ``LlamaRMSNorm`` in
+    ``llama.model.layers``) are replaced by the scaled version of their exact normkit equivalent.
+    Other modules — including subclasses such as ``LayerNorm2d`` — are left alone. Pass only the
+    blocks (e.g. ``model.layers``), not the final norm, which the paper
     leaves unscaled. Returns ``[(qualified name inside its block, ℓ), …]`` of the norms scaled.
     """
     done: list[tuple[str, int]] = []
