@@ -14,6 +14,7 @@ from torch import Tensor
 from normkit.functional._core import check_channels_first, check_eps, check_param
 from normkit.functional.batch_norm import batch_norm, channel_affine, group_norm
 from normkit.stats import Reducer, accumulation_dtype, mean_square
+from normkit.sync import reduce_packed
 
 
 def _check_groups(c: int, num_groups: int, what: str) -> None:
@@ -72,6 +73,7 @@ def estimated_batch_norm(
     moving_speed: Tensor | float = 0.1,
     eps: float = 1e-5,
     *,
+    reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Micro-batch BN of BCN ("EstBN" in the official README): always normalizes with the estimates.
@@ -84,7 +86,8 @@ def estimated_batch_norm(
     and then (training and eval alike) ``y = (x − μ̂) / sqrt(σ̂² + eps) · w + b`` with the
     (updated) estimates treated as constants, so no gradient flows through batch statistics.
     ``moving_speed`` may be a tensor (the official buffer ``estbn_moving_speed``) so a schedule
-    can change it without recompiling.
+    can change it without recompiling. ``reducer`` (:mod:`normkit.sync`): both batch means run over
+    every process's samples, from one collective of ``(n, Σ(x − μ̂_old), Σ(x − μ̂_old)²)``.
     """
     eps = check_eps(eps)
     c = check_channels_first(x, running_mean.numel(), "estimated_batch_norm")
@@ -96,9 +99,14 @@ def estimated_batch_norm(
         dims = (0, *range(2, x.dim()))
         with torch.no_grad():
             xf = x.detach().to(accumulation_dtype(x.dtype, stats_dtype))
-            mean = xf.mean(dims).reshape(c)
             old_mean = running_mean.reshape((1, c) + (1,) * (x.dim() - 2)).to(xf.dtype)
-            var = mean_square(xf - old_mean, dims, stats_dtype=stats_dtype).reshape(c)
+            if reducer is None:
+                mean = xf.mean(dims).reshape(c)
+                var = mean_square(xf - old_mean, dims, stats_dtype=stats_dtype).reshape(c)
+            else:
+                d = xf - old_mean
+                n, s1, s2 = reduce_packed([xf.new_full((1,), x.numel() // c), d.sum(dims), d.square().sum(dims)], reducer)
+                mean, var = running_mean.to(xf.dtype) + s1 / n, s2 / n
             r = torch.as_tensor(moving_speed, device=x.device).reshape(-1)[:1]
             running_mean.copy_((running_mean * (1 - r) + r * mean.to(running_mean.dtype)).to(running_mean.dtype))
             running_var.copy_((running_var * (1 - r) + r * var.to(running_var.dtype)).to(running_var.dtype))
@@ -141,10 +149,9 @@ def batch_channel_norm(
     if estimate:
         if running_mean is None or running_var is None:
             raise ValueError("batch_channel_norm(estimate=True) needs running_mean and running_var")
-        if reducer is not None:
-            raise ValueError("batch_channel_norm(estimate=True) does not support a reducer")
         a = estimated_batch_norm(
-            x, running_mean, running_var, bn_weight, bn_bias, training, moving_speed, eps, stats_dtype=stats_dtype
+            x, running_mean, running_var, bn_weight, bn_bias, training, moving_speed, eps,
+            reducer=reducer, stats_dtype=stats_dtype,
         )
     else:
         a = batch_norm(

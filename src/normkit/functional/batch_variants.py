@@ -17,7 +17,7 @@ from normkit.functional._core import (
     trailing_numel,
 )
 from normkit.functional.batch_norm import batch_norm, channel_affine
-from normkit.stats import accumulation_dtype, moments
+from normkit.stats import Reducer, accumulation_dtype, moments
 
 
 def check_virtual_batch_size(virtual_batch_size: int, what: str = "ghost_batch_norm") -> int:
@@ -163,6 +163,7 @@ def batch_renorm(
     *,
     running_update: str = "std",
     mask: Tensor | None = None,
+    reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> Tensor:
@@ -187,6 +188,8 @@ def batch_renorm(
     ``r_max=1, d_max=0`` is exactly BatchNorm in training. Computed by the fused BatchNorm
     kernel with the per-channel affine ``γ·r`` and ``γ·d + β`` (so the gradient is BatchNorm's
     with r, d held fixed); the batch moments are computed once more, without gradient, for r, d.
+    With a ``reducer`` (synchronized statistics, :mod:`normkit.sync`) the moments are computed
+    once, by the engine (one collective about the running mean), and r, d come from them.
     """
     eps = check_eps(eps)
     if running_mean is None or running_var is None:
@@ -201,15 +204,25 @@ def batch_renorm(
     if not training:
         return channel_affine(x, running_mean, running_var, weight, bias, eps)
     per_channel = x.numel() // c
-    if per_channel <= 1:
+    if per_channel <= 1 and reducer is None:
         raise ValueError(f"batch_renorm: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     view = (x.shape[0], c, 1, trailing_numel(x))
     x4 = x.reshape(view)
     m4 = canonical_mask(mask, x, view)
     sd = accumulation_dtype(x.dtype, stats_dtype)
+    z = None
+    count: Tensor | float = float(per_channel) if m4 is None else m4.sum((0, 2, 3)).to(sd)
+    if reducer is not None:  # normalized once with the global moments; the affine r, d follow
+        z, mean_b, var_b, count = normalize_view(
+            x4, None, None, (0, 2, 3), center=True, eps=eps, mask=m4, reducer=reducer,
+            stats_dtype=stats_dtype, shift=running_mean, with_count=True,
+        )
+        mean_b, var_b, count = mean_b.reshape(c), var_b.reshape(c), count.reshape(c)
+    else:
+        with torch.no_grad():
+            mean_b, var_b = moments(x4.detach().to(sd), (0, 2, 3), mask=m4)
+            mean_b, var_b = mean_b.reshape(c), var_b.reshape(c)
     with torch.no_grad():
-        mean_b, var_b = moments(x4.detach().to(sd), (0, 2, 3), mask=m4)
-        mean_b, var_b = mean_b.reshape(c), var_b.reshape(c)
         std_b = torch.sqrt(var_b + eps)
         std = torch.sqrt(running_var.to(sd) + eps)
         rmax = torch.as_tensor(r_max, dtype=sd, device=x.device)
@@ -223,23 +236,26 @@ def batch_renorm(
         b_eff = weight * d.to(weight.dtype)
     if bias is not None:
         b_eff = b_eff + bias.to(b_eff.dtype)
-    y = normalize_view(
-        x4,
-        w_eff,
-        b_eff,
-        (0, 2, 3),
-        center=True,
-        eps=eps,
-        mask=m4,
-        stats_dtype=stats_dtype,
-        backend=backend,
-    )[0]
+    if z is not None:
+        shape = (1, c, 1, 1)
+        y = z * w_eff.reshape(shape).to(z.dtype) + b_eff.reshape(shape).to(z.dtype)
+    else:
+        y = normalize_view(
+            x4,
+            w_eff,
+            b_eff,
+            (0, 2, 3),
+            center=True,
+            eps=eps,
+            mask=m4,
+            stats_dtype=stats_dtype,
+            backend=backend,
+        )[0]
     with torch.no_grad():
         running_mean.lerp_(mean_b.to(running_mean.dtype), momentum)
         if running_update == "std":
             new_std = std.lerp(std_b, momentum)
             running_var.copy_((new_std * new_std - eps).clamp_min(0.0).to(running_var.dtype))
         else:
-            count = float(per_channel) if m4 is None else m4.sum((0, 2, 3)).to(sd)
             running_var.lerp_((var_b * (count / (count - 1))).to(running_var.dtype), momentum)
     return y.reshape(x.shape)

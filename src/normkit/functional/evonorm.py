@@ -13,7 +13,7 @@ from torch import Tensor
 
 from normkit import backend as _backend
 from normkit.functional._core import channel_view, check_channels_first, check_eps, check_momentum, check_param, trailing_numel
-from normkit.stats import accumulation_dtype, moments
+from normkit.stats import Reducer, accumulation_dtype, moments
 
 
 def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -33,12 +33,13 @@ def _b0_math(
     training: bool,
     eps: float,
     stats_dtype: torch.dtype | None,
+    reducer: Reducer | None = None,
 ) -> tuple[Tensor, Tensor]:
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xf = x.to(sd)
     spatial = tuple(range(2, x.dim()))
-    if training:
-        var_b = moments(xf, (0, *spatial)).var  # gradients flow through the batch variance (as in TF)
+    if training:  # gradients flow through the batch variance (as in TF); synchronized with a reducer
+        var_b = moments(xf, (0, *spatial), reducer=reducer).var
     else:
         var_b = channel_view(running_var, xf).to(sd)
     left = torch.sqrt(var_b + eps)
@@ -59,6 +60,7 @@ def evonorm_b0(
     *,
     apply_act: bool = True,
     unbiased_running_var: bool = False,
+    reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> Tensor:
@@ -78,6 +80,10 @@ def evonorm_b0(
 
     ``apply_act=False`` reproduces the official ``nonlinearity=False``: **no normalization**,
     just ``y = x·γ + β`` (``v`` and ``running_var`` are unused and not updated).
+
+    ``reducer`` (training only) makes ``Var_B`` the variance of the whole distributed batch
+    (:mod:`normkit.sync`; the exact two-pass form, two collectives: B0 keeps no running mean to
+    shift the sums by); ``Var_I`` is per sample and stays local.
     """
     eps = check_eps(eps)
     c = check_channels_first(x, None if running_var is None else running_var.numel(), "evonorm_b0")
@@ -93,16 +99,21 @@ def evonorm_b0(
     momentum = check_momentum(momentum, "evonorm_b0")
     if not training and running_var is None:
         raise ValueError("evonorm_b0 in eval mode (training=False) needs running_var")
-    if training and x.numel() // c <= 1:
+    if training and x.numel() // c <= 1 and reducer is None:
         raise ValueError(f"evonorm_b0: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    impl = _backend.resolve(backend, x, "evonorm")
-    key = ("b0", bool(training), eps, stats_dtype, x.dtype, weight is not None, bias is not None)
-    y, var_b = _backend.executor(impl, _b0_math, key)(x, running_var, weight, bias, v, bool(training), eps, stats_dtype)
+    n = x.numel() // c
+    if reducer is not None and training:
+        y, var_b = _b0_math(x, running_var, weight, bias, v, True, eps, stats_dtype, reducer)
+        if unbiased_running_var:  # the global count: one more (tiny) sum, only for timm's convention
+            n = reducer(torch.tensor([float(n)], dtype=var_b.dtype, device=x.device))
+    else:
+        impl = _backend.resolve(backend, x, "evonorm")
+        key = ("b0", bool(training), eps, stats_dtype, x.dtype, weight is not None, bias is not None)
+        y, var_b = _backend.executor(impl, _b0_math, key)(x, running_var, weight, bias, v, bool(training), eps, stats_dtype)
     if training and running_var is not None:
         with torch.no_grad():
             new = var_b.detach().reshape(c)
             if unbiased_running_var:
-                n = x.numel() // c
                 new = new * (n / (n - 1))
             running_var.lerp_(new.to(running_var.dtype), momentum)
     return y

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
 from normkit.functional.batch_norm import batch_norm, instance_norm
+from normkit.stats import Reducer
 
 FREE_NORMS = ("batch", "instance", "none")
 
@@ -34,6 +35,7 @@ def loan(
     momentum: float = 0.1,
     eps: float = 1e-5,
     free_norm: str = "batch",
+    reducer: Reducer | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """LOAN: ``y = norm(x) · (1 + γ(c)) + β(c)`` with γ, β predicted per location from a condition map.
@@ -77,13 +79,15 @@ def loan(
 
     if free_norm == "batch":
         use_batch = training or running_mean is None or running_var is None
-        xn = batch_norm(x, running_mean, running_var, None, None, use_batch, momentum, eps, backend=backend)
+        xn = batch_norm(x, running_mean, running_var, None, None, use_batch, momentum, eps, reducer=reducer, backend=backend)
     elif free_norm == "instance":
         xn = instance_norm(x, eps=eps, backend=backend)
     else:
         xn = x
     use_batch_c = training or cond_running_mean is None or cond_running_var is None
-    a = TF.relu(batch_norm(cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, backend=backend))
+    a = TF.relu(batch_norm(
+        cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, reducer=reducer, backend=backend,
+    ))
     a4 = a.unsqueeze(-1) if a.dim() == 3 else a
     gamma = TF.conv2d(a4, gamma_weight, gamma_bias, padding=gamma_weight.shape[-1] // 2)
     beta = TF.conv2d(a4, beta_weight, beta_bias, padding=beta_weight.shape[-1] // 2)

@@ -14,7 +14,8 @@ from torch.autograd import Function
 
 from normkit._compat import MISSING, renamed_argument
 from normkit.functional._core import check_eps, check_float, check_param, snapshot
-from normkit.stats import accumulation_dtype, mean_square
+from normkit.stats import Reducer, accumulation_dtype, mean_square
+from normkit.sync import reduce_packed
 
 
 def _check_tokens(x: Tensor, num_features: int | None, what: str) -> int:
@@ -92,6 +93,15 @@ def _affine_forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     return y
 
 
+def token_mean(t: Tensor, reducer: Reducer | None) -> Tensor:
+    """``mean(t, 0)`` over the rows of a ``(rows, C)`` tensor — over every process's rows with a
+    ``reducer`` (one collective of ``(Σ_rows t, rows)``): the backward statistic of PowerNorm / UN."""
+    if reducer is None:
+        return t.mean(0)
+    total, rows = reduce_packed([t.sum(0), t.new_full((1,), t.shape[0])], reducer)
+    return total / rows
+
+
 def group_scaling(x: Tensor, num_groups: int = MISSING, eps: float = 1e-5, *, group_num: int = MISSING) -> Tensor:
     """PowerNorm's ``GroupScaling1D``: per token, ``x / sqrt(mean_{group}(x²) + eps)``.
 
@@ -118,8 +128,8 @@ class _PowerNormFn(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stats, ema_gz, alpha_bkw):  # type: ignore[override]
-        ctx.ema_gz, ctx.alpha_bkw = ema_gz, alpha_bkw
+    def forward(ctx, x, weight, bias, stats, ema_gz, alpha_bkw, reducer=None):  # type: ignore[override]
+        ctx.ema_gz, ctx.alpha_bkw, ctx.reducer = ema_gz, alpha_bkw, reducer
         return _affine_forward(ctx, x, weight, bias, stats)
 
     @staticmethod
@@ -131,11 +141,11 @@ class _PowerNormFn(Function):
         g = grad_y if weight is None else grad_y * weight.to(z.dtype)
         approx = g - (1.0 - ctx.alpha_bkw) * ema_gz.to(z.dtype) * z
         with torch.no_grad():
-            ema_gz.add_((approx * z).mean(0).to(ema_gz.dtype))
+            ema_gz.add_(token_mean(approx * z, ctx.reducer).to(ema_gz.dtype))
         gx = approx * stats[c:]
         gw = (grad_y * z).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb = grad_y.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def power_norm(
@@ -155,6 +165,7 @@ def power_norm(
     group_eps: float = 1e-5,
     pad_mask: Tensor | None = None,
     paper_exact: bool = False,
+    reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
     group_num: int | None = MISSING,
 ) -> Tensor:
@@ -197,6 +208,11 @@ def power_norm(
     * Warmup with batch statistics and the cumulative-mean running update are code-only.
     * ``pad_mask`` (True = padding, shape ``x.shape[:-1]``) removes padded tokens from ψ²_B,
       but, as in the official code, ``ema_gz``'s mean runs over all positions.
+
+    ``reducer`` (synchronized statistics, :mod:`normkit.sync`): ψ²_B is the quadratic mean of every
+    process's non-padded tokens (one collective of ``(n, Σx²)``) and the backward's ``mean(ĝ·z)``
+    runs over every process's tokens (one collective), so ``running_phi``, ``ema_gz``, ``iters`` and
+    the input gradients equal a single process's on the concatenated batch. GroupScaling is per token.
     """
     what = "power_norm"
     num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="power_norm()", default=1)
@@ -216,7 +232,7 @@ def power_norm(
     with torch.no_grad():
         t = iters + 1
         keep = None if pad_mask is None else (~pad_mask).reshape(-1, 1)
-        var = mean_square(x2d.detach(), 0, mask=keep).reshape(c)
+        var = mean_square(x2d.detach(), 0, mask=keep, reducer=reducer).reshape(c)
         phi = running_phi.to(sd)
         denom = torch.where(t <= warmup_iters, var, phi)
         inv_fwd = torch.rsqrt(denom + eps)
@@ -225,5 +241,5 @@ def power_norm(
         phi = torch.where(t < warmup_iters, phi * (tf - 1) / tf + var / tf, phi)
         running_phi.copy_((alpha_fwd * phi + (1.0 - alpha_fwd) * var).to(running_phi.dtype))
         iters.copy_(t)
-    y = _PowerNormFn.apply(x2d, weight, bias, stats, ema_gz, alpha_bkw)
+    y = _PowerNormFn.apply(x2d, weight, bias, stats, ema_gz, alpha_bkw, reducer)
     return y.reshape(x.shape).to(x.dtype)

@@ -23,8 +23,9 @@ from normkit.functional.power_norm import (
     _check_count,
     _check_unit,
     _eval_affine,
+    token_mean,
 )
-from normkit.stats import accumulation_dtype, mean_square
+from normkit.stats import Reducer, accumulation_dtype, mean_square
 
 #: Gradient-compensation ratio r is clamped to [1/R_MAX, R_MAX] (official constant).
 R_MAX = 5.0
@@ -81,8 +82,8 @@ class _UnifiedNormFn(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum):  # type: ignore[override]
-        ctx.ema_gz, ctx.buffer_gz, ctx.momentum = ema_gz, buffer_gz, momentum
+    def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum, reducer=None):  # type: ignore[override]
+        ctx.ema_gz, ctx.buffer_gz, ctx.momentum, ctx.reducer = ema_gz, buffer_gz, momentum, reducer
         return _affine_forward(ctx, x, weight, bias, stats)
 
     @staticmethod
@@ -94,7 +95,7 @@ class _UnifiedNormFn(Function):
         skip, window, slot = stats[2 * c] > 0.5, stats[2 * c + 1] > 0.5, stats[2 * c + 2 :].long()
         grad_y = grad_y.to(z.dtype)
         g = grad_y * r if weight is None else grad_y * (weight.to(z.dtype) * r)
-        gz = (g * z).mean(0)
+        gz = token_mean(g * z, ctx.reducer)
         ema_old = ema_gz.to(z.dtype)
         buf = torch.where(_one_hot_rows(slot, buffer_gz.shape[0]), torch.where(skip, ema_old, gz), buffer_gz.to(z.dtype))
         mean_gz = torch.where(window, buf.mean(0), gz)
@@ -106,7 +107,7 @@ class _UnifiedNormFn(Function):
         gx = approx * inv
         gw = (grad_y * (r * z)).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb = grad_y.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def unified_norm(
@@ -128,6 +129,7 @@ def unified_norm(
     outlier_filtration: bool = False,
     compensation_iters: int = 1000,
     pad_mask: Tensor | None = None,
+    reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Unified Normalization of a channels-last ``(B, T, C)`` or ``(N, C)`` tensor.
@@ -176,6 +178,11 @@ def unified_norm(
     ``compensation_iters=1000`` (a keyword here). ``pad_mask`` (True = padding, shape
     ``x.shape[:-1]``) removes padded tokens from x2, but gz averages over all positions, as in
     the code. The counter counts training forward calls.
+
+    ``reducer`` (synchronized statistics, :mod:`normkit.sync`): x2 is over every process's
+    non-padded tokens and the backward's gz over every process's tokens (one collective each), so
+    the windows, counters and running variance stay identical on all processes and equal a single
+    process's on the concatenated batch.
     """
     what = "unified_norm"
     eps = check_eps(eps)
@@ -200,7 +207,7 @@ def unified_norm(
     with torch.no_grad():
         t = iters + 1
         keep = None if pad_mask is None else (~pad_mask).reshape(-1, 1)
-        x2 = mean_square(x2d.detach(), 0, mask=keep).reshape(c)
+        x2 = mean_square(x2d.detach(), 0, mask=keep, reducer=reducer).reshape(c)
         old = buffer_x2.to(sd)
         rv = running_var.to(sd)
         slot_f = _one_hot_rows(t % wf, wf)
@@ -223,5 +230,5 @@ def unified_norm(
         running_var.copy_((m * rv + (1.0 - m) * var).to(running_var.dtype))
         buffer_x2.copy_(buf.to(buffer_x2.dtype))
         iters.copy_(t)
-    y = _UnifiedNormFn.apply(x2d, weight, bias, stats, ema_gz, buffer_gz, m)
+    y = _UnifiedNormFn.apply(x2d, weight, bias, stats, ema_gz, buffer_gz, m, reducer)
     return y.reshape(x.shape).to(x.dtype)

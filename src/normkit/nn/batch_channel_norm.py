@@ -12,10 +12,11 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first
 from normkit.functional.batch_channel_norm import channel_norm, estimated_batch_norm
-from normkit.nn._base import group_sample_kwargs, options_repr, set_options
+from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
 from normkit.stats import Reducer
+from normkit.sync import ProcessGroupLike
 
 BCN_PAPER = Paper(
     "Micro-Batch Training with Batch-Channel Normalization and Weight Standardization",
@@ -64,11 +65,12 @@ class EstBN(nn.Module):
         moving_speed: float = 0.1,
         *,
         stats_dtype: torch.dtype | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        set_options(self, eps, stats_dtype=stats_dtype)
+        set_options(self, eps, stats_dtype=stats_dtype, process_group=process_group)
         if not isinstance(moving_speed, (int, float)) or not 0.0 <= moving_speed <= 1.0:
             raise ValueError(f"EstBN: moving_speed must be a number in [0, 1], got {moving_speed!r}")
         self.num_features = int(num_features)
@@ -106,6 +108,7 @@ class EstBN(nn.Module):
             self.training,
             self.estbn_moving_speed,
             self.eps,
+            reducer=sync_reducer(self),
             stats_dtype=self.stats_dtype,
         )
 
@@ -162,6 +165,7 @@ class BatchChannelNorm(nn.Module):
         reducer: Reducer | None = None,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -180,9 +184,12 @@ class BatchChannelNorm(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.pbn: nn.Module
         if estimate:
-            self.pbn = EstBN(num_channels, eps, moving_speed, stats_dtype=stats_dtype, **kw)
+            self.pbn = EstBN(num_channels, eps, moving_speed, stats_dtype=stats_dtype, process_group=process_group, **kw)
         else:
-            self.pbn = BatchNorm(num_channels, eps, momentum, reducer=reducer, stats_dtype=stats_dtype, backend=backend, **kw)
+            self.pbn = BatchNorm(
+                num_channels, eps, momentum, reducer=reducer, stats_dtype=stats_dtype, backend=backend,
+                process_group=process_group, **kw,
+            )
         self.weight = nn.Parameter(torch.empty(1, num_groups, 1, **kw))
         self.bias = nn.Parameter(torch.empty(1, num_groups, 1, **kw))
         self.reset_parameters()

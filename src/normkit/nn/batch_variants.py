@@ -20,9 +20,10 @@ from normkit.functional.batch_variants import (
     check_virtual_batch_size,
     ghost_batch_norm,
 )
-from normkit.nn._base import options_repr
+from normkit.nn._base import options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 GHOST_BN = Paper(
     "Train longer, generalize better: closing the generalization gap in large batch training of neural networks",
@@ -71,6 +72,11 @@ class GhostBatchNorm(BatchNorm):
 
     Defaults: ``virtual_batch_size=128`` (the paper's ghost batch size), eps 1e-5, momentum 0.1
     (torch's). ``channels_last=True`` takes ``(N, *, C)`` input. Keys are torch's BatchNorm keys.
+
+    **Distributed**: ghost batches stay local to each process (there is no ``process_group``;
+    :func:`normkit.distributed.convert_sync_norms` leaves GhostBatchNorm alone). The virtual batch
+    *is* the point of the method — its statistics are meant to come from ``virtual_batch_size``
+    samples, whatever the global batch.
     """
 
     def __init__(
@@ -168,6 +174,7 @@ class BatchRenorm(BatchNorm):
     paper's σ average (but increments r_max/d_max per sample without warm-up).
 
     Defaults: ``momentum=0.01`` (the paper's "relatively fast" update rate α), eps 1e-5.
+    ``process_group`` synchronizes μ_B, σ_B over the processes in training (:class:`BatchNorm`).
     Running statistics are required (``track_running_stats`` is always True). A BatchNorm
     checkpoint loads directly (e.g. to fine-tune a BN model with renorm).
     """
@@ -189,6 +196,7 @@ class BatchRenorm(BatchNorm):
         stats_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -206,6 +214,7 @@ class BatchRenorm(BatchNorm):
             stats_dtype=stats_dtype,
             channels_last=channels_last,
             backend=backend,
+            process_group=process_group,
             device=device,
             dtype=dtype,
         )
@@ -248,6 +257,7 @@ class BatchRenorm(BatchNorm):
             d_max,
             running_update=self.running_update,
             mask=mask,
+            reducer=sync_reducer(self),
             stats_dtype=self.stats_dtype,
             backend=self.backend,
         )

@@ -7,8 +7,9 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first, check_momentum
 from normkit.functional.evonorm import evonorm_b0, evonorm_s0
-from normkit.nn._base import group_sample_kwargs, options_repr, set_options
+from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 EVONORM = Paper("Evolving Normalization-Activation Layers", 2020, "2004.02967", "Liu, Brock, Simonyan, Le")
 
@@ -100,6 +101,8 @@ class EvoNormB0(_EvoNormBase):
     * timm stores the *unbiased* batch variance in ``running_var`` (``unbiased_running_var=True``);
     * timm only accepts 4-D input; here any (N, C, *spatial) with at least one spatial dim.
 
+    ``process_group`` synchronizes ``Var_B`` over the processes in training (:mod:`normkit.sync`).
+
     TF → normkit keys: ``gamma → weight``, ``beta → bias``, ``v → v``,
     ``moving_variance → running_var`` (reshape (1, C, 1, 1) → (C,)).
     """
@@ -115,10 +118,11 @@ class EvoNormB0(_EvoNormBase):
         unbiased_running_var: bool = False,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend, process_group=process_group)
         momentum = check_momentum(momentum, "EvoNormB0")
         super().__init__(num_features, apply_act, zero_init, device, dtype)
         self.momentum = momentum
@@ -143,6 +147,7 @@ class EvoNormB0(_EvoNormBase):
             self.eps,
             apply_act=self.apply_act,
             unbiased_running_var=self.unbiased_running_var,
+            reducer=sync_reducer(self),
             stats_dtype=self.stats_dtype,
             backend=self.backend,
         )

@@ -15,6 +15,7 @@ from normkit.functional._core import check_channels_first
 from normkit.nn._base import check_module_args, options_repr
 from normkit.nn.batch_norm import BatchNorm, InstanceNorm
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 IBN_PAPER = Paper(
     "Two at Once: Enhancing Learning and Generalization Capacities via IBN-Net",
@@ -58,6 +59,7 @@ class IBN(nn.Module):
     otherwise it crashes. Here the split is always ``[half, planes − half]``, identical wherever
     the official code runs. ``half`` must be at least 1 and below ``planes`` (else use plain
     InstanceNorm or BatchNorm). Accepts any ``(N, C, *spatial)`` input with ≥ 1 spatial dim.
+    ``process_group`` synchronizes the BN part (the IN part is per sample and stays local).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class IBN(nn.Module):
         *,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -87,7 +90,9 @@ class IBN(nn.Module):
         self.half = half
         kw = {"device": device, "dtype": dtype}
         self.IN = InstanceNorm(half, eps, affine=True, stats_dtype=stats_dtype, backend=backend, **kw)
-        self.BN = BatchNorm(planes - half, eps, momentum, stats_dtype=stats_dtype, backend=backend, **kw)
+        self.BN = BatchNorm(
+            planes - half, eps, momentum, stats_dtype=stats_dtype, backend=backend, process_group=process_group, **kw
+        )
 
     def reset_parameters(self) -> None:
         self.IN.reset_parameters()

@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_momentum
 from normkit.functional.loan import FREE_NORMS, loan
-from normkit.nn._base import describe, set_options
+from normkit.nn._base import describe, set_options, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 LOAN_PAPER = Paper(
     "Location-aware Adaptive Normalization: A Deep Learning Approach for Wildfire Danger Forecasting",
@@ -61,6 +62,8 @@ class LOAN(nn.Module):
         free_norm: ``"batch"`` (official), ``"none"`` (official ``norm=False``) or ``"instance"``
             (per-sample statistics without running stats; SPADE's option, not in the LOAN code).
         eps, momentum, track_running_stats: as ``torch.nn.BatchNorm`` (both BNs).
+        process_group: synchronize both BNs' statistics over these processes in training
+            (:mod:`normkit.sync`; one collective per BN).
     """
 
     def __init__(
@@ -74,11 +77,12 @@ class LOAN(nn.Module):
         track_running_stats: bool = True,
         *,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        set_options(self, eps, backend=backend)
+        set_options(self, eps, backend=backend, process_group=process_group)
         if free_norm not in FREE_NORMS:
             raise ValueError(f"LOAN: free_norm must be one of {FREE_NORMS}, got {free_norm!r}")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -140,6 +144,7 @@ class LOAN(nn.Module):
             momentum=self.momentum,
             eps=self.eps,
             free_norm=self.free_norm_type,
+            reducer=sync_reducer(self),
             backend=self.backend,
         )
 

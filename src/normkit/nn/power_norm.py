@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from normkit._compat import MISSING, renamed_argument
 from normkit.functional.power_norm import _check_count, _check_unit, power_norm
-from normkit.nn._base import check_module_args, options_repr, set_options
+from normkit.nn._base import check_module_args, options_repr, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 POWER_NORM = Paper(
     "PowerNorm: Rethinking Batch Normalization in Transformers",
@@ -88,13 +89,14 @@ class PowerNorm(nn.Module):
         group_eps: float = 1e-5,
         paper_exact: bool = False,
         stats_dtype: torch.dtype | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         group_num: int | None = MISSING,
     ) -> None:
         super().__init__()
         num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="PowerNorm", default=1)
-        set_options(self, eps, stats_dtype=stats_dtype)
+        set_options(self, eps, stats_dtype=stats_dtype, process_group=process_group)
         check_module_args(group_eps, None)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -166,6 +168,7 @@ class PowerNorm(nn.Module):
             group_eps=self.group_eps,
             pad_mask=pad_mask,
             paper_exact=self.paper_exact,
+            reducer=sync_reducer(self),
             stats_dtype=self.stats_dtype,
         )
 

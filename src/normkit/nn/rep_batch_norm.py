@@ -15,11 +15,12 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_momentum, snapshot
 from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
-from normkit.nn._base import check_module_args, options_repr
+from normkit.nn._base import check_module_args, options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
 from normkit.nn.layer_norm import LayerNorm
 from normkit.registry import Paper, register_norm
 from normkit.stats import Reducer, accumulation_dtype
+from normkit.sync import ProcessGroupLike
 
 SLAB = Paper(
     "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized Batch Normalization",
@@ -58,7 +59,8 @@ class RepBN(nn.Module):
     ``zero_init=True`` reproduce it). ``momentum=None`` (cumulative average) is not supported.
 
     ``forward(x, mask)``: optional bool padding mask ``(N, *)`` or broadcastable to ``x``; padded
-    tokens are left out of the batch statistics. ``reducer`` syncs statistics across processes.
+    tokens are left out of the batch statistics. ``process_group`` (or the lower-level ``reducer``)
+    syncs the BN statistics across processes in training (:mod:`normkit.sync`).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class RepBN(nn.Module):
         reducer: Reducer | None = None,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -95,6 +98,7 @@ class RepBN(nn.Module):
             stats_dtype=stats_dtype,
             channels_last=True,
             backend=backend,
+            process_group=process_group,
             device=device,
             dtype=dtype,
         )
@@ -127,7 +131,7 @@ class RepBN(nn.Module):
             bn.momentum,
             bn.eps,
             mask=mask,
-            reducer=bn.reducer,
+            reducer=sync_reducer(bn),
             stats_dtype=bn.stats_dtype,
             backend=bn.backend,
         )
@@ -246,6 +250,7 @@ class PRepBN(nn.Module):
         reducer: Reducer | None = None,
         stats_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -277,6 +282,7 @@ class PRepBN(nn.Module):
             reducer=reducer,
             stats_dtype=stats_dtype,
             backend=backend,
+            process_group=process_group,
             device=device,
             dtype=dtype,
         )

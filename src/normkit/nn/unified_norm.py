@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from normkit.functional.power_norm import _check_count
 from normkit.functional.unified_norm import resolve_momentum, unified_norm
-from normkit.nn._base import options_repr, set_options
+from normkit.nn._base import options_repr, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 UNIFIED_NORM = Paper(
     "Unified Normalization for Accelerating and Stabilizing Transformers",
@@ -98,11 +99,12 @@ class UnifiedNorm(nn.Module):
         affine: bool = True,
         compensation_iters: int = 1000,
         stats_dtype: torch.dtype | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        set_options(self, eps, stats_dtype=stats_dtype)
+        set_options(self, eps, stats_dtype=stats_dtype, process_group=process_group)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.num_features = num_features
@@ -168,6 +170,7 @@ class UnifiedNorm(nn.Module):
             outlier_filtration=self.outlier_filtration,
             compensation_iters=self.compensation_iters,
             pad_mask=pad_mask,
+            reducer=sync_reducer(self),
             stats_dtype=self.stats_dtype,
         )
 
