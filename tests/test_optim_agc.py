@@ -141,3 +141,13 @@ def test_bad_arguments():
         AGC([p])
     with pytest.raises(TypeError, match="nn.Module"):
         nfnet_param_groups([p])
+
+
+def test_wrapper_deepcopies_with_its_optimizer():
+    model = _net()
+    opt = AGC(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), clipping=0.02)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    clone = copy.deepcopy(opt)
+    assert clone.clipping == 0.02 and clone.param_groups is clone.optimizer.param_groups
+    assert clone.state is clone.optimizer.state and len(clone.state) == len(opt.state)

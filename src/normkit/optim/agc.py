@@ -144,6 +144,13 @@ class AGC(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self._share()
 
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults/state/groups, not the wrapped optimizer
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._share()
+
     def __repr__(self) -> str:
         return f"AGC(clipping={self.clipping}, eps={self.eps}, optimizer={self.optimizer!r})"
 
