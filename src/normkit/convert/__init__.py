@@ -4,16 +4,19 @@
 transformers RMSNorm families, recognised by behaviour) for normkit's, exactly where it can and
 saying so where it cannot. :func:`fold_norms` folds eval-mode norms into the adjacent Conv/Linear
 (inference), :func:`tune_mode_convbn` computes Conv → BN(eval) as one convolution (fine-tuning with
-frozen statistics).
+frozen statistics). :func:`to_pre_rmsnorm` / :func:`to_pre_crmsnorm` turn a Pre-LN transformer into
+the equivalent Pre-RMSNorm / Pre-CRMSNorm one (exact).
 """
 
 from __future__ import annotations
 
+from normkit.convert.crms import ExactReport, to_pre_crmsnorm, to_pre_rmsnorm
 from normkit.convert.fold import FoldReport, eval_affine, fold_norms
 from normkit.convert.replace_norms import NormReplacement, NormReport, recognise_norm, replace_norms
 from normkit.convert.tune_mode import TuneModeReport, tune_mode_convbn
 
 __all__ = [
+    "ExactReport",
     "FoldReport",
     "NormReplacement",
     "NormReport",
@@ -22,5 +25,7 @@ __all__ = [
     "fold_norms",
     "recognise_norm",
     "replace_norms",
+    "to_pre_crmsnorm",
+    "to_pre_rmsnorm",
     "tune_mode_convbn",
 ]
