@@ -196,3 +196,14 @@ def test_errors():
         fold_norms(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="sides"):
         fold_norms(nn.Sequential(nn.BatchNorm1d(2)).eval(), sides=("left",))
+
+
+def test_readme_fold_snippet_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Fold norms for inference, tune-mode ConvBN for fine-tuning", 1)[1]
+    namespace: dict = {}
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "README.md (fold)", "exec"), namespace)  # noqa: S102
+    assert len(namespace["fold_report"].folded) == 12 and namespace["fold_report"].max_abs_diff < 1e-4
