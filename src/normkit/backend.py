@@ -72,6 +72,7 @@ does not see another thread's choice.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import types
 from collections.abc import Callable, Hashable
@@ -79,6 +80,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+_log = logging.getLogger("normkit")
 
 BACKENDS = ("auto", "native", "eager", "kernels", "compiled", "inductor", "triton")
 
@@ -275,19 +278,61 @@ def compiled(fn: Callable[..., Any], key: Hashable = None) -> Callable[..., Any]
     (``recompile_limit``). A model holds many norm configurations (axes, eps, affine, dtype),
     so each configuration ``key`` gets its own copy of the code object and its own budget;
     within one, shape changes fall back to one dynamic-shape graph after the first recompile.
+
+    Two things a long-running process must never see (issue 12, items 1 and 4):
+
+    * **Recompile limit.** When a configuration still exhausts its budget (many shapes ×
+      ``requires_grad`` patterns), Dynamo raises ``FailOnRecompileLimitHit`` under
+      ``fullgraph=True``. The call then runs ``fn`` eagerly instead — the same math, the
+      exception is raised before any of ``fn`` runs — and that configuration stays eager with
+      one warning on the ``normkit`` logger.
+    * **``backward(retain_graph=True)``.** Graphs are compiled with donated buffers off, but
+      torch checks at *backward* time ``config.donated_buffer and bw_donated_idxs != []``,
+      and a graph compiled with the flag off has ``bw_donated_idxs = None``, so retained
+      backwards were refused ("compiled with non-empty donated buffers") for a graph that
+      donates nothing. After each call the graph's metadata is set to the truth (``[]``);
+      the global flag is never touched, so the user's own compiled models keep donating.
     """
     if key is not None:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(key)):x}")
         fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
     graph = torch.compile(fn, fullgraph=True)
+    eager = False
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
-        # donated buffers would forbid backward(retain_graph=True) (gradcheck, double backward users)
-        with torch._functorch.config.patch(donated_buffer=False):
-            return graph(*args)
+        nonlocal eager
+        if eager:
+            return fn(*args)
+        try:
+            # donated buffers would forbid backward(retain_graph=True) (gradcheck, double backward users)
+            with torch._functorch.config.patch(donated_buffer=False):
+                out = graph(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            eager = True
+            _log.warning(
+                "normkit: %s hit torch.compile's recompile limit; this configuration runs eagerly from now on",
+                fn.__name__,
+            )
+            return fn(*args)
+        _allow_retained_backward(out)
+        return out
 
     return call
+
+
+def _allow_retained_backward(out: Any) -> None:
+    """Mark the compiled graphs behind ``out`` as donating no buffers (they were compiled so).
+
+    torch leaves ``bw_donated_idxs = None`` on a graph compiled with ``donated_buffer=False``
+    and then tests ``!= []`` at backward time; ``[]`` is the truth for these graphs. The
+    metadata object is the one the backward closure reads (``CompiledFunction.metadata``).
+    """
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        node = getattr(t, "grad_fn", None)
+        meta = getattr(getattr(type(node), "_forward_cls", None), "metadata", None)
+        if meta is not None and getattr(meta, "bw_donated_idxs", []) is None:
+            meta.bw_donated_idxs = []
 
 
 def executor(impl: str, fn: Callable[..., Any], key: Hashable) -> Callable[..., Any]:
