@@ -33,3 +33,15 @@ def test_torchscript_gives_one_clear_error(name):
     model = torch.nn.Sequential(torch.nn.Identity(), sample_norm(name, 8))
     with pytest.raises(RuntimeError, match="TorchScript .* is not supported; use torch.compile or torch.export"):
         torch.jit.script(model)
+
+
+def test_prepbn_at_lambda_one_keeps_a_nan_token_in_its_token():
+    # λ = 1 at the start of the schedule: pure LayerNorm, whose statistics are per token
+    m = normkit.create_norm("prepbn", 8).train()
+    x = torch.randn(4, 5, 8)
+    x[0, 1, 2] = float("nan")
+    y = m(x)
+    nan = torch.isnan(y)
+    assert nan[0, 1].all() and nan.sum() == 8  # only the poisoned token
+    ln = torch.nn.functional.layer_norm(x, (8,), m.norm1.weight, m.norm1.bias, m.norm1.eps)
+    torch.testing.assert_close(y[~nan], ln[~nan])

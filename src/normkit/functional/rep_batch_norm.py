@@ -122,6 +122,13 @@ def prepbn_advance_(warm: Tensor, step: Tensor, num_step: Tensor | None = None, 
 
 
 def prepbn_mix(ln: Tensor, rep: Tensor, lam: Tensor) -> Tensor:
-    """``λ · LN(x) + (1 − λ) · RepBN(x)`` in the outputs' dtype (λ computed in float32/float64)."""
+    """``λ · LN(x) + (1 − λ) · RepBN(x)`` in the outputs' dtype (λ computed in float32/float64).
+
+    At the schedule's ends a branch whose weight is exactly 0 is left out rather than multiplied
+    by 0: at λ = 1 (pure LayerNorm, the start of training) one NaN token makes the batch
+    statistics NaN, and ``0 · NaN`` would carry it into every other sample's output; LayerNorm
+    alone keeps it in its token (issue 12, item 6). ``torch.where`` keeps this branch-free.
+    """
     lam = lam.to(accumulation_dtype(ln.dtype))
-    return (lam * ln + (1 - lam) * rep).to(ln.dtype)
+    mixed = lam * ln + (1 - lam) * rep
+    return torch.where(lam == 1, ln.to(mixed.dtype), torch.where(lam == 0, rep.to(mixed.dtype), mixed)).to(ln.dtype)
