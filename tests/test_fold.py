@@ -207,3 +207,18 @@ def test_readme_fold_snippet_runs():
     namespace: dict = {}
     exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "README.md (fold)", "exec"), namespace)  # noqa: S102
     assert len(namespace["fold_report"].folded) == 12 and namespace["fold_report"].max_abs_diff < 1e-4
+
+
+def test_hf_resnet_is_traced_per_submodule_and_folds_exactly():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], num_labels=3)
+    net = transformers.ResNetForImageClassification(cfg)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _randomise(m)
+    net = net.double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model, report = fold_norms(net, example_inputs=(x,))
+    assert report.adjacency.startswith("fx per submodule") and len(report.folded) == 8 and not report.not_folded
+    torch.testing.assert_close(model(x).logits, net(x).logits, rtol=0, atol=1e-10)

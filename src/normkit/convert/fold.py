@@ -40,11 +40,13 @@ per-channel affine map and is reported as not foldable.
 **Adjacency** is read from a ``torch.fx`` trace (as torch's and Apple's tune-mode passes): a norm
 folds *after* a Conv/Linear whose output only it consumes, or *before* a Conv/Linear whose input is
 only its output, each called once. Norms, convolutions and linears are leaves of the trace; every
-other module is traced through. A model that ``torch.fx`` cannot trace (data-dependent control
-flow) falls back to the **Sequential rule**: consecutive children of an ``nn.Sequential``
-(``report.adjacency`` says which was used). Limits of the Sequential rule: pairs wired in a custom
-``forward`` (e.g. a ResNet block's ``conv1``/``bn1``) are not seen, and the rank of a Linear's
-output is not known (see below).
+other module is traced through. A model that ``torch.fx`` cannot trace as a whole (data-dependent
+control flow, e.g. transformers' top-level ``forward``) is traced **per submodule**: its largest
+traceable submodules (e.g. each ``ResNetConvLayer``) are traced on their own, and pairs that cross
+their boundaries are missed (reported as not folded). If nothing traces, the **Sequential rule**:
+consecutive children of an ``nn.Sequential``; pairs wired in a custom ``forward`` are then not seen.
+``report.adjacency`` says which was used. Without ``example_inputs`` (and always per submodule) the
+rank of a Linear's output is not known (see below).
 
 Channel layouts: channels-first norms (BatchNorm, EstBN, BCN, EvoNorm) pair with convolutions
 (channel dim 1) and with a Linear only on ``(N, C)`` features; channels-last norms (RepBN, PRepBN,
@@ -345,8 +347,8 @@ class _Pair:
     norm_rank: int | None
 
 
-def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[list[_Pair], set[str]]:
-    """Candidate (norm, layer, side) pairs from an fx trace, and the names of norms with a problem noted."""
+def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> list[_Pair]:
+    """Candidate (norm, layer, side) pairs from an fx trace of ``model`` (raises if it cannot be traced)."""
     graph = _Tracer().trace(model)
     gm = fx.GraphModule(model, graph)
     ranks: dict[str, int] = {}
@@ -372,7 +374,36 @@ def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[l
         if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 and calls[src.target] == 1:
             pairs.append(_Pair(node.target, src.target, "after", rank))  # src → node: node may fold after src
             pairs.append(_Pair(src.target, node.target, "before", ranks.get(src.target)))  # src may fold before node
-    return pairs, set()
+    return pairs
+
+
+def _traced_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[list[_Pair], str]:
+    """Pairs from an fx trace of ``model``; if it cannot be traced, from traces of its largest traceable
+    submodules (pairs that cross their boundaries are then missed). Returns the pairs and how they were found."""
+    try:
+        return _fx_pairs(model, example_inputs), "fx"
+    except Exception:  # noqa: BLE001  (any tracing failure: trace the children instead)
+        pass
+    pairs: list[_Pair] = []
+    traced: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if next(child.children(), None) is None:
+                continue
+            try:
+                found = _fx_pairs(child, None)
+            except Exception:  # noqa: BLE001
+                visit(child, full)
+                continue
+            traced.append(full)
+            pairs.extend(_Pair(f"{full}.{p.norm}", f"{full}.{p.layer}", p.side, p.norm_rank) for p in found)
+
+    visit(model, "")
+    if not traced:
+        raise ValueError(f"torch.fx could not trace {type(model).__name__} nor any of its submodules")
+    return pairs, "fx per submodule (the model itself is not traceable)"
 
 
 def _sequential_pairs(model: nn.Module) -> list[_Pair]:
@@ -441,8 +472,9 @@ def fold_norms(
         inplace: fold into ``model`` itself; by default a deep copy is folded (as torch's
             ``fuse_conv_bn_eval``), since a folded model should not be trained further (You et al.:
             training on folded weights changes the effective learning rate by ``a²``).
-        adjacency: ``"fx"`` (trace; errors if tracing fails), ``"sequential"`` (consecutive
-            ``nn.Sequential`` children only) or ``"auto"`` (fx, falling back to sequential).
+        adjacency: ``"fx"`` (trace the model, else its traceable submodules; errors if nothing
+            traces), ``"sequential"`` (consecutive ``nn.Sequential`` children only) or ``"auto"``
+            (fx, falling back to sequential).
 
     Returns:
         :class:`FoldReport` (``model, report = fold_norms(...)`` also works): the folded model, what
@@ -484,10 +516,10 @@ def fold_norms(
         pairs, used = _sequential_pairs(target), "sequential"
     else:
         try:
-            pairs, _ = _fx_pairs(target, example_inputs)
+            pairs, used = _traced_pairs(target, example_inputs)
         except Exception as e:  # noqa: BLE001  (any tracing failure: fall back, and say so)
             if adjacency == "fx":
-                raise ValueError(f"fold_norms(adjacency='fx'): torch.fx could not trace {type(model).__name__}: {e}") from e
+                raise ValueError(f"fold_norms(adjacency='fx'): {e}") from e
             pairs, used = _sequential_pairs(target), "sequential"
 
     report = FoldReport(target, adjacency=used)

@@ -17,7 +17,8 @@ less per block, and one pass over it less. Unlike folding ("Deploy mode", :func:
 parameters stay the original ones, so training is as stable as Eval mode (the paper's analysis).
 
 How it is applied here: the pairs are found as :func:`~normkit.convert.fold.fold_norms` finds them
-(an fx trace, else consecutive ``nn.Sequential`` children; the conv's output must feed only the BN),
+(an fx trace of the model or of its traceable submodules, else consecutive ``nn.Sequential``
+children; the conv's output must feed only the BN),
 and each pair is **patched per instance** (as Liger-Kernel and ``kernels`` patch norms): the conv's
 ``forward`` computes the fused convolution while its BN is in eval mode with running statistics,
 and the BN's ``forward`` passes its input through in that state. In training mode both run as
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit.convert.fold import _CONVS, _fx_pairs, _plain_layer, _sequential_pairs
+from normkit.convert.fold import _CONVS, _plain_layer, _sequential_pairs, _traced_pairs
 
 __all__ = ["TuneModeReport", "saved_tensor_bytes", "tune_mode_convbn"]
 
@@ -118,7 +119,7 @@ def tune_mode_convbn(model: nn.Module, *, inplace: bool = True) -> TuneModeRepor
         raise TypeError(f"tune_mode_convbn expects an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
     try:
-        pairs, used = _fx_pairs(target, None)[0], "fx"
+        pairs, used = _traced_pairs(target, None)
     except Exception:  # noqa: BLE001  (untraceable model: the Sequential rule)
         pairs, used = _sequential_pairs(target), "sequential"
     modules = dict(target.named_modules())
