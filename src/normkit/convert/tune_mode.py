@@ -28,13 +28,12 @@ buffers and state-dict keys are unchanged; :meth:`TuneModeReport.restore` remove
 Divergence: torch's pass computes ``k``, ``W'``, ``b'`` in float32 for half-precision weights and
 casts back; here they are computed in the parameters' dtype (identical for float32 models).
 
-``python -m normkit.convert.tune_mode`` measures saved-tensor bytes and step time on a small ResNet.
+``python -m normkit.convert.measure`` measures saved-tensor bytes and step time on a small ResNet.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,50 +173,3 @@ def saved_tensor_bytes(step: Any, params: Sequence[Tensor] = ()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(seen.values())
-
-
-def benchmark(
-    batch: int = 16, size: int = 32, widths: Sequence[int] = (8, 16, 32, 64), repeats: int = 5, seed: int = 0
-) -> dict[str, float]:
-    """Eval-mode fine-tuning step (forward + backward) of a ResNet-18-shaped normkit ResNet, plain
-    conv → BN(eval) against tune mode: saved-tensor MB, ms per step, and the largest gradient difference."""
-    from normkit.models.resnet import ResNet
-
-    torch.manual_seed(seed)
-    base = ResNet("basic", (2, 2, 2, 2), widths=widths, stem_width=widths[0], num_classes=10, small_input=True).eval()
-    tuned = tune_mode_convbn(copy.deepcopy(base)).model
-    x = torch.randn(batch, 3, size, size)
-    out: dict[str, float] = {}
-    grads = {}
-    for label, net in (("eval", base), ("tune", tuned)):
-        params = list(net.parameters())
-
-        def step(net: nn.Module = net) -> None:
-            net.zero_grad(set_to_none=True)
-            net(x).square().mean().backward()
-
-        out[f"{label}_saved_mb"] = saved_tensor_bytes(step, params) / 2**20
-        step()
-        times = []
-        for _ in range(repeats):  # the best of `repeats`: the machine may be shared
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        out[f"{label}_ms"] = min(times) * 1e3
-        grads[label] = [p.grad.clone() for p in params]
-    out["max_grad_diff"] = max(float((a - b).abs().max()) for a, b in zip(grads["eval"], grads["tune"]))
-    return out
-
-
-def main() -> None:
-    """``python -m normkit.convert.tune_mode``: print the measurement of :func:`benchmark`."""
-    r = benchmark()
-    print("ResNet-18 layout (widths 8-64), batch 16, 32x32, CPU, fine-tuning step with BN in eval mode (best of 5)")
-    print(f"  conv->BN(eval): saved tensors {r['eval_saved_mb']:.1f} MB, {r['eval_ms']:.1f} ms/step")
-    print(f"  tune mode:      saved tensors {r['tune_saved_mb']:.1f} MB, {r['tune_ms']:.1f} ms/step")
-    print(f"  saved-tensor memory {1 - r['tune_saved_mb'] / r['eval_saved_mb']:.0%} lower, "
-          f"time x{r['eval_ms'] / r['tune_ms']:.2f}; max |grad difference| {r['max_grad_diff']:.2g}")
-
-
-if __name__ == "__main__":
-    main()
