@@ -103,7 +103,7 @@ class AdamP(torch.optim.Optimizer):
                 step = self.state[p]["step"]
                 bias_correction1 = 1 - beta1**step
                 bias_correction2 = 1 - beta2**step
-                denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+                denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(group["eps"])
                 step_size = group["lr"] / bias_correction1
                 if group["nesterov"]:
                     perturb = (beta1 * m + (1 - beta1) * g) / denom

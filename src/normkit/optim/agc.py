@@ -69,8 +69,9 @@ def adaptive_clip_grad_(
             raise RuntimeError(f"adaptive_clip_grad_ does not support sparse gradients (parameter {tuple(p.shape)})")
         max_norm = unitwise_norm(p).clamp_min(eps) * clipping
         g_norm = unitwise_norm(g)
-        clipped = g * (max_norm / g_norm.clamp_min(1e-6))
-        g.copy_(torch.where(g_norm > max_norm, clipped, g))
+        # one factor per unit (1 where the unit is not clipped), then one in-place pass over g
+        factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
+        g.mul_(factor.to(g.dtype))
 
 
 class AGC(torch.optim.Optimizer):

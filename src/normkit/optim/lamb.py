@@ -89,13 +89,11 @@ class LAMB(torch.optim.Optimizer):
             for p, m, v in zip(params, ms, vs):
                 t = self.state[p]["step"]
                 bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if group["bias_correction"] else (1.0, 1.0)
-                update = (m / bc1) / ((v / bc2).sqrt_().add_(group["eps"]))
+                update = (m / bc1).div_(v.div(bc2).sqrt_().add_(group["eps"]))
                 if group["weight_decay"] != 0:
                     update.add_(p, alpha=group["weight_decay"])
                 if group["trust_ratio"]:
                     w_norm, u_norm = p.norm(), update.norm()
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                    p.add_(update * ratio, alpha=-group["lr"])
-                else:
-                    p.add_(update, alpha=-group["lr"])
+                    update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)))
+                p.add_(update, alpha=-group["lr"])
         return loss

@@ -8,7 +8,7 @@ For a weight ``w`` (ndim > 1), gradient ``g`` and update ``u`` (Adam's ``m / den
 momentum buffer), with each *view* ``V`` (first the channel view ``w.view(C_out, -1)``, then the
 layer view ``w.view(1, -1)``):
 
-    cos_r = |<g_r, w_r>| / (‖g_r‖ ‖w_r‖)        per row r of the view (``F.cosine_similarity``, eps)
+    cos_r = |<g_r, w_r>| / (max(‖g_r‖, eps) max(‖w_r‖, eps))   per row r (``F.cosine_similarity``)
     if max_r cos_r < delta / sqrt(d)           (d = row length of the view)
         ŵ_r = w_r / (‖w_r‖ + eps)
         u_r ← u_r − ŵ_r <ŵ_r, u_r>            (the radial part of the update is removed)
@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 PROJECTION_MODES = ("auto", "channel", "layer", "off")
 
@@ -41,14 +40,21 @@ def check_projection(mode: object) -> None:
         raise ValueError(f"projection must be one of {PROJECTION_MODES}, got {mode!r}")
 
 
-def _view(x: torch.Tensor, which: str) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1) if which == "channel" else x.reshape(1, -1)
+def _rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    x = x.reshape(rows, -1)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _remove_radial_(p: torch.Tensor, update: torch.Tensor, which: str, eps: float) -> None:
-    expand = [-1] + [1] * (p.dim() - 1)
-    p_n = p / _view(p, which).norm(dim=1).view(expand).add_(eps)
-    update.sub_(p_n * _view(p_n * update, which).sum(dim=1).view(expand))
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_rj b_rj per row, as a batched matrix product (no temporary of a's size)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _remove_radial_(p: torch.Tensor, update: torch.Tensor, rows: int, w_norm: torch.Tensor, eps: float) -> None:
+    """u ← u − ŵ <ŵ, u> with ŵ = w / (‖w‖ + eps) per row, written as u ← u − w · <w, u> / (‖w‖ + eps)²
+    (the official expression, regrouped so that no normalized copy of w is made)."""
+    coef = _row_dot(_rows(p, rows), _rows(update, rows)) / (w_norm + eps).square()
+    update.addcmul_(p, coef.to(update.dtype).view([-1] + [1] * (p.dim() - 1)), value=-1.0)
 
 
 def project_radial_(
@@ -72,13 +78,25 @@ def project_radial_(
     if mode in ("channel", "layer"):
         if p.dim() == 0:
             return 1.0
-        _remove_radial_(p, update, mode, eps)
+        rows = p.shape[0] if mode == "channel" else 1
+        _remove_radial_(p, update, rows, torch.linalg.vector_norm(_rows(p, rows), dim=1), eps)
         return wd_ratio
     if p.dim() <= 1:
         return 1.0
-    for which in ("channel", "layer"):
-        cos = F.cosine_similarity(_view(grad, which), _view(p, which), dim=1, eps=eps).abs_()
-        if cos.max() < delta / math.sqrt(_view(p, which).shape[1]):
-            _remove_radial_(p, update, which, eps)
-            return wd_ratio
+    # F.cosine_similarity(g_r, w_r, eps) = <g_r, w_r> / (max(‖g_r‖, eps) · max(‖w_r‖, eps)); the
+    # per-row sums also give the layer view's (one pass over g and w for both views).
+    channels = p.shape[0]
+    w2, g2 = _rows(p, channels), _rows(grad, channels)
+    dots = _row_dot(g2, w2)
+    g_norm = torch.linalg.vector_norm(g2, dim=1)
+    w_norm = torch.linalg.vector_norm(w2, dim=1)
+    cos = dots.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
+    if cos.max() < delta / math.sqrt(w2.shape[1]):
+        _remove_radial_(p, update, channels, w_norm, eps)
+        return wd_ratio
+    layer_w_norm = w_norm.square().sum().sqrt().view(1)
+    layer_cos = dots.sum().abs() / (g_norm.square().sum().sqrt().clamp_min(eps) * layer_w_norm.clamp_min(eps))
+    if layer_cos < delta / math.sqrt(p.numel()):
+        _remove_radial_(p, update, 1, layer_w_norm, eps)
+        return wd_ratio
     return 1.0

@@ -173,15 +173,18 @@ def _trace_candidates(model: nn.Module, example_input: Any, extra: Mapping[type,
     return found
 
 
-def _invariant(model: nn.Module, example_input: Any, weight: nn.Parameter, view: str, rtol: float, seed: int) -> bool:
+def _outputs(model: nn.Module, example_input: Any, seed: int) -> list[torch.Tensor]:
+    """Every output tensor of one training-mode forward with a fixed RNG seed (dropout masks repeat)."""
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        return [t.detach().clone() for t in _tensors(_call(model, example_input))]
 
-    def outputs() -> list[torch.Tensor]:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            return [t.detach().clone() for t in _tensors(_call(model, example_input))]
 
-    reference = outputs()
+def _invariant(
+    model: nn.Module, example_input: Any, reference: list[torch.Tensor], weight: nn.Parameter, view: str, rtol: float,
+    seed: int,
+) -> bool:
     saved = weight.detach().clone()
     if view == "channel":
         gen = torch.Generator().manual_seed(seed + 1)
@@ -192,7 +195,7 @@ def _invariant(model: nn.Module, example_input: Any, weight: nn.Parameter, view:
     try:
         with torch.no_grad():
             weight.mul_(factors)
-        scaled = outputs()
+        scaled = _outputs(model, example_input, seed)
     finally:
         with torch.no_grad():
             weight.copy_(saved)
@@ -241,11 +244,12 @@ def find_scale_invariant(
     try:
         model.train()
         candidates = _trace_candidates(model, example_input, extra)
-        if verify:
+        if verify and candidates:
+            reference = _outputs(model, example_input, seed)
             checked: dict[nn.Parameter, str] = {}
             for weight, view in candidates.items():
                 for attempt in (("channel", "layer") if view == "channel" else ("layer",)):
-                    if _invariant(model, example_input, weight, attempt, rtol, seed):
+                    if _invariant(model, example_input, reference, weight, attempt, rtol, seed):
                         checked[weight] = attempt
                         break
             candidates = checked
