@@ -87,13 +87,14 @@ class SmallCNN(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (no masking: every token sees every patch)."""
+    """Multi-head self-attention (no masking: every token sees every patch; ``causal=True``: each sees its past)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -101,18 +102,18 @@ class Attention(nn.Module):
         # head size from the projections, not from x: a Pre-CRMSNorm model's stream is d - 1 wide
         n, t = x.shape[:2]
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(n, t, -1))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, dim: int, heads: int, norm: NormSpec, mlp_ratio: float = 2.0) -> None:
+    def __init__(self, dim: int, heads: int, norm: NormSpec, mlp_ratio: float = 2.0, causal: bool = False) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = make_norm(norm, dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, causal)
         self.norm2 = make_norm(norm, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -125,7 +126,8 @@ class TinyViT(nn.Module):
     """ViT for 8×8 digits: 2×2 patches → 16 tokens, learned positions, pre-norm blocks, final norm, mean pool.
 
     Mean pooling instead of a cls token keeps every token on the path to the loss, which
-    makes small-data training less sensitive to initialization.
+    makes small-data training less sensitive to initialization. ``placement`` re-places the norms
+    (:data:`PLACEMENTS`: ``"pre"``, ``"peri"``, ``"mix"`` with ``alpha``), see :mod:`normkit.convert.placement`.
     """
 
     def __init__(
@@ -138,6 +140,8 @@ class TinyViT(nn.Module):
         depth: int = 2,
         heads: int = 4,
         num_classes: int = 10,
+        placement: str = "pre",
+        alpha: float = 0.25,
     ) -> None:
         super().__init__()
         if image_size % patch:
@@ -148,8 +152,59 @@ class TinyViT(nn.Module):
         self.blocks = nn.Sequential(*(Block(dim, heads, norm) for _ in range(depth)))
         self.norm = make_norm(norm, dim)
         self.head = nn.Linear(dim, num_classes)
+        _placed(self, placement, alpha)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (N, tokens, dim)
         x = self.norm(self.blocks(x))
         return self.head(x.mean(dim=1))
+
+
+#: norm placements of :class:`TinyViT` / :class:`TinyGPT` (``normkit.convert.placement``): Pre-LN,
+#: Peri-LN (input and output norm on every sublayer) and Mix-LN (Post-LN in the first ⌊αL⌋ blocks)
+PLACEMENTS = ("pre", "peri", "mix")
+
+
+def _placed(model: nn.Module, placement: str, alpha: float) -> None:
+    """Re-place the norms of a freshly built pre-norm model through the converters (one mechanism for all models)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    from normkit.convert.placement import to_mix_ln, to_peri_ln  # bench → convert points down
+
+    if placement == "peri":
+        to_peri_ln(model)
+    elif placement == "mix":
+        to_mix_ln(model, alpha)
+
+
+class TinyGPT(nn.Module):
+    """Decoder-only language model: token + learned position embeddings, causal pre-norm blocks, final norm, LM head.
+
+    The GPT counterpart of :class:`TinyViT` (same :class:`Block`, ``causal=True``), small enough to train on
+    CPU. ``placement`` re-places its norms (:data:`PLACEMENTS`; ``alpha`` is Mix-LN's fraction of Post-LN blocks).
+    """
+
+    def __init__(
+        self,
+        norm: NormSpec,
+        vocab_size: int = 64,
+        context: int = 32,
+        dim: int = 48,
+        depth: int = 2,
+        heads: int = 4,
+        placement: str = "pre",
+        alpha: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(1, context, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, heads, norm, causal=True) for _ in range(depth)))
+        self.norm = make_norm(norm, dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        _placed(self, placement, alpha)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[-1] > self.pos.shape[1]:
+            raise ValueError(f"TinyGPT: sequence length {ids.shape[-1]} exceeds the context {self.pos.shape[1]}")
+        x = self.tok(ids) + self.pos[:, : ids.shape[-1]]
+        return self.head(self.norm(self.blocks(x)))
