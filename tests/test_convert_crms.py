@@ -15,7 +15,7 @@ from torch import nn
 
 import normkit
 from normkit.bench.e2e import ViT as E2EViT
-from normkit.bench.models import TinyViT
+from normkit.bench.models import TinyGPT, TinyViT
 from normkit.convert.crms import to_pre_crmsnorm, to_pre_rmsnorm
 
 transformers = pytest.importorskip("transformers")
@@ -86,6 +86,8 @@ CASES = {
                       lambda s, g: torch.randn(4, 1, 8, 8, generator=g)),
     "e2e_vit_nobias": (lambda s: _random_ln(_no_bias(E2EViT(img=8, dim=24, depth=2, heads=3)), s),
                        lambda s, g: torch.randn(2, 3, 8, 8, generator=g)),
+    "bench_tinygpt": (lambda s: _random_ln(TinyGPT("layernorm", dim=24, heads=3), s),
+                      lambda s, g: torch.randint(0, 64, (2, 6 + s), generator=g)),
     "vit_no_ln_affine": (lambda s: TinyViT(lambda c: nn.LayerNorm(c, elementwise_affine=False), dim=24, heads=3),
                          lambda s, g: torch.randn(2, 1, 8, 8, generator=g)),
 }

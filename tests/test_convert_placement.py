@@ -15,7 +15,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 import normkit
-from normkit.bench.models import TinyViT
+from normkit.bench.models import TinyGPT, TinyViT
 from normkit.convert.placement import to_layernorm_scaling, to_mix_ln, to_peri_ln
 
 transformers = pytest.importorskip("transformers")
@@ -221,3 +221,28 @@ def test_errors():
         to_mix_ln(peri)
     with pytest.raises(TypeError, match="crossattention"):
         to_peri_ln(_gpt2(add_cross_attention=True))
+
+
+# ------------------------------------------------------------------------------------------ normkit's builders
+
+
+@pytest.mark.parametrize("cls", [TinyViT, TinyGPT])
+def test_bench_builders_take_a_placement(cls):
+    x = torch.randn(2, 1, 8, 8) if cls is TinyViT else torch.randint(0, 64, (2, 9))
+    for placement, want in (("pre", ["pre"] * 4), ("peri", ["peri"] * 4), ("mix", ["post"] + ["pre"] * 3)):
+        torch.manual_seed(0)
+        model = cls("rmsnorm", depth=4, placement=placement)
+        assert [getattr(b, "placement", "pre") for b in model.blocks] == want
+        assert model(x).shape[0] == 2
+    assert isinstance(cls("layernorm", placement="peri").blocks[0].attn_out_norm, normkit.LayerNorm)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        cls("layernorm", placement="sandwich")
+
+
+def test_tiny_gpt_is_causal():
+    model = TinyGPT("layernorm", placement="peri").eval()
+    ids = torch.randint(0, 64, (1, 8))
+    changed = ids.clone()
+    changed[0, 5:] = (changed[0, 5:] + 1) % 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :5], model(changed)[:, :5])  # the past does not see the future
