@@ -222,3 +222,21 @@ def test_hf_resnet_is_traced_per_submodule_and_folds_exactly():
     model, report = fold_norms(net, example_inputs=(x,))
     assert report.adjacency.startswith("fx per submodule") and len(report.folded) == 8 and not report.not_folded
     torch.testing.assert_close(model(x).logits, net(x).logits, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("arch", "norm"), [("cnn", "bcn"), ("cnn", "estbn"), ("vit", "repbn"), ("vit", "powernorm")])
+def test_bench_models_fold_exactly(arch, norm):
+    from normkit.bench.models import SmallCNN, TinyViT
+
+    torch.manual_seed(0)
+    model = SmallCNN(norm) if arch == "cnn" else TinyViT(norm)
+    for m in model.modules():
+        if type(m).__name__ in ("BatchChannelNorm", "EstBN", "RepBN", "PowerNorm"):
+            _randomise(m)
+    model = model.double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    report = fold_norms(model, example_inputs=x)
+    # the CNN's three norms fold after their convs; the ViT's two pre-norms per block fold into qkv / fc1
+    # (x.shape reads do not count as users); its final norm is followed by a token mean, not a Linear
+    assert len(report.folded) == (3 if arch == "cnn" else 4), str(report)
+    assert report.max_abs_diff < 1e-10

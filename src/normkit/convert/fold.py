@@ -347,6 +347,22 @@ class _Pair:
     norm_rank: int | None
 
 
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
+_METADATA_METHODS = frozenset({"size", "dim"})
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (``x.shape``, ``x.size()``, ``x.dim()`` only read metadata,
+    which a fold leaves unchanged)."""
+
+    def metadata(u: fx.Node) -> bool:
+        if u.op == "call_function" and u.target is getattr:  # fx records ``x.shape`` as getattr(x, "shape")
+            return len(u.args) > 1 and u.args[1] in _METADATA_ATTRS
+        return u.op == "call_method" and u.target in _METADATA_METHODS
+
+    return [u for u in node.users if not metadata(u)]
+
+
 def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> list[_Pair]:
     """Candidate (norm, layer, side) pairs from an fx trace of ``model`` (raises if it cannot be traced)."""
     graph = _Tracer().trace(model)
@@ -371,7 +387,7 @@ def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> list[_P
             continue
         src = node.args[0]
         rank = ranks.get(node.target)
-        if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 and calls[src.target] == 1:
+        if isinstance(src, fx.Node) and src.op == "call_module" and _value_users(src) == [node] and calls[src.target] == 1:
             pairs.append(_Pair(node.target, src.target, "after", rank))  # src → node: node may fold after src
             pairs.append(_Pair(src.target, node.target, "before", ranks.get(src.target)))  # src may fold before node
     return pairs
