@@ -53,7 +53,9 @@ def reference_adamp(w, grads, lr, betas, eps, weight_decay, delta, wd_ratio, nes
     return w, fired
 
 
-def reference_sgdp(w, grads, lr, momentum, dampening, weight_decay, nesterov, delta, wd_ratio, eps, project_buffer=True):
+def reference_sgdp(
+    w, grads, lr, momentum, dampening, weight_decay, nesterov, delta, wd_ratio, eps, project_buffer=True, wd_scaling=True
+):
     wd = weight_decay
     w = w.clone()
     buf = torch.zeros_like(w)
@@ -65,7 +67,7 @@ def reference_sgdp(w, grads, lr, momentum, dampening, weight_decay, nesterov, de
         fired.append(which)
         if not nesterov and project_buffer:
             buf = d
-        w = w * (1 - lr * wd * f / (1 - momentum))
+        w = w * (1 - lr * wd * f / ((1 - momentum) if wd_scaling else 1.0))
         w = w - lr * d
     return w, fired
 
@@ -152,6 +154,16 @@ def test_sgdp_dampening_and_decay_factor():
     kw = dict(lr=1e-2, momentum=0.5, dampening=0.3, weight_decay=0.2, nesterov=False, delta=0.1, wd_ratio=0.1, eps=1e-8)
     expected, _ = reference_sgdp(w0, grads, **kw)
     torch.testing.assert_close(_run(SGDP, w0, grads, **kw), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sgdp_decay_without_the_momentum_division():
+    w0 = torch.randn(3, 4, dtype=torch.float64)
+    grads = _grads(w0, "channel", 3)
+    kw = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.5, nesterov=False, delta=0.1, wd_ratio=0.1, eps=1e-8)
+    official, _ = reference_sgdp(w0, grads, **kw)
+    plain, _ = reference_sgdp(w0, grads, wd_scaling=False, **kw)
+    assert not torch.allclose(official, plain)
+    torch.testing.assert_close(_run(SGDP, w0, grads, wd_momentum_scaling=False, **kw), plain, rtol=1e-12, atol=1e-12)
 
 
 def test_vectors_are_never_projected_in_auto_mode():

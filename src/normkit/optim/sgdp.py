@@ -13,7 +13,8 @@ followed step for step:
 Two official details that differ from ``torch.optim.SGD`` and are kept by default:
 
 * the decoupled weight decay is divided by ``(1 − momentum)`` (10× at momentum 0.9), the decay
-  a momentum buffer would accumulate in steady state;
+  a momentum buffer would accumulate in steady state (``wd_momentum_scaling=False`` drops the
+  division: ``w ← w · (1 − lr · weight_decay · f)``);
 * without Nesterov, ``d`` *is* the momentum buffer, so the projection edits the buffer in place
   and every later step carries it. ``project_momentum=False`` projects a copy instead (the buffer
   keeps the raw momentum; with Nesterov both settings are the same, since ``d`` is a new tensor).
@@ -50,6 +51,7 @@ class SGDP(torch.optim.Optimizer):
         *,
         projection: str = "auto",
         project_momentum: bool = True,
+        wd_momentum_scaling: bool = True,
         foreach: bool | None = None,
     ) -> None:
         check_lr(lr)
@@ -65,7 +67,7 @@ class SGDP(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov),
             eps=eps, delta=delta, wd_ratio=wd_ratio, projection=projection,
-            project_momentum=bool(project_momentum), foreach=foreach,
+            project_momentum=bool(project_momentum), wd_momentum_scaling=bool(wd_momentum_scaling), foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -109,6 +111,7 @@ class SGDP(torch.optim.Optimizer):
                     mode=group["projection"],
                 )
                 if group["weight_decay"] > 0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"] * wd_factor / (1 - momentum))
+                    scale = 1 - momentum if group["wd_momentum_scaling"] else 1.0
+                    p.mul_(1 - group["lr"] * group["weight_decay"] * wd_factor / scale)
                 p.add_(d_p, alpha=-group["lr"])
         return loss
