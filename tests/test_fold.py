@@ -175,6 +175,10 @@ def test_not_foldable_norms_are_reported_with_reasons():
     assert "no adjacent" in reasons["6"] or "before" in reasons["6"]
     padded = nn.Sequential(_randomise(nn.BatchNorm2d(3)), nn.Conv2d(3, 2, 3, padding=1)).eval()
     assert "padded" in fold_norms(padded).not_folded[0].reason
+    reflect = nn.Sequential(_randomise(nn.BatchNorm2d(3)), nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    r = fold_norms(reflect, example_inputs=x)
+    assert len(r.folded) == 1 and r.max_abs_diff < 1e-10  # reflect padding copies normalized values: exact
     ws = nn.Sequential(normkit.WSConv2d(3, C, 3), _randomise(nn.BatchNorm2d(C))).eval()
     assert "weight standardization" in fold_norms(ws).not_folded[0].reason
 

@@ -10,8 +10,9 @@ Beyond", ICLR 2024, arXiv:2305.11624, and torch's ``fuse_conv_bn_eval``)::
 
 The new weights are computed in float64 and rounded once to the layer's dtype, so the folded model
 equals the original to the rounding of its dtype. Folding *before* a convolution is only exact without
-zero padding (the padded zeros would otherwise skip the shift ``c``), so padded convolutions are
-refused in that direction.
+zero padding (the padded zeros would otherwise skip the shift ``c``), so zero-padded convolutions
+are refused in that direction (``padding_mode`` reflect/replicate/circular pads with copies of the
+input and folds exactly).
 
 **Eval forms** (each read from the module's code, and written out again in ``tests/test_fold.py``):
 
@@ -299,6 +300,10 @@ def _fold_before(layer: nn.Module, aff: EvalAffine) -> None:
 
 
 def _zero_padding(conv: nn.Module) -> bool:
+    """Whether folding before ``conv`` is exact: no padding, or padding that copies the input
+    (reflect/replicate/circular commute with a per-channel affine map; zeros do not)."""
+    if conv.padding_mode != "zeros":
+        return True
     p = conv.padding
     if isinstance(p, str):
         return p == "valid" or all(k == 1 for k in conv.kernel_size)
