@@ -149,6 +149,9 @@ def sinkgd_param_groups(
 
     ``head``: names of the Linear modules to keep on AdamW; by default the last ``nn.Linear`` in
     ``model.modules()`` order and any Linear whose weight is shared with an ``nn.Embedding``.
+    The two parts usually want different learning rates (SinkGD's step has unit-RMS entries at
+    every step, Adam's only early on; secondary sources report the paper's LLaMA runs scaling
+    SinkGD's lr relative to Adam's [unverified]): give the AdamW group its own ``lr`` in ``adamw``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
