@@ -1,0 +1,82 @@
+"""Synchronized statistics over torch.distributed (gloo, CPU, float64): every batch-dependent layer on k
+ranks equals the single-process layer on the concatenated batch — forward, input gradient, parameter
+gradients summed over ranks and running buffers after several steps — with equal and uneven batches, a
+rank with no samples and per-rank masks; eval never communicates; a 20-step DDP run equals
+single-process training. Each world size spawns its processes once (``distributed_cases.worker``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_cases  # noqa: E402
+
+TOL = 1e-10
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def results(request, tmp_path_factory) -> tuple[int, list[dict[str, float]]]:
+    world = request.param
+    out = tmp_path_factory.mktemp(f"dist{world}")
+    mp.spawn(distributed_cases.worker, args=(world, _port(), str(out)), nprocs=world, join=True)
+    return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_every_layer_equals_single_process_on_the_concatenated_batch(results):
+    world, per_rank = results
+    names = [n for n, _, _ in distributed_cases.cases()]
+    checked = 0
+    for r, res in enumerate(per_rank):
+        for name in names:
+            for split in distributed_cases.SPLITS[world]:
+                for what in ("forward", "input_grad", "param_grad", "buffers"):
+                    err = res[f"{name}/{split}/{what}"]
+                    assert err <= TOL, f"rank {r}/{world}, {name}, {split} batches: {what} differs by {err:.3g}"
+                    checked += 1
+    assert checked == world * len(names) * 3 * 4
+
+
+def test_eval_never_communicates_and_training_is_one_collective(results):
+    world, per_rank = results
+    for res in per_rank:
+        assert res["eval_collectives"] == 0
+        assert res["train_collectives_per_bn_call"] == 1
+        assert res["world_sum"] == world
+
+
+def test_ddp_training_equals_single_process(results):
+    _, per_rank = results
+    for res in per_rank:
+        assert res["ddp_params"] <= TOL and res["ddp_buffers"] <= TOL, res
+
+
+def test_without_a_process_group_training_raises_a_clear_error():
+    import normkit as nk
+
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    bn = nk.BatchNorm2d(3, process_group="world")
+    with pytest.raises(ValueError, match="init_process_group"):
+        bn(torch.randn(2, 3, 4, 4))
+    bn.eval()
+    assert bn(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)  # eval never needs the group
+    with pytest.raises(TypeError, match="ProcessGroup, 'world' or None"):
+        nk.PowerNorm(4, process_group=3)
+    with pytest.raises(TypeError, match="ProcessGroup, 'world' or None"):
+        nk.BatchNorm2d(4, process_group="everyone")
