@@ -74,7 +74,7 @@ __version__ = "0.1.0"
 #: modules (models, test-time adaptation, continual learning, model conversion, the bench with its data and suites)
 #: and most users of a normalization layer never touch them. ``normkit.layers`` is the old home
 #: of ``normkit.nn``'s weight-standardized / normalizer-free layers, kept as a re-export.
-_LAZY_SUBMODULES = ("adapt", "bench", "continual", "convert", "layers", "models", "optim")
+_LAZY_SUBMODULES = ("adapt", "bench", "continual", "convert", "distributed", "layers", "models", "optim")
 #: Top-level names that live in a lazily loaded subpackage: name → the module that defines it.
 _LAZY_ATTRS = {"self_normalizing_mlp": "normkit.models"}
 
