@@ -183,6 +183,16 @@ def test_not_foldable_norms_are_reported_with_reasons():
     assert "weight standardization" in fold_norms(ws).not_folded[0].reason
 
 
+def test_a_subclass_with_another_eval_form_is_refused():
+    class Shifted(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    model = nn.Sequential(nn.Conv2d(3, C, 1), _randomise(Shifted(C))).eval()
+    r = fold_norms(model)
+    assert not r.folded and "differs from its per-channel affine form" in r.not_folded[0].reason
+
+
 def test_prepbn_eval_mix_folds_only_after_its_schedule():
     m = _randomise(normkit.PRepBN(C, total_step=2, eval_mix=True))
     with pytest.raises(Exception, match="mid-schedule"):

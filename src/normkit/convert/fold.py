@@ -36,7 +36,9 @@ EvoNorm-B0                 ``apply_act=False`` only: ``a = γ``, ``c = β``     
 =========================  ==========================================================  ==========
 
 Anything else (LayerNorm, GroupNorm, InstanceNorm, EvoNorm-B0 with its activation, ...) is not a
-per-channel affine map and is reported as not foldable.
+per-channel affine map and is reported as not foldable. Before folding, each norm's eval output is
+also checked against its map on a random float64 input (:func:`verify_eval_affine`), so a subclass
+that computes something else in eval mode is refused rather than folded wrongly.
 
 **Adjacency** is read from a ``torch.fx`` trace (as torch's and Apple's tune-mode passes): a norm
 folds *after* a Conv/Linear whose output only it consumes, or *before* a Conv/Linear whose input is
@@ -77,7 +79,17 @@ from normkit.nn.rep_batch_norm import PRepBN, RepBN
 from normkit.nn.unified_norm import UnifiedNorm
 from normkit.registry import Paper, norm_info_of
 
-__all__ = ["EFFICIENT_CONVBN", "EvalAffine", "FoldReport", "Folded", "NotFoldableError", "NotFolded", "eval_affine", "fold_norms"]
+__all__ = [
+    "EFFICIENT_CONVBN",
+    "EvalAffine",
+    "FoldReport",
+    "Folded",
+    "NotFoldableError",
+    "NotFolded",
+    "eval_affine",
+    "fold_norms",
+    "verify_eval_affine",
+]
 
 EFFICIENT_CONVBN = Paper(
     "Efficient ConvBN Blocks for Transfer Learning and Beyond", 2024, "2305.11624",
@@ -185,6 +197,42 @@ def eval_affine(m: nn.Module) -> EvalAffine:
     if norm_info_of(m) is not None or isinstance(m, _TORCH_NORMS):
         raise NotFoldableError(f"{name} is not a per-channel affine map in eval mode (its statistics depend on the input)")
     raise NotFoldableError(f"{name} is not a normalization layer")
+
+
+def _sample_input(m: nn.Module, layout: str, c: int) -> Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if layout == "channels_last":
+        shape: tuple[int, ...] = (2, 3, c)
+    elif isinstance(m, nn.BatchNorm1d):
+        shape = (4, c)
+    elif isinstance(m, nn.BatchNorm3d):
+        shape = (2, c, 2, 2, 2)
+    else:
+        shape = (2, c, 3, 3)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def verify_eval_affine(m: nn.Module, aff: EvalAffine | None = None) -> float:
+    """Run (a float64 copy of) ``m`` in eval mode on a random input and compare it with its :func:`eval_affine`
+    map; returns the largest difference, raises :class:`NotFoldableError` if it exceeds 1e-9 (a subclass that
+    changes the eval computation, or an eval form this module does not know)."""
+    aff = aff or eval_affine(m)
+    probe = m.pbn if isinstance(m, BatchChannelNorm) else m
+    ref = copy.deepcopy(probe).to(torch.float64).eval()
+    device = next((t.device for t in [*ref.parameters(), *ref.buffers()]), torch.device("cpu"))
+    x = _sample_input(probe, aff.layout, aff.scale.numel()).to(device)
+    inner = x
+    if isinstance(m, PowerNorm) and m.num_groups is not None:
+        inner = aff.remainder()(x)
+    dim = -1 if aff.layout == "channels_last" else 1
+    want = inner * _channel_view(aff.scale.to(device), dim, x.dim()) + _channel_view(aff.shift.to(device), dim, x.dim())
+    with torch.no_grad():
+        got = ref(x)
+    worst = float((got - want).abs().max())
+    if not worst <= 1e-9:
+        what = f"{type(m).__name__}'s eval output"
+        raise NotFoldableError(f"{what} differs from its per-channel affine form (max |Δ| = {worst:.3g})")
+    return worst
 
 
 # ---------------------------------------------------------------------------------- report
@@ -529,7 +577,9 @@ def fold_norms(
     for name, m in norms.items():
         try:
             affines[name] = eval_affine(m)
+            verify_eval_affine(m, affines[name])
         except NotFoldableError as e:
+            affines.pop(name, None)
             not_folded[name] = str(e)
     used = "fx"
     pairs: list[_Pair]
