@@ -184,3 +184,18 @@ def test_bad_casting_is_an_error():
     with pytest.raises(ValueError, match="mask"):
         norm(torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bool))
     assert exact_equivalent(nn.Linear(2, 2))[0] is None
+
+
+def test_scale_offset_and_gamma_report_use_the_effective_scale():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from normkit.adapt import gamma_report
+    from normkit.nn.recognize import scale_offset
+
+    assert (scale_offset(GemmaRMSNorm(8)), scale_offset(LlamaRMSNorm(8))) == (1.0, 0.0)
+    assert scale_offset(normkit.RMSNorm(8, weight_offset=1.0)) == 1.0 and scale_offset(nn.LayerNorm(8)) == 0.0
+    torch.manual_seed(0)
+    gemma = _gemma()  # GemmaRMSNorm weights start at 0: the effective scale 1 + w is 1, not ≈ 0
+    report = gamma_report(gemma, norms="layer")
+    assert report.total == 5 * 32 and report.near_zero == 0

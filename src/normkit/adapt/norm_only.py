@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit.adapt._norms import NORM_KINDS, NormKind, named_norms
+from normkit.nn.recognize import scale_offset
 from normkit.registry import Paper
 
 TRAINING_BN_ONLY = Paper(
@@ -323,7 +324,9 @@ def gamma_report(model: nn.Module, threshold: float = 0.01, *, norms: NormKind =
 
     Frankle et al. 2021 report that training only BatchNorm drives about a third of the γ of deep
     ResNets to ≈ 0 — the network learns to switch random features off. ``norms`` as in
-    :func:`train_only_norms`; layers without a ``weight`` (``affine=False``) are skipped.
+    :func:`train_only_norms`; layers without a ``weight`` (``affine=False``) are skipped. γ is the
+    effective scale ``offset + weight`` (normkit's ``weight_offset``, Gemma-style ``(1 + w)`` norms:
+    :func:`normkit.nn.recognize.scale_offset`).
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}")
@@ -332,5 +335,6 @@ def gamma_report(model: nn.Module, threshold: float = 0.01, *, norms: NormKind =
     for name, layer in named_norms(model, norms):
         w = getattr(layer, "weight", None)
         if isinstance(w, Tensor):
-            per[name] = (int((w.detach().abs() < threshold).sum()), w.numel())
+            gamma = w.detach() + scale_offset(layer)
+            per[name] = (int((gamma.abs() < threshold).sum()), w.numel())
     return GammaReport(threshold, sum(n for n, _ in per.values()), sum(t for _, t in per.values()), per)

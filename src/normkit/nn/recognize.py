@@ -34,7 +34,16 @@ from torch import nn
 from normkit.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm
 from normkit.nn.layer_norm import CASTINGS, LayerNorm, RMSNorm
 
-__all__ = ["ATOL", "RTOL", "exact_equivalent", "hf_eps", "is_normkit", "is_third_party_norm", "recognise_norm"]
+__all__ = [
+    "ATOL",
+    "RTOL",
+    "exact_equivalent",
+    "hf_eps",
+    "is_normkit",
+    "is_third_party_norm",
+    "recognise_norm",
+    "scale_offset",
+]
 
 #: float32's default tolerances of ``torch.testing.assert_close``, used for every check
 RTOL, ATOL = 1.3e-6, 1e-5
@@ -209,6 +218,22 @@ def _describe(m: nn.Module) -> str:
 def is_third_party_norm(m: nn.Module) -> bool:
     """Whether ``m`` is a recognised third-party norm (e.g. transformers' ``LlamaRMSNorm``), always of the layer family."""
     return recognise_norm(m) == "third_party"
+
+
+def scale_offset(m: nn.Module) -> float:
+    """The constant ``o`` in a norm's effective scale ``o + weight``: normkit's ``weight_offset``, 0 for
+    torch's classes, and for a third-party norm found by running a copy with its weight zeroed (Gemma's
+    ``(1 + w)`` gives an output ≈ x̂, Llama's ``w`` gives 0)."""
+    if not is_third_party_norm(m):
+        return float(getattr(m, "weight_offset", 0.0) or 0.0)
+    probe = copy.deepcopy(m).float().eval()
+    with torch.no_grad():
+        probe.weight.zero_()
+        if isinstance(getattr(probe, "bias", None), torch.Tensor):
+            probe.bias.zero_()
+        x = torch.randn((2, *probe.weight.shape), generator=torch.Generator().manual_seed(0)).to(probe.weight.device)
+        y = probe(x)
+    return 0.0 if float(y.abs().max()) < 1e-6 else 1.0
 
 
 def _casting_matches(old: nn.Module, new: nn.Module, shape: tuple[int, ...]) -> bool:
