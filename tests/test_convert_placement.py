@@ -246,3 +246,17 @@ def test_tiny_gpt_is_causal():
     changed[0, 5:] = (changed[0, 5:] + 1) % 64
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[:, :5], model(changed)[:, :5])  # the past does not see the future
+
+
+def test_readme_section_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Exact Pre-RMSNorm / Pre-CRMSNorm, and where the norms sit", 1)[1]
+    namespace: dict = {}
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md (placements)", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["crms_diff"] < 1e-4
+    assert [getattr(b, "placement", "pre") for b in namespace["mix"].model.model.layers] == ["post", "pre", "pre", "pre"]
+    assert namespace["crms"].model.transformer.wte.weight.shape == (100, 63)
