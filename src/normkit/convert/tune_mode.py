@@ -23,7 +23,8 @@ and each pair is **patched per instance** (as Liger-Kernel and ``kernels`` patch
 ``forward`` computes the fused convolution while its BN is in eval mode with running statistics,
 and the BN's ``forward`` passes its input through in that state. In training mode both run as
 before, so ``model.train()`` / ``model.eval()`` switch between Train and Tune mode. Parameters,
-buffers and state-dict keys are unchanged; :meth:`TuneModeReport.restore` removes the patches.
+buffers and state-dict keys are unchanged; :meth:`TuneModeReport.restore` removes the patches. A
+patched model compiles with ``torch.compile(model, fullgraph=True)`` (the patch is plain tensor code).
 
 Divergence: torch's pass computes ``k``, ``W'``, ``b'`` in float32 for half-precision weights and
 casts back; here they are computed in the parameters' dtype (identical for float32 models).
