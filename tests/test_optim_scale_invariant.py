@@ -123,3 +123,5 @@ def test_bad_arguments():
         find_scale_invariant(nn.Linear(2, 2), torch.zeros(1, 2), norm_types={nn.Identity: "row"})
     with pytest.raises(ValueError, match="projection"):
         scale_invariant_groups(nn.Linear(2, 2), torch.zeros(1, 2), rest="sometimes")
+    with pytest.raises(ValueError, match="rest="):
+        scale_invariant_groups(nn.Linear(2, 2), torch.zeros(1, 2), projection="off")

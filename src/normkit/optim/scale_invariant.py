@@ -284,6 +284,8 @@ def scale_invariant_groups(
     official cosine test; ``"off"`` trusts the tracing alone); ``group_options`` go into
     every group and ``find`` is passed to :func:`find_scale_invariant`. Empty groups are left out."""
     check_projection(rest)
+    if "projection" in group_options or "params" in group_options:
+        raise ValueError("scale_invariant_groups sets each group's 'params' and 'projection' itself; use rest= for the others")
     found = find_scale_invariant(model, example_input, **dict(find or {}))
     groups: dict[str, list[nn.Parameter]] = {"channel": [], "layer": [], rest: []}
     for name, p in model.named_parameters():
