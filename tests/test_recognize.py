@@ -199,3 +199,19 @@ def test_scale_offset_and_gamma_report_use_the_effective_scale():
     gemma = _gemma()  # GemmaRMSNorm weights start at 0: the effective scale 1 + w is 1, not ≈ 0
     report = gamma_report(gemma, norms="layer")
     assert report.total == 5 * 32 and report.near_zero == 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_class_patch_in_bf16_gives_the_original_logits(name):
+    from normkit.integrations.transformers import patch_transformers_classes
+
+    build = MODELS[name][0]
+    torch.manual_seed(0)
+    original = build().to(torch.bfloat16).eval()
+    with patch_transformers_classes():
+        torch.manual_seed(0)
+        patched = build().to(torch.bfloat16).eval()
+    assert isinstance(patched.model.norm, normkit.RMSNorm) and patched.model.norm.casting == name
+    patched.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        assert torch.equal(patched(input_ids=IDS).logits, original(input_ids=IDS).logits)
