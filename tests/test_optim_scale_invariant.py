@@ -84,6 +84,23 @@ def test_qk_norm_projection_is_found():
     assert scale_invariant_params(model, torch.randn(2, 5, 16)) == [model.q_proj.weight]
 
 
+def test_linear_into_batchnorm1d_and_transposed_convolutions():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))  # (N, C): BatchNorm1d's channels are the linear's rows
+    assert find_scale_invariant(mlp, torch.randn(8, 5)) == {"0.weight": "channel"}
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.bn = nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4)  # weight (in, out): layer view
+            self.up2, self.gn = nn.ConvTranspose2d(4, 4, 2, bias=False), nn.GroupNorm(2, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gn(self.up2(self.bn(self.up(x))))
+
+    assert find_scale_invariant(Up(), torch.randn(4, 3, 5, 5)) == {"up.weight": "layer", "up2.weight": "layer"}
+
+
 def test_modes_and_running_statistics_are_restored():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -24,7 +24,8 @@ others (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, and normkit's subclasses) giv
 and need a bias-free producer. Norm classes that subclass none of these are recognised by name
 (``*BatchNorm*``/``*InstanceNorm*`` → channel, ``*LayerNorm*``/``*GroupNorm*``/``*RMSNorm*`` → layer,
 e.g. transformers' ``Qwen3RMSNorm`` on the per-head queries and keys); ``norm_types`` adds others.
-Transposed convolutions (weight ``(in, out, ...)``) give the layer view.
+Transposed convolutions (weight ``(in, out, ...)``) give the layer view (a bias is still allowed
+before a per-channel norm, as for the channel view).
 
 **Verification** (``verify=True``, default): each candidate is then checked numerically: the
 forward is run again (training mode, same RNG seed, running statistics restored afterwards) with
@@ -163,10 +164,11 @@ def _trace_candidates(model: nn.Module, example_input: Any, extra: Mapping[type,
         producer = produced[id(node)][1]
         weight, bias = producer.weight, getattr(producer, "bias", None)
         transposed = bool(getattr(producer, "transposed", False))
-        view = "channel" if (norm_view == "channel" and keeps_channel and not transposed) else "layer"
-        has_bias = isinstance(bias, torch.Tensor)
-        if has_bias and not (view == "channel" and bias_safe):
-            continue
+        per_channel = norm_view == "channel" and keeps_channel  # the norm centres each producer channel
+        # a transposed convolution's weight is (in, out, ...): its rows are not the output channels
+        view = "channel" if per_channel and not transposed else "layer"
+        if isinstance(bias, torch.Tensor) and not (per_channel and bias_safe):
+            continue  # the bias survives the normalization: the weight alone is not scale-invariant
         if weight.requires_grad and weight.dim() >= 2:
             # the weaker view wins when two norms disagree (channel invariance implies layer invariance)
             found[weight] = "layer" if found.get(weight) == "layer" else view
