@@ -246,10 +246,15 @@ def _hidden_dim(m: nn.Module | None, role: str) -> int:
 
 
 def _put(owner: nn.Module, attr: str, value: Tensor, like: Tensor | None) -> None:
-    """Set ``owner.attr`` to a new Parameter holding ``value`` in ``like``'s dtype (breaks any tying)."""
+    """Set ``owner.attr`` to a new Parameter holding ``value`` in ``like``'s dtype (breaks any tying).
+
+    Always a fresh contiguous copy: a narrowed writer (``W[:, :-1]`` of a ``(V, d)`` embedding or a
+    GPT-2 ``Conv1D``) would otherwise be a strided view keeping the old storage alive, and slow GEMMs.
+    """
     dtype = like.dtype if like is not None else value.dtype
     grad = like.requires_grad if like is not None else True
-    setattr(owner, attr, nn.Parameter(value.detach().to(dtype), requires_grad=grad))
+    data = value.detach().to(dtype).clone(memory_format=torch.contiguous_format)
+    setattr(owner, attr, nn.Parameter(data, requires_grad=grad))
 
 
 def _resolve(model: nn.Module, name: str) -> tuple[nn.Module | None, nn.Module, str]:
