@@ -3,7 +3,7 @@
 Why: for a weight ``w`` feeding a normalization layer the loss is scale-invariant, so what an
 optimizer step does to the *function* is its rotation of ``w``, not its length. Two numbers say
 how fast such a weight learns (van Laarhoven 2017, arXiv:1706.05350; Hoffer et al. 2018,
-arXiv:1803.01814; Lyle et al. 2024, arXiv:2407.01800 §3):
+arXiv:1803.01814; Lyle et al. 2024, arXiv:2407.01800):
 
 * the **effective learning rate** ``η_eff = η / ‖w‖²`` (SGD on a scale-invariant weight moves its
   direction as plain SGD with ``η_eff`` on the unit sphere would), and

@@ -5,19 +5,20 @@ rates in reinforcement learning", NeurIPS 2024, arXiv:2407.01800.
 
 Why: a weight ``W`` feeding a normalization layer is scale-invariant (``f(cW) = f(W)`` for
 ``c > 0``), so its gradient is orthogonal to it and every step grows ``‖W‖``; the effective learning
-rate of such a weight is ``η / ‖W‖²``, so it decays as the norm grows (paper §3). In nonstationary
+rate of such a weight is ``η / ‖W‖²``, so it decays as the norm grows. In nonstationary
 training that implicit decay removes plasticity. NaP makes the schedule explicit:
 
 1. **Normalize** (:func:`normalize_and_project`): insert a normalization layer before each
    non-linearity that lacks one, so every pre-activation is normalized and the weights feeding it
-   become scale-invariant (paper §4).
+   become scale-invariant.
 2. **Project** (:class:`NaP`): after every optimizer step put each scale-invariant weight back on
    the sphere of its initial norm, ``W ← W · ‖W₀‖ / ‖W‖`` (per layer, Frobenius norm). The
    effective learning rate is then ``η / ‖W₀‖²`` at every step, and any decay is the learning-rate
    schedule's, in plain sight.
 3. **The norms' own gain and offset** are not scale-invariant. Following the paper's treatment for
-   homogeneous non-linearities such as ReLU (the network is invariant to rescaling a norm's gain and
-   offset *together* when the next weight is projected), the default ``affine="joint"`` projects
+   homogeneous non-linearities such as ReLU (scaling a norm's gain and offset *together* by
+   ``c > 0`` scales the activation by ``c``, which the next norm removes), the default
+   ``affine="joint"`` projects
    the concatenation ``(γ, β)`` of each norm layer back to its initial norm,
    ``(γ, β) ← (γ, β) · ‖(γ₀, β₀)‖ / ‖(γ, β)‖``. ``affine="none"`` leaves them free.
    [Partly verified: the paper's Algorithm 1 could not be read from this machine; the joint
