@@ -88,7 +88,7 @@ def loan(
     a = TF.relu(batch_norm(
         cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, reducer=reducer, backend=backend,
     ))
-    a4 = a.unsqueeze(-1) if a.dim() == 3 else a
+    a4 = (a.unsqueeze(-1) if a.dim() == 3 else a).to(gamma_weight.dtype)  # bf16 input, fp32 convs: as every norm
     gamma = TF.conv2d(a4, gamma_weight, gamma_bias, padding=gamma_weight.shape[-1] // 2)
     beta = TF.conv2d(a4, beta_weight, beta_bias, padding=beta_weight.shape[-1] // 2)
     if x.dim() == 3:

@@ -118,7 +118,9 @@ def _dyt_forward(x: Tensor, alpha: Tensor, weight: Tensor | None, bias: Tensor |
         y = y * w
     if b is not None:
         y = y + b
-    return y
+    # the input's dtype, as every normkit norm and the kernel path (official DyT code would promote
+    # a bf16 input to fp32 through fp32 parameters)
+    return y.to(x.dtype)
 
 
 def _dyt_backward(

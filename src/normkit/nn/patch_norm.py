@@ -144,8 +144,10 @@ class DualPatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"DualPatchNorm expects a floating-point image tensor, got {getattr(x, 'dtype', type(x))}")
-        tokens = patchify(x, self._patch_for(x))
-        return self.ln1(self.proj(self.ln0(tokens)))
+        tokens = self.ln0(patchify(x, self._patch_for(x)))
+        # a bf16/fp16 image with fp32 parameters works as for every norm (the projection runs in
+        # the parameters' dtype, the result comes back in the input's), not torch's dtype error
+        return self.ln1(self.proj(tokens.to(self.proj.weight.dtype)).to(x.dtype))
 
     @torch.no_grad()
     def load_conv_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
