@@ -6,7 +6,7 @@
 * tune mode: saved-tensor MB and ms per fine-tuning step (BN in eval mode) against plain
   conv → BN(eval), and the largest gradient difference.
 
-Times are the best of ``repeats`` (the machine may be shared); saved-tensor bytes count each
+Times are the best of ``repeats``, the two variants run alternately (the machine may be shared); saved-tensor bytes count each
 distinct storage autograd saves, parameters excluded (:func:`~normkit.convert.tune_mode.saved_tensor_bytes`).
 """
 
@@ -39,18 +39,22 @@ def _resnet(widths: Sequence[int], seed: int) -> nn.Module:
     return net.eval()
 
 
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
+def _best_ms(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Best-of-``repeats`` milliseconds of ``a`` and ``b``, run alternately (a shared machine's load
+    drifts; alternating gives both the same conditions)."""
+    a()
+    b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(ta) * 1e3, min(tb) * 1e3
 
 
 def measure_fold(
-    batch: int = 16, size: int = 32, widths: Sequence[int] = (16, 32, 64, 128), repeats: int = 5, seed: int = 0
+    batch: int = 16, size: int = 32, widths: Sequence[int] = (16, 32, 64, 128), repeats: int = 10, seed: int = 0
 ) -> dict[str, float]:
     """Inference before and after :func:`fold_norms`: ``eval_ms``, ``folded_ms``, ``folded`` (count), ``max_abs_diff``."""
     net = _resnet(widths, seed)
@@ -58,13 +62,12 @@ def measure_fold(
     report = fold_norms(net, example_inputs=x)
     out = {"folded": float(len(report.folded)), "max_abs_diff": float(report.max_abs_diff or 0.0)}
     with torch.inference_mode():
-        out["eval_ms"] = _best_ms(lambda: net(x), repeats)
-        out["folded_ms"] = _best_ms(lambda: report.model(x), repeats)
+        out["eval_ms"], out["folded_ms"] = _best_ms(lambda: net(x), lambda: report.model(x), repeats)
     return out
 
 
 def measure_tune_mode(
-    batch: int = 16, size: int = 32, widths: Sequence[int] = (8, 16, 32, 64), repeats: int = 5, seed: int = 0
+    batch: int = 16, size: int = 32, widths: Sequence[int] = (8, 16, 32, 64), repeats: int = 10, seed: int = 0
 ) -> dict[str, float]:
     """A fine-tuning step (forward + backward, BN in eval mode), conv → BN(eval) against tune mode:
     ``{eval,tune}_saved_mb``, ``{eval,tune}_ms`` and ``max_grad_diff``."""
@@ -73,6 +76,7 @@ def measure_tune_mode(
     x = torch.randn(batch, 3, size, size)
     out: dict[str, float] = {}
     grads = {}
+    steps = {}
     for label, net in (("eval", base), ("tune", tuned)):
         params = list(net.parameters())
 
@@ -81,8 +85,9 @@ def measure_tune_mode(
             net(x).square().mean().backward()
 
         out[f"{label}_saved_mb"] = saved_tensor_bytes(step, params) / 2**20
-        out[f"{label}_ms"] = _best_ms(step, repeats)
         grads[label] = [p.grad.clone() for p in params]
+        steps[label] = step
+    out["eval_ms"], out["tune_ms"] = _best_ms(steps["eval"], steps["tune"], repeats)
     out["max_grad_diff"] = max(float((a - b).abs().max()) for a, b in zip(grads["eval"], grads["tune"]))
     return out
 
@@ -90,11 +95,11 @@ def measure_tune_mode(
 def main() -> None:
     """Print :func:`measure_fold` and :func:`measure_tune_mode` with their defaults."""
     f = measure_fold()
-    print("fold_norms: ResNet-18 layout (widths 16-128), batch 16, 32x32, CPU inference (best of 5)")
+    print("fold_norms: ResNet-18 layout (widths 16-128), batch 16, 32x32, CPU inference (best of 10, alternating)")
     print(f"  {int(f['folded'])} BatchNorms folded, max |folded - original| = {f['max_abs_diff']:.2g}")
     print(f"  conv->BN(eval) {f['eval_ms']:.1f} ms, folded {f['folded_ms']:.1f} ms: x{f['eval_ms'] / f['folded_ms']:.2f}")
     t = measure_tune_mode()
-    print("tune_mode_convbn: ResNet-18 layout (widths 8-64), batch 16, 32x32, CPU fine-tuning step, BN in eval mode")
+    print("tune_mode_convbn: ResNet-18 layout (widths 8-64), batch 16, 32x32, CPU fine-tuning step, BN in eval mode (best of 10)")
     print(f"  conv->BN(eval): saved tensors {t['eval_saved_mb']:.1f} MB, {t['eval_ms']:.1f} ms/step")
     print(f"  tune mode:      saved tensors {t['tune_saved_mb']:.1f} MB, {t['tune_ms']:.1f} ms/step")
     print(f"  saved-tensor memory {1 - t['tune_saved_mb'] / t['eval_saved_mb']:.0%} lower, "
