@@ -18,8 +18,12 @@ Backends a user can ask for (per layer with ``backend=``, or globally with :func
   ``torch.compile`` (``"inductor"``).
 * ``"inductor"`` — the math compiled with ``torch.compile`` alone (cached per configuration; the first
   call of each configuration pays the compile, seconds on CPU).
-* ``"triton"`` — GPU kernels for CUDA tensors, plugged in with :func:`register_triton_kernel`;
-  selecting it where it cannot run raises ``RuntimeError``.
+* ``"triton"`` — normkit's Triton kernels (:mod:`normkit.kernels.triton`, imported on first use;
+  needs the ``triton`` package) or kernels plugged in with :func:`register_triton_kernel`, for CUDA
+  tensors — and for CPU tensors while ``TRITON_INTERPRET=1`` is set (Triton's interpreter: slow,
+  for tests). Selecting it where it cannot run raises ``RuntimeError``. ``"auto"`` does not choose
+  normkit's Triton kernels yet (their GPU speed is unmeasured): an op's CUDA entry below flips to
+  ``triton`` once ``scripts/gpu_check.sh`` shows it faster than ATen's op.
 
 The ``"auto"`` table (op → preferred implementation per device; measured with ``normkit kernels``
 on the 2-core CPU machine, fp32, against the native module):
@@ -47,7 +51,9 @@ DyT and ScaleNorm the plain torch expression — because a call into normkit's k
 (forward) to ~100 µs (forward + backward) more Python than ATen's op on the 2-core machine, which
 only the kernels' speed on larger inputs pays back (thresholds from ``normkit kernels --defaults``).
 
-Fallbacks, in order: a Triton kernel registered for the op wins on CUDA; ``kernels`` needs a
+Fallbacks, in order: a Triton kernel registered for the op with ``auto=True`` (the default for
+third-party kernels; normkit's own register with ``auto=False`` until measured) or a CUDA entry of
+``triton`` with a registered kernel wins on CUDA; ``kernels`` needs a
 float32/float64 contiguous CPU tensor and built kernels, else ``native`` where the
 configuration is native-exact, else ``eager``; ``native`` on a configuration torch cannot compute
 falls to ``kernels`` where they apply, else ``eager``. Other device types use ``native`` where
@@ -72,7 +78,10 @@ does not see another thread's choice.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import logging
+import os
 import threading
 import types
 from collections.abc import Callable, Hashable
@@ -87,6 +96,8 @@ BACKENDS = ("auto", "native", "eager", "kernels", "compiled", "inductor", "trito
 
 _state = threading.local()
 _triton_kernels: dict[str, Callable[..., Any]] = {}
+_triton_not_auto: set[str] = set()  # ops whose registered Triton kernel "auto" leaves to AUTO_RULES
+_TRITON_PACKAGE = "normkit.kernels.triton"  # normkit's kernels, imported on the first "triton" call
 
 
 @dataclass(frozen=True)
@@ -185,13 +196,36 @@ def note(op: str, impl: str) -> None:
         rec.append((op, impl))
 
 
-def register_triton_kernel(op: str, fn: Callable[..., Any]) -> None:
-    """Plug a Triton implementation of kernel ``op`` into the ``"triton"`` backend (and ``"auto"`` on CUDA)."""
+def register_triton_kernel(op: str, fn: Callable[..., Any], *, auto: bool = True) -> None:
+    """Plug a Triton implementation of kernel ``op`` into the ``"triton"`` backend.
+
+    ``auto=True``: ``"auto"`` also picks it for CUDA tensors. normkit's own kernels register with
+    ``auto=False`` and are chosen by ``"auto"`` only where :data:`AUTO_RULES` says ``cuda="triton"``
+    (set from a GPU measurement).
+    """
     _triton_kernels[op] = fn
+    if auto:
+        _triton_not_auto.discard(op)
+    else:
+        _triton_not_auto.add(op)
 
 
 def triton_kernel(op: str) -> Callable[..., Any]:
     return _triton_kernels[op]
+
+
+def triton_interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set now: the ``"triton"`` backend then also takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load_triton_kernels() -> None:
+    """Import normkit's Triton kernels (which register themselves) if ``triton`` is installed.
+
+    A plug-in load by name, like the package root's lazy submodules: the kernels sit above this module.
+    """
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module(_TRITON_PACKAGE)
 
 
 # Set by normkit.kernels.cpu at import (the kernels sit above this module): whether normkit's C++
@@ -210,7 +244,7 @@ def kernels_apply(x: torch.Tensor) -> bool:
 
 
 def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) -> str:
-    if native_ok and op in _NATIVE_EVERYWHERE and op not in _triton_kernels:
+    if native_ok and op in _NATIVE_EVERYWHERE and (op not in _triton_kernels or op in _triton_not_auto):
         return "native"  # the per-call fast path: no look at the tensor
     rule = AUTO_RULES.get(op, _EAGER)
     if not needs_grad and rule.inference is not None and (native_ok or rule.inference != "native"):
@@ -221,9 +255,9 @@ def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) ->
             return "native"
         pref = rule.cpu
     elif x.is_cuda:
-        if op in _triton_kernels:
+        if op in _triton_kernels and (rule.cuda == "triton" or op not in _triton_not_auto):
             return "triton"
-        pref = rule.cuda
+        pref = "native" if rule.cuda == "triton" else rule.cuda
     else:
         pref = "native"
     if pref == "kernels":
@@ -257,11 +291,16 @@ def _explicit(name: str, x: torch.Tensor, op: str, native_ok: bool) -> str:
     if name == "native":
         return "native" if native_ok else "eager"
     if name == "triton":
-        if not x.is_cuda:
-            raise RuntimeError(f"backend 'triton' needs CUDA tensors; got a tensor on {x.device}")
-        if op not in _triton_kernels:
+        if not (x.is_cuda or (x.is_cpu and triton_interpreting())):
             raise RuntimeError(
-                f"backend 'triton' has no kernel registered for {op!r} "
+                f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got a tensor on {x.device}"
+            )
+        if op not in _triton_kernels:
+            _load_triton_kernels()
+        if op not in _triton_kernels:
+            missing = "" if importlib.util.find_spec("triton") is not None else " (the triton package is not installed)"
+            raise RuntimeError(
+                f"backend 'triton' has no kernel registered for {op!r}{missing} "
                 f"(registered: {sorted(_triton_kernels) or 'none'}); use 'auto', 'eager' or 'compiled'"
             )
         return name
