@@ -104,3 +104,12 @@ def test_errors():
         tune_mode_convbn(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
     with pytest.raises(ValueError, match="track_running_stats=False"):
         tune_mode_convbn(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)))
+
+
+def test_measure_runs_on_a_tiny_resnet():
+    from normkit.convert.measure import measure_fold, measure_tune_mode
+
+    f = measure_fold(batch=2, size=8, widths=(4, 4, 4, 4), repeats=1)
+    assert f["folded"] == 20 and f["max_abs_diff"] < 1e-4 and f["eval_ms"] > 0
+    t = measure_tune_mode(batch=4, size=16, widths=(4, 4, 4, 4), repeats=1)
+    assert t["tune_saved_mb"] < t["eval_saved_mb"] and t["max_grad_diff"] < 1e-4
