@@ -223,3 +223,11 @@ def test_unsupported_models_get_clear_errors():
     scaled.blocks[0].ls1 = nn.Identity()  # e.g. timm's LayerScale: an unknown child could break the zero mean
     with pytest.raises(TypeError, match="plain pre-LN block"):
         to_pre_rmsnorm(scaled)
+
+
+def test_measure_speedup_smoke():
+    from normkit.convert.crms import measure_speedup
+
+    rows = measure_speedup(TinyViT("layernorm", dim=24, heads=3), torch.randn(2, 1, 8, 8), reps=1, warmup=0)
+    assert set(rows) == {"pre_ln", "pre_rms", "pre_crms"}
+    assert rows["pre_ln"]["infer_speedup"] == 1.0 and all(r["train_ms"] > 0 for r in rows.values())
