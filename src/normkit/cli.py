@@ -49,6 +49,8 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device != "cpu":  # GPU table: torch vs normkit's Triton kernels vs Liger (bench/kernels.run_device)
+        return benchmark.device_cli(args)
     norms = args.norms.split(",") if args.norms else None
     if args.defaults:
         from normkit.bench import defaults
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-alloc", action="store_true",
         help="reuse freed memory (glibc mallopt) so page faults of fresh 32 MiB outputs don't mask kernel time",
     )
+    p.add_argument("--device", default="cpu", help="cuda: the Triton kernels' GPU table (--widths, --dtypes); interpret: its smoke test on CPU")
+    p.add_argument("--widths", default="", help="--device cuda: comma-separated widths (default 256…32768)")
+    p.add_argument("--dtypes", default="bf16,fp32", help="--device cuda: comma-separated bf16, fp16, fp32")
     p.set_defaults(fn=_cmd_kernels)
     p = sub.add_parser("bench", help="train small models with each norm on built-in data")
     from normkit import bench

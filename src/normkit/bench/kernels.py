@@ -273,3 +273,199 @@ def format_row(r: Row) -> str:
         f"{r.norm:<18}{shape:<16}{r.impl:<9}{r.fwd_ms:>9.2f}{r.fwdbwd_ms:>12.2f}{native}"
         f"{r.vs_target:>10.2f}x{r.x_copy:>7.1f}x{r.saved_x:>7.2f}x{comp:>11}  {r.runs}"
     ).rstrip()
+
+
+# ---------------------------------------------------------------- GPU: normkit kernels --device cuda
+
+#: widths of the GPU table (the issue's 256…32768) and the bytes of x per measurement
+GPU_WIDTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+GPU_BYTES = 1 << 27  # 128 MiB of bf16/fp32 input per row of the table: well past the 60 MB L2 of an H100/H200
+#: channels-first shapes: a ConvNeXt stage (LayerNorm2d), a UNet block (GroupNorm, 32 groups)
+GPU_IMAGE_SHAPES = {"layernorm2d": (32, 192, 56, 56), "rmsnorm2d": (32, 192, 56, 56), "groupnorm": (8, 320, 64, 64)}
+
+
+@dataclass
+class GpuRow:
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+    impl: str
+    fwd_ms: float
+    fwdbwd_ms: float
+    fwd_gbs: float  # bytes moved / time: forward reads x, writes y (add+norm: reads x, r, writes y, s)
+    fwdbwd_gbs: float  # + backward: reads x, ∂y, writes ∂x
+    of_copy: float  # fwd+bwd GB/s as a fraction of the measured copy's
+    max_err: float  # |y − torch's y|, max
+
+
+def _gpu_timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Median ms of a call: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) on CUDA;
+    a wall-clock median elsewhere (the interpreter smoke test)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")
+
+    def wall(f: Callable[[], object]) -> float:
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(ts)
+
+    return wall
+
+
+def _liger(op: str, width: int, dtype: torch.dtype, device: str) -> Callable[..., Tensor] | None:
+    """Liger-Kernel's module for ``op`` if the package is importable (installed for the comparison only)."""
+    try:
+        if op == "rmsnorm":
+            from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+            m = LigerRMSNorm(width, eps=1e-6)
+        elif op == "layernorm":
+            from liger_kernel.transformers.layer_norm import LigerLayerNorm
+
+            m = LigerLayerNorm(width, eps=1e-5, bias=True)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - not installed, or an API change: the column stays empty
+        return None
+    return m.to(device=device, dtype=dtype)
+
+
+def _gpu_candidates(op: str, x: Tensor, r: Tensor, w: Tensor, b: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """``{impl: forward}`` for one op: torch's way, normkit's Triton kernels, Liger's (if importable)."""
+    import normkit.functional as NF
+
+    c = x.shape[-1] if op in ("layernorm", "rmsnorm", "add_rmsnorm") else x.shape[1]
+    if op == "layernorm":
+        cands = {"torch": lambda: TF.layer_norm(x, (c,), w, b, 1e-5),
+                 "triton": lambda: NF.layer_norm(x, c, w, b, 1e-5, backend="triton")}
+    elif op == "rmsnorm":
+        cands = {"torch": lambda: TF.rms_norm(x, (c,), w, 1e-6),
+                 "triton": lambda: NF.rms_norm(x, c, w, 1e-6, backend="triton")}
+    elif op == "add_rmsnorm":  # both return (norm(x + r), x + r); the sum's gradient flows too
+        cands = {"torch": lambda: _pair(TF.rms_norm(x + r, (c,), w, 1e-6), x + r),
+                 "triton": lambda: _pair(*NF.add_norm(x, r, c, w, None, 1e-6, norm="rmsnorm", backend="triton"))}
+    elif op in ("layernorm2d", "rmsnorm2d"):
+        center = op == "layernorm2d"
+
+        def permuted() -> Tensor:  # timm's LayerNorm2d: permute, F.layer_norm, permute back
+            xt = x.permute(0, 2, 3, 1)
+            y = TF.layer_norm(xt, (c,), w, b, 1e-6) if center else TF.rms_norm(xt, (c,), w, 1e-6)
+            return y.permute(0, 3, 1, 2)
+
+        fn = NF.layer_norm2d if center else NF.rms_norm2d
+        cands = {"torch": permuted,
+                 "triton": (lambda: fn(x, w, b, 1e-6, backend="triton")) if center
+                 else (lambda: fn(x, w, 1e-6, backend="triton"))}
+    else:  # groupnorm
+        cands = {"torch": lambda: TF.group_norm(x, 32, w, b, 1e-5),
+                 "triton": lambda: NF.group_norm(x, 32, w, b, 1e-5, backend="triton")}
+    liger = _liger(op, c, x.dtype, str(x.device.type))
+    if liger is not None:
+        cands["liger"] = lambda: liger(x)
+    return cands
+
+
+def _pair(y: Tensor, s: Tensor) -> Tensor:
+    return y + s  # one output to differentiate; the addition is the same for every candidate
+
+
+def run_device(
+    device: str = "cuda",
+    *,
+    ops: tuple[str, ...] = ("layernorm", "rmsnorm", "add_rmsnorm", "layernorm2d", "rmsnorm2d", "groupnorm"),
+    widths: tuple[int, ...] = GPU_WIDTHS,
+    dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    nbytes: int = GPU_BYTES,
+    echo: Callable[[str], None] | None = print,
+) -> list[GpuRow]:
+    """``normkit kernels --device cuda``: forward and forward+backward time and achieved GB/s of torch's
+    op, normkit's Triton kernels and Liger-Kernel's (where importable), in one run.
+
+    GB/s counts the bytes a kernel must move (forward: read x, write y; forward+backward: those plus
+    read x and ∂y, write ∂x; add+norm also reads r and writes the sum), divided by the median time;
+    ``of copy`` relates it to a measured ``x.clone()`` of the same tensor (read + write). Per-row
+    statistics and parameters are left out (under 1% at these sizes). ``device="interpret"`` runs the
+    same table on CPU tensors under ``TRITON_INTERPRET=1`` with tiny sizes (a smoke test of the code,
+    not a measurement).
+    """
+    timer = _gpu_timer(device)
+    rows: list[GpuRow] = []
+    dts = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    for dname in dtypes:
+        dtype = dts[dname]
+        for op in ops:
+            image = op in GPU_IMAGE_SHAPES
+            shapes = [GPU_IMAGE_SHAPES[op]] if image else [(max(1, nbytes // (wd * dtype.itemsize)), wd) for wd in widths]
+            if device != "cuda":  # interpreter smoke test: a few rows
+                shapes = [(2, 32, 3, 3)] if image else [(4, wd) for wd in widths]
+            for shape in shapes:
+                rows += _gpu_rows(op, dname, dtype, shape, "cpu" if device == "interpret" else device, timer, echo)
+    return rows
+
+
+def _gpu_rows(
+    op: str, dname: str, dtype: torch.dtype, shape: tuple[int, ...], device: str,
+    timer: Callable[[Callable[[], object]], float], echo: Callable[[str], None] | None,
+) -> list[GpuRow]:
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    r = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    c = shape[-1] if len(shape) == 2 else shape[1]
+    w = (1 + 0.1 * torch.randn(c, device=device, dtype=dtype)).requires_grad_()
+    b = (0.1 * torch.randn(c, device=device, dtype=dtype)).requires_grad_()
+    cands = _gpu_candidates(op, x, r, w, b)
+    with torch.no_grad():
+        ref = cands["torch"]().float()
+        g = torch.randn_like(ref).to(dtype)
+    copy_ms = timer(lambda: x.detach().clone())
+    moved_io = 2 if op != "add_rmsnorm" else 4  # forward: x → y (add+norm: x, r → y, s)
+    elem = x.numel() * x.element_size()
+    copy_gbs = 2 * elem / copy_ms / 1e6
+    params = [x, r, w, b]
+    out = []
+    for impl, f in cands.items():
+        with torch.no_grad():
+            err = (f().float() - ref).abs().max().item()
+            fwd = timer(f)
+        fb = timer(lambda f=f: torch.autograd.grad(f(), params, g, allow_unused=True))
+        fwd_gbs = moved_io * elem / fwd / 1e6
+        fb_gbs = (moved_io + 3) * elem / fb / 1e6
+        row = GpuRow(op, dname, shape, impl, fwd, fb, fwd_gbs, fb_gbs, fb_gbs / copy_gbs, err)
+        out.append(row)
+        if echo:
+            echo(format_gpu_row(row))
+    return out
+
+
+GPU_HEADER = (
+    f"{'op':<13}{'dtype':<6}{'shape':<18}{'impl':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd GB/s':>10}"
+    f"{'f+b GB/s':>10}{'of copy':>9}{'max err':>10}"
+)
+
+
+def format_gpu_row(r: GpuRow) -> str:
+    shape = "x".join(map(str, r.shape))
+    return (
+        f"{r.op:<13}{r.dtype:<6}{shape:<18}{r.impl:<8}{r.fwd_ms:>9.3f}{r.fwdbwd_ms:>12.3f}{r.fwd_gbs:>10.0f}"
+        f"{r.fwdbwd_gbs:>10.0f}{r.of_copy:>8.0%}{r.max_err:>10.1e}"
+    )
+
+
+def device_cli(args: object) -> int:
+    """``normkit kernels --device cuda [--widths 256,1024] [--dtypes bf16,fp32] [--norms layernorm,rmsnorm]``."""
+    import triton
+
+    device = args.device
+    widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else GPU_WIDTHS
+    ops = tuple(args.norms.split(",")) if args.norms else ("layernorm", "rmsnorm", "add_rmsnorm", "layernorm2d",
+                                                           "rmsnorm2d", "groupnorm")
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {name}; median ms (triton.testing.do_bench)")
+    print(GPU_HEADER)
+    run_device(device, ops=ops, widths=widths, dtypes=tuple(args.dtypes.split(",")))
+    return 0
