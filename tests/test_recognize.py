@@ -132,17 +132,18 @@ def test_casting_orders_match_the_written_formulas(order, dtype):
         torch.testing.assert_close(y32(x.float()), _rms_reference(x.float(), y32.weight, 1e-6, order))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["llama", "gemma", "qwen3"])
-def test_patched_bf16_logits_equal_the_original_bitwise(name):
+def test_patched_half_logits_equal_the_original_bitwise(name, dtype):
     torch.manual_seed(0)
-    model = _perturb_norms(MODELS[name][0]()).to(torch.bfloat16)
+    model = _perturb_norms(MODELS[name][0]()).to(dtype)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
     report = apply_normkit(model, inplace=False)
     assert report.converted and all("casting=" in r.note for r in report.converted), str(report)
     with torch.no_grad():
         got = report.model(input_ids=IDS).logits
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_layernorm_scaling_finds_llama_norms():
