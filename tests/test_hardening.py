@@ -45,3 +45,25 @@ def test_prepbn_at_lambda_one_keeps_a_nan_token_in_its_token():
     assert nan[0, 1].all() and nan.sum() == 8  # only the poisoned token
     ln = torch.nn.functional.layer_norm(x, (8,), m.norm1.weight, m.norm1.bias, m.norm1.eps)
     torch.testing.assert_close(y[~nan], ln[~nan])
+
+
+def test_regionnorm_b_keeps_a_nan_in_its_region():
+    # RN-B normalizes the hole and the valid region with separate (batch) statistics: a NaN in the
+    # valid region of channel 2 may only reach channel 2's valid region (0·NaN used to carry it over)
+    from normkit.registry import sample_inputs
+
+    torch.manual_seed(0)
+    m = sample_norm("regionnorm_b", 8).train()
+    x = torch.randn(4, 8, 4, 4)
+    kw = sample_inputs("regionnorm_b", x)
+    hole = kw["mask"].bool().expand_as(x)
+    clean = m(x, **kw)
+    i = (~hole[0, 2]).nonzero()[0]
+    x[0, 2, i[0], i[1]] = float("nan")
+    y = m(x, **kw)
+    nan = torch.isnan(y)
+    assert nan[:, 2][~hole[:, 2]].all()  # the valid region of that channel: the math's reach
+    assert not nan[:, 2][hole[:, 2]].any()  # the hole region: untouched
+    keep = torch.ones_like(nan)
+    keep[:, 2] = hole[:, 2]
+    torch.testing.assert_close(y[keep], clean[keep])

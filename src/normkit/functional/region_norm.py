@@ -91,13 +91,20 @@ def _rn(xf: Tensor, m: Tensor, eps: float, per_sample: bool) -> Tensor:
     count = 1
     for d in dims:
         count *= xf.shape[d]
-    region = xf * m
+    # x·m and (1 − m)·μ are written as torch.where so that a NaN in one region stays there
+    # (0 · NaN would be NaN); for the binary masks of RN-B/RN-L the values are the official ones
+    inside = m != 0
+    zero = xf.new_zeros(())
+    region = torch.where(inside, xf * m, zero)
     s = m.sum(dims, keepdim=True)
     s = torch.where(s == 0, torch.ones_like(s), s)  # official: Sr[Sr == 0] = 1
     mu = region.sum(dims, keepdim=True) / s
-    z = region + (1 - m) * mu
+    z = region + torch.where(m != 1, (1 - m) * mu, zero)
     zm, zv = moments(z, dims)
-    return (z - zm) * torch.rsqrt(zv + eps) * torch.sqrt(s / count)
+    out = (z - zm) * torch.rsqrt(zv + eps) * torch.sqrt(s / count)
+    # outside its region the term is (μ − μ)·… = 0 by the algebra; say so exactly, so the other
+    # region's statistics (NaN or not) do not leak into this one
+    return torch.where(inside, out, zero)
 
 
 def region_norm_b(
