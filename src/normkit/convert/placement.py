@@ -232,15 +232,20 @@ def _fit_affine(norm: nn.Module, outputs: list[Tensor]) -> None:
 
 
 def _sublayer_outputs(model: nn.Module, subs: list[nn.Module], calibration: Any) -> list[list[Tensor]]:
-    """The outputs of each module in ``subs`` when ``model`` (the Pre-LN original) runs on ``calibration``."""
+    """The outputs of each module in ``subs`` when ``model`` (the Pre-LN original) runs on ``calibration``
+    (in eval mode, so dropout does not enter the fit; the mode is restored)."""
     seen: list[list[Tensor]] = [[] for _ in subs]
     hooks = [s.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(_first(out))) for i, s in enumerate(subs)]
+    modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()
         with torch.no_grad():
             model(**calibration) if isinstance(calibration, dict) else model(calibration)
     finally:
         for h in hooks:
             h.remove()
+        for m, mode in modes.items():
+            m.training = mode
     return seen
 
 
