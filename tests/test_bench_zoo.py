@@ -16,11 +16,37 @@ def _row(norm: str, acc: float, **kw) -> dict:
 
 @pytest.mark.parametrize("suite", ["microbatch", "transformer", "selfnorm"])
 def test_every_job_builds_and_runs_forward(suite):
-    data = load_digits()
     for job in SUITES[suite].jobs(SuiteConfig()):
-        model = job.build(job.norm)
-        out = model.train()(data.x_train[:4])
+        model = job.build(job.norm).train()
+        if job.task == "text":  # the byte LM: ids and a padding mask
+            ids = torch.randint(1, 256, (3, 9))
+            valid = torch.ones(3, 9, dtype=torch.bool)
+            valid[0, 5:] = False
+            out = model(ids, valid)
+            assert out.shape == (3, 9, 256) and torch.isfinite(out).all(), job.key
+            continue
+        x = job.data().x_train[:4]
+        out = model(x)
         assert out.shape == (4, 10) and torch.isfinite(out).all(), job.key
+
+
+def test_lm_batch_norms_ignore_padding():
+    """A padded position's value must not change the real tokens' outputs of a BN LM (the mask reaches BN)."""
+    from normkit.bench.suites_zoo import TRANSFORMER_NORMS
+
+    for label in ("batchnorm", "powernorm", "unifiednorm", "repbn"):
+        torch.manual_seed(0)
+        model = TRANSFORMER_NORMS[label](label).train()
+        ids = torch.randint(1, 256, (4, 10))
+        valid = torch.ones(4, 10, dtype=torch.bool)
+        valid[1, 6:] = False
+        other = ids.clone()
+        other[1, 6:] = 7
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        a = model(ids, valid)
+        model.load_state_dict(state)
+        b = model(other, valid)
+        torch.testing.assert_close(a[valid], b[valid], msg=label)
 
 
 def test_suite_norm_lists():
@@ -30,11 +56,14 @@ def test_suite_norm_lists():
     assert set(SELFNORM_MODELS) == {"selu+lecun", "relu", "relu+bn"}
 
 
-def test_tiny_microbatch_and_transformer_runs(tmp_path):
-    rows = run("microbatch", scale=0.01, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m", progress=False)
+def test_tiny_microbatch_and_transformer_runs(tmp_path, capsys):
+    rows = run("microbatch", scale=0.002, seeds=1, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m", progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 4 and {r["task"] for r in rows} == {"scenes"}
+    rows = run("transformer", scale=0.01, seeds=2, norms=["powernorm", "layernorm"], out_dir=tmp_path / "t", progress=False)
     assert [r["status"] for r in rows] == ["ok"] * 4
-    rows = run("transformer", scale=0.01, norms=["powernorm", "batchnorm"], out_dir=tmp_path / "t", progress=False)
-    assert [r["status"] for r in rows] == ["ok"] * 2
+    assert all(r["test_loss"] > 0 and len(r["loss_curve"]) == r["steps"] for r in rows)
+    assert "Shen et al. 2020 (PowerNorm" in capsys.readouterr().out
+    assert (tmp_path / "t" / "curves.png").exists()
 
 
 def test_selfnorm_measures_every_layer_and_plots(tmp_path):
@@ -78,16 +107,24 @@ def test_microbatch_claim_verdicts():
     assert claims([]) == []
 
 
-def test_transformer_claim_verdicts():
-    claims = SUITES["transformer"].claims
-    base = {"layernorm": [0.95, 0.94, 0.96], "batchnorm": [0.90, 0.89, 0.91], "unifiednorm": [0.948, 0.942, 0.957],
-            "prepbn": [0.90, 0.88, 0.91]}  # fmt: skip
-    rows = [r for n, a in {**base, "powernorm": [0.96, 0.95, 0.97]}.items() for r in _seeded(n, a, model="vit")]
-    lines = claims(rows)
+def _lm_rows(bpb: dict[str, list[float]]) -> list[dict]:
+    return [
+        {"task": "text", "model": "lm", "norm": n, "test_loss": v, "test_acc": 0.5, "status": "ok", "seed": s}
+        for n, vs in bpb.items()
+        for s, v in enumerate(vs)
+    ]
+
+
+def test_transformer_claim_verdicts_on_bits_per_byte():
+    claims = SUITES["transformer"].claims  # lower bits per byte is better
+    base = {"layernorm": [2.00, 2.01, 1.99], "batchnorm": [2.10, 2.12, 2.11], "unifiednorm": [2.001, 2.012, 1.992],
+            "prepbn": [2.10, 2.11, 2.13]}  # fmt: skip
+    lines = claims(_lm_rows({**base, "powernorm": [1.98, 1.99, 1.97]}))
     assert [line.split("]")[0][1:] for line in lines] == ["supported", "supported", "supported", "supported", "contradicted"]
     assert lines[3].startswith("[supported] Yang") and lines[4].startswith("[contradicted] Guo")
-    rows = [r for n, a in {**base, "powernorm": [0.85, 0.86, 0.84]}.items() for r in _seeded(n, a, model="vit")]
-    assert claims(rows)[2].startswith("[contradicted] Shen") and "at least as good as LN" in claims(rows)[2]
+    assert "within 0.02 bits/byte" in lines[3] and "+0.110 bpb" in lines[0]
+    lines = claims(_lm_rows({**base, "powernorm": [2.2, 2.21, 2.19]}))
+    assert lines[2].startswith("[contradicted] Shen") and "at least as good as LN" in lines[2]
 
 
 def test_selfnorm_claim_uses_best_learning_rate():

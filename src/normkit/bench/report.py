@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,4 +187,165 @@ def plot(path: Path, board: Sequence[dict[str, Any]], title: str) -> bool:
     axes[0].yaxis.set_major_formatter(PercentFormatter(1.0))
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120)
+    return True
+
+
+# --------------------------------------------------------------------------- one HTML report
+
+
+def parse_claim(line: str) -> dict[str, str]:
+    """Split a claim line (:func:`normkit.bench.verdict.format_claim`) into its fields for tables.
+
+    ``{"label", "source", "claim", "paper", "ours", "delta"}``; fields a line lacks are "".
+    A line that is not a claim (a note) gives ``{"note": line}``.
+    """
+    from normkit.bench.verdict import label_of
+
+    label = label_of(line)
+    if label is None:
+        return {"note": line.strip()}
+    body = line[line.index("]") + 1 :].strip()
+    head, *rest = body.split(" | ")
+    source, _, claim = head.partition(": ")
+    out = {"label": label, "source": source, "claim": claim, "paper": "", "ours": "", "delta": ""}
+    for part in rest:
+        key, _, value = part.partition(": ") if not part.startswith("Δ ") else ("delta", "", part[2:])
+        if key in out:
+            out[key] = value
+    return out
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;line-height:1.4}
+h1{font-size:1.6rem} h2{font-size:1.3rem;border-bottom:1px solid #ccc;padding-bottom:.2rem;margin-top:2.5rem}
+table{border-collapse:collapse;margin:.8rem 0;font-size:.85rem;width:100%}
+th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.supported{background:#d8f5d8} .contradicted{background:#f8d7d7} .inconclusive{background:#f3f3f3}
+.label{font-weight:600;white-space:nowrap} .scope{color:#555;font-size:.8rem}
+img{max-width:100%;border:1px solid #eee;margin:.4rem 0} .env{color:#666;font-size:.8rem}
+"""
+
+
+def _esc(value: Any) -> str:
+    import html
+
+    return html.escape("" if value is None else str(value))
+
+
+def _img(path: Path) -> str:
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{_esc(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _claims_table(claims: Sequence[str], scope: str) -> str:
+    rows, notes = [], []
+    for line in claims:
+        c = parse_claim(line)
+        if "note" in c:
+            notes.append(f"<p class='scope'>{_esc(c['note'])}</p>")
+            continue
+        n = re.findall(r"(\d+) seeds?", c["delta"])
+        shows = f"Shows: the sign of the effect on our task over {n[0] if n else 'no'} paired seeds (interval beside)."
+        rows.append(
+            f"<tr class='{c['label']}'><td class='label'>{_esc(c['label'])}</td><td>{_esc(c['source'])}</td>"
+            f"<td>{_esc(c['claim'])}</td><td>{_esc(c['paper'])}</td><td>{_esc(c['ours'])}</td><td>{_esc(c['delta'])}</td>"
+            f"<td class='scope'>{_esc(shows)} Cannot show: {_esc(scope or 'whether it holds at the paper scale.')}</td></tr>"
+        )
+    if not rows:
+        return "".join(notes) or "<p>No claims.</p>"
+    columns = ("verdict", "source", "claim", "paper's setting", "ours", "Δ (95% CI)", "shows / cannot show at this scale")
+    head = "".join(f"<th>{h}</th>" for h in columns)
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{''.join(notes)}"
+
+
+def _board_table(board: Sequence[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in _HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in _cells(e)) + "</tr>" for e in board)
+    return f"<table>{head}{body}</table>"
+
+
+def write_html(path: Path, sections: Sequence[dict[str, Any]], title: str = "normkit bench report") -> Path:
+    """One self-contained HTML page: per suite its claims (verdict table), leaderboard and PNGs (embedded).
+
+    ``sections``: ``{"suite", "description", "scope", "claims", "leaderboard", "images": [png paths], "env"}``
+    per suite, in order. Images are base64 data URIs, so the page is one file that opens anywhere.
+    """
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"]
+    parts.append(f"<style>{_STYLE}</style></head><body>")
+    parts.append(f"<h1>{_esc(title)}</h1>")
+    summary = []
+    for s in sections:
+        counts: dict[str, int] = {}
+        for line in s.get("claims", []):
+            label = parse_claim(line).get("label")
+            if label:
+                counts[label] = counts.get(label, 0) + 1
+        summary.append(
+            f"<tr><td><a href='#{_esc(s['suite'])}'>{_esc(s['suite'])}</a></td><td>{_esc(s.get('description', ''))}</td>"
+            + "".join(f"<td class='num'>{counts.get(k, 0)}</td>" for k in ("supported", "contradicted", "inconclusive"))
+            + "</tr>"
+        )
+    parts.append(
+        "<table><tr><th>suite</th><th>what it runs</th><th>supported</th><th>contradicted</th><th>inconclusive</th></tr>"
+        + "".join(summary) + "</table>"
+    )  # fmt: skip
+    for s in sections:
+        env = s.get("env", {})
+        parts.append(f"<h2 id='{_esc(s['suite'])}'>{_esc(s['suite'])}</h2><p>{_esc(s.get('description', ''))}</p>")
+        parts.append(
+            f"<p class='env'>seeds {_esc(env.get('seeds'))}, scale {_esc(env.get('scale'))}, full {_esc(env.get('full'))}, "
+            f"{_esc(env.get('total_time_s'))} s, torch {_esc(env.get('torch'))}, {_esc(env.get('threads'))} threads</p>"
+        )
+        parts.append("<h3>Claims</h3>" + _claims_table(s.get("claims", []), s.get("scope", "")))
+        parts.append("<h3>Leaderboard</h3>" + _board_table(s.get("leaderboard", [])))
+        for img in s.get("images", []):
+            parts.append(_img(Path(img)))
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path
+
+
+def downsample(values: Sequence[float], points: int = 50) -> list[float]:
+    """Mean of ``points`` equal chunks of ``values`` (a training-loss curve small enough for the JSON)."""
+    n = len(values)
+    if n <= points:
+        return [float(v) for v in values]
+    edges = [round(i * n / points) for i in range(points + 1)]
+    return [statistics.fmean(values[a:b]) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def plot_curves(path: Path, results: Sequence[dict[str, Any]], title: str) -> bool:
+    """Training-loss curves (``loss_curve`` of each run), mean over seeds, one panel per task/model/batch size.
+
+    Returns False when matplotlib is missing or no run recorded a curve.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    groups: dict[tuple[Any, ...], dict[str, list[list[float]]]] = {}
+    for r in results:
+        if r.get("status") == "ok" and r.get("loss_curve"):
+            groups.setdefault((r["task"], r["model"], r["batch_size"]), {}).setdefault(r["norm"], []).append(r["loss_curve"])
+    if not groups:
+        return False
+    fig = Figure(figsize=(max(4.0, 3.6 * len(groups)), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    color = {n: f"C{i % 10}" for i, n in enumerate(sorted({n for g in groups.values() for n in g}))}
+    for ax, ((task, model, bs), by_norm) in zip(axes, groups.items()):
+        for norm, curves in sorted(by_norm.items()):
+            k = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(k)]
+            ax.plot([(i + 0.5) / k for i in range(k)], mean, label=norm, color=color[norm], lw=1.2)
+        ax.set(title=f"{task} {model}, batch {bs}", xlabel="fraction of training", ylabel="train loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
     return True

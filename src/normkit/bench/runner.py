@@ -7,6 +7,7 @@ Every run is isolated: an exception while building or training one norm becomes 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -21,7 +22,7 @@ import torch
 
 from normkit.bench import report
 from normkit.bench.suites import SUITES, Job, Suite, SuiteConfig, get_suite
-from normkit.bench.train import torch_threads, total_steps, train_run
+from normkit.bench.train import planned_steps, torch_threads, train_run
 from normkit.registry import norm_info
 
 DEFAULT_OUT = "normkit-bench"
@@ -180,6 +181,44 @@ def _run_one(job: Job, seed: int, scale: float, progress: _Progress, steps: int)
         return {"status": "error", "error": f"{type(e).__name__}: {message}"[:300], "traceback": traceback.format_exc()}
 
 
+def _base_row(suite: str, job: Job, seed: int, scale: float) -> dict[str, Any]:
+    return {
+        "suite": suite, "task": job.task, "model": job.model, "norm": job.norm,
+        "batch_size": job.batch_size, "seed": seed, "epochs": job.epochs * scale, "lr": job.lr,
+        "weight_decay": job.weight_decay, "steps": 0, "epochs_done": 0.0, "test_acc": None,
+        "train_loss": None, "ms_per_step": None, "train_time_s": None, "params": None,
+        **dict(job.extra),
+    }  # fmt: skip
+
+
+def _worker(task: tuple[str, bool, int, int, int, float, int | None]) -> dict[str, Any]:
+    """One run in a worker process: the job is rebuilt from the suite registry (jobs hold closures)."""
+    import normkit.bench  # noqa: F401  (registers the built-in suites in a spawned process)
+
+    suite, full, base_seed, index, seed, scale, threads = task
+    job = list(get_suite(suite).jobs(SuiteConfig(full=full, seed=base_seed)))[index]
+    with torch_threads(threads):
+        return _run_one(job, seed, scale, _Progress(), planned_steps(job, scale))
+
+
+def _run_parallel(tasks: list[Any], rows: list[dict[str, Any]], steps: list[int], bar: _Progress, workers: int) -> None:
+    """Train ``tasks`` in ``workers`` spawned processes; the bar advances by each finished run's steps."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, t): i for i, t in enumerate(tasks)}
+        for done, future in enumerate(as_completed(futures)):
+            i = futures[future]
+            try:
+                rows[i].update(future.result())
+            except Exception as e:  # noqa: BLE001 - a crashed worker is one error row
+                rows[i].update({"status": "error", "error": f"{type(e).__name__}: {e}"[:300]})
+            bar.advance(steps[i])
+            label = f"{rows[i]['task']}/{rows[i]['model']}/{rows[i]['norm']}/bs{rows[i]['batch_size']} seed={rows[i]['seed']}"
+            bar.finish(done, len(tasks), label, rows[i])
+
+
 def run(
     suite: str = "quick",
     *,
@@ -191,6 +230,7 @@ def run(
     scale: float = 1.0,
     threads: int | None = 2,
     seeds: int | None = None,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Run a bench suite, print its leaderboard and claims, write results.{csv,json,png} to ``out_dir``.
 
@@ -200,7 +240,10 @@ def run(
     restricts the suite to those methods; ``scale`` multiplies the training length (tests use
     ~0.02); ``threads`` sets torch's intra-op threads for the duration (small models are
     fastest on few threads, and it makes timings comparable across machines; None keeps the
-    current setting). Returns one dict per run (job × seed), as in ``results.csv``.
+    current setting). ``workers`` > 1 trains runs in that many processes (each with ``threads``
+    threads): runs are independent and seeded, so results equal the sequential ones up to
+    floating-point reduction order; use it when cores ≥ workers × threads. Returns one dict per
+    run (job × seed), as in ``results.csv``.
     """
     spec = get_suite(suite)
     if not scale > 0:
@@ -218,23 +261,21 @@ def run(
 
     with torch_threads(threads):
         runs = [(job, s) for job in jobs for s in seed_list]
-        steps = [total_steps(job, job.data(), scale) for job, _ in runs]
-        results: list[dict[str, Any]] = []
+        steps = [planned_steps(job, scale) for job, _ in runs]
+        rows = [_base_row(suite, job, s, scale) for job, s in runs]
         with _make_progress(progress, sum(steps)) as bar:
-            for i, ((job, s), n_steps) in enumerate(zip(runs, steps)):
-                label = f"{job.key} seed={s}"
-                bar.start(i, len(runs), label)
-                row = {
-                    "suite": suite, "task": job.task, "model": job.model, "norm": job.norm,
-                    "batch_size": job.batch_size, "seed": s, "epochs": job.epochs * scale, "lr": job.lr,
-                    "weight_decay": job.weight_decay, "steps": 0, "epochs_done": 0.0, "test_acc": None,
-                    "train_loss": None, "ms_per_step": None, "train_time_s": None, "params": None,
-                    **dict(job.extra),
-                }  # fmt: skip
-                row.update(_run_one(job, s, scale, bar, n_steps))
-                results.append(row)
-                bar.finish(i, len(runs), label, row)
-        env = _environment(spec, full=full, seed=seed, seeds=seed_list, scale=scale, norms=norms)
+            if workers > 1 and len(runs) > 1:
+                index = {j.key: i for i, j in enumerate(spec.jobs(SuiteConfig(full=full, seed=seed)))}
+                tasks = [(suite, full, seed, index[job.key], s, scale, threads) for job, s in runs]
+                _run_parallel(tasks, rows, steps, bar, workers)
+            else:
+                for i, ((job, s), n_steps) in enumerate(zip(runs, steps)):
+                    label = f"{job.key} seed={s}"
+                    bar.start(i, len(runs), label)
+                    rows[i].update(_run_one(job, s, scale, bar, n_steps))
+                    bar.finish(i, len(runs), label, rows[i])
+        results = rows
+        env = _environment(spec, full=full, seed=seed, seeds=seed_list, scale=scale, norms=norms, workers=workers)
 
     _report(spec, results, out, env, start)
     return results
@@ -257,10 +298,13 @@ def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str
         for line in claims:
             print(f"  {line}")
     report.write_csv(out / "results.csv", results)
-    report.write_json(out / "results.json", {"env": env, "runs": results, "leaderboard": board, "claims": claims})
+    payload = {"env": env, "runs": results, "leaderboard": board, "claims": claims, "scope": spec.scope}
+    report.write_json(out / "results.json", payload)
     written = [out / "results.csv", out / "results.json"]
     if report.plot(out / "results.png", board, title):
         written.append(out / "results.png")
+        if report.plot_curves(out / "curves.png", results, title + ": training loss"):
+            written.append(out / "curves.png")
         if spec.plots is not None:
             try:
                 written += list(spec.plots(results, out))
@@ -272,12 +316,56 @@ def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str
     print(f"\n{len(results)} runs ({failed} not ok) in {env['total_time_s']:.1f}s; wrote " + ", ".join(str(p) for p in written))
 
 
+# --------------------------------------------------------------------------- one report over suites
+
+
+def report_sections(out: Path, suites: list[str]) -> list[dict[str, Any]]:
+    """Sections for :func:`normkit.bench.report.write_html` from ``out/<suite>/results.json`` and its PNGs."""
+    sections = []
+    for name in suites:
+        folder = out / name
+        path = folder / "results.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        spec = SUITES.get(name)
+        sections.append({
+            "suite": name,
+            "description": spec.description if spec else data["env"].get("suite_description", ""),
+            "scope": data.get("scope", ""),
+            "claims": data.get("claims", []),
+            "leaderboard": data.get("leaderboard", []),
+            "images": sorted(folder.glob("*.png"), key=lambda p: (p.name != "results.png", p.name)),
+            "env": data.get("env", {}),
+        })  # fmt: skip
+    return sections
+
+
+def run_report(suites: list[str], *, out_dir: str | Path = DEFAULT_OUT, **kwargs: Any) -> tuple[Path, list[dict[str, Any]]]:
+    """Run every suite in ``suites`` into ``out_dir/<suite>/`` and write ``out_dir/report.html`` over all of them.
+
+    ``kwargs`` go to :func:`run`. Returns the report's path and all result rows.
+    """
+    out = Path(out_dir)
+    results: list[dict[str, Any]] = []
+    for name in suites:
+        get_suite(name)  # unknown names fail before anything runs
+    for name in suites:
+        print(f"\n=== suite {name} ===", flush=True)
+        results += run(name, out_dir=out / name, **kwargs)
+    path = report.write_html(out / "report.html", report_sections(out, suites))
+    print(f"\nwrote {path}")
+    return path, results
+
+
 # --------------------------------------------------------------------------- CLI glue
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add the ``normkit bench`` options to ``p`` (called by :mod:`normkit.cli`)."""
-    p.add_argument("--suite", default="quick", help="suite to run (default: quick; see --list-suites)")
+    p.add_argument("--suite", default=None, help="suite to run, or 'all' (default: quick; with --report: all; see --list-suites)")
+    p.add_argument("--report", action="store_true", help="write one self-contained HTML report (report.html) over the suites run")
+    p.add_argument("--workers", type=int, default=1, help="train runs in this many processes (each with --threads threads)")
     p.add_argument("--full", action="store_true", help="longer training and more paired seeds")
     p.add_argument("--seeds", type=int, default=None, help="paired seeds per job (default: the suite's, enough for its claims)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for results.csv/json/png (default: {DEFAULT_OUT})")
@@ -296,18 +384,19 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"{name:12s} {SUITES[name].description}")
         return 0
     norms = [n.strip() for n in args.norms.split(",") if n.strip()] if getattr(args, "norms", None) else None
+    report_mode = getattr(args, "report", False)
+    suite = args.suite or ("all" if report_mode else "quick")
+    kwargs: dict[str, Any] = {
+        "full": args.full, "seed": args.seed, "norms": norms, "progress": not args.no_progress,
+        "scale": getattr(args, "scale", 1.0), "threads": getattr(args, "threads", 2), "seeds": getattr(args, "seeds", None),
+        "workers": getattr(args, "workers", 1) or 1,
+    }  # fmt: skip
     try:
-        results = run(
-            args.suite,
-            full=args.full,
-            out_dir=args.out,
-            seed=args.seed,
-            norms=norms,
-            progress=not args.no_progress,
-            scale=getattr(args, "scale", 1.0),
-            threads=getattr(args, "threads", 2),
-            seeds=getattr(args, "seeds", None),
-        )
+        if report_mode or suite == "all":
+            names = sorted(SUITES) if suite == "all" else [s.strip() for s in suite.split(",")]
+            _, results = run_report(names, out_dir=args.out, **kwargs)
+        else:
+            results = run(suite, out_dir=args.out, **kwargs)
     except ValueError as e:
         print(f"normkit bench: error: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normkit.bench.models import SmallCNN, TinyViT
-from normkit.bench.suites import Job, SuiteConfig, microbatch_claim, pct, register_suite
+from normkit.bench.suites import Job, SuiteConfig, microbatch_claim, pct, register_suite, scenes_jobs
 from normkit.bench.verdict import advantage, format_claim, seed_mean
 from normkit.data import DataSplit, load_digits
 
@@ -43,13 +42,15 @@ MICROBATCH_NORMS: dict[str, tuple[str, bool, bool]] = {
 
 
 def _cnn(label: str) -> nn.Module:
+    from normkit.bench.models_tasks import SceneCNN
+
     norm, ws, has_act = MICROBATCH_NORMS[label]
     kwargs: dict[str, Any] = {}
     if ws:
         kwargs["conv"] = _ws_conv()
     if has_act:  # EvoNorm and FRN+TLU are normalization-activation layers
         kwargs["act"] = nn.Identity
-    return SmallCNN(norm, **kwargs)
+    return SceneCNN(norm, **kwargs)
 
 
 #: alternative → (label, source) of the micro-batch claims: each is tested against BN on its own line.
@@ -76,51 +77,59 @@ def _microbatch_claims(results: list[dict[str, Any]]) -> list[str]:
 
 @register_suite(
     "microbatch",
-    description="digits CNN at batch 64 and 2: BN vs GN, GN+WS, BCN+WS, EvoNorm-B0/S0, FRN, IBN",
+    description="scenes CNN at batch 64 and 2: BN vs GN, GN+WS, BCN+WS, EvoNorm-B0/S0, FRN, IBN",
     claims=_microbatch_claims,
+    seeds=3,
 )
 def microbatch(cfg: SuiteConfig) -> list[Job]:
-    """Image norms for micro-batch training, each in the same small CNN at batch 64 and 2."""
-    epochs = 16 if cfg.full else 8
-    return [
-        Job("digits", "cnn", label, _cnn, bs, epochs, 1e-2 if bs >= 32 else 1e-3) for bs in (64, 2) for label in MICROBATCH_NORMS
-    ]
+    """Image norms for micro-batch training, each in the same scene CNN at batch 64 and 2."""
+    return scenes_jobs(cfg, list(MICROBATCH_NORMS), build=_cnn)
 
 
 # --------------------------------------------------------------------------- transformer
 
 
 def _token_bn(num_features: int) -> nn.Module:
-    from normkit.nn.batch_norm import BatchNorm
+    from normkit.bench.models_tasks import TokenBatchNorm
 
-    return BatchNorm(num_features, channels_last=True)
+    return TokenBatchNorm(num_features)
 
 
-def _vit_with_layernorm_scaling(_: str) -> nn.Module:
+def _lm(norm: str | Callable[[int], nn.Module]) -> Callable[[str], nn.Module]:
+    def build(_: str) -> nn.Module:
+        from normkit.bench.models_tasks import ByteLM
+
+        return ByteLM(norm)
+
+    return build
+
+
+def _lm_with_layernorm_scaling(_: str) -> nn.Module:
+    from normkit.bench.models_tasks import ByteLM
     from normkit.nn.layer_norm_scaling import apply_layernorm_scaling
 
-    model = TinyViT("layernorm")
+    model = ByteLM("layernorm")
     apply_layernorm_scaling(model.blocks)  # block ℓ's norms scaled by 1/sqrt(ℓ); the final norm is not
     return model
 
 
-def _vit(norm: str | Callable[[int], nn.Module]) -> Callable[[str], nn.Module]:
-    return lambda _: TinyViT(norm)
-
-
-#: label → builder of the ViT for that norm (labels are registry names where one exists).
+#: label → builder of the byte-level LM for that norm (labels are registry names where one exists).
 TRANSFORMER_NORMS: dict[str, Callable[[str], nn.Module]] = {
-    "layernorm": _vit("layernorm"),
-    "rmsnorm": _vit("rmsnorm"),
-    "crmsnorm": _vit("crmsnorm"),
-    "powernorm": _vit("powernorm"),
-    "unifiednorm": _vit("unifiednorm"),
-    "batchnorm": _vit(_token_bn),
-    "repbn": _vit("repbn"),
-    "prepbn": _vit("prepbn"),
-    "dyt": _vit("dyt"),
-    "layernorm_scaling": _vit_with_layernorm_scaling,
+    "layernorm": _lm("layernorm"),
+    "rmsnorm": _lm("rmsnorm"),
+    "crmsnorm": _lm("crmsnorm"),
+    "powernorm": _lm("powernorm"),
+    "unifiednorm": _lm("unifiednorm"),
+    "batchnorm": _lm(_token_bn),
+    "repbn": _lm("repbn"),
+    "prepbn": _lm("prepbn"),
+    "dyt": _lm("dyt"),
+    "layernorm_scaling": _lm_with_layernorm_scaling,
 }
+#: The LM task's training: AdamW steps at batch 16 (padded sequences of 8–64 bytes), one lr for all.
+LM_STEPS, LM_STEPS_FULL, LM_BATCH, LM_LR = 300, 900, 16, 3e-3
+#: Equivalence margin of the "matches LN" claims, in val bits per byte.
+LM_MARGIN = 0.02
 
 
 #: (source, claim, a, b, direction, margin, paper setting): "a vs b" read as "a better than b".
@@ -130,7 +139,7 @@ TRANSFORMER_CLAIMS: tuple[tuple[str, str, str, str, str, float, str], ...] = (
     ("Shen et al. 2020 (PowerNorm, arXiv:2003.07845)", "PN beats BN in transformers", "powernorm", "batchnorm",
      "greater", 0.0, "IWSLT14/WMT14 translation, PTB/WikiText-103 LM"),
     ("Shen et al. 2020 (PowerNorm, arXiv:2003.07845)", "PN is at least as good as LN (here: within 1 pt)", "powernorm",
-     "layernorm", "noninferior", 0.01, "IWSLT14 +0.4 BLEU, WikiText-103 −1.6 ppl vs LN"),
+     "layernorm", "noninferior", 0.01, "IWSLT14/WMT14 +0.4/+0.6 BLEU, PTB/WikiText-103 −5.6/−3.0 ppl vs LN"),
     ("Yang et al. 2022 (UN, arXiv:2208.01313)", "UN matches LN (here: within 1 pt)", "unifiednorm", "layernorm",
      "equivalent", 0.01, "IWSLT14/WMT14 translation, ImageNet ViT"),
     ("Guo et al. 2024 (SLAB, arXiv:2405.11582)", "PRepBN matches LN (here: within 1 pt)", "prepbn", "layernorm",
@@ -139,35 +148,51 @@ TRANSFORMER_CLAIMS: tuple[tuple[str, str, str, str, str, float, str], ...] = (
      "equivalent", 0.01, "ImageNet ViT/ConvNeXt, LLaMA 7B–70B pretraining"),
     ("Zhang & Sennrich 2019 (RMSNorm, arXiv:1910.07467)", "RMSNorm matches LN (here: within 1 pt)", "rmsnorm",
      "layernorm", "equivalent", 0.01, "WMT14 RNNsearch/Transformer, CNN/Daily Mail"),
+    ("Sun et al. 2025 (LayerNorm Scaling, arXiv:2502.05795)", "scaling block ℓ's LN by 1/√ℓ improves on plain Pre-LN",
+     "layernorm_scaling", "layernorm", "greater", 0.0, "LLaMA 130M–1B pretraining on C4 (perplexity)"),
 )  # fmt: skip
 
 
 def _transformer_claims(results: list[dict[str, Any]]) -> list[str]:
-    """The transformer papers' headline claims, each a paired-seed verdict (see TRANSFORMER_CLAIMS)."""
+    """The transformer papers' headline claims, each a paired-seed verdict on val bits per byte (lower is better)."""
     present = {r["norm"] for r in results if r["status"] == "ok"}
-    rows = [r for r in results if r["status"] == "ok"]
-    if not rows:
-        return []
-    task, model = rows[0]["task"], rows[0]["model"]
     lines = []
-    for source, claim, a, b, direction, margin, paper in TRANSFORMER_CLAIMS:
+    for source, claim, a, b, direction, _margin, paper in TRANSFORMER_CLAIMS:
         if a not in present or b not in present:
             continue
-        v = advantage(results, {"norm": a}, {"norm": b}, direction=direction, margin=margin)  # type: ignore[arg-type]
-        ours = f"{task} {model}: {a} {pct(seed_mean(results, norm=a))} vs {b} {pct(seed_mean(results, norm=b))}"
-        lines.append(format_claim(source, claim, v, paper=paper, ours=ours))
+        v = advantage(results, {"norm": a}, {"norm": b}, metric="test_loss", lower_is_better=True,
+                      direction=direction, margin=LM_MARGIN if direction != "greater" else 0.0)  # type: ignore[arg-type]  # fmt: skip
+        bpb = {n: seed_mean(results, "test_loss", norm=n) for n in (a, b)}
+        ours = (f"byte-level LM on stdlib docstrings, 4 pre-norm blocks, padded batches of 8–64 bytes: "
+                f"val {a} {_bpb(bpb[a])} vs {b} {_bpb(bpb[b])} bits/byte")  # fmt: skip
+        lines.append(format_claim(source, claim.replace("within 1 pt", f"within {LM_MARGIN} bits/byte"), v, paper=paper,
+                                  ours=ours, scale=1.0, unit=" bpb (+ = first better)", digits=3))  # fmt: skip
     return lines
+
+
+def _bpb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 @register_suite(
     "transformer",
-    description="digits ViT: LN vs RMSNorm, CRMSNorm, PowerNorm, UN, BN, RepBN, PRepBN, DyT, LN-Scaling",
+    description="byte-level LM, padded batches: LN vs RMSNorm, CRMSNorm, PowerNorm, UN, BN, RepBN, PRepBN, DyT, LN-Scaling",
     claims=_transformer_claims,
+    seeds=3,
 )
 def transformer(cfg: SuiteConfig) -> list[Job]:
-    """Token norms in the same tiny ViT (2×2 patches, 2 pre-norm blocks) at batch 64."""
-    epochs = 60 if cfg.full else 30
-    return [Job("digits", "vit", label, build, 64, epochs, 1e-2, weight_decay=0.05) for label, build in TRANSFORMER_NORMS.items()]
+    """Token norms in the same byte-level causal LM (4 pre-norm blocks, dim 64) on the stdlib text corpus.
+
+    Variable-length padded batches, the setting of the PowerNorm and UN papers; batch-statistics norms
+    get the padding mask (see :mod:`normkit.bench.models_tasks`). Metric: val bits per byte.
+    """
+    from normkit.bench.train import train_lm_run
+
+    steps = LM_STEPS_FULL if cfg.full else LM_STEPS
+    return [
+        Job("text", "lm", label, build, LM_BATCH, 0, LM_LR, weight_decay=0.01, extra={"steps": steps}, run=train_lm_run)
+        for label, build in TRANSFORMER_NORMS.items()
+    ]
 
 
 # --------------------------------------------------------------------------- selfnorm

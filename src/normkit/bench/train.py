@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normkit.bench.report import downsample
 from normkit.bench.suites import Job
 from normkit.data import DataSplit
 
@@ -53,6 +54,15 @@ def steps_per_epoch(job: Job, data: DataSplit) -> int:
 def total_steps(job: Job, data: DataSplit, scale: float = 1.0) -> int:
     """Optimizer steps of a run: ``epochs · scale`` passes, at least one step."""
     return max(1, round(job.epochs * scale * steps_per_epoch(job, data)))
+
+
+def planned_steps(job: Job, scale: float = 1.0) -> int:
+    """Optimizer steps the runner expects from ``job``: ``extra["steps"]`` for step-counted jobs
+    (the language model, which streams batches rather than passing over a split), else
+    :func:`total_steps` over the job's data."""
+    if "steps" in job.extra:
+        return max(1, round(int(job.extra["steps"]) * scale))
+    return total_steps(job, job.data(), scale)
 
 
 def _optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
@@ -146,7 +156,92 @@ def train_run(
         "epochs_done": done / spe,
         "test_acc": test_acc,
         "train_loss": float(np.mean(tail)),
+        "loss_curve": downsample(losses),
         "ms_per_step": ms,
+        "train_time_s": t1 - t0,
+        "params": params,
+        "status": status,
+        "error": error,
+    }
+
+
+# --------------------------------------------------------------------------- language model
+
+#: The LM task's batches (``normkit.data.text.padded_batches``): lengths uniform in [MIN, MAX] bytes.
+LM_MIN_LEN, LM_MAX_LEN = 8, 64
+LM_VAL_BATCHES, LM_VAL_SEED = 24, 10_000
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, corpus: Any, batch_size: int, num_batches: int = LM_VAL_BATCHES) -> tuple[float, float]:
+    """``(bits per byte, next-byte accuracy)`` over real tokens of fixed padded val batches (eval mode)."""
+    from normkit.data.text import padded_batches
+
+    model.eval()
+    nats, correct, count = 0.0, 0, 0
+    val = padded_batches(corpus, batch_size, LM_MIN_LEN, LM_MAX_LEN, num_batches=num_batches, seed=LM_VAL_SEED, split="val")
+    for b in val:
+        logits = model(b.inputs, b.mask)
+        keep = b.mask
+        nats += float(F.cross_entropy(logits[keep], b.targets[keep], reduction="sum"))
+        correct += int((logits[keep].argmax(-1) == b.targets[keep]).sum())
+        count += int(keep.sum())
+    return nats / count / math.log(2), correct / count
+
+
+def train_lm_run(job: Job, seed: int, *, scale: float = 1.0, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """``Job.run`` hook of the byte-level LM: ``extra["steps"]`` AdamW steps on padded batches of the stdlib corpus.
+
+    Same seed, same batches and same initial weights for every norm (paired). ``test_loss`` is the
+    val loss in bits per byte (lower is better), ``test_acc`` the next-byte accuracy; ``train_loss``
+    the mean training loss (nats/byte) over the last 10% of steps.
+    """
+    from normkit.data.text import load_text, padded_batches
+
+    corpus = load_text()
+    seed_everything(seed)
+    model = job.build(job.norm)
+    params = sum(p.numel() for p in model.parameters())
+    opt = _optimizer(model, job)
+    steps = planned_steps(job, scale)
+    losses: list[float] = []
+    status, error = "ok", ""
+    model.train()
+    t0 = t_first = time.perf_counter()
+    batches = padded_batches(corpus, job.batch_size, LM_MIN_LEN, LM_MAX_LEN, num_batches=steps, seed=seed)
+    for step, b in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = job.lr * _lr_factor(step, steps, job.warmup)
+        logits = model(b.inputs, b.mask)
+        loss = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten())  # padded targets are ignored
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if job.extra.get("clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(job.extra["clip"]))
+        opt.step()
+        value = loss.item()
+        losses.append(value)
+        if step == 0:
+            t_first = time.perf_counter()
+        if on_step is not None:
+            on_step(1)
+        if not math.isfinite(value):
+            status, error = "diverged", f"non-finite loss at step {step + 1}/{steps}"
+            if on_step is not None:
+                on_step(steps - step - 1)
+            break
+    t1 = time.perf_counter()
+    done = len(losses)
+    val_batches = LM_VAL_BATCHES if scale >= 1 else max(2, round(LM_VAL_BATCHES * scale))  # smoke tests: a smaller val set
+    bpb, acc = evaluate_lm(model, corpus, job.batch_size, val_batches) if status == "ok" else (float("nan"), 0.0)
+    return {
+        "steps": done,
+        "epochs_done": 0.0,
+        "test_acc": acc,
+        "test_loss": bpb,
+        "train_loss": float(np.mean(losses[-max(1, done // 10) :])),
+        "loss_curve": downsample(losses),
+        "ms_per_step": (t1 - t_first) / (done - 1) * 1e3 if done > 1 else (t1 - t0) * 1e3,
         "train_time_s": t1 - t0,
         "params": params,
         "status": status,

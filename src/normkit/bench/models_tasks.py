@@ -1,0 +1,194 @@
+"""Sequence models for the bench: a 1-D CNN and a small transformer for MNIST-1D, a byte-level causal LM.
+
+Like :mod:`normkit.bench.models`, every normalization layer is built by name through
+:func:`normkit.bench.models.make_norm`, so any registered norm (or a factory ``C -> module``) drops in.
+
+Padding: the LM trains on variable-length, right-padded batches (:func:`normkit.data.text.padded_batches`).
+Norms that compute statistics over the batch get the padding mask, as in the official PowerNorm and
+UnifiedNorm code (fairseq's ``pad_mask``, True = padding) and as normkit's ``BatchNorm``/``RepBN``
+take it (``mask``, True = a real token): padded positions then never enter batch statistics.
+Per-token norms (LN, RMSNorm, DyT, …) need no mask. ``mask_padding=False`` switches this off
+(padded tokens counted in batch statistics: the naive transformer BN the PowerNorm paper criticises).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normkit.bench.models import NormSpec, make_norm
+
+
+def _mask_kind(norm: nn.Module) -> str | None:
+    """How a norm takes a padding mask: ``"pad_mask"`` (True = padding), ``"mask"`` (True = token) or None.
+
+    Only norms with batch statistics (a ``running_*`` buffer in the module or its children) get one.
+    """
+    if not any(name.rsplit(".", 1)[-1].startswith("running_") for name, _ in norm.named_buffers()):
+        return None
+    params = inspect.signature(norm.forward).parameters
+    return "pad_mask" if "pad_mask" in params else "mask" if "mask" in params else None
+
+
+def apply_norm(norm: nn.Module, x: Tensor, valid: Tensor | None, kind: str | None) -> Tensor:
+    """``norm(x)``, passing ``valid`` (``(B, T)`` bool, True = real token) in the norm's own convention."""
+    if valid is None or kind is None:
+        return norm(x)
+    if kind == "pad_mask":
+        return norm(x, pad_mask=~valid)
+    return norm(x, mask=valid.unsqueeze(-1))
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm transformer block ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``; causal or not."""
+
+    def __init__(self, dim: int, heads: int, norm: NormSpec, *, causal: bool, mlp_ratio: float = 4.0, mask_padding: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.heads, self.causal = heads, causal
+        self.norm1 = make_norm(norm, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self._kinds = (_mask_kind(self.norm1), _mask_kind(self.norm2)) if mask_padding else (None, None)
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        n, t, d = x.shape
+        h = apply_norm(self.norm1, x, valid, self._kinds[0])
+        q, k, v = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.proj(y.transpose(1, 2).reshape(n, t, d))
+        return x + self.mlp(apply_norm(self.norm2, x, valid, self._kinds[1]))
+
+
+class ByteLM(nn.Module):
+    """Byte-level causal transformer LM: embedding (256) + learned positions, pre-norm blocks, final norm, tied head.
+
+    ``forward(ids, valid=None) -> logits (B, T, 256)``. Right padding never leaks into real tokens'
+    predictions (causal attention); ``valid`` keeps it out of batch statistics.
+    """
+
+    def __init__(
+        self,
+        norm: NormSpec,
+        *,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        max_len: int = 128,
+        vocab: int = 256,
+        mask_padding: bool = True,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, norm, causal=True, mask_padding=mask_padding) for _ in range(depth))
+        self.norm = make_norm(norm, dim)
+        self._kind = _mask_kind(self.norm) if mask_padding else None
+        nn.init.normal_(self.embed.weight, std=1 / math.sqrt(dim))
+
+    def forward(self, ids: Tensor, valid: Tensor | None = None) -> Tensor:
+        if ids.shape[1] > self.pos.shape[1]:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {self.pos.shape[1]}")
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, valid)
+        x = apply_norm(self.norm, x, valid, self._kind)
+        return x @ self.embed.weight.t()  # tied output layer
+
+
+class SeqTransformer(nn.Module):
+    """Transformer classifier over MNIST-1D's 40 positions: each position a token (value → dim), mean pool."""
+
+    def __init__(self, norm: NormSpec, *, length: int = 40, dim: int = 48, depth: int = 2, heads: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.inp = nn.Conv1d(1, dim, 3, padding=1)  # a local patch of 3 values per token
+        self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.02)
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, norm, causal=False, mlp_ratio=2.0) for _ in range(depth))
+        self.norm = make_norm(norm, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x).transpose(1, 2) + self.pos  # (N, 40, dim)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+class SeqCNN(nn.Module):
+    """1-D CNN for MNIST-1D: conv5(32) → norm → ReLU → conv5/2(64) → norm → ReLU → conv5(64) → norm → ReLU → GAP → linear.
+
+    The 1-D signal is a ``(N, C, 1, L)`` image to the norms, so every channels-first (2-D) norm drops in.
+    """
+
+    def __init__(self, norm: NormSpec, *, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        w1, w2 = width, 2 * width
+        self.convs = nn.ModuleList(
+            [nn.Conv1d(1, w1, 5, padding=2, bias=False), nn.Conv1d(w1, w2, 5, stride=2, padding=2, bias=False),
+             nn.Conv1d(w2, w2, 5, padding=2, bias=False)]
+        )  # fmt: skip
+        self.norms = nn.ModuleList([make_norm(norm, w1), make_norm(norm, w2), make_norm(norm, w2)])
+        self.head = nn.Linear(w2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x).unsqueeze(2)).squeeze(2))
+        return self.head(x.mean(dim=2))
+
+
+class SceneCNN(nn.Module):
+    """CNN for 32×32 scenes: four conv3×3 → norm → ReLU layers (16/2, 32, 32/2, 64), GAP, linear.
+
+    A stride-2 stem keeps it cheap on a CPU (~3 M multiply-adds per image); two stride-2 stages give a
+    19-pixel receptive field, enough to see a whole object (radius ≤ 11 px), where the digits
+    ``SmallCNN`` (9 px) sees only parts of one. ``conv``/``act`` as in ``SmallCNN``.
+    """
+
+    def __init__(
+        self,
+        norm: NormSpec,
+        *,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 16,
+        conv: Callable[..., nn.Module] = nn.Conv2d,
+        act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True),
+    ) -> None:
+        super().__init__()
+        plan = [(in_channels, width, 2), (width, 2 * width, 1), (2 * width, 2 * width, 2), (2 * width, 4 * width, 1)]
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in plan:
+            layers += [conv(c_in, c_out, 3, stride=stride, padding=1, bias=False), make_norm(norm, c_out), act()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the batch and tokens of ``(B, T, C)`` activations, padded tokens left out.
+
+    The BN baseline of the PowerNorm and SLAB papers. normkit's ``BatchNorm(channels_last=True)``
+    does not move a ``(B, T, 1)`` mask with the channels (it raises), so this runs the channels-first
+    layer on ``(B, C, T)`` with the mask as ``(B, 1, T)``; state-dict keys are the inner layer's.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        from normkit.nn.batch_norm import BatchNorm
+
+        self.bn = BatchNorm(num_features)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            mask = mask.reshape(*x.shape[:-1], 1).transpose(1, -1)
+        return self.bn(x.transpose(1, -1), mask).transpose(1, -1)
