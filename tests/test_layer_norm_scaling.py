@@ -127,3 +127,21 @@ def test_errors():
         LayerNormScaling(8, 2)(torch.randn(2, 7))
     with pytest.raises(TypeError, match="bare norm"):
         apply_layernorm_scaling([torch.nn.LayerNorm(4)])
+
+
+def test_apply_leaves_per_head_qk_norms_alone():
+    # Qwen3's attention has per-head q_norm/k_norm: scaling both by 1/sqrt(l) would divide the
+    # attention logits by l, which the paper does not do; the block's pre-norms are scaled
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    done = apply_layernorm_scaling(model.model.layers)
+    names = sorted({n.split(".", 1)[1] for n, _ in done})
+    assert names == ["input_layernorm", "post_attention_layernorm"]
+    assert [ell for n, ell in done if n.endswith("input_layernorm")] == [1, 2, 3]
+    assert type(model.model.layers[0].self_attn.q_norm).__name__ == "Qwen3RMSNorm"
+    with_qk = transformers.Qwen3ForCausalLM(cfg).eval()
+    assert len(apply_layernorm_scaling(with_qk.model.layers, qk_norms=True)) == 12

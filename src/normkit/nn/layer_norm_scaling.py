@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from normkit.nn.layer_norm import LayerNorm, RMSNorm
@@ -143,7 +144,20 @@ def _scaled_copy(m: nn.Module, layer_index: int) -> nn.Module | None:
     return new
 
 
-def apply_layernorm_scaling(blocks: Iterable[nn.Module], *, start: int = 1) -> list[tuple[str, int]]:
+def _width(m: nn.Module) -> int | None:
+    """The normalized width of a norm this function would touch (None for other modules)."""
+    if not isinstance(m, (_Scaled, nn.LayerNorm, nn.RMSNorm)) and not is_third_party_norm(m):
+        return None
+    shape = getattr(m, "normalized_shape", None)
+    if shape:
+        return int(shape[-1]) if isinstance(shape, (tuple, list)) else int(shape)
+    w = getattr(m, "weight", None)
+    return int(w.shape[-1]) if isinstance(w, torch.Tensor) and w.dim() else None
+
+
+def apply_layernorm_scaling(
+    blocks: Iterable[nn.Module], *, start: int = 1, qk_norms: bool = False
+) -> list[tuple[str, int]]:
     """Apply LayerNorm Scaling to a sequence of transformer blocks, in place.
 
     Block ``i`` (counting from ``start``, default 1) gets ``ℓ = i``: every ``LayerNormScaling`` /
@@ -155,10 +169,19 @@ def apply_layernorm_scaling(blocks: Iterable[nn.Module], *, start: int = 1) -> l
     Other modules — including subclasses such as ``LayerNorm2d`` — are left alone. Pass only the
     blocks (e.g. ``model.layers``), not the final norm, which the paper
     leaves unscaled. Returns ``[(qualified name inside its block, ℓ), …]`` of the norms scaled.
+
+    Per-head QK-norms (Qwen3's ``q_norm``/``k_norm``, OLMo-2's …) are left alone unless
+    ``qk_norms=True``: the paper scales the pre-norms that feed attention and the MLP, and
+    scaling both the query and the key norm by 1/√ℓ would divide the attention logits by ℓ. A norm
+    narrower than the widest norm of its block is taken to be such a per-head norm.
     """
     done: list[tuple[str, int]] = []
     for ell, block in enumerate(blocks, start=_check_index(start)):
+        widths = {name: _width(m) for name, m in block.named_modules()}
+        widest = max((w for w in widths.values() if w is not None), default=None)
         for name, m in list(block.named_modules()):
+            if not qk_norms and widest is not None and widths[name] is not None and widths[name] < widest:
+                continue  # a per-head norm inside attention (see above)
             if isinstance(m, _Scaled):
                 m._set_index(ell)
                 done.append((f"{ell - start}.{name}", ell))
