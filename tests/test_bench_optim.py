@@ -27,6 +27,7 @@ def test_tiny_run_gives_ok_rows_and_claim_lines(tmp_path) -> None:
     assert all(abs(r["elr_ratio"] - 1) < 0.05 for r in nap)  # NaP holds lr/‖W‖² (W alone; (W, b) exactly)
     lines = _optim_claims(rows)
     assert len(lines) == 6 and all(label_of(line) is not None for line in lines)
+    assert (tmp_path / "optim_bngrad_layers.png").exists() and (tmp_path / "optim_nap_phases.png").exists()
 
 
 def _row(claim: str, norm: str, seed: int, **values: float) -> dict:

@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -425,10 +426,52 @@ def _optim_claims(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _optim_plots(results: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``optim_bngrad_layers.png``: per-layer ‖∂L/∂W‖ of the deep BN MLP at init (orthogonal vs Gaussian);
+    ``optim_nap_phases.png``: end-of-phase training accuracy per label phase (Adam vs NaP). Means over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def mean_curve(rows: list[dict[str, Any]], field: str) -> list[float]:
+        curves = [r[field] for r in rows if r.get(field)]
+        n = min((len(c) for c in curves), default=0)
+        return [statistics.fmean(c[i] for c in curves) for i in range(n)]
+
+    written = []
+    ok = [r for r in results if r.get("status") == "ok"]
+    panels = (
+        (
+            "bngrad",
+            ("orthogonal", "normal"),
+            "layer_grad_norms",
+            "optim_bngrad_layers.png",
+            "linear layer",
+            "‖∂L/∂W‖ at init",
+            "log",
+        ),
+        ("nap", ("adam", "nap"), "phase_acc", "optim_nap_phases.png", "label phase", "end-of-phase train accuracy", "linear"),
+    )
+    for claim, arms, field, name, xlabel, ylabel, yscale in panels:
+        curves = {arm: mean_curve([r for r in ok if r.get("claim") == claim and r["norm"] == arm], field) for arm in arms}
+        if not all(curves.values()):
+            continue
+        fig = Figure(figsize=(5, 3.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for arm, curve in curves.items():
+            ax.plot(range(1, len(curve) + 1), curve, label=arm)
+        ax.set(xlabel=xlabel, ylabel=ylabel, yscale=yscale)
+        ax.legend(fontsize=8)
+        fig.savefig(out / name, dpi=120)
+        written.append(out / name)
+    return written
+
+
 @register_suite(
     "optim",
     description="AdamP/SGDP, NaP, SinkGD, AGC and the BN-gradient MLP on small models, paired seeds (~3 min)",
     claims=_optim_claims,
+    plots=_optim_plots,
     seeds=SEEDS,
     full_seeds=FULL_SEEDS,
 )

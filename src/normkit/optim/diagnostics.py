@@ -232,10 +232,8 @@ def plot_diagnostics(
     with ``path`` it is also saved there.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plot_diagnostics needs matplotlib: pip install matplotlib") from e
     data = rows.to_rows() if isinstance(rows, NormDiagnostics) else [dict(r) for r in rows]
@@ -249,7 +247,9 @@ def plot_diagnostics(
         ("angular_update", "angular update (rad)"),
         ("grad_norm", "‖∇w‖"),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    fig = Figure(figsize=(16, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4)
     for ax, (field, label) in zip(axes, fields):
         for name in names:
             pts = [(r["step"], r[field]) for r in params if r["name"] == name and r.get(field) is not None]
@@ -261,7 +261,6 @@ def plot_diagnostics(
             ax.set_yscale("log")
     if names and len(names) <= 12:
         axes[0].legend(fontsize=6)
-    fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
