@@ -139,3 +139,15 @@ def test_sweep_eager(name, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _case(name, "eager", case, True)
+
+
+#: the compiled backends compile per configuration (seconds each): a sample in every run
+COMPILED_SAMPLE = ["layernorm", "batchnorm", "powernorm", "frn"]
+
+
+@pytest.mark.parametrize("case", ["float64", "nan_sample", "empty"])
+@pytest.mark.parametrize("name", COMPILED_SAMPLE)
+def test_sweep_compiled(name, case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _case(name, "compiled", case, True)
