@@ -103,6 +103,17 @@ NK_INLINE T lane_sum(int64_t m, F f) {
   return t;
 }
 
+// Σ (x − mu)²·inv over m values in double: the overflow fallback of scaled_sqdev and cf_forward.
+template <typename T>
+double sqdev_double(const T* q, int64_t m, T mu, T inv, int64_t stride = 1) {
+  double t = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double d = static_cast<double>(q[i * stride]) - static_cast<double>(mu);
+    t += d * d * static_cast<double>(inv);
+  }
+  return t;
+}
+
 // Σ x·inv and Σ (x − mu)²·inv over n values: every term is scaled by inv = 1/n before it is
 // summed, so a row whose squares sum past the float range (|x| ~ 1e19 in fp32) stays finite.
 template <typename T>
@@ -115,15 +126,20 @@ double scaled_sum(const T* p, int64_t n, T inv) {
   return total;
 }
 
+// A float block whose scaled squares still leave the float range (|x − mu| past ~1e19·sqrt(n): the
+// true variance may exceed FLT_MAX) is summed again in double, where nothing finite overflows; the
+// check costs one compare per block of 4096 values, and normal rows never take the second pass.
 template <typename T>
 double scaled_sqdev(const T* p, int64_t n, T mu, T inv) {
   double total = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const T* q = p + i0;
-    total += lane_sum<T>(std::min(kBlock, n - i0), [q, mu, inv](int64_t i) __attribute__((always_inline)) {
+    const int64_t m = std::min(kBlock, n - i0);
+    const T part = lane_sum<T>(m, [q, mu, inv](int64_t i) __attribute__((always_inline)) {
       const T d = q[i] - mu;
       return d * (d * inv);
     });
+    total += std::isfinite(part) ? static_cast<double>(part) : sqdev_double(q, m, mu, inv);
   }
   return total;
 }
@@ -372,7 +388,7 @@ void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rs
     const int64_t nn = task / chunks, l0 = (task % chunks) * kCfChunk, m = std::min(kCfChunk, L - l0);
     const T* xn = x + nn * C * L + l0;
     T* yn = y + nn * C * L + l0;
-    T mu[kCfChunk], acc[kCfChunk], r[kCfChunk], part[kCfChunk];
+    T mu[kCfChunk], r[kCfChunk], part[kCfChunk];
     double total[kCfChunk];
     const T inv_c = T(1) / static_cast<T>(C);
     // Σ over c in blocks of kChanBlock channels summed in T, the block sums added in double
@@ -400,16 +416,18 @@ void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rs
           part[l] += d * (d * inv_c);  // scaled before summing, as scaled_sqdev
         }
       }
-      for (int64_t l = 0; l < m; ++l) total[l] += part[l];
+      // a block sum that left the float range (true variance past FLT_MAX) is redone in double
+      for (int64_t l = 0; l < m; ++l)
+        total[l] += std::isfinite(part[l]) ? static_cast<double>(part[l])
+                                           : sqdev_double(xn + c0 * L + l, std::min(C, c0 + kChanBlock) - c0, mu[l], inv_c, L);
     }
-    for (int64_t l = 0; l < m; ++l) acc[l] = static_cast<T>(total[l]);
     T* mo = mean + nn * L + l0;
     T* vo = var + nn * L + l0;
     T* ro = rstd + nn * L + l0;
     for (int64_t l = 0; l < m; ++l) {
-      const T v = acc[l];
-      r[l] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(v) + eps));
-      mo[l] = mu[l], vo[l] = v, ro[l] = r[l];
+      // r from the double sum: a variance past FLT_MAX is stored as inf (its true value) but r stays right
+      r[l] = static_cast<T>(1.0 / std::sqrt(total[l] + eps));
+      mo[l] = mu[l], vo[l] = static_cast<T>(total[l]), ro[l] = r[l];
     }
     for (int64_t c = 0; c < C; ++c) {
       const T wc = w[c], bc = b[c];
