@@ -155,11 +155,11 @@ def test_per_head_weight():
 
 
 def test_long_rows_loop(small_tiles):
-    x = torch.randn(3, 100, dtype=D64) + 5
-    w, b = torch.randn(100, dtype=D64), torch.randn(100, dtype=D64)
-    _compare(lambda x, w, b: F.layer_norm(x, 100, w, b, backend="triton"),
+    x = torch.randn(2, 40, dtype=D64) + 5
+    w, b = torch.randn(40, dtype=D64), torch.randn(40, dtype=D64)
+    _compare(lambda x, w, b: F.layer_norm(x, 40, w, b, backend="triton"),
              lambda x, w, b: ref_layer_norm(x, w, b, 1e-5), (x, w, b))
-    _compare(lambda x, w: F.rms_norm(x, 100, w, 1e-6, backend="triton"),
+    _compare(lambda x, w: F.rms_norm(x, 40, w, 1e-6, backend="triton"),
              lambda x, w: ref_layer_norm(x, w, None, 1e-6, center=False), (x, w))
 
 
@@ -203,7 +203,7 @@ def test_add_norm_returns_sum(norm, small_tiles):
 def test_channels_first_and_group_norm(tiles, request):
     if tiles == "loop":
         request.getfixturevalue("small_tiles")
-    x = torch.randn(2, 12, 3, 5, dtype=D64) * 2 + 1
+    x = torch.randn(2 if tiles == "one" else 1, 12, 2, 3, dtype=D64) * 2 + 1
     w, b = torch.randn(12, dtype=D64), torch.randn(12, dtype=D64)
 
     def ln2d(x, w, b):
@@ -232,7 +232,7 @@ def test_modules_take_the_same_path():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_dyt(channels_last, small_tiles):
-    x = torch.randn(2, 12, 3, 5, dtype=D64) * 3
+    x = torch.randn(2, 12, 1, 10, dtype=D64) * 3
     c = x.shape[-1] if channels_last else x.shape[1]
     alpha = torch.tensor([0.7], dtype=D64)
     w, b = torch.randn(c, dtype=D64), torch.randn(c, dtype=D64)
@@ -267,7 +267,7 @@ def test_double_backward_goes_through_the_math():
 
 
 def test_weight_grads_are_bitwise_reproducible():
-    x = torch.randn(37, 24)
+    x = torch.randn(9, 24)
     w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
     runs = []
     for _ in range(2):
