@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import normkit
 from normkit.bench import SUITES, Job, SuiteConfig, configure_parser, register_suite, run, run_cli
 from normkit.bench.models import SmallCNN, TinyViT
-from normkit.bench.suites import QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
+from normkit.bench.suites import QUICK_EPOCHS, QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
 
 TINY = 0.02  # fraction of the quick suite's training: a few steps per run
 
@@ -40,17 +40,19 @@ def temp_suite():
 
 @pytest.mark.slow
 def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
-    results = run("quick", scale=TINY, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False)
+    results = run("quick", scale=TINY, seeds=1, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False)
 
-    # batchnorm is an image norm (CNN at batch 64 and 2), layernorm a token norm (ViT).
-    got = sorted((r["model"], r["norm"], r["batch_size"]) for r in results)
-    assert got == [("cnn", "batchnorm", 2), ("cnn", "batchnorm", 64), ("vit", "layernorm", 64)]
+    # batchnorm is an image norm (scene CNN at batch 64 and 2), layernorm a token norm (MNIST-1D transformer).
+    got = sorted((r["task"], r["model"], r["norm"], r["batch_size"]) for r in results)
+    assert got == [
+        ("mnist1d", "transformer", "layernorm", 64), ("scenes", "cnn", "batchnorm", 2), ("scenes", "cnn", "batchnorm", 64)
+    ]  # fmt: skip
     for r in results:
         assert r["status"] == "ok", r["error"]
         assert 0.0 <= r["test_acc"] <= 1.0
         assert r["steps"] >= 1 and r["ms_per_step"] > 0 and r["train_loss"] > 0
-    # scale shrinks training: 8 epochs x 0.02 of 22 steps/epoch at batch 64.
-    assert next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")["steps"] == 4
+    # scale shrinks training: QUICK_EPOCHS x 0.02 of 78 steps/epoch at batch 64 (5000 scenes).
+    assert next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")["steps"] == round(QUICK_EPOCHS * TINY * 78)
 
     rows = _csv_rows(tmp_path / "results.csv")
     assert len(rows) == len(results) == 3
@@ -69,8 +71,8 @@ def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_runs_are_deterministic(tmp_path):
-    a = run("quick", scale=0.01, norms=["rmsnorm"], out_dir=tmp_path / "a", progress=False)
-    b = run("quick", scale=0.01, norms=["rmsnorm"], out_dir=tmp_path / "b", progress=False)
+    a = run("quick", scale=0.01, seeds=1, norms=["rmsnorm"], out_dir=tmp_path / "a", progress=False)
+    b = run("quick", scale=0.01, seeds=1, norms=["rmsnorm"], out_dir=tmp_path / "b", progress=False)
     assert [(r["test_acc"], r["train_loss"]) for r in a] == [(r["test_acc"], r["train_loss"]) for r in b]
 
 
@@ -96,9 +98,9 @@ def test_quick_suite_selects_core_norms_by_layout():
     assert {"layernorm", "rmsnorm", "dyt"} <= set(token) and "batchnorm" not in token
     assert all(normkit.norm_info(n).drop_in for n in image + token)
     jobs = list(SUITES["quick"].jobs(SuiteConfig()))
-    cnn = {(j.norm, j.batch_size) for j in jobs if j.model == "cnn"}
-    assert cnn == {(n, bs) for n in QUICK_IMAGE_NORMS for bs in (64, 2)}
-    assert {j.norm for j in jobs if j.model == "vit"} == set(QUICK_TOKEN_NORMS)
+    cnn = {(j.task, j.norm, j.batch_size) for j in jobs if j.model == "cnn"}
+    assert cnn == {("scenes", n, bs) for n in QUICK_IMAGE_NORMS for bs in (64, 2)}
+    assert {(j.task, j.norm) for j in jobs if j.model == "transformer"} == {("mnist1d", n) for n in QUICK_TOKEN_NORMS}
     # An explicit list overrides the registry (and is still filtered by layout).
     explicit = digits_jobs(SuiteConfig(), image_norms=["groupnorm", "layernorm"], token_norms=["dyt"])
     assert {(j.model, j.norm) for j in explicit} == {("cnn", "groupnorm"), ("vit", "dyt")}
@@ -143,7 +145,7 @@ def test_failing_norm_is_recorded_and_bench_continues(tmp_path, temp_suite, caps
         Job("toy", "cnn", "groupnorm", SmallCNN, 64, 0.2, 1e-2),
     ]
     name = temp_suite("test-failing", jobs)
-    results = run(name, out_dir=tmp_path, progress=False)
+    results = run(name, out_dir=tmp_path, progress=False, seeds=1)
 
     assert [r["status"] for r in results] == ["error", "error", "ok"]
     assert "no-such-norm" in results[0]["error"] and results[0]["error"].startswith("ValueError")
@@ -155,7 +157,7 @@ def test_failing_norm_is_recorded_and_bench_continues(tmp_path, temp_suite, caps
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    args = parser.parse_args(["--suite", name, "--out", str(tmp_path / "cli"), "--no-progress"])
+    args = parser.parse_args(["--suite", name, "--out", str(tmp_path / "cli"), "--no-progress", "--seeds", "1"])
     assert run_cli(args) == 1  # some runs failed
 
 
@@ -191,3 +193,12 @@ def test_quick_claim_is_a_paired_verdict_on_both_parts():
 def test_seeds_option(tmp_path):
     with pytest.raises(ValueError, match="seeds must be an int >= 1"):
         run("quick", seeds=0, out_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_sequential_results(tmp_path):
+    kwargs = {"scale": 0.01, "seeds": 2, "norms": ["bn_only", "full"], "progress": False, "threads": 1}
+    seq = run("normonly", out_dir=tmp_path / "seq", **kwargs)
+    par = run("normonly", out_dir=tmp_path / "par", workers=2, **kwargs)
+    key = [(r["norm"], r["seed"], r["status"], r["test_acc"], r["train_loss"]) for r in seq]
+    assert key == [(r["norm"], r["seed"], r["status"], r["test_acc"], r["train_loss"]) for r in par]

@@ -381,7 +381,8 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run ``normkit bench`` from parsed ``args``: 0 if every run is ok, 1 if some failed, 2 on bad arguments."""
     if getattr(args, "list_suites", False):
         for name in sorted(SUITES):
-            print(f"{name:12s} {SUITES[name].description}")
+            spec = SUITES[name]
+            print(f"{name:12s} seeds {spec.seeds} (full {spec.full_seeds})  {spec.description}")
         return 0
     norms = [n.strip() for n in args.norms.split(",") if n.strip()] if getattr(args, "norms", None) else None
     report_mode = getattr(args, "report", False)

@@ -140,6 +140,7 @@ def _continual_claims(results: list[dict[str, Any]]) -> list[str]:
     description="Split-Digits online class-incremental (5×2 classes), replay buffer 100: BN vs AdaB2N, ER-ACE and ER (~1 min)",
     claims=_continual_claims,
     seeds=1,  # each job runs REPLICATES paired seeds itself
+    scope="Split CIFAR/Mini-ImageNet with a reduced ResNet-18: ours is Split-Digits with a 3-layer CNN.",
 )
 def continual(cfg: SuiteConfig) -> list[Job]:
     """BN vs AdaB²N in the small CNN, with ER-ACE and with plain ER (REPLICATES paired seeds per job)."""
