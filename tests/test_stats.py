@@ -100,8 +100,8 @@ def test_reducer_receives_sums_and_weights_by_count():
     moments(b, 0, reducer=lambda t: (sent.append(t.clone()), t)[1])
     # first pass (sum, count) from b is exact; the second (squared deviations) depends on the
     # global mean, so recompute it for b with that mean
-    total = sent[0]  # packed flat: the count per column, then the sum per column
-    glob_mean = (a.sum(0) + total[3:]) / (3 + total[:3])
+    total = sent[0]  # packed flat: the count (one number without a mask), then the sum per column
+    glob_mean = (a.sum(0) + total[1:]) / (3 + total[0])
     b_sq = ((b - glob_mean) ** 2).sum(0, keepdim=True)
     mean, var = moments(a, 0, correction=1, reducer=make_reducer([total, b_sq]))
     torch.testing.assert_close(mean.reshape(-1), x.mean(0))

@@ -159,7 +159,8 @@ def reduced_moments(
     xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
     kept = [1 if i in dims else s for i, s in enumerate(xf.shape)]
     w = None if mask is None else _mask_weights(xf, mask)
-    count = xf.new_full(kept, _numel(xf, dims)) if w is None else w.sum(dims, keepdim=True)
+    # without a mask the count is one number (sent once, not per statistic): (2C + 1) values for C channels
+    count = xf.new_full((1,) * xf.dim(), _numel(xf, dims)) if w is None else w.sum(dims, keepdim=True)
 
     def wsum(t: Tensor) -> Tensor:
         return (t if w is None else t * w).sum(dims, keepdim=True)
@@ -169,17 +170,17 @@ def reduced_moments(
 
     if not center:
         count, sq = reduce(count, wsum(xf.square()))
-        return Reduced(None, sq / count, count)
+        return Reduced(None, sq / count, count.expand(kept))
     if shift is not None:
         k = shift.detach().to(xf.dtype).reshape(kept)
         d = xf - k
         count, s1, s2 = reduce(count, wsum(d), wsum(d.square()))
         m1 = s1 / count
-        return Reduced(k + m1, (s2 / count - m1.square()).clamp_min(0), count)
+        return Reduced(k + m1, (s2 / count - m1.square()).clamp_min(0), count.expand(kept))
     count, total = reduce(count, wsum(xf))
     mean = total / count
     (sq,) = reduce(wsum((xf - mean).square()))
-    return Reduced(mean, sq / count, count)
+    return Reduced(mean, sq / count, count.expand(kept))
 
 
 class FusedMoments(NamedTuple):
