@@ -206,7 +206,7 @@ def scenes_jobs(
 
 
 #: Training length of the scene CNN (epochs over 5000 images), shared by every suite on scenes.
-SCENES_EPOCHS, SCENES_EPOCHS_FULL = 6, 12
+SCENES_EPOCHS, SCENES_EPOCHS_FULL = 10, 20
 
 
 def mnist1d_jobs(cfg: SuiteConfig, token_norms: Sequence[str], *, epochs: float | None = None) -> list[Job]:

@@ -9,8 +9,8 @@ Scenes reproduces them with nothing downloaded and at a size a 2-core CPU trains
 * **object** (the label): one of ten shapes (:data:`SHAPES`) of random size (radius 6–11 px),
   position and rotation (±20°, small enough that no two classes become the same shape);
 * **colours**: a random background colour; the object's colour differs from it by a random RGB
-  offset of length 0.35–0.9 (darker or brighter, any hue), so the object is always visible;
-* **illumination**: a per-image gain (×0.4–1.6) and offset, and a linear light gradient in a
+  offset of length 0.5–1 (darker or brighter, any hue), so the object is always visible;
+* **illumination**: a per-image gain (×0.6–1.4) and offset (±0.2), and a linear light gradient in a
   random direction;
 * **texture**: a random sum of three oriented sinusoids over the background;
 * **clutter**: one to three small distractor blobs (disks or squares, radius 1–2.5 px) of random colour;
@@ -111,7 +111,7 @@ def make_scenes(n: int, seed: int = SCENES_SEED) -> tuple[np.ndarray, np.ndarray
     mask = _shape_mask(y, u, v)[:, None]  # (n, 1, H, W)
     direction = rng.normal(size=(n, 3, 1, 1))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    fg = (bg + direction * rng.uniform(0.35, 0.9, (n, 1, 1, 1))).astype(np.float32)
+    fg = (bg + direction * rng.uniform(0.5, 1.0, (n, 1, 1, 1))).astype(np.float32)
     img = np.where(mask, fg, img)
     # clutter: small disks or squares of random colour
     count = rng.integers(1, 4, n)
@@ -123,8 +123,8 @@ def make_scenes(n: int, seed: int = SCENES_SEED) -> tuple[np.ndarray, np.ndarray
         d = np.where(square, np.maximum(np.abs(xx - px), np.abs(yy - py)), np.sqrt((xx - px) ** 2 + (yy - py) ** 2))
         img = np.where(on & (d < rr)[:, None], col(3), img)
     # illumination and noise
-    gain = rng.uniform(0.4, 1.6, (n, 1, 1, 1))
-    offset = rng.uniform(-0.3, 0.3, (n, 1, 1, 1))
+    gain = rng.uniform(0.6, 1.4, (n, 1, 1, 1))
+    offset = rng.uniform(-0.2, 0.2, (n, 1, 1, 1))
     g_theta = rng.uniform(0, 2 * np.pi, (n, 1, 1))
     g_amp = rng.uniform(0.0, 0.5, (n, 1, 1))
     grad = g_amp * ((np.cos(g_theta) * (xx - s / 2) + np.sin(g_theta) * (yy - s / 2)) / s)
