@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from normkit.kernels.canonical import normalize as _kernel
+from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype, reduced_moments
 
 
@@ -101,11 +102,12 @@ def normalize_view(
     sd = accumulation_dtype(s.dtype, stats_dtype)
     xf = s.to(sd)
     mean, var, count = reduced_moments(xf, dims, center=center, mask=mask, reducer=reducer, shift=shift)
+    r = safe_rstd(xf, dims, var, eps, mean=mean, mask=mask, reducer=reducer)  # right where var overflowed
     if mean is None:
         mean = torch.zeros_like(var)
-        y = xf * torch.rsqrt(var + eps)
+        y = xf * r
     else:
-        y = (xf - mean) * torch.rsqrt(var + eps)
+        y = (xf - mean) * r
     shape = (1, x4.shape[1], x4.shape[2], 1)
     if weight is not None:
         y = y * weight.reshape(shape).to(sd)

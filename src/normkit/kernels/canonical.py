@@ -47,13 +47,15 @@ recomputes the statistics from the saved input with autograd recording.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
 from normkit.kernels import ops as _ops
-from normkit.stats import accumulation_dtype, fused_moments
+from normkit.stats import Reducer, accumulation_dtype, fused_moments, reduced_moments
 
 Dims = tuple[int, ...]
 
@@ -105,7 +107,7 @@ def _forward_math(
     # channels-first RMS variant (reduction over a strided C) measured faster with the plain one
     fused = torch.compiler.is_compiling() and (center or xf.shape[3] == 1)
     fm = fused_moments(xf, dims, center=center, fused=fused)
-    r = torch.rsqrt(fm.inner_var + eps)
+    r = safe_rstd(xf, dims, fm.inner_var, eps, mean=fm.inner_mean)
     # the first op allocates (xf may alias the input); later ones may then work in place
     y = (xf - fm.inner_mean).mul_(r) if center else xf * r
     w, b = _affine_view(weight, xf), _affine_view(bias, xf)
@@ -144,6 +146,59 @@ def _backward_math(
     dw = column_sum(g * xhat) if want_w else None
     db = column_sum(g) if want_b else None
     return dx.to(s.dtype), dw, db
+
+
+def safe_rstd(
+    x: Tensor, dims: Dims, var: Tensor, eps: float, *, mean: Tensor | None = None, mask: Tensor | None = None,
+    reducer: Reducer | None = None,
+) -> Tensor:
+    """``1/sqrt(var + eps)`` that stays right where the variance overflowed the float range.
+
+    A finite float32/bfloat16 input with |x − μ| past ~1.8e19 has a variance past FLT_MAX (3.4e38):
+    the statistics engine then returns ``inf`` — its true value — and ``rsqrt(inf + eps) = 0``
+    would zero the normalized output (a masked sum gives NaN instead: inf·0). Where ``var`` is not
+    finite, r is recomputed from the input scaled
+    by the power of two ``c = 2^−(max_exp/2 + 6)`` (2^−70 for float32, 2^−518 for float64)::
+
+        r = c / sqrt(mean_R((c·x − c·μ)²))        (μ = 0 for RMS; eps ≪ var there and dropped)
+
+    Scaling by a power of two is exact; for an overflowed row max|x − μ|·c lies in [2^−6, 2^59], so
+    the scaled squares neither overflow nor lose the terms that matter (those that underflow are
+    below 2^−149 of the largest). Rows whose variance is finite keep ``rsqrt(var + eps)`` bit for
+    bit. NaN input gives a NaN rescue, so its rows stay NaN; ±inf input gives a NaN mean (centred)
+    or r = 0 (RMS), so the output is NaN, as the math does.
+
+    Cost: eager code on CPU checks ``isfinite(var).all()`` (O(rows) values, a few µs) and computes the
+    rescue only when it is true. Under a compiler, and on other devices (where the check would be a
+    host synchronization), it is branch-free: ``where(isfinite(var), r, rescue)`` — one more reduction
+    over the same rows, which Inductor fuses into the loop that computes ``var``. ``mask`` (bool,
+    the input's shape) restricts the rescue to the included positions, as the statistics; with a
+    ``reducer`` (synchronized statistics) the rescue's sums are reduced too, in eager code only
+    (the check on the global variance is the same on every process, so all run the extra
+    collective or none do); under a compiler with a reducer r is returned as is.
+    """
+    compiling = torch.compiler.is_compiling()
+    if compiling and reducer is not None:
+        return torch.rsqrt(var + eps)  # a branch-free rescue would add a collective to every call
+    if (not compiling and (var.device.type == "cpu" or reducer is not None)
+            and bool(torch.isfinite(var).all())):  # var is global with a reducer: every process agrees
+        return torch.rsqrt(var + eps)
+    c = 2.0 ** -(math.frexp(torch.finfo(var.dtype).max)[1] // 2 + 6)  # max_exp: 128 for float32
+    xs = x.to(var.dtype) * c
+    if reducer is not None:
+        vs = reduced_moments(xs, dims, center=mean is not None, mask=mask, reducer=reducer).var
+    else:
+        d = xs if mean is None else xs - mean * c
+        if mask is None:
+            vs = d.square().mean(dims, keepdim=True)
+        else:
+            w = mask.to(var.dtype)
+            vs = torch.where(mask, d.square(), 0.0).sum(dims, keepdim=True) / w.sum(dims, keepdim=True)
+    bad = ~torch.isfinite(var)
+    # each branch sees 1 in the rows it does not serve (not an underflowed 0 or an inf): a zero
+    # gradient times a finite derivative, never inf·0 = NaN, in the gradients through the statistics
+    r = torch.rsqrt(torch.where(bad, 1.0, var) + eps)
+    return torch.where(bad, torch.rsqrt(torch.where(bad, vs, 1.0)) * c, r)
 
 
 CpuLayout = tuple[str, int, int, int, int]
@@ -195,7 +250,7 @@ class _NormalizeFn(torch.autograd.Function):
             )
             # r from the returned variance, outside the compiled forward (returning it from there
             # splits the fused loop; recomputing it inside backward's loops costs a scalar sqrt per element)
-            rstd = torch.rsqrt(var + eps)
+            rstd = safe_rstd(s, dims, var, eps, mean=mean if center else None)
         # without a residual the input itself is saved (not a copy or view made here), so a double
         # backward differentiates through the user's tensor
         ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
