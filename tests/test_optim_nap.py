@@ -176,3 +176,35 @@ def test_bad_arguments() -> None:
     nap = NaP(opt, groups=[model[0].weight])
     with pytest.raises(ValueError, match="initial norms"):
         nap.load_state_dict({"optimizer": opt.state_dict(), "init_norms": [1.0, 2.0]})
+
+
+def test_diagnostics_accept_nap_and_see_the_projected_weights():
+    # NormDiagnostics hooks NaP's own step (Adam's step + projection), not the inner Adam's
+    import torch
+    from torch import nn
+
+    from normkit.optim import NaP, NormDiagnostics, normalize_and_project
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    normalize_and_project(mlp)
+    opt = NaP(torch.optim.Adam(mlp.parameters(), lr=0.1), mlp)
+    w, b = mlp[0].weight, mlp[0].bias
+    joint0 = torch.cat([w.detach().flatten(), b.detach()]).norm().item()
+    with NormDiagnostics(mlp, opt, scale_invariant=[w]) as diag:
+        for _ in range(3):
+            loss = mlp(torch.randn(8, 6)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    rows = [r for r in diag.to_rows() if r["kind"] == "param" and r["name"] in ("0.weight", "0.bias")]
+    assert len(rows) == 6
+    for step in range(3):  # recorded after the projection: ||W||² + ||b||² is the initial joint norm²
+        wn, bn = (r["weight_norm"] for r in rows if r["step"] == step)
+        assert wn**2 + bn**2 == pytest.approx(joint0**2, rel=1e-6)
+        assert next(r for r in rows if r["step"] == step and r["name"] == "0.weight")["effective_lr"] == pytest.approx(
+            0.1 / wn**2
+        )
+    assert torch.cat([w.detach().flatten(), b.detach()]).norm().item() == pytest.approx(joint0, rel=1e-6)
+    with pytest.raises(TypeError, match="expects a torch.optim.Optimizer"):
+        NormDiagnostics(mlp, object())

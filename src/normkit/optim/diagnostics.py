@@ -90,8 +90,11 @@ class NormDiagnostics:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"NormDiagnostics expects an nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"NormDiagnostics expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not all(hasattr(optimizer, a) for a in ("param_groups", "register_step_pre_hook", "register_step_post_hook")):
+            raise TypeError(
+                "NormDiagnostics expects a torch.optim.Optimizer (or a wrapper with param_groups and step hooks, "
+                f"such as NaP), got {type(optimizer).__name__}"
+            )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if not (isinstance(gamma_threshold, int | float) and gamma_threshold > 0):

@@ -40,11 +40,13 @@ Deviations, each a switch:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from normkit.nn.replace import ReplaceReport, replace_modules
 
@@ -227,6 +229,8 @@ class NaP:
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.optimizer = optimizer
+        self._step_pre_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()  # weakref-able, as torch's
+        self._step_post_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
         self.bias, self.affine = bias, affine
         sets: list[list[Tensor]] = []
         if model is not None:
@@ -261,10 +265,26 @@ class NaP:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step, then :meth:`project`."""
+        """The wrapped optimizer's step, then :meth:`project` (hooks see the whole NaP step)."""
+        for hook in list(self._step_pre_hooks.values()):
+            hook(self, (), {})
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.project()
+        for hook in list(self._step_post_hooks.values()):
+            hook(self, (), {})
         return loss
+
+    def register_step_pre_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """``hook(nap, args, kwargs)`` before each step, as ``torch.optim.Optimizer``'s (e.g. for :class:`NormDiagnostics`)."""
+        handle = RemovableHandle(self._step_pre_hooks)
+        self._step_pre_hooks[handle.id] = hook
+        return handle
+
+    def register_step_post_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """``hook(nap, args, kwargs)`` after each step *and* its projection."""
+        handle = RemovableHandle(self._step_post_hooks)
+        self._step_post_hooks[handle.id] = hook
+        return handle
 
     @torch.no_grad()
     def project(self) -> None:
