@@ -123,3 +123,14 @@ def test_bad_input_is_refused_clearly(corpus):
         next(padded_batches(corpus, 2, 8, 4))
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         corpus.split("test")
+
+
+def test_functions_patched_into_the_stdlib_do_not_change_the_text(corpus, monkeypatch):
+    import logging
+
+    def warning_advice(self, *args):
+        """Patched in by a third-party library (transformers does this)."""
+
+    monkeypatch.setattr(logging.Logger, "warning_advice", warning_advice, raising=False)
+    monkeypatch.setattr(logging, "patched_function", warning_advice, raising=False)
+    assert load_text.__wrapped__().sha256 == corpus.sha256

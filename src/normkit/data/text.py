@@ -10,7 +10,10 @@ Stability: the text is the installed Python's own, so it differs between Python 
 ``argparse`` docstrings are not 3.13's). :class:`TextCorpus` therefore records
 ``python_version`` and a ``sha256`` of the bytes; results from two machines are comparable when the
 hashes match. Within one Python version the corpus is deterministic: modules in the listed order,
-members sorted by name, no dependence on ``PYTHONHASHSEED``, the environment or the network.
+members sorted by name, no dependence on ``PYTHONHASHSEED``, the environment or the network, and
+only members defined by the module itself (``__module__`` and ``__qualname__`` match), so functions a
+third-party library patches into the standard library (transformers adds
+``logging.Logger.warning_advice``) do not change the text.
 
 Sources (``source=``):
 
@@ -111,8 +114,8 @@ def _docstring_documents(module_name: str) -> list[tuple[str, str]]:
         for name, obj in sorted(vars(mod).items()):
             if name.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
-            if getattr(obj, "__module__", None) != mod.__name__:
-                continue  # re-exported from elsewhere: read once, where it is defined
+            if getattr(obj, "__module__", None) != mod.__name__ or getattr(obj, "__qualname__", None) != name:
+                continue  # re-exported from elsewhere (read once, where it is defined) or patched in
             qual = f"{module_name}.{name}"
             if obj.__doc__:
                 docs.append((qual, inspect.cleandoc(obj.__doc__)))
@@ -120,6 +123,8 @@ def _docstring_documents(module_name: str) -> list[tuple[str, str]]:
                 for mname, meth in sorted(vars(obj).items()):
                     if mname.startswith("_") or not inspect.isfunction(meth) or not meth.__doc__:
                         continue
+                    if meth.__module__ != mod.__name__ or meth.__qualname__ != f"{name}.{mname}":
+                        continue  # patched in by a third party (transformers adds logging.Logger.warning_advice)
                     docs.append((f"{qual}.{mname}", inspect.cleandoc(meth.__doc__)))
     return docs
 
