@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from normkit import functional as F
 from normkit.backend import resolve
 from normkit.functional._core import check_channels_first
+from normkit.functional.layer_norm import ATEN_CHECK_MIN_NUMEL, aten_layer_norm
 from normkit.nn import papers
 from normkit.nn._base import options_repr, set_options
 from normkit.registry import register_norm
@@ -152,7 +153,11 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None and self._plain() and resolve(self.backend, x, "layer_norm", True) == "native":
             try:  # the hot path: ATen's op with no Python in between (per-call cost as nn.LayerNorm)
-                return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+                if x.numel() < ATEN_CHECK_MIN_NUMEL:
+                    return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+                y = aten_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+                if y is not None:  # else ATen's statistics overflowed: normkit's path below
+                    return y
             except RuntimeError:
                 pass  # rejected: normkit's path below raises its own, clearer error
         if self.reduction_dims is not None:
