@@ -202,3 +202,13 @@ def test_parallel_workers_give_the_sequential_results(tmp_path):
     par = run("normonly", out_dir=tmp_path / "par", workers=2, **kwargs)
     key = [(r["norm"], r["seed"], r["status"], r["test_acc"], r["train_loss"]) for r in seq]
     assert key == [(r["norm"], r["seed"], r["status"], r["test_acc"], r["train_loss"]) for r in par]
+
+
+def test_text_progress_prints_the_remaining_time(capsys):
+    from normkit.bench.runner import _TextProgress
+
+    bar = _TextProgress(total_steps=100)
+    bar.advance(25)
+    bar.finish(0, 4, "toy", {"status": "error", "error": "x"})
+    line = capsys.readouterr().out
+    assert line.startswith("[1/4] toy: ERROR x") and "25% of steps" in line and "s left]" in line

@@ -61,10 +61,24 @@ def _summary(row: dict[str, Any]) -> str:
 
 
 class _TextProgress(_Progress):
-    """One line per finished run: readable in CI logs and when rich is absent."""
+    """One line per finished run with the remaining-time estimate: readable in CI logs and without rich.
+
+    The estimate extrapolates the time per optimizer step so far over the steps left.
+    """
+
+    def __init__(self, total_steps: int = 0) -> None:
+        self._total, self._done, self._t0 = total_steps, 0, time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self._done += n
 
     def finish(self, index: int, total: int, label: str, row: dict[str, Any]) -> None:
-        print(f"[{index + 1}/{total}] {label}: {_summary(row)}", flush=True)
+        eta = ""
+        if self._total and self._done:
+            elapsed = time.perf_counter() - self._t0
+            left = elapsed / self._done * max(0, self._total - self._done)
+            eta = f"  [{self._done / self._total:.0%} of steps, {elapsed:.0f}s elapsed, ~{left:.0f}s left]"
+        print(f"[{index + 1}/{total}] {label}: {_summary(row)}{eta}", flush=True)
 
 
 class _RichProgress(_Progress):
@@ -117,9 +131,9 @@ def _make_progress(enabled: bool, steps: int) -> _Progress:
     try:
         from rich.console import Console
     except ImportError:
-        return _TextProgress()
+        return _TextProgress(steps)
     # A live bar only makes sense on a terminal; redirected output gets plain lines.
-    return _RichProgress(steps) if Console().is_terminal else _TextProgress()
+    return _RichProgress(steps) if Console().is_terminal else _TextProgress(steps)
 
 
 # --------------------------------------------------------------------------- running
