@@ -140,7 +140,8 @@ def test_linear_then_batchnorm1d_and_sequential_fallback():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, C), _randomise(nn.BatchNorm1d(C)), nn.Linear(C, 2)).double().eval()
     x = torch.randn(5, 4, dtype=torch.float64)
-    r = fold_norms(model, adjacency="sequential")
+    with pytest.warns(UserWarning, match="assuming"):
+        r = fold_norms(model, adjacency="sequential")
     assert r.adjacency == "sequential" and len(r.folded) == 1 and "assumes" in r.folded[0].note
     torch.testing.assert_close(r.model(x), model(x), rtol=0, atol=1e-10)
     # on 3-D input the Linear's features are not BatchNorm1d's channels: shapes from example_inputs refuse it
@@ -254,3 +255,72 @@ def test_bench_models_fold_exactly(arch, norm):
     # (x.shape reads do not count as users); its final norm is followed by a token mean, not a Linear
     assert len(report.folded) == (3 if arch == "cnn" else 4), str(report)
     assert report.max_abs_diff < 1e-10
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return _randomise(nn.BatchNorm2d(c))
+
+
+class _TiedConvs(nn.Module):
+    """c1 and c2 share one weight: folding bn into c1 would also rescale c2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), _bn(4)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x):
+        return self.c2(self.bn(self.c1(x))) + self.c2(x)
+
+
+class _ReadsWeight(nn.Module):
+    """The forward reads fc.weight itself besides calling fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 4), _randomise(nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) + x @ self.fc.weight.t()
+
+
+@pytest.mark.parametrize("case", ["tied", "registered_twice", "reads_weight"])
+def test_layers_used_elsewhere_are_not_folded_into(case):
+    """A fold rewrites the layer's parameters in place: a tied weight, a module listed twice in a Sequential
+    (invisible to the Sequential rule) or a direct read of the weight would see the folded values too."""
+    torch.manual_seed(0)
+    if case == "tied":
+        model, x = _TiedConvs(), torch.randn(2, 4, 5, 5)
+    elif case == "registered_twice":
+        conv = nn.Conv2d(4, 4, 1)
+        model, x = nn.Sequential(conv, _bn(4), nn.ReLU(), conv), torch.randn(2, 4, 5, 5)
+    else:
+        model, x = _ReadsWeight(), torch.randn(3, 4)
+    model = model.double().eval()
+    x = x.double()
+    for adjacency in ("auto", "sequential"):
+        r = fold_norms(model, example_inputs=x, adjacency=adjacency)
+        assert not r.folded, str(r)
+        assert r.max_abs_diff == 0.0
+    adjacency = "sequential" if case == "registered_twice" else "fx"  # fx sees the two calls itself
+    reason = fold_norms(model, example_inputs=x, adjacency=adjacency).not_folded[0].reason
+    assert {"tied": "shared (tied)", "registered_twice": "registered as", "reads_weight": "reads"}[case] in reason
+
+
+def test_zero_padded_conv_takes_a_fold_before_it_only_without_a_shift():
+    """Before a zero-padded conv the border taps see 0 unfolded but c folded: exact only when c = 0."""
+    bn = _bn(3)
+    padded = nn.Sequential(nn.ReLU(), bn, nn.Conv2d(3, 2, 3, padding=1)).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert "shift is not 0" in fold_norms(padded, example_inputs=x).not_folded[0].reason
+    with torch.no_grad():  # shift c = β − a·μ = 0
+        bn.bias.zero_()
+        bn.running_mean.zero_()
+    r = fold_norms(padded, example_inputs=x)
+    assert len(r.folded) == 1 and r.max_abs_diff < 1e-12
+
+
+def test_assuming_nc_features_warns():
+    model = nn.Sequential(nn.Linear(3, 3), _randomise(nn.BatchNorm1d(3))).eval()
+    with pytest.warns(UserWarning, match=r"\(N, C\)"):
+        fold_norms(model)

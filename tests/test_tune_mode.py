@@ -113,3 +113,30 @@ def test_measure_runs_on_a_tiny_resnet():
     assert f["folded"] == 20 and f["max_abs_diff"] < 1e-4 and f["eval_ms"] > 0
     t = measure_tune_mode(batch=4, size=16, widths=(4, 4, 4, 4), repeats=1)
     assert t["tune_saved_mb"] < t["eval_saved_mb"] and t["max_grad_diff"] < 1e-4
+
+
+class _Untraceable(nn.Module):
+    """A data-dependent forward (fx traces only the children) that calls ``block.0`` also as ``conv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.conv = self.block[0]
+        self.other = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.block(x) + self.conv(x) + self.other(x)
+
+
+def test_a_conv_registered_twice_is_not_patched():
+    """The per-submodule trace pairs (block.0, block.1), but the patch would also fuse the BN into the
+    conv's call as ``conv``: that conv is skipped, the other pair is patched, the output is unchanged."""
+    model = _randomise_bn(_Untraceable()).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    want = model(x)
+    report = tune_mode_convbn(model)
+    assert report.pairs == [("other.0", "other.1")], str(report)
+    assert any("registered as" in why for _, why in report.skipped)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)

@@ -10,9 +10,12 @@ Beyond", ICLR 2024, arXiv:2305.11624, and torch's ``fuse_conv_bn_eval``)::
 
 The new weights are computed in float64 and rounded once to the layer's dtype, so the folded model
 equals the original to the rounding of its dtype. Folding *before* a convolution is only exact without
-zero padding (the padded zeros would otherwise skip the shift ``c``), so zero-padded convolutions
-are refused in that direction (``padding_mode`` reflect/replicate/circular pads with copies of the
-input and folds exactly).
+zero padding: the unfolded model pads the norm's *output*, so a border tap sees 0, while the folded
+convolution pads the norm's *input* and adds ``Σ W·c`` to every position, as if the tap saw ``c``.
+So a zero-padded convolution is refused in that direction unless the shift ``c`` is exactly 0
+(``padding_mode`` reflect/replicate/circular pads with copies of the input and folds exactly).
+A layer whose parameters something else also uses (a module registered twice, tied weights, a
+forward that reads ``self.fc.weight`` itself) is never folded into: the fold would change that use too.
 
 **Eval forms** (each read from the module's code, and written out again in ``tests/test_fold.py``):
 
@@ -62,6 +65,7 @@ channels-first norm next to a Linear is assumed to see ``(N, C)`` features, and 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -375,8 +379,9 @@ def _pair_problem(layer: nn.Module, aff: EvalAffine, side: Side, norm_rank: int 
         features = layer.in_channels
     if features != aff.scale.numel():
         return f"{features} features in the layer, {aff.scale.numel()} in the norm"
-    if conv and side == "before" and not _zero_padding(layer):
-        return f"folding before a padded convolution (padding={layer.padding}) is not exact"
+    if conv and side == "before" and not _zero_padding(layer) and bool((aff.shift != 0).any()):
+        # the padded border sees 0 where the unfolded model sees the norm's shift c (a·0 + c); with c = 0 both are 0
+        return f"folding before a zero-padded convolution (padding={layer.padding}) is not exact: the norm's shift is not 0"
     return None
 
 
@@ -398,6 +403,7 @@ class _Pair:
     layer: str
     side: Side
     norm_rank: int | None
+    blocked: str | None = None  # why the pair must not fold although adjacent (its parameters are read elsewhere)
 
 
 _METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda"})
@@ -434,6 +440,9 @@ def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> list[_P
                 arg_meta = node.args[0].meta.get("tensor_meta")
                 if arg_meta is not None and hasattr(arg_meta, "shape"):
                     ranks[node.target] = len(arg_meta.shape)
+    # modules whose parameters or buffers the forward also reads directly (``x @ self.fc.weight.T``): a fold
+    # would change (or, for the norm, remove) what that read sees
+    read = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
     pairs: list[_Pair] = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
@@ -441,8 +450,10 @@ def _fx_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> list[_P
         src = node.args[0]
         rank = ranks.get(node.target)
         if isinstance(src, fx.Node) and src.op == "call_module" and _value_users(src) == [node] and calls[src.target] == 1:
-            pairs.append(_Pair(node.target, src.target, "after", rank))  # src → node: node may fold after src
-            pairs.append(_Pair(src.target, node.target, "before", ranks.get(src.target)))  # src may fold before node
+            direct = [t for t in (src.target, node.target) if t in read]
+            blocked = f"the forward also reads {direct[0]}'s parameters directly" if direct else None
+            pairs.append(_Pair(node.target, src.target, "after", rank, blocked))  # src → node: node may fold after src
+            pairs.append(_Pair(src.target, node.target, "before", ranks.get(src.target), blocked))  # src may fold before node
     return pairs
 
 
@@ -476,15 +487,40 @@ def _traced_pairs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tup
 
 
 def _sequential_pairs(model: nn.Module) -> list[_Pair]:
+    """Consecutive children of every ``nn.Sequential`` (a module listed twice in one Sequential is listed
+    at each place, so that :func:`aliased_modules` sees it)."""
     pairs: list[_Pair] = []
     for prefix, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        names = [(f"{prefix}.{n}" if prefix else n) for n, _ in seq.named_children()]
+        names = [(f"{prefix}.{n}" if prefix else n) for n in seq._modules]
         for first, second in zip(names, names[1:]):
             pairs.append(_Pair(second, first, "after", None))
             pairs.append(_Pair(first, second, "before", None))
     return pairs
+
+
+def aliased_modules(model: nn.Module, *, tied: bool = True) -> dict[int, str]:
+    """``id(module) -> reason`` for every module that a fold or a patch would change in more than one place:
+    registered under several names (one object called at several places, which a per-submodule trace or the
+    Sequential rule cannot see), or (``tied=True``) holding a parameter that another module also holds."""
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name or "<root>")
+    holders: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    out = {k: f"the same module is registered as {', '.join(v)}" for k, v in names.items() if len(v) > 1}
+    if not tied:
+        return out
+    for m in model.modules():
+        if id(m) in out:
+            continue
+        shared = next((h for p in m.parameters(recurse=False) if len(h := holders[id(p)]) > 1), None)
+        if shared:
+            out[id(m)] = f"its parameter is shared (tied) between {', '.join(shared)}"
+    return out
 
 
 # ---------------------------------------------------------------------------------- the verb
@@ -597,6 +633,7 @@ def fold_norms(
     tried: dict[str, list[str]] = {}
     done: set[str] = set()
     modules = dict(target.named_modules())
+    aliased = aliased_modules(target)
     for side in sides:
         for p in pairs:
             if p.side != side or p.norm not in affines or p.norm in done:
@@ -605,7 +642,8 @@ def fold_norms(
             if layer is None:
                 continue
             rank = p.norm_rank
-            problem = _pair_problem(layer, aff, side, rank)
+            problem = p.blocked or aliased.get(id(layer)) or aliased.get(id(modules[p.norm]))
+            problem = problem or _pair_problem(layer, aff, side, rank)
             if problem:
                 if isinstance(layer, (*_CONVS, nn.Linear)):
                     tried.setdefault(p.norm, []).append(f"{side} {p.layer}: {problem}")
@@ -615,6 +653,12 @@ def fold_norms(
             note = ""
             if isinstance(layer, nn.Linear) and aff.layout == "channels_first" and rank is None:
                 note = "assumes the norm sees (N, C) features (pass example_inputs to check)"
+                warnings.warn(
+                    f"fold_norms: folded {p.norm} {side} the Linear {p.layer} assuming it sees (N, C) features; on "
+                    "(N, C, L) input its channels are not the Linear's features and the fold is wrong. Pass "
+                    "example_inputs to check the shapes.",
+                    stacklevel=2,
+                )
             report.folded.append(Folded(p.norm, p.layer, side, note))
             done.add(p.norm)
     for name, m in norms.items():

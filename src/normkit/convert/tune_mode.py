@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit.convert.fold import _CONVS, _plain_layer, _sequential_pairs, _traced_pairs
+from normkit.convert.fold import _CONVS, _plain_layer, _sequential_pairs, _traced_pairs, aliased_modules
 
 __all__ = ["TuneModeReport", "saved_tensor_bytes", "tune_mode_convbn"]
 
@@ -123,6 +123,7 @@ def tune_mode_convbn(model: nn.Module, *, inplace: bool = True) -> TuneModeRepor
     except Exception:  # noqa: BLE001  (untraceable model: the Sequential rule)
         pairs, used = _sequential_pairs(target), "sequential"
     modules = dict(target.named_modules())
+    aliased = aliased_modules(target, tied=False)  # tied weights are fine: tune mode never writes them
     report = TuneModeReport(target, adjacency=used)
     seen: set[str] = set()
     for p in pairs:
@@ -132,6 +133,9 @@ def tune_mode_convbn(model: nn.Module, *, inplace: bool = True) -> TuneModeRepor
         if not isinstance(bn, _BatchNorm) or not isinstance(conv, _CONVS):
             continue
         why = _plain_layer(conv)
+        if why is None and (id(conv) in aliased or id(bn) in aliased):
+            # e.g. a conv listed twice in a Sequential: the patch would fuse the BN into its other call too
+            why = aliased.get(id(conv)) or aliased[id(bn)]
         if why is None and getattr(bn, "channels_last", False):
             why = "channels_last BatchNorm after a convolution"
         if why is None and bn.running_var is None:
