@@ -50,6 +50,19 @@ def test_zero_weight_uses_eps_and_tiny_gradient_guard():
     torch.testing.assert_close(p.grad, agc_reference(p.detach(), g, 0.1, 1e-3))
 
 
+@pytest.mark.parametrize("shape", [(5, 1), (5, 1, 1, 1), (1, 5)])
+def test_single_column_weights_are_one_unit_as_in_the_official_code(shape):
+    """The official unitwise_norm squeezes first: a (n, 1) Linear(1, n) weight is a vector (one whole-tensor
+    norm), not n one-element units (which would clip every element to λ·max(|w_i|, eps))."""
+    w = torch.tensor([3.0, 0.0, 4.0, 0.0, 0.0], dtype=torch.float64).reshape(shape)
+    g = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64).reshape(shape)
+    p = nn.Parameter(w.clone())
+    p.grad = g.clone()
+    adaptive_clip_grad_(p, clipping=0.1, eps=1e-3)
+    # one unit: ‖W‖ = 5, max norm 0.5 < ‖G‖ = 1, so G is scaled by 0.5 as a whole
+    torch.testing.assert_close(p.grad, g * 0.5, rtol=1e-12, atol=0)
+
+
 def test_unitwise_norm_shapes():
     assert unitwise_norm(torch.ones(4, 3, 2, 2)).shape == (4, 1, 1, 1)
     assert unitwise_norm(torch.ones(5, 3)).shape == (5, 1)

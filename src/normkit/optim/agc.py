@@ -10,8 +10,9 @@ Per parameter ``W`` with gradient ``G``, unit by unit (one unit = one output row
 
 Unit-wise norms: a convolution weight ``(out, in, *k)`` (OIHW) has one norm per output unit over
 (in, *k) (the official HWIO code reduces over H, W, I); a linear weight ``(out, in)`` one per
-output row (the official IO code reduces over I); vectors and scalars (biases, gains) one norm
-over the whole tensor.
+output row (the official IO code reduces over I); vectors and scalars (biases, gains), and as in the
+official code any tensor that is a vector once its size-1 dims are squeezed (e.g. ``(n, 1)``), one
+norm over the whole tensor.
 
 Why: without normalization layers nothing keeps a layer's gradient in proportion to its weights;
 clipping the ratio ‖G‖/‖W‖ per unit bounds the relative change of every unit per step, which is
@@ -36,8 +37,13 @@ from normkit.optim._checks import check_nonnegative
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     """ℓ2 norm per output unit, shaped to broadcast against ``x``: over dims 1.. for ndim >= 2, the
-    whole tensor for vectors and scalars."""
-    if x.dim() <= 1:
+    whole tensor for vectors and scalars.
+
+    As the official ``unitwise_norm`` (which tests ``len(jnp.squeeze(x).shape) <= 1``), a tensor with at
+    most one dimension of size > 1 counts as a vector: a ``Linear(1, n)`` weight ``(n, 1)`` or a
+    ``Conv2d(1, n, 1)`` weight ``(n, 1, 1, 1)`` gets one norm over the whole tensor, not one per element.
+    """
+    if sum(s != 1 for s in x.shape) <= 1:
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
 
