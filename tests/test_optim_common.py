@@ -73,3 +73,14 @@ def test_lr_scheduler_drives_the_groups(name):
     opt.step()
     sched.step()
     assert all(g["lr"] == pytest.approx(g["initial_lr"] * 0.5) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name", [n for n in MAKERS if n != "AGC"])
+def test_complex_parameters_are_refused_by_name(name):
+    """Adam-style moments g·g (not g·conj(g)) and the real row dot products would be silently wrong."""
+    ps = [nn.Parameter(torch.randn(4, 3, dtype=torch.complex64)), nn.Parameter(torch.randn(4, dtype=torch.complex64))]
+    opt = MAKERS[name](ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(TypeError, match=f"{name} expects real parameters"):
+        opt.step()

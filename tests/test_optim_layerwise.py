@@ -196,3 +196,15 @@ def test_state_dict_round_trip(make):
 def test_bad_arguments(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([nn.Parameter(torch.zeros(2, 2))], **kwargs)
+
+
+def test_novograd_beta2_zero_is_the_official_graph_behaviour():
+    """The official TF1 code never writes its moment back, so each step uses v = ‖g‖²: betas=(β1, 0)."""
+    w0 = torch.randn(4, 3, dtype=torch.float64)
+    grads = _grads(w0.shape, 3)
+    w, m = w0.clone(), torch.zeros_like(w0)
+    for g in grads:
+        m = 0.95 * m + g / math.sqrt(float((g * g).sum()) + 1e-8)
+        w = w - 0.05 * m
+    got = _run(NovoGrad, w0, grads, lr=0.05, betas=(0.95, 0.0), eps=1e-8)
+    torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-9)

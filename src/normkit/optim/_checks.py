@@ -45,10 +45,17 @@ def check_betas(betas: Any) -> None:
 
 
 def check_dense(params: Iterable[torch.Tensor], name: str) -> None:
-    """The optimizers here have no sparse path (their norms and projections need the whole gradient)."""
+    """The optimizers here have no sparse path (their norms and projections need the whole gradient), and no
+    complex one: their moments (``g·g`` instead of ``g·conj(g)``), row dot products and cosine tests are
+    written for real tensors and would be silently wrong (pass ``torch.view_as_real(p)`` instead)."""
     for p in params:
         if p.grad is not None and p.grad.is_sparse:
             raise RuntimeError(f"{name} does not support sparse gradients (got one for a {tuple(p.shape)} parameter)")
+        if p.is_complex():
+            raise TypeError(
+                f"{name} expects real parameters, got a {p.dtype} parameter of shape {tuple(p.shape)} "
+                "(optimize torch.view_as_real(p) instead)"
+            )
 
 
 def use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:

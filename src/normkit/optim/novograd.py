@@ -18,6 +18,12 @@ per layer instead of one per weight, so the optimizer state is SGD's plus a scal
 
 Defaults (official ``NovoGrad2``): betas=(0.95, 0.98), eps=1e-8, weight_decay=0,
 grad_averaging=False; lr required (the official default of 1.0 is a placeholder).
+
+Divergence: the official ``apply_gradients`` rebinds its Python list entry
+(``self._grads_ema[i] = tf.cond(...)``) instead of assigning the variable, so in TF1 graph mode the
+stored moment stays 0 and every step takes the first-step branch, ``v = ‖g‖²`` (β2 unused). This
+class keeps the moving average that the docstring and the paper's Algorithm 1 describe;
+``betas=(β1, 0.0)`` reproduces what the official graph computes.
 """
 
 from __future__ import annotations
