@@ -186,6 +186,93 @@ def check_ddp(rank: int, world: int, steps: int = 20) -> dict[str, float]:
     return {"ddp_params": perr, "ddp_buffers": berr}
 
 
+def check_tta(rank: int, sizes: list[int]) -> dict[str, float]:
+    """TestTimeAdapter(process_group=...) adapts on the whole distributed test batch."""
+    from normkit.adapt import TestTimeAdapter
+
+    torch.manual_seed(0)  # float32: the adapters keep the source statistics in float32
+    src = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    with torch.no_grad():
+        src[1].running_mean.uniform_(-1, 1)
+        src[1].running_var.uniform_(0.5, 2)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    errs = {}
+    for method in ("tbn", "alpha_bn", "ema_bn", "robust_bn"):
+        ref, syn = TestTimeAdapter(src, method), TestTimeAdapter(src, method, process_group="world")
+        local = TestTimeAdapter(src, method)  # this rank's slice alone: must differ (the sync is not a no-op)
+        e, d = 0.0, 0.0
+        for step in range(2):
+            x = torch.randn(sum(sizes), 3, 6, 6, generator=torch.Generator().manual_seed(step)) + 0.3
+            y = syn(x[lo:hi])
+            e = max(e, _err(y, ref(x)[lo:hi]))
+            d = max(d, _err(y, local(x[lo:hi])))
+        e = max([e] + [_err(a, b) for a, b in zip(syn.buffers(), ref.buffers())])
+        errs[f"tta/{method}"] = e
+        errs[f"tta/{method}/vs_local"] = d
+    return errs
+
+
+def check_buffer_utils(rank: int, world: int) -> dict[str, float]:
+    """average_norm_buffers: means averaged, variances by the law of total variance, counters from rank 0;
+    broadcast_norm_buffers: rank 0's buffers everywhere (PowerNorm's window and counter included)."""
+    import normkit as nk
+    from normkit.distributed import average_norm_buffers, broadcast_norm_buffers
+
+    def states(r: int) -> tuple[Tensor, Tensor, int]:
+        g = torch.Generator().manual_seed(r)
+        return torch.randn(3, generator=g, dtype=DT), torch.rand(3, generator=g, dtype=DT) + 0.5, 10 + r
+
+    model = nn.Sequential(nn.BatchNorm1d(3).to(DT), nk.PowerNorm(3, dtype=DT))
+    mean, var, steps = states(rank)
+    with torch.no_grad():
+        model[0].running_mean.copy_(mean)
+        model[0].running_var.copy_(var)
+        model[0].num_batches_tracked.fill_(steps)
+        model[1].running_phi.fill_(float(rank + 1))
+        model[1].iters.fill_(steps)
+    average_norm_buffers(model)
+    all_states = [states(r) for r in range(world)]
+    means = torch.stack([m for m, _, _ in all_states])
+    variances = torch.stack([v for _, v, _ in all_states])
+    want_var = variances.mean(0) + means.square().mean(0) - means.mean(0).square()  # law of total variance
+    out = {
+        "avg/mean": _err(model[0].running_mean, means.mean(0)),
+        "avg/var": _err(model[0].running_var, want_var),
+        "avg/counter": float(model[0].num_batches_tracked.item() != 10),
+        "avg/phi": _err(model[1].running_phi, torch.full((3,), (world + 1) / 2, dtype=DT)),
+    }
+    with torch.no_grad():
+        model[0].running_mean.fill_(float(rank))
+        model[1].iters.fill_(rank)
+    broadcast_norm_buffers(model)
+    out["bcast"] = max(_err(model[0].running_mean, torch.zeros(3, dtype=DT)), float(model[1].iters.item()))
+    return out
+
+
+def check_compile(rank: int, sizes: list[int]) -> dict[str, float]:
+    """torch.compile(fullgraph=True) of a synchronized BatchNorm: no graph break, equal to eager."""
+    import normkit as nk
+
+    torch.manual_seed(0)
+    eager = nk.BatchNorm2d(4, process_group="world", dtype=DT)
+    comp_mod = copy.deepcopy(eager)
+    comp = torch.compile(comp_mod, fullgraph=True, backend="aot_eager")
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x = torch.randn(sum(sizes), 4, 3, 3, generator=torch.Generator().manual_seed(7), dtype=DT)[lo:hi]
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe), comp(xc)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    return {"compile/forward": _err(yc, ye), "compile/input_grad": _err(xc.grad, xe.grad),
+            "compile/buffers": _err(comp_mod.running_var, eager.running_var)}
+
+
+def worker_compile(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Only the torch.compile check (slow: a few seconds of compilation per process)."""
+    os.environ["NORMKIT_TEST_DIST_COMPILE"] = "only"
+    worker(rank, world, port, out_dir)
+
+
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -193,12 +280,17 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=120))
     results: dict[str, float] = {}
     try:
+        if os.environ.get("NORMKIT_TEST_DIST_COMPILE") == "only":
+            results.update(check_compile(rank, SPLITS[world]["uneven"]))
+            return
         for i, (name, build, inputs) in enumerate(cases()):
             for split, sizes in SPLITS[world].items():
                 for k, v in check_case(name, build, inputs, sizes, rank, seed=i + 1).items():
                     results[f"{name}/{split}/{k}"] = v
         results.update(check_eval_is_local(rank))
         results.update(check_ddp(rank, world))
+        results.update(check_tta(rank, SPLITS[world]["uneven"]))
+        results.update(check_buffer_utils(rank, world))
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)

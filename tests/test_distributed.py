@@ -30,12 +30,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(fn, world: int, out: Path) -> list[dict[str, float]]:
+    mp.spawn(fn, args=(world, _port(), str(out)), nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def results(request, tmp_path_factory) -> tuple[int, list[dict[str, float]]]:
     world = request.param
-    out = tmp_path_factory.mktemp(f"dist{world}")
-    mp.spawn(distributed_cases.worker, args=(world, _port(), str(out)), nprocs=world, join=True)
-    return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return world, _spawn(distributed_cases.worker, world, tmp_path_factory.mktemp(f"dist{world}"))
 
 
 def test_every_layer_equals_single_process_on_the_concatenated_batch(results):
@@ -64,6 +67,28 @@ def test_ddp_training_equals_single_process(results):
     _, per_rank = results
     for res in per_rank:
         assert res["ddp_params"] <= TOL and res["ddp_buffers"] <= TOL, res
+
+
+def test_test_time_adaptation_uses_the_whole_distributed_batch(results):
+    _, per_rank = results
+    for res in per_rank:
+        for method in ("tbn", "alpha_bn", "ema_bn", "robust_bn"):
+            assert res[f"tta/{method}"] <= 1e-5, (method, res[f"tta/{method}"])  # float32 model
+            assert res[f"tta/{method}/vs_local"] > 1e-4, method  # per-rank statistics would differ
+
+
+def test_buffer_utilities(results):
+    _, per_rank = results
+    for res in per_rank:
+        for key in ("avg/mean", "avg/var", "avg/counter", "avg/phi", "bcast"):
+            assert res[key] <= TOL, (key, res[key])
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_equals_eager(tmp_path):
+    for res in _spawn(distributed_cases.worker_compile, 2, tmp_path):
+        for key in ("compile/forward", "compile/input_grad", "compile/buffers"):
+            assert res[key] <= TOL, (key, res[key])
 
 
 def test_without_a_process_group_training_raises_a_clear_error():

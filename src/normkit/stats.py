@@ -172,7 +172,11 @@ def reduced_moments(
         count, sq = reduce(count, wsum(xf.square()))
         return Reduced(None, sq / count, count.expand(kept))
     if shift is not None:
-        k = shift.detach().to(xf.dtype).reshape(kept)
+        # the shift is usually a buffer the caller updates in place after this call: concatenated with the
+        # count (a value the forward uses) it becomes one aten.cat that torch.compile saves for backward
+        # instead of re-reading the updated buffer there (see normkit.functional._core.snapshot)
+        both = torch.cat([count.reshape(-1), shift.detach().to(xf.dtype).reshape(-1)])
+        k = both[count.numel():].reshape(kept)
         d = xf - k
         count, s1, s2 = reduce(count, wsum(d), wsum(d.square()))
         m1 = s1 / count

@@ -78,14 +78,38 @@ def check_process_group(process_group: ProcessGroupLike) -> ProcessGroupLike:
     return process_group
 
 
-def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
-    """``Σ_ranks t`` over ``group``, differentiable (backward: ``all_reduce(SUM)`` of the gradient)."""
+def _sum_over(t: Tensor, group: Any) -> Tensor:
     from torch.distributed import _functional_collectives as funcol
 
-    if not torch.compiler.is_compiling():
-        _calls[0] += 1
     out = funcol.all_reduce(t.contiguous(), "sum", group)
     return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Forward ``Σ_ranks t``; backward ``Σ_ranks grad`` (the adjoint of a sum that every rank receives).
+
+    Spelled out as an autograd Function so the backward collective is explicit, the same in eager
+    mode and in the graph ``torch.compile`` traces (dynamo inlines the Function; the collectives are
+    functional ops, so ``fullgraph=True`` holds).
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return _sum_over(t, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _sum_over(grad, ctx.group), None
+
+
+def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
+    """``Σ_ranks t`` over ``group``, differentiable (backward: ``all_reduce(SUM)`` of the gradient)."""
+    if not torch.compiler.is_compiling():
+        _calls[0] += 1
+    if t.requires_grad and torch.is_grad_enabled():
+        return _AllReduceSum.apply(t, group)
+    return _sum_over(t, group)
 
 
 class GroupSum:

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit import functional as F
 from normkit.functional._core import check_channels_first, check_momentum
-from normkit.stats import moments
+from normkit.stats import Reducer, moments
 
 
 def values_per_channel(x: Tensor) -> int:
@@ -28,10 +28,11 @@ def values_per_channel(x: Tensor) -> int:
     return x.numel() // max(x.shape[1], 1)
 
 
-def batch_moments(x: Tensor, correction: int) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and variance of an ``(N, C, *)`` tensor over N and all positions, shaped (C,)."""
+def batch_moments(x: Tensor, correction: int, reducer: Reducer | None = None) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and variance of an ``(N, C, *)`` tensor over N and all positions, shaped (C,);
+    over every process's test batch with a ``reducer`` (:mod:`normkit.sync`)."""
     dims = (0, *range(2, x.dim()))
-    m = moments(x, dims, correction=correction)
+    m = moments(x, dims, correction=correction, reducer=reducer)
     return m.mean.reshape(-1), m.var.reshape(-1)
 
 
@@ -44,6 +45,8 @@ class TTABatchNorm(nn.Module, ABC):
     needs_source = True
     #: whether the rule estimates a variance from the current batch (fails with 1 value per channel)
     needs_batch_variance = False
+    #: cross-process sum for the test-batch statistics (``TestTimeAdapter(process_group=...)``); None = local
+    reducer: Reducer | None = None
 
     def __init__(self, bn: _BatchNorm, name: str = "") -> None:
         super().__init__()
@@ -115,7 +118,7 @@ class TestBatchNorm(TTABatchNorm):
 
     def adapt(self, x: Tensor) -> Tensor:
         self.check_batch_variance(x)
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps, reducer=self.reducer)
 
 
 class AlphaBatchNorm(TTABatchNorm):
@@ -142,7 +145,7 @@ class AlphaBatchNorm(TTABatchNorm):
 
     def adapt(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            mean_b, var_b = batch_moments(x, correction=1 if values_per_channel(x) > 1 else 0)
+            mean_b, var_b = batch_moments(x, correction=1 if values_per_channel(x) > 1 else 0, reducer=self.reducer)
             mean = (1 - self.alpha) * self.source_mean + self.alpha * mean_b.to(self.source_mean.dtype)
             var = (1 - self.alpha) * self.source_var + self.alpha * var_b.to(self.source_var.dtype)
         return self.normalize(x, mean, var)
@@ -185,7 +188,7 @@ class EMABatchNorm(_RunningBatchNorm):
     def adapt(self, x: Tensor) -> Tensor:
         self.check_batch_variance(x)
         with torch.no_grad():
-            mean_b, var_b = batch_moments(x, correction=1)
+            mean_b, var_b = batch_moments(x, correction=1, reducer=self.reducer)
             self.running_mean.lerp_(mean_b.to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(var_b.to(self.running_var.dtype), self.momentum)
         return self.normalize(x, self.running_mean, self.running_var)
@@ -211,7 +214,7 @@ class RobustBatchNorm(_RunningBatchNorm):
 
     def adapt(self, x: Tensor) -> Tensor:
         self.check_batch_variance(x)
-        mean_b, var_b = batch_moments(x, correction=0)
+        mean_b, var_b = batch_moments(x, correction=0, reducer=self.reducer)
         m = self.momentum
         mean = (1 - m) * self.running_mean + m * mean_b.to(self.running_mean.dtype)
         var = (1 - m) * self.running_var + m * var_b.to(self.running_var.dtype)

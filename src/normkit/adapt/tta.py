@@ -59,6 +59,7 @@ from normkit.adapt._layers import (
 from normkit.adapt._norms import named_norms
 from normkit.nn.replace import replace_modules
 from normkit.registry import Paper
+from normkit.sync import GroupSum, check_process_group
 
 ADABN = Paper("Revisiting Batch Normalization For Practical Domain Adaptation", 2016, "1603.04779", "Li, Wang, Shi, Liu, Hou")
 TEST_TIME_BN = Paper(
@@ -124,6 +125,11 @@ class TestTimeAdapter(nn.Module):
         method: one of :data:`METHODS` (see the module docstring for the table).
         episodic: reset to the source state after every call (each batch adapts from scratch).
         inplace: adapt ``model`` itself (its BN layers are replaced) instead of a copy.
+        process_group: a ``torch.distributed.ProcessGroup`` or ``"world"``: the test-batch statistics
+            (``tbn``, ``alpha_bn``, ``ema_bn``, ``robust_bn``, TENT's BN) come from the whole distributed
+            test batch — every process's slice, count-weighted (:mod:`normkit.sync`), so the statistics
+            and outputs equal a single process adapting on the concatenated batch. ``unmix_tns`` keeps
+            its per-process statistics; TENT's gradients are not averaged (wrap the step yourself).
         **options: the method's options (:data:`METHOD_OPTIONS`):
 
             * ``alpha_bn``: ``alpha=0.1`` — weight of the test-batch statistics
@@ -159,7 +165,16 @@ class TestTimeAdapter(nn.Module):
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, model: nn.Module, method: str = "tbn", *, episodic: bool = False, inplace: bool = False, **options: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "tbn",
+        *,
+        episodic: bool = False,
+        inplace: bool = False,
+        process_group: Any = None,
+        **options: Any,
+    ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"TestTimeAdapter expects an nn.Module, got {type(model).__name__}")
@@ -179,6 +194,11 @@ class TestTimeAdapter(nn.Module):
         model.eval()
         self.adapted_layers: list[str] = []
         model = self._replace_batch_norms(model)
+        self.process_group = check_process_group(process_group)
+        if process_group is not None:  # test-batch statistics over every process's batch
+            for m in model.modules():
+                if isinstance(m, TTABatchNorm):
+                    m.reducer = GroupSum(process_group)
         self.model = model
         self.tent_parameters: list[str] = []
         self.optimizer: torch.optim.Optimizer | None = None
