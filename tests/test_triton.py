@@ -334,3 +334,11 @@ def test_compiled_graph_keeps_the_operator():
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, (x, m.weight), g), torch.autograd.grad(ref, (x, m.weight), g))
+
+
+def test_export_records_the_operator():
+    m = normkit.RMSNorm(8, eps=1e-6, backend="triton").double()
+    x = torch.randn(3, 8, dtype=D64)
+    ep = torch.export.export(m, (x,))
+    assert torch.ops.normkit.triton_norm.default in [n.target for n in ep.graph.nodes]
+    torch.testing.assert_close(ep.module()(x), m(x))
