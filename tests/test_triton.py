@@ -342,3 +342,13 @@ def test_export_records_the_operator():
     ep = torch.export.export(m, (x,))
     assert torch.ops.normkit.triton_norm.default in [n.target for n in ep.graph.nodes]
     torch.testing.assert_close(ep.module()(x), m(x))
+
+
+def test_gpu_benchmark_table_runs_under_the_interpreter():
+    """``normkit kernels --device cuda``'s code, smoke-run on CPU tensors (no timing is meaningful here)."""
+    from normkit.bench.kernels import format_gpu_row, run_device
+
+    rows = run_device("interpret", ops=("rmsnorm",), widths=(48,), dtypes=("fp32",), echo=None)
+    assert [r.impl for r in rows][:2] == ["torch", "triton"]
+    assert rows[1].max_err < 1e-5 and rows[1].fwdbwd_ms > 0
+    assert format_gpu_row(rows[1]).startswith("rmsnorm")

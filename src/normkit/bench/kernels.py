@@ -317,22 +317,32 @@ def _gpu_timer(device: str) -> Callable[[Callable[[], object]], float]:
     return wall
 
 
-def _liger(op: str, width: int, dtype: torch.dtype, device: str) -> Callable[..., Tensor] | None:
-    """Liger-Kernel's module for ``op`` if the package is importable (installed for the comparison only)."""
+def _liger(op: str, w: Tensor, b: Tensor) -> Callable[..., Tensor] | None:
+    """Liger-Kernel's module for ``op`` with the same parameters, if the package is importable (installed
+    on the GPU machine for the comparison only); its RMSNorm without the in-place backward that would
+    overwrite the shared ∂y."""
     try:
         if op == "rmsnorm":
             from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
-            m = LigerRMSNorm(width, eps=1e-6)
+            try:
+                m = LigerRMSNorm(w.numel(), eps=1e-6, in_place=False)
+            except TypeError:
+                m = LigerRMSNorm(w.numel(), eps=1e-6)
         elif op == "layernorm":
             from liger_kernel.transformers.layer_norm import LigerLayerNorm
 
-            m = LigerLayerNorm(width, eps=1e-5, bias=True)
+            m = LigerLayerNorm(w.numel(), eps=1e-5, bias=True)
         else:
             return None
     except Exception:  # noqa: BLE001 - not installed, or an API change: the column stays empty
         return None
-    return m.to(device=device, dtype=dtype)
+    m = m.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if getattr(m, "bias", None) is not None:
+            m.bias.copy_(b)
+    return m
 
 
 def _gpu_candidates(op: str, x: Tensor, r: Tensor, w: Tensor, b: Tensor) -> dict[str, Callable[[], Tensor]]:
@@ -364,7 +374,7 @@ def _gpu_candidates(op: str, x: Tensor, r: Tensor, w: Tensor, b: Tensor) -> dict
     else:  # groupnorm
         cands = {"torch": lambda: TF.group_norm(x, 32, w, b, 1e-5),
                  "triton": lambda: NF.group_norm(x, 32, w, b, 1e-5, backend="triton")}
-    liger = _liger(op, c, x.dtype, str(x.device.type))
+    liger = _liger(op, w, b)
     if liger is not None:
         cands["liger"] = lambda: liger(x)
     return cands
