@@ -169,3 +169,14 @@ def test_bad_arguments(kwargs, match):
 def test_vectors_need_an_adamw_group():
     with pytest.raises(ValueError, match="algorithm='adamw'"):
         SinkGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_sinkhorn_zero_rows_and_columns_stay_zero():
+    """A zero row (a dead unit) or column must give zeros, not inf · 0 = NaN, after many iterations in float32."""
+    g = torch.randn(6, 5)
+    g[2] = 0.0
+    g[:, 3] = 0.0
+    out = sinkhorn_normalize(g, 30)
+    assert torch.isfinite(out).all() and (out[2] == 0).all() and (out[:, 3] == 0).all()
+    ref = sinkhorn_reference(g.double(), 30, 1e-8)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
