@@ -165,8 +165,9 @@ def safe_rstd(
     Scaling by a power of two is exact; for an overflowed row max|x − μ|·c lies in [2^−6, 2^59], so
     the scaled squares neither overflow nor lose the terms that matter (those that underflow are
     below 2^−149 of the largest). Rows whose variance is finite keep ``rsqrt(var + eps)`` bit for
-    bit. NaN input gives a NaN rescue, so its rows stay NaN; ±inf input gives a NaN mean (centred)
-    or r = 0 (RMS), so the output is NaN, as the math does.
+    bit. NaN input gives a NaN rescue, so its rows stay NaN; ±inf input gives what IEEE arithmetic
+    gives on the formula: a NaN row when centred (the mean is inf), r = 0 for RMS (x·0 = 0 and
+    inf·0 = NaN, as ``torch.nn.functional.rms_norm``).
 
     Cost: eager code on CPU checks ``isfinite(var).all()`` (O(rows) values, a few µs) and computes the
     rescue only when it is true. Under a compiler, and on other devices (where the check would be a
