@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,22 +21,25 @@ def test_registered_with_one_job_per_claim():
     assert all(j.run is not None for j in jobs)
 
 
-def test_lnfree_job_at_smoke_scale_measures_all_arms():
-    job = next(j for j in sc.convert(SuiteConfig()) if j.task == "lnfree")
-    row = job.run(job, 0, scale=0.03)
-    assert row["status"] == "ok"
-    for key in ("val_loss_pretrained", "val_loss_baseline", "val_loss_lnfree", "val_loss_exported"):
-        assert math.isfinite(row[key]) and row[key] < math.log(256)  # better than uniform bytes
-    assert abs(row["val_loss_exported"] - row["val_loss_lnfree"]) < 1e-4 and row["export_rel_diff"] < 1e-5
-    assert len(row["corpus_sha256"]) == 12
+def test_suite_runs_end_to_end_at_smoke_scale(tmp_path):
+    from normkit.bench import run
 
-
-def test_fold_and_tune_jobs_at_smoke_scale():
-    jobs = {j.task: j for j in sc.convert(SuiteConfig())}
-    fold = jobs["fold"].run(jobs["fold"], 0, scale=0.01)
-    assert fold["folded"] == 20 and fold["max_abs_diff"] < sc.TOL_FOLD
-    tune = jobs["tune"].run(jobs["tune"], 0, scale=0.01)
-    assert tune["tune_saved_mb"] < tune["eval_saved_mb"] and tune["max_grad_diff"] < sc.TOL_GRAD
+    rows = run("convert", out_dir=tmp_path, scale=0.03, seeds=2, progress=False, threads=1)
+    by_task = {}
+    for r in rows:
+        assert r["status"] == "ok", r.get("traceback", r["error"])
+        by_task.setdefault(r["task"], []).append(r)
+    assert sorted(by_task) == ["crms", "fold", "lnfree", "tune"] and all(len(v) == 2 for v in by_task.values())
+    for r in by_task["lnfree"]:
+        for key in ("val_loss_pretrained", "val_loss_baseline", "val_loss_lnfree", "val_loss_exported"):
+            assert math.isfinite(r[key]) and r[key] < math.log(256)  # better than uniform bytes
+        assert abs(r["val_loss_exported"] - r["val_loss_lnfree"]) < 1e-4 and r["export_rel_diff"] < 1e-5
+        assert 0 < r["test_acc"] < 1  # next-byte accuracy
+    assert all(r["test_acc"] == 1.0 for t in ("crms", "fold", "tune") for r in by_task[t])  # exact on every seed
+    assert all(r["tune_saved_mb"] < r["eval_saved_mb"] for r in by_task["tune"])
+    claims = json.loads((tmp_path / "results.json").read_text())["claims"]
+    assert len(claims) == 7 and all(label_of(c) in ("supported", "contradicted", "inconclusive") for c in claims)
+    assert [label_of(c) for c in claims if "≡" in c] == ["supported", "supported"]
 
 
 def _lnfree_rows(diffs: list[float]) -> list[dict]:
