@@ -74,6 +74,9 @@ def cases() -> list[tuple[str, Callable[[Any], nn.Module], Callable[[int, torch.
         ("BatchChannelNorm", lambda pg: nk.BatchChannelNorm(4, 2, process_group=pg, dtype=DT), _img),
         ("EstBN", lambda pg: EstBN(4, process_group=pg, dtype=DT), _img),
         ("LOAN", lambda pg: nk.LOAN(4, 3, process_group=pg, dtype=DT), _loan),
+        ("RegionNormB", lambda pg: nk.RegionNormB(4, process_group=pg, dtype=DT),
+         lambda n, g: {**_img(n, g), "mask": (torch.rand(n, 1, 3, 3, generator=g) > 0.5).to(DT)}),
+        ("RegionNormL", lambda pg: nk.RegionNormL(4, process_group=pg, dtype=DT), _img),
     ]
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit.functional._core import channel_view, check_channels_first, check_eps, check_float, check_param
-from normkit.stats import accumulation_dtype, moments
+from normkit.stats import Reducer, accumulation_dtype, moments, reduced_moments
+from normkit.sync import reduce_packed
 
 
 def _check_input(x: Tensor, what: str) -> int:
@@ -81,9 +82,29 @@ def region_normalize(x: Tensor, mask: Tensor, eps: float = 1e-5, *, per_sample: 
     return _rn_pair(x, m, eps, per_sample).to(x.dtype)
 
 
-def _rn_pair(x: Tensor, m: Tensor, eps: float, per_sample: bool) -> Tensor:
+def _rn_pair(x: Tensor, m: Tensor, eps: float, per_sample: bool, reducer: Reducer | None = None) -> Tensor:
     xf = x.to(m.dtype)
+    if reducer is not None and not per_sample:
+        return _rn_synced(xf, m, eps, reducer) + _rn_synced(xf, 1 - m, eps, reducer)
     return _rn(xf, m, eps, per_sample) + _rn(xf, 1 - m, eps, per_sample)
+
+
+def _rn_synced(xf: Tensor, m: Tensor, eps: float, reducer: Reducer) -> Tensor:
+    """BN-style :func:`_rn` over every process's batch (:mod:`normkit.sync`): one collective for the
+    region sums ``(n, Σm, Σx·m)``; the mean of the filled tensor z they give is the (common) shift of
+    z's moments, a second collective."""
+    dims = (0, *range(2, xf.dim()))
+    region = xf * m
+    n = 1
+    for d in dims:
+        n *= xf.shape[d]
+    cnt, s_raw, rs = reduce_packed([xf.new_full((1,), n), m.sum(dims, keepdim=True), region.sum(dims, keepdim=True)], reducer)
+    s = torch.where(s_raw == 0, torch.ones_like(s_raw), s_raw)  # official: Sr[Sr == 0] = 1
+    mu = rs / s
+    z = region + (1 - m) * mu
+    shift = (rs + mu * (cnt - s_raw)) / cnt  # Σz / n for a binary mask (any common value would do)
+    zr = reduced_moments(z, dims, reducer=reducer, shift=shift)
+    return (z - zr.mean) * torch.rsqrt(zr.var + eps) * torch.sqrt(s / cnt)
 
 
 def _rn(xf: Tensor, m: Tensor, eps: float, per_sample: bool) -> Tensor:
@@ -118,6 +139,7 @@ def region_norm_b(
     *,
     per_sample: bool = False,
     masked_bias: bool = False,
+    reducer: Reducer | None = None,
 ) -> Tensor:
     """Basic Region Normalization (RN-B): region-wise normalization with a per-region affine.
 
@@ -145,7 +167,7 @@ def region_norm_b(
             check_float(p, name)
         check_param(p, c, name, "region_norm_b")
     m = _prepare_mask(mask, x, "region_norm_b")
-    r = _rn_pair(x, m, eps, per_sample)
+    r = _rn_pair(x, m, eps, per_sample, reducer)
 
     def affine(gamma: Tensor | None, beta: Tensor | None, region: Tensor) -> Tensor:
         y = r * region
@@ -170,6 +192,7 @@ def region_norm_l(
     eps: float = 1e-5,
     *,
     per_sample: bool = False,
+    reducer: Reducer | None = None,
 ) -> Tensor:
     """Learnable Region Normalization (RN-L): the region mask is derived from the features themselves.
 
@@ -203,6 +226,6 @@ def region_norm_l(
     gamma = TF.conv2d(s, gamma_weight, gamma_bias, padding=gamma_weight.shape[-1] // 2)
     beta = TF.conv2d(s, beta_weight, beta_bias, padding=beta_weight.shape[-1] // 2)
     m = (s.detach() >= threshold).to(accumulation_dtype(x.dtype))
-    r = _rn_pair(x4, m, eps, per_sample)
+    r = _rn_pair(x4, m, eps, per_sample, reducer)
     y = r * (1 + gamma.to(r.dtype)) + beta.to(r.dtype)
     return (y.squeeze(-1) if x.dim() == 3 else y).to(x.dtype)

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional.region_norm import region_norm_b, region_norm_l
-from normkit.nn._base import check_module_args, describe
+from normkit.nn._base import check_module_args, describe, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 REGION_NORM = Paper(
     "Region Normalization for Image Inpainting",
@@ -91,11 +92,13 @@ class RegionNormB(nn.Module):
         *,
         per_sample: bool = False,
         masked_bias: bool = False,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_module_args(eps, None)
+        set_options(self, process_group=process_group)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.per_sample = bool(per_sample)
@@ -126,6 +129,7 @@ class RegionNormB(nn.Module):
             self.background_beta,
             self.eps,
             per_sample=self.per_sample,
+            reducer=sync_reducer(self),
             masked_bias=self.masked_bias,
         )
 
@@ -180,11 +184,13 @@ class RegionNormL(nn.Module):
         kernel_size: int = 7,
         per_sample: bool = False,
         official_init: bool = False,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_module_args(eps, None)
+        set_options(self, process_group=process_group)
         if kernel_size not in (3, 7):
             raise ValueError(f"RegionNormL: kernel_size must be 3 or 7 (as the official SelfAware_Affine), got {kernel_size!r}")
         if not 0.0 <= float(threshold) <= 1.0:
@@ -228,6 +234,7 @@ class RegionNormL(nn.Module):
             self.threshold,
             self.eps,
             per_sample=self.per_sample,
+            reducer=sync_reducer(self),
         )
 
     def extra_repr(self) -> str:
