@@ -96,7 +96,9 @@ BACKENDS = ("auto", "native", "eager", "kernels", "compiled", "inductor", "trito
 
 _state = threading.local()
 _triton_kernels: dict[str, Callable[..., Any]] = {}
-_triton_not_auto: set[str] = set()  # ops whose registered Triton kernel "auto" leaves to AUTO_RULES
+# op -> the kernel registered with auto=False ("auto" leaves it to AUTO_RULES); a kernel put in its place
+# otherwise (register_triton_kernel(op, fn), or a test's direct insertion) is picked by "auto" on CUDA
+_triton_not_auto: dict[str, Callable[..., Any]] = {}
 _TRITON_PACKAGE = "normkit.kernels.triton"  # normkit's kernels, imported on the first "triton" call
 
 
@@ -205,9 +207,9 @@ def register_triton_kernel(op: str, fn: Callable[..., Any], *, auto: bool = True
     """
     _triton_kernels[op] = fn
     if auto:
-        _triton_not_auto.discard(op)
+        _triton_not_auto.pop(op, None)
     else:
-        _triton_not_auto.add(op)
+        _triton_not_auto[op] = fn
 
 
 def triton_kernel(op: str) -> Callable[..., Any]:
@@ -244,7 +246,9 @@ def kernels_apply(x: torch.Tensor) -> bool:
 
 
 def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) -> str:
-    if native_ok and op in _NATIVE_EVERYWHERE and (op not in _triton_kernels or op in _triton_not_auto):
+    if native_ok and op in _NATIVE_EVERYWHERE and (
+        op not in _triton_kernels or _triton_not_auto.get(op) is _triton_kernels[op]
+    ):
         return "native"  # the per-call fast path: no look at the tensor
     rule = AUTO_RULES.get(op, _EAGER)
     if not needs_grad and rule.inference is not None and (native_ok or rule.inference != "native"):
@@ -255,7 +259,7 @@ def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) ->
             return "native"
         pref = rule.cpu
     elif x.is_cuda:
-        if op in _triton_kernels and (rule.cuda == "triton" or op not in _triton_not_auto):
+        if op in _triton_kernels and (rule.cuda == "triton" or _triton_not_auto.get(op) is not _triton_kernels[op]):
             return "triton"
         pref = "native" if rule.cuda == "triton" else rule.cuda
     else:
