@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-alloc", action="store_true",
         help="reuse freed memory (glibc mallopt) so page faults of fresh 32 MiB outputs don't mask kernel time",
     )
-    p.add_argument("--device", default="cpu", help="cuda: the Triton kernels' GPU table (--widths, --dtypes); interpret: its smoke test on CPU")
+    p.add_argument(
+        "--device", default="cpu",
+        help="cuda: the Triton kernels' GPU table (--widths, --dtypes); interpret: its smoke test on CPU",
+    )
     p.add_argument("--widths", default="", help="--device cuda: comma-separated widths (default 256…32768)")
     p.add_argument("--dtypes", default="bf16,fp32", help="--device cuda: comma-separated bf16, fp16, fp32")
     p.set_defaults(fn=_cmd_kernels)
