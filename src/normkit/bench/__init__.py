@@ -11,6 +11,7 @@ Add a suite with :func:`register_suite` (see :mod:`normkit.bench.suites`).
 from normkit.bench import (
     suites_adapt,  # noqa: F401  (registers tta, normonly)
     suites_continual,  # noqa: F401  (registers continual)
+    suites_convert,  # noqa: F401  (registers convert)
     suites_optim,  # noqa: F401  (registers optim)
     suites_zoo,  # noqa: F401  (registers microbatch, transformer, selfnorm)
 )
