@@ -56,9 +56,13 @@ def test_suite_norm_lists():
     assert set(SELFNORM_MODELS) == {"selu+lecun", "relu", "relu+bn"}
 
 
-def test_tiny_microbatch_and_transformer_runs(tmp_path, capsys):
+@pytest.mark.slow
+def test_tiny_microbatch_runs(tmp_path):
     rows = run("microbatch", scale=0.002, seeds=1, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m", progress=False)
     assert [r["status"] for r in rows] == ["ok"] * 4 and {r["task"] for r in rows} == {"scenes"}
+
+
+def test_tiny_transformer_runs(tmp_path, capsys):
     rows = run("transformer", scale=0.01, seeds=2, norms=["powernorm", "layernorm"], out_dir=tmp_path / "t", progress=False)
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert all(r["test_loss"] > 0 and len(r["loss_curve"]) == r["steps"] for r in rows)
