@@ -50,7 +50,7 @@ def test_html_has_every_suite_claims_and_embedded_images(tmp_path):
     assert html.count("data:image/png;base64,") == 1 and base64.b64encode(PNG).decode() in html
     assert "class='supported'" in html and "class='contradicted'" in html and "class='inconclusive'" in html
     assert "Cannot show: ImageNet depth" in html and "3 paired seeds" in html
-    assert "src=\"http" not in html and "<script" not in html  # self-contained, nothing fetched
+    assert 'src="http' not in html and "<script" not in html  # self-contained, nothing fetched
 
 
 class _TinyNet(SmallCNN):
