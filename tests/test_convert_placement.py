@@ -260,3 +260,24 @@ def test_readme_section_runs():
     assert namespace["crms_diff"] < 1e-4
     assert [getattr(b, "placement", "pre") for b in namespace["mix"].model.model.layers] == ["post", "pre", "pre", "pre"]
     assert namespace["crms"].model.transformer.wte.weight.shape == (100, 63)
+
+
+class _TupleLayer(nn.Module):
+    """A Llama-style layer as in transformers 4.x: the model reads ``layer(...)[0]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.self_attn, self.mlp = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor]:
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states))
+        return (h + self.mlp(self.post_attention_layernorm(h)),)
+
+
+@pytest.mark.parametrize("verb", [to_peri_ln, to_mix_ln])
+def test_tuple_returning_hf_blocks_are_refused(verb):
+    """Returning a tensor where the model indexes [0] would silently keep only the first batch element."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([_TupleLayer() for _ in range(4)]))
+    with pytest.raises(TypeError, match="returns tuple"):
+        verb(model)

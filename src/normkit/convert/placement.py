@@ -123,6 +123,21 @@ def _kind_of(block: nn.Module) -> _Kind | None:
     return None
 
 
+def _check_returns_tensor(block: nn.Module, where: str, kind: _Kind, verb: str) -> None:
+    """The placed forward returns the hidden states as one tensor, as transformers 5's decoder layers do.
+    transformers 4.x's GPT-2 blocks and (before 4.54) Llama-style layers return a tuple that the model
+    indexes with ``[0]``: a tensor there would be read as its first batch element, so such blocks are refused."""
+    if kind.call_attn is _plain_attn or isinstance(block, _Placed):
+        return
+    returns = inspect.signature(type(block).forward).return_annotation
+    if returns is not Tensor and returns not in ("Tensor", "torch.Tensor", "torch.FloatTensor"):
+        raise TypeError(
+            f"{verb}: block {where} ({type(block).__name__}) declares it returns {returns}, not a torch.Tensor "
+            "(transformers 4.x blocks return tuples); the placed forward supports blocks that return the hidden "
+            "states as one tensor (transformers >= 5)"
+        )
+
+
 def _find_blocks(model: nn.Module, verb: str) -> tuple[str, nn.Module, _Kind]:
     """``(path, container, kind)`` of the first ModuleList/Sequential whose children are all supported blocks."""
     if not isinstance(model, nn.Module):
@@ -136,6 +151,7 @@ def _find_blocks(model: nn.Module, verb: str) -> tuple[str, nn.Module, _Kind]:
                     bad = [c for c in _FOREIGN if hasattr(b, c)]
                     if bad:
                         raise TypeError(f"{verb}: block {name}.{i} has {bad[0]}; only two-sublayer pre-norm blocks are supported")
+                    _check_returns_tensor(b, f"{name}.{i}", kind, verb)
                 return name, m, kind
     raise TypeError(
         f"{verb}: no stack of supported blocks in {type(model).__name__}; expected a ModuleList/Sequential of HF "
