@@ -90,14 +90,14 @@ class AdamP(torch.optim.Optimizer):
                 state["step"] += 1
             exp_avgs = [self.state[p]["exp_avg"] for p in params]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            # m ← β1 m + (1 − β1) g written as one lerp pass (as torch's Adam); the same value to rounding
             if use_foreach(group["foreach"], params):
-                torch._foreach_mul_(exp_avgs, beta1)
-                torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
                 torch._foreach_mul_(exp_avg_sqs, beta2)
                 torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
             else:
                 for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
-                    m.mul_(beta1).add_(g, alpha=1 - beta1)
+                    m.lerp_(g, 1 - beta1)
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
                 step = self.state[p]["step"]
@@ -105,10 +105,11 @@ class AdamP(torch.optim.Optimizer):
                 bias_correction2 = 1 - beta2**step
                 denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(group["eps"])
                 step_size = group["lr"] / bias_correction1
+                # the update is written into denom's buffer: one parameter-sized temporary per step, not two
                 if group["nesterov"]:
-                    perturb = (beta1 * m + (1 - beta1) * g) / denom
+                    perturb = torch.lerp(g, m, beta1).div_(denom)  # (β1 m + (1 − β1) g) / denom
                 else:
-                    perturb = m / denom
+                    perturb = torch.div(m, denom, out=denom)
                 wd_factor = project_radial_(
                     p, g, perturb, delta=group["delta"], wd_ratio=group["wd_ratio"], eps=group["eps"],
                     mode=group["projection"],

@@ -3,7 +3,7 @@
 Prints (1) which weights :func:`~normkit.optim.find_scale_invariant` finds, how long the rule and
 the numeric check take, and whether AdamP's own cosine test (on one real gradient) agrees; (2) the
 time of one optimizer step over all ResNet-18 parameters for each optimizer next to torch's
-AdamW / SGD (single-tensor loops, the same on both sides; median of ``--reps`` steps).
+AdamW / SGD (single-tensor loops, the same on both sides; median of ``--reps`` steps, timed round robin).
 """
 
 from __future__ import annotations
@@ -28,15 +28,19 @@ from normkit.optim.sgdp import SGDP
 from normkit.optim.sinkgd import SinkGD
 
 
-def _step_ms(make: Callable[[], torch.optim.Optimizer], reps: int) -> float:
-    opt = make()
-    opt.step()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def _step_ms(makers: dict[str, Callable[[], torch.optim.Optimizer]], reps: int) -> dict[str, float]:
+    """Median ms per step of each optimizer, timed round robin (one step of each per repetition), so a
+    change in machine load affects them alike; one untimed warm-up step each."""
+    opts = {name: make() for name, make in makers.items()}
+    for opt in opts.values():
         opt.step()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(reps):
+        for name, opt in opts.items():
+            t = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         ("LARS", lambda: LARS(params, lr=0.1)),
         ("AGC(SGD)", lambda: AGC(torch.optim.SGD(nfnet_param_groups(model), lr=0.1, momentum=0.9, foreach=False))),
     ]
-    print(f"one step over {sum(p.numel() for p in params) / 1e6:.1f}M parameters (median of {args.reps}):")
-    for name, make in rows:
-        print(f"  {name:12s} {_step_ms(make, args.reps):8.1f} ms")
+    print(f"one step over {sum(p.numel() for p in params) / 1e6:.1f}M parameters (median of {args.reps}, round robin):")
+    for name, ms in _step_ms(dict(rows), args.reps).items():
+        print(f"  {name:12s} {ms:8.1f} ms")
 
 
 if __name__ == "__main__":

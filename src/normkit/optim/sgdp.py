@@ -103,7 +103,7 @@ class SGDP(torch.optim.Optimizer):
                     buf.mul_(momentum).add_(g, alpha=1 - dampening)
             for p, g, buf in zip(params, grads, bufs):
                 if group["nesterov"]:
-                    d_p = g + momentum * buf
+                    d_p = torch.add(g, buf, alpha=momentum)  # g + momentum · buf, one temporary
                 else:
                     d_p = buf if group["project_momentum"] else buf.clone()
                 wd_factor = project_radial_(
