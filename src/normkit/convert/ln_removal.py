@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normkit.nn.replace import replace_modules
+from normkit.nn.replace import ReplaceReport, replace_modules
 
 __all__ = [
     "EXPORT_EPS",
@@ -288,7 +288,9 @@ def _fake_norms(model: nn.Module) -> dict[str, FakeLayerNorm]:
     return out
 
 
-def to_fake_layernorm(model: nn.Module, *, momentum: float = 0.9, special_first_position: bool = False, inplace: bool = True):
+def to_fake_layernorm(
+    model: nn.Module, *, momentum: float = 0.9, special_first_position: bool = False, inplace: bool = True
+) -> ReplaceReport:
     """Replace GPT-2's ``ln_1``, ``ln_2`` and ``ln_f`` by :class:`FakeLayerNorm` (real mode, same affine).
 
     Identical outputs until a norm goes fake. Returns :func:`normkit.nn.replace.replace_modules`'s
