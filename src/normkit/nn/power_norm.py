@@ -70,7 +70,8 @@ class PowerNorm(nn.Module):
     warmup and the cumulative-mean running update exist in the code only; ``ema_gz`` averages
     over padded positions too. Beyond the code: ``affine=False`` drops weight and bias (the
     official flag is ignored), buffers are ``(C,)``, and ``stats_dtype`` sets the accumulation
-    dtype (float32 for half inputs).
+    dtype (float32 for half inputs). ``process_group`` synchronizes ψ²_B and the backward's
+    ``mean(ĝ·z)`` over the processes in training (:mod:`normkit.sync`); eval never communicates.
 
     The counter counts *training forward calls*, not optimizer steps. All state (``iters``,
     ``running_phi``, ``ema_gz``) is in buffers, so a checkpoint resumes exactly.

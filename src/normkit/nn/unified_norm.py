@@ -84,6 +84,8 @@ class UnifiedNorm(nn.Module):
     The counter counts training forward calls. As the official README suggests for fine-tuning,
     :meth:`reset_running_stats` (or ``iters.zero_()``) makes the warmup run again. Beyond the
     code: ``affine=False`` drops weight and bias; ``stats_dtype`` sets the accumulation dtype.
+    ``process_group`` synchronizes x2 and the backward's gz over the processes in training, so the
+    windows, counters and running variance stay identical on every process (:mod:`normkit.sync`).
     """
 
     def __init__(
