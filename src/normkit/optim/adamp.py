@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from normkit.optim._checks import check_betas, check_dense, check_lr, check_nonnegative, use_foreach
-from normkit.optim.projection import check_projection, project_radial_
+from normkit.optim.projection import check_projection, radial_coefficients
 
 
 class AdamP(torch.optim.Optimizer):
@@ -110,11 +110,14 @@ class AdamP(torch.optim.Optimizer):
                     perturb = torch.lerp(g, m, beta1).div_(denom)  # (β1 m + (1 − β1) g) / denom
                 else:
                     perturb = torch.div(m, denom, out=denom)
-                wd_factor = project_radial_(
-                    p, g, perturb, delta=group["delta"], wd_ratio=group["wd_ratio"], eps=group["eps"],
-                    mode=group["projection"],
-                )
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"] * wd_factor)
+                coef = radial_coefficients(p, g, perturb, delta=group["delta"], eps=group["eps"], mode=group["projection"])
+                wd_factor = 1.0 if coef is None else group["wd_ratio"]
+                decay = 1 - group["lr"] * group["weight_decay"] * wd_factor if group["weight_decay"] > 0 else 1.0
+                if coef is not None:
+                    # w·decay − step·(u − w·c) = w·(decay + step·c) − step·u: the official projection of u,
+                    # its decay and its step in two passes over w (the same value to rounding)
+                    p.mul_(coef.mul(step_size).add_(decay))
+                elif decay != 1.0:
+                    p.mul_(decay)
                 p.add_(perturb, alpha=-step_size)
         return loss

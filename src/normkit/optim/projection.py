@@ -50,11 +50,44 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _remove_radial_(p: torch.Tensor, update: torch.Tensor, rows: int, w_norm: torch.Tensor, eps: float) -> None:
-    """u ← u − ŵ <ŵ, u> with ŵ = w / (‖w‖ + eps) per row, written as u ← u − w · <w, u> / (‖w‖ + eps)²
-    (the official expression, regrouped so that no normalized copy of w is made)."""
+def _radial_coef(p: torch.Tensor, update: torch.Tensor, rows: int, w_norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per row, ``c_r = <w_r, u_r> / (‖w_r‖ + eps)²`` shaped to broadcast against ``p``: the radial part of
+    the update is ``w · c`` (the official ``ŵ <ŵ, u>`` with ŵ = w / (‖w‖ + eps), regrouped so that no
+    normalized copy of w is made)."""
     coef = _row_dot(_rows(p, rows), _rows(update, rows)) / (w_norm + eps).square()
-    update.addcmul_(p, coef.to(update.dtype).view([-1] + [1] * (p.dim() - 1)), value=-1.0)
+    return coef.view([-1] + [1] * (p.dim() - 1))
+
+
+def radial_coefficients(
+    p: torch.Tensor, grad: torch.Tensor, update: torch.Tensor, *, delta: float, eps: float, mode: str = "auto"
+) -> torch.Tensor | None:
+    """The coefficients ``c`` of the radial part ``w · c`` of ``update`` when the projection applies to ``p``
+    (AdamP's test, or a forced ``mode``), else ``None``. :func:`project_radial_` subtracts ``w · c``;
+    AdamP folds it into its parameter update instead (one pass over the update less)."""
+    if mode == "off" or p.numel() == 0:
+        return None
+    if mode in ("channel", "layer"):
+        if p.dim() == 0:
+            return None
+        rows = p.shape[0] if mode == "channel" else 1
+        return _radial_coef(p, update, rows, torch.linalg.vector_norm(_rows(p, rows), dim=1), eps)
+    if p.dim() <= 1:
+        return None
+    # F.cosine_similarity(g_r, w_r, eps) = <g_r, w_r> / (max(‖g_r‖, eps) · max(‖w_r‖, eps)); the
+    # per-row sums also give the layer view's (one pass over g and w for both views).
+    channels = p.shape[0]
+    w2, g2 = _rows(p, channels), _rows(grad, channels)
+    dots = _row_dot(g2, w2)
+    g_norm = torch.linalg.vector_norm(g2, dim=1)
+    w_norm = torch.linalg.vector_norm(w2, dim=1)
+    cos = dots.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
+    if cos.max() < delta / math.sqrt(w2.shape[1]):
+        return _radial_coef(p, update, channels, w_norm, eps)
+    layer_w_norm = w_norm.square().sum().sqrt().view(1)
+    layer_cos = dots.sum().abs() / (g_norm.square().sum().sqrt().clamp_min(eps) * layer_w_norm.clamp_min(eps))
+    if layer_cos < delta / math.sqrt(p.numel()):
+        return _radial_coef(p, update, 1, layer_w_norm, eps)
+    return None
 
 
 def project_radial_(
@@ -73,30 +106,8 @@ def project_radial_(
     ``"auto"`` applies only to ``p.dim() > 1`` (as the official code); the forced modes apply to
     any ``p`` with at least one element per view row.
     """
-    if mode == "off" or p.numel() == 0:
+    coef = radial_coefficients(p, grad, update, delta=delta, eps=eps, mode=mode)
+    if coef is None:
         return 1.0
-    if mode in ("channel", "layer"):
-        if p.dim() == 0:
-            return 1.0
-        rows = p.shape[0] if mode == "channel" else 1
-        _remove_radial_(p, update, rows, torch.linalg.vector_norm(_rows(p, rows), dim=1), eps)
-        return wd_ratio
-    if p.dim() <= 1:
-        return 1.0
-    # F.cosine_similarity(g_r, w_r, eps) = <g_r, w_r> / (max(‖g_r‖, eps) · max(‖w_r‖, eps)); the
-    # per-row sums also give the layer view's (one pass over g and w for both views).
-    channels = p.shape[0]
-    w2, g2 = _rows(p, channels), _rows(grad, channels)
-    dots = _row_dot(g2, w2)
-    g_norm = torch.linalg.vector_norm(g2, dim=1)
-    w_norm = torch.linalg.vector_norm(w2, dim=1)
-    cos = dots.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
-    if cos.max() < delta / math.sqrt(w2.shape[1]):
-        _remove_radial_(p, update, channels, w_norm, eps)
-        return wd_ratio
-    layer_w_norm = w_norm.square().sum().sqrt().view(1)
-    layer_cos = dots.sum().abs() / (g_norm.square().sum().sqrt().clamp_min(eps) * layer_w_norm.clamp_min(eps))
-    if layer_cos < delta / math.sqrt(p.numel()):
-        _remove_radial_(p, update, 1, layer_w_norm, eps)
-        return wd_ratio
-    return 1.0
+    update.addcmul_(p, coef.to(update.dtype), value=-1.0)
+    return wd_ratio
