@@ -60,7 +60,7 @@ def small_resnet(width: int = 32, blocks: int = 4, classes: int = 10) -> nn.Modu
 class _Layer(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
-        from normkit import PowerNorm
+        from normkit.nn.power_norm import PowerNorm
 
         self.n1, self.n2 = PowerNorm(d), PowerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
@@ -87,13 +87,14 @@ class _MeanHead(nn.Module):
 
 
 def _layer_rows(iters: int) -> list[str]:
-    import normkit as nk
     import normkit.sync as sync
+    from normkit.nn.batch_norm import BatchNorm2d
+    from normkit.nn.power_norm import PowerNorm
 
     rows = []
     for name, build, shape in (
-        ("BatchNorm2d(64)", lambda pg: nk.BatchNorm2d(64, process_group=pg), (8, 64, 16, 16)),
-        ("PowerNorm(256)", lambda pg: nk.PowerNorm(256, warmup_iters=0, process_group=pg), (8, 64, 256)),
+        ("BatchNorm2d(64)", lambda pg: BatchNorm2d(64, process_group=pg), (8, 64, 16, 16)),
+        ("PowerNorm(256)", lambda pg: PowerNorm(256, warmup_iters=0, process_group=pg), (8, 64, 256)),
     ):
         x = torch.randn(shape, requires_grad=True)
         g = torch.randn(shape)
