@@ -231,3 +231,22 @@ def test_measure_speedup_smoke():
     rows = measure_speedup(TinyViT("layernorm", dim=24, heads=3), torch.randn(2, 1, 8, 8), reps=1, warmup=0)
     assert set(rows) == {"pre_ln", "pre_rms", "pre_crms"}
     assert rows["pre_ln"]["infer_speedup"] == 1.0 and all(r["train_ms"] > 0 for r in rows.values())
+
+
+def test_the_equivalence_is_of_the_model_not_of_training():
+    """Same logits at conversion, but SGD on the converted parameters (LN affines folded into the readers,
+    the writers' last row implied) is another trajectory: the docstring must not promise equal training."""
+    import copy
+
+    torch.manual_seed(0)
+    pre_ln = TinyViT("layernorm", dim=24, heads=3).double().eval()
+    crms = to_pre_crmsnorm(copy.deepcopy(pre_ln)).model.eval()
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    torch.testing.assert_close(crms(x), pre_ln(x), rtol=0, atol=1e-9)
+    for net in (pre_ln, crms):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert (crms(x) - pre_ln(x)).abs().max() > 1e-2
+    note = " ".join(to_pre_rmsnorm(TinyViT("layernorm", dim=24, heads=3)).notes)
+    assert "training equivalent" not in note and "re-centre them after each step" in note

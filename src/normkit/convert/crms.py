@@ -37,9 +37,14 @@ Exactness: logits equal the original's to float64 rounding (tests: 1e-9) and to 
 (1e-4) in eval mode. Dropout on a residual write (GPT-2's ``resid_pdrop``/``embd_pdrop``, ViT's
 ``hidden_dropout_prob``) zeroes single coordinates and so breaks the zero mean in training mode; the
 report says so when such dropout is active. Training: an optimizer step on a Pre-RMSNorm model
-moves the writers off zero mean (the official code trains with ``LinearZeroMeanOutput``, which
-re-centres on the fly); a Pre-CRMSNorm model needs nothing — every (d − 1)-vector is the
-compressed form of a zero-mean d-vector, so it stays a Pre-LN-equivalent model while training.
+moves the writers off zero mean, after which it is no longer a Pre-LN model (the official code
+trains with ``LinearZeroMeanOutput``, which re-centres on the fly). A Pre-CRMSNorm model always
+computes *some* Pre-LN model's function (every (d − 1)-vector is the compressed form of a zero-mean
+d-vector), but training it is not training the original: the optimizer sees other parameters (the
+LayerNorm affines folded into the readers, the writers' last row implied by the others), so the
+gradient steps differ — one SGD step at lr 0.1 on a tiny ViT already moves the two models' logits
+apart by O(1) (``tests/test_convert_crms.py``). The equivalence here is of the converted model, not
+of training trajectories.
 
 Divergence from the official code: none in the math; the official norms carry unused LN
 parameters (they subclass ``nn.LayerNorm``), normkit's converted norms have none.
@@ -395,8 +400,8 @@ def _convert(model: nn.Module, verb: str, compress: bool, inplace: bool) -> Exac
         report.notes.append(f"dropout with p > 0 ({len(drop)} modules, e.g. {drop[0]}) breaks the zero mean of residual "
                             "writes in training mode: the conversion is exact in eval mode (or with p = 0)")
     if not compress:
-        report.notes.append("an optimizer step moves the writers off zero mean; re-centre them (or train the "
-                            "Pre-CRMSNorm form, which stays exact) to keep training equivalent to Pre-LN")
+        report.notes.append("an optimizer step moves the writers off zero mean, after which LayerNorm = RMSNorm no "
+                            "longer holds; re-centre them after each step to keep a Pre-LN-equivalent model")
     return report
 
 
