@@ -324,3 +324,18 @@ def test_assuming_nc_features_warns():
     model = nn.Sequential(nn.Linear(3, 3), _randomise(nn.BatchNorm1d(3))).eval()
     with pytest.warns(UserWarning, match=r"\(N, C\)"):
         fold_norms(model)
+
+
+@pytest.mark.parametrize("kw", [dict(stride=2, dilation=2, groups=2), dict(stride=(1, 2), dilation=(2, 1)), dict(groups=4)])
+def test_fold_before_strided_dilated_grouped_convs_is_exact(kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), _bn(4), nn.Conv2d(4, 8, 3, **kw)).double().eval()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    r = fold_norms(model, example_inputs=x)
+    assert [(f.norm, f.side) for f in r.folded] == [("1", "before")] and r.max_abs_diff < 1e-12
+
+
+def test_transposed_conv_is_named_in_the_reason():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), _bn(4)).eval()
+    reason = fold_norms(model).not_folded[0].reason
+    assert "transposed convolutions are not folded" in reason

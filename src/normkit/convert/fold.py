@@ -102,6 +102,7 @@ EFFICIENT_CONVBN = Paper(
 
 Side = Literal["after", "before"]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = nn.modules.conv._ConvTransposeNd
 _TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -305,6 +306,8 @@ def _plain_layer(m: nn.Module) -> str | None:
         if type(m).forward is not base.forward or type(m)._conv_forward is not base._conv_forward:
             return f"{type(m).__name__} overrides the convolution (e.g. weight standardization): folding would change it"
         return None
+    if isinstance(m, _CONV_T):
+        return f"{type(m).__name__}: transposed convolutions are not folded into (weight layout (in, out/groups, *k))"
     return f"{type(m).__name__} is not a Linear or Conv1d/2d/3d"
 
 
@@ -392,7 +395,7 @@ class _Tracer(fx.Tracer):
     """Norms, convolutions and linears are leaves; everything else is traced through."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (*_CONVS, nn.Linear, _BatchNorm, *_TORCH_NORMS)) or norm_info_of(m) is not None:
+        if isinstance(m, (*_CONVS, _CONV_T, nn.Linear, _BatchNorm, *_TORCH_NORMS)) or norm_info_of(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -645,7 +648,7 @@ def fold_norms(
             problem = p.blocked or aliased.get(id(layer)) or aliased.get(id(modules[p.norm]))
             problem = problem or _pair_problem(layer, aff, side, rank)
             if problem:
-                if isinstance(layer, (*_CONVS, nn.Linear)):
+                if isinstance(layer, (*_CONVS, _CONV_T, nn.Linear)):
                     tried.setdefault(p.norm, []).append(f"{side} {p.layer}: {problem}")
                 continue
             (_fold_after if side == "after" else _fold_before)(layer, aff)
