@@ -41,16 +41,17 @@ def _scaled_sum(x, s):
     return (x * s).sum(-1)
 
 
-def test_recompile_limit_falls_back_to_eager(monkeypatch, caplog):
+def test_recompile_limit_falls_back_to_eager(caplog):
     import torch._dynamo
 
     from normkit.backend import compiled
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     torch._dynamo.reset()
     fn = compiled(_scaled_sum, key=("test_recompile_limit",))
-    with caplog.at_level(logging.WARNING, logger="normkit"):
+    # config.patch, not monkeypatch: pytest's undo of a setattr on a torch config module deletes the entry
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), caplog.at_level(
+        logging.WARNING, logger="normkit"
+    ):
         for shape in [(4, 6), (3, 6), (2, 5, 6), (1, 6), (7, 6)]:
             for grad in (False, True):
                 x = torch.randn(shape, requires_grad=grad)
