@@ -67,3 +67,21 @@ def test_regionnorm_b_keeps_a_nan_in_its_region():
     keep = torch.ones_like(nan)
     keep[:, 2] = hole[:, 2]
     torch.testing.assert_close(y[keep], clean[keep])
+
+
+@pytest.mark.parametrize("mask_shape", ["positions", "broadcast"])
+def test_channels_last_batchnorm_mask_moves_with_the_channels(mask_shape):
+    # the mask was left in the caller's layout while the input moved to (N, C, *): a clear-looking
+    # ValueError about the internal shape (4, 8, 5) for a valid (4, 5) or (4, 5, 1) mask
+    torch.manual_seed(0)
+    m = normkit.BatchNorm(8, channels_last=True, affine=False)
+    x = torch.randn(4, 5, 8)
+    keep = torch.ones(4, 5, dtype=torch.bool)
+    keep[0, 3:] = False
+    keep[2, 1:] = False
+    y = m(x, mask=keep if mask_shape == "positions" else keep.unsqueeze(-1))
+    sel = x[keep]  # (valid positions, 8): the statistics come from these rows only
+    mean, var = sel.mean(0), sel.var(0, unbiased=False)
+    torch.testing.assert_close(y, (x - mean) / torch.sqrt(var + m.eps))
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 3\) does not broadcast to the input shape \(4, 5, 8\)"):
+        m(x, mask=torch.ones(4, 3, dtype=torch.bool))

@@ -23,6 +23,26 @@ from normkit.stats import Reducer
 from normkit.sync import ProcessGroupLike
 
 
+
+def _channels_last_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """A mask given in the caller's (N, *, C) layout, moved with the channels to (N, C, *).
+
+    ``x.shape[:-1]`` (one flag per position, as for the token norms) and anything that broadcasts
+    to ``x`` are accepted; the error names the caller's shapes, not the internal layout.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == x.dim() - 1 and tuple(mask.shape) == tuple(x.shape[:-1]):
+        mask = mask.unsqueeze(-1)
+    try:
+        mask = torch.broadcast_to(mask, x.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the input shape {tuple(x.shape)} "
+            f"(channels_last: give (N, *) or a shape that broadcasts to (N, *, C))"
+        ) from None
+    return mask.movedim(-1, 1)
+
 class _Ranked:
     """Mixin for the torch-style aliases that accept only one input rank."""
 
@@ -85,7 +105,7 @@ class BatchNorm(_BatchNorm):
                 raise ValueError(
                     f"{type(self).__name__}(channels_last=True) expects input (N, *, {self.num_features}), got {tuple(x.shape)}"
                 )
-            return self._forward(x.movedim(-1, 1), mask).movedim(1, -1)
+            return self._forward(x.movedim(-1, 1), _channels_last_mask(mask, x)).movedim(1, -1)
         return self._forward(x, mask)
 
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
