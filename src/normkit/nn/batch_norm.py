@@ -23,7 +23,6 @@ from normkit.stats import Reducer
 from normkit.sync import ProcessGroupLike
 
 
-
 def _channels_last_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     """A mask given in the caller's (N, *, C) layout, moved with the channels to (N, C, *).
 
