@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import normkit
 from normkit.bench import SUITES, Job, SuiteConfig, configure_parser, register_suite, run, run_cli
 from normkit.bench.models import SmallCNN, TinyViT
-from normkit.bench.suites import QUICK_EPOCHS, QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
+from normkit.bench.suites import QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
 
 TINY = 0.02  # fraction of the quick suite's training: a few steps per run
 
@@ -42,17 +42,15 @@ def temp_suite():
 def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
     results = run("quick", scale=TINY, seeds=1, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False)
 
-    # batchnorm is an image norm (scene CNN at batch 64 and 2), layernorm a token norm (MNIST-1D transformer).
+    # batchnorm is an image norm (digits CNN at batch 64 and 2), layernorm a token norm (tiny ViT).
     got = sorted((r["task"], r["model"], r["norm"], r["batch_size"]) for r in results)
-    assert got == [
-        ("mnist1d", "transformer", "layernorm", 64), ("scenes", "cnn", "batchnorm", 2), ("scenes", "cnn", "batchnorm", 64)
-    ]  # fmt: skip
+    assert got == [("digits", "cnn", "batchnorm", 2), ("digits", "cnn", "batchnorm", 64), ("digits", "vit", "layernorm", 64)]
     for r in results:
         assert r["status"] == "ok", r["error"]
         assert 0.0 <= r["test_acc"] <= 1.0
         assert r["steps"] >= 1 and r["ms_per_step"] > 0 and r["train_loss"] > 0
-    # scale shrinks training: QUICK_EPOCHS x 0.02 of 78 steps/epoch at batch 64 (5000 scenes).
-    assert next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")["steps"] == round(QUICK_EPOCHS * TINY * 78)
+    # scale shrinks training: 8 epochs x 0.02 of 23 steps/epoch at batch 64 (1438 training digits)
+    assert next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")["steps"] == round(8 * TINY * 23)
 
     rows = _csv_rows(tmp_path / "results.csv")
     assert len(rows) == len(results) == 3
@@ -99,8 +97,8 @@ def test_quick_suite_selects_core_norms_by_layout():
     assert all(normkit.norm_info(n).drop_in for n in image + token)
     jobs = list(SUITES["quick"].jobs(SuiteConfig()))
     cnn = {(j.task, j.norm, j.batch_size) for j in jobs if j.model == "cnn"}
-    assert cnn == {("scenes", n, bs) for n in QUICK_IMAGE_NORMS for bs in (64, 2)}
-    assert {(j.task, j.norm) for j in jobs if j.model == "transformer"} == {("mnist1d", n) for n in QUICK_TOKEN_NORMS}
+    assert cnn == {("digits", n, bs) for n in QUICK_IMAGE_NORMS for bs in (64, 2)}
+    assert {(j.task, j.norm) for j in jobs if j.model == "vit"} == {("digits", n) for n in QUICK_TOKEN_NORMS}
     # An explicit list overrides the registry (and is still filtered by layout).
     explicit = digits_jobs(SuiteConfig(), image_norms=["groupnorm", "layernorm"], token_norms=["dyt"])
     assert {(j.model, j.norm) for j in explicit} == {("cnn", "groupnorm"), ("vit", "dyt")}
