@@ -361,7 +361,7 @@ def _unused_build(norm: str) -> nn.Module:  # the jobs build their own models in
 
 
 def _one_batch(batch_size: int) -> Callable[[], DataSplit]:
-    """A placeholder split of one batch: the runner sizes its progress bar from ``job.data`` (one step)."""
+    """A one-step split: these jobs load their own data in ``run``; the runner sizes its progress bar from ``job.data``."""
 
     def data() -> DataSplit:
         x, y = torch.zeros(batch_size, 1), torch.zeros(batch_size, dtype=torch.long)

@@ -64,3 +64,34 @@ def use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
     if foreach is not None:
         return bool(foreach)
     return bool(params) and all(p.device.type not in ("cpu", "meta") for p in params)
+
+
+def adam_moments_(
+    state: dict[torch.Tensor, dict[str, Any]], params: list[torch.Tensor], group: dict[str, Any]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Adam's moment update for ``params`` (all with a gradient), shared by AdamP and LAMB.
+
+    Creates ``step``/``exp_avg``/``exp_avg_sq`` on first use, counts the step, and updates
+    ``m ← β1 m + (1 − β1) g`` (one lerp pass, as torch's Adam) and ``v ← β2 v + (1 − β2) g²``.
+    Returns ``(grads, exp_avgs, exp_avg_sqs)``.
+    """
+    beta1, beta2 = group["betas"]
+    grads = [p.grad for p in params]
+    for p in params:
+        s = state[p]
+        if len(s) == 0:
+            s["step"] = 0
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        s["step"] += 1
+    ms = [state[p]["exp_avg"] for p in params]
+    vs = [state[p]["exp_avg_sq"] for p in params]
+    if use_foreach(group["foreach"], params):
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    else:
+        for m, v, g in zip(ms, vs, grads):
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    return grads, ms, vs

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import check_betas, check_dense, check_lr, check_nonnegative, use_foreach
+from normkit.optim._checks import adam_moments_, check_betas, check_dense, check_lr, check_nonnegative
 from normkit.optim.projection import check_projection, radial_coefficients
 
 
@@ -80,25 +80,7 @@ class AdamP(torch.optim.Optimizer):
                 continue
             check_dense(params, "AdamP")
             beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-            exp_avgs = [self.state[p]["exp_avg"] for p in params]
-            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-            # m ← β1 m + (1 − β1) g written as one lerp pass (as torch's Adam); the same value to rounding
-            if use_foreach(group["foreach"], params):
-                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-                torch._foreach_mul_(exp_avg_sqs, beta2)
-                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            else:
-                for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
-                    m.lerp_(g, 1 - beta1)
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            grads, exp_avgs, exp_avg_sqs = adam_moments_(self.state, params, group)
             for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
                 step = self.state[p]["step"]
                 bias_correction1 = 1 - beta1**step

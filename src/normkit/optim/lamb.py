@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import check_betas, check_dense, check_lr, check_nonnegative, use_foreach
+from normkit.optim._checks import adam_moments_, check_betas, check_dense, check_lr, check_nonnegative
 
 
 class LAMB(torch.optim.Optimizer):
@@ -68,24 +68,7 @@ class LAMB(torch.optim.Optimizer):
                 continue
             check_dense(params, "LAMB")
             beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-            ms = [self.state[p]["exp_avg"] for p in params]
-            vs = [self.state[p]["exp_avg_sq"] for p in params]
-            if use_foreach(group["foreach"], params):
-                torch._foreach_lerp_(ms, grads, 1 - beta1)
-                torch._foreach_mul_(vs, beta2)
-                torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-            else:
-                for m, v, g in zip(ms, vs, grads):
-                    m.lerp_(g, 1 - beta1)
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            _, ms, vs = adam_moments_(self.state, params, group)
             for p, m, v in zip(params, ms, vs):
                 t = self.state[p]["step"]
                 bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if group["bias_correction"] else (1.0, 1.0)

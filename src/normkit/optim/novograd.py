@@ -17,7 +17,7 @@ like AdamW's), but, unlike AdamW, it goes through the momentum. The second momen
 per layer instead of one per weight, so the optimizer state is SGD's plus a scalar per tensor.
 
 Defaults (official ``NovoGrad2``): betas=(0.95, 0.98), eps=1e-8, weight_decay=0,
-grad_averaging=False; lr required (the official default of 1.0 is a placeholder).
+grad_averaging=False; ``lr`` has no default (the official signature's 1.0 is not a tuned value).
 
 Divergence: the official ``apply_gradients`` rebinds its Python list entry
 (``self._grads_ema[i] = tf.cond(...)``) instead of assigning the variable, so in TF1 graph mode the
