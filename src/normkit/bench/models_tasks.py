@@ -174,21 +174,3 @@ class SceneCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-class TokenBatchNorm(nn.Module):
-    """BatchNorm over the batch and tokens of ``(B, T, C)`` activations, padded tokens left out.
-
-    The BN baseline of the PowerNorm and SLAB papers. normkit's ``BatchNorm(channels_last=True)``
-    does not move a ``(B, T, 1)`` mask with the channels (it raises), so this runs the channels-first
-    layer on ``(B, C, T)`` with the mask as ``(B, 1, T)``; state-dict keys are the inner layer's.
-    """
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        from normkit.nn.batch_norm import BatchNorm
-
-        self.bn = BatchNorm(num_features)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:
-            mask = mask.reshape(*x.shape[:-1], 1).transpose(1, -1)
-        return self.bn(x.transpose(1, -1), mask).transpose(1, -1)

@@ -92,9 +92,11 @@ def microbatch(cfg: SuiteConfig) -> list[Job]:
 
 
 def _token_bn(num_features: int) -> nn.Module:
-    from normkit.bench.models_tasks import TokenBatchNorm
+    """BN over the batch and tokens of (B, T, C) activations, padded tokens left out (the PowerNorm
+    and SLAB papers' BN baseline): BatchNorm(channels_last=True) takes the (B, T) mask as it is."""
+    from normkit.nn.batch_norm import BatchNorm
 
-    return TokenBatchNorm(num_features)
+    return BatchNorm(num_features, channels_last=True)
 
 
 def _lm(norm: str | Callable[[int], nn.Module]) -> Callable[[str], nn.Module]:
