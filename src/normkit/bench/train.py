@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from normkit.bench.report import downsample
 from normkit.bench.suites import Job
@@ -94,6 +94,48 @@ def evaluate(model: nn.Module, data: DataSplit, batch_size: int = 512) -> float:
     return correct / len(data.x_test)
 
 
+def _train_loop(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    job: Job,
+    steps: int,
+    batch_loss: Callable[[int], Tensor],
+    on_step: Callable[[int], None] | None,
+    *,
+    clip: float | None = None,
+) -> tuple[list[float], str, str, float, float, float]:
+    """``steps`` optimizer steps on ``batch_loss(step)`` with the job's warm-up schedule.
+
+    Stops at a non-finite loss (status ``"diverged"``, the progress bar advanced to the end).
+    Returns ``(losses, status, error, t0, t_first, t1)``: start, end of the first step, end.
+    """
+    losses: list[float] = []
+    status, error = "ok", ""
+    model.train()
+    t0 = t_first = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = job.lr * _lr_factor(step, steps, job.warmup)
+        loss = batch_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        value = loss.item()
+        losses.append(value)
+        if step == 0:
+            t_first = time.perf_counter()
+        if on_step is not None:
+            on_step(1)
+        if not math.isfinite(value):
+            status, error = "diverged", f"non-finite loss at step {step + 1}/{steps}"
+            if on_step is not None:
+                on_step(steps - step - 1)
+            break
+    return losses, status, error, t0, t_first, time.perf_counter()
+
+
 def train_run(
     job: Job,
     seed: int,
@@ -116,35 +158,17 @@ def train_run(
     steps = total_steps(job, data, scale)
     spe = steps_per_epoch(job, data)
     gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    status, error = "ok", ""
-    model.train()
-    t0 = time.perf_counter()
-    t_first = t0
     perm = torch.randperm(len(data.x_train), generator=gen)
-    for step in range(steps):
+
+    def batch_loss(step: int) -> Tensor:
+        nonlocal perm
         i = step % spe
         if i == 0 and step:
             perm = torch.randperm(len(data.x_train), generator=gen)
         idx = perm[i * job.batch_size : (i + 1) * job.batch_size]
-        for group in opt.param_groups:
-            group["lr"] = job.lr * _lr_factor(step, steps, job.warmup)
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
-        losses.append(value)
-        if step == 0:
-            t_first = time.perf_counter()
-        if on_step is not None:
-            on_step(1)
-        if not math.isfinite(value):
-            status, error = "diverged", f"non-finite loss at step {step + 1}/{steps}"
-            if on_step is not None:
-                on_step(steps - step - 1)
-            break
-    t1 = time.perf_counter()
+        return F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+
+    losses, status, error, t0, t_first, t1 = _train_loop(model, opt, job, steps, batch_loss, on_step)
     done = len(losses)
     ms = (t1 - t_first) / (done - 1) * 1e3 if done > 1 else (t1 - t0) * 1e3
     tail = losses[-max(1, done // 10) :]
@@ -204,33 +228,15 @@ def train_lm_run(job: Job, seed: int, *, scale: float = 1.0, on_step: Callable[[
     params = sum(p.numel() for p in model.parameters())
     opt = _optimizer(model, job)
     steps = planned_steps(job, scale)
-    losses: list[float] = []
-    status, error = "ok", ""
-    model.train()
-    t0 = t_first = time.perf_counter()
-    batches = padded_batches(corpus, job.batch_size, LM_MIN_LEN, LM_MAX_LEN, num_batches=steps, seed=seed)
-    for step, b in enumerate(batches):
-        for group in opt.param_groups:
-            group["lr"] = job.lr * _lr_factor(step, steps, job.warmup)
+    batches = iter(padded_batches(corpus, job.batch_size, LM_MIN_LEN, LM_MAX_LEN, num_batches=steps, seed=seed))
+
+    def batch_loss(step: int) -> Tensor:
+        b = next(batches)
         logits = model(b.inputs, b.mask)
-        loss = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten())  # padded targets are ignored
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if job.extra.get("clip"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(job.extra["clip"]))
-        opt.step()
-        value = loss.item()
-        losses.append(value)
-        if step == 0:
-            t_first = time.perf_counter()
-        if on_step is not None:
-            on_step(1)
-        if not math.isfinite(value):
-            status, error = "diverged", f"non-finite loss at step {step + 1}/{steps}"
-            if on_step is not None:
-                on_step(steps - step - 1)
-            break
-    t1 = time.perf_counter()
+        return F.cross_entropy(logits.flatten(0, 1), b.targets.flatten())  # padded targets are ignored
+
+    clip = float(job.extra["clip"]) if job.extra.get("clip") else None
+    losses, status, error, t0, t_first, t1 = _train_loop(model, opt, job, steps, batch_loss, on_step, clip=clip)
     done = len(losses)
     val_batches = LM_VAL_BATCHES if scale >= 1 else max(2, round(LM_VAL_BATCHES * scale))  # smoke tests: a smaller val set
     bpb, acc = evaluate_lm(model, corpus, job.batch_size, val_batches) if status == "ok" else (float("nan"), 0.0)
