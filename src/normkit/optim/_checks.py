@@ -1,8 +1,8 @@
-"""Argument checks shared by the optimizers, with torch.optim's wording (``Invalid learning rate: -1``)."""
+"""Argument checks and step plumbing shared by the optimizers, with torch.optim's wording (``Invalid learning rate: -1``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -42,6 +42,36 @@ def check_betas(betas: Any) -> None:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     check_unit("beta parameter at index 0", betas[0])
     check_unit("beta parameter at index 1", betas[1])
+
+
+def check_hyperparameters(lr: Any, *, betas: Any = None, momentum: Any = None, **nonnegative: Any) -> None:
+    """Check an optimizer's constructor arguments in one call: ``lr`` (:func:`check_lr`), ``betas``
+    (:func:`check_betas`) and ``momentum`` in [0, 1) when given, then every keyword of ``nonnegative``
+    (eps, weight_decay, ...) >= 0 in the order given, so the first bad argument is the one reported."""
+    check_lr(lr)
+    if betas is not None:
+        check_betas(betas)
+    if momentum is not None:
+        check_unit("momentum", momentum)
+    for name, value in nonnegative.items():
+        check_nonnegative(name, value)
+
+
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """The loss of an optimizer's ``closure`` (None without one), evaluated with gradients enabled as
+    torch's optimizers do: ``step`` itself runs under ``torch.no_grad()``, the closure's backward must not."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def params_with_grad(group: dict[str, Any], name: str) -> list[torch.Tensor]:
+    """The parameters of ``group`` that have a gradient this step, checked by :func:`check_dense` for
+    optimizer ``name`` (the first lines of every ``step`` here)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    check_dense(params, name)
+    return params
 
 
 def check_dense(params: Iterable[torch.Tensor], name: str) -> None:

@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import adam_moments_, check_betas, check_dense, check_lr, check_nonnegative
+from normkit.optim._checks import (
+    adam_moments_,
+    check_betas,
+    check_hyperparameters,
+    check_lr,
+    closure_loss,
+    params_with_grad,
+)
 from normkit.optim.projection import check_projection, radial_coefficients
 
 
@@ -51,10 +58,7 @@ class AdamP(torch.optim.Optimizer):
         projection: str = "auto",
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        for name, value in (("eps", eps), ("weight_decay", weight_decay), ("delta", delta), ("wd_ratio", wd_ratio)):
-            check_nonnegative(name, value)
+        check_hyperparameters(lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
         check_projection(projection)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
@@ -70,15 +74,11 @@ class AdamP(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = params_with_grad(group, "AdamP")
             if not params:
                 continue
-            check_dense(params, "AdamP")
             beta1, beta2 = group["betas"]
             grads, exp_avgs, exp_avg_sqs = adam_moments_(self.state, params, group)
             for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normkit.optim._checks import check_nonnegative
+from normkit.optim._checks import check_nonnegative, closure_loss
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +136,7 @@ class AGC(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.clip_()
         self.optimizer.step()
         return loss

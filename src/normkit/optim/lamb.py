@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import adam_moments_, check_betas, check_dense, check_lr, check_nonnegative
+from normkit.optim._checks import adam_moments_, check_hyperparameters, closure_loss, params_with_grad
 
 
 class LAMB(torch.optim.Optimizer):
@@ -46,10 +46,7 @@ class LAMB(torch.optim.Optimizer):
         bias_correction: bool = True,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
+        check_hyperparameters(lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, trust_ratio=bool(trust_ratio),
             bias_correction=bool(bias_correction), foreach=foreach,
@@ -58,15 +55,11 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = params_with_grad(group, "LAMB")
             if not params:
                 continue
-            check_dense(params, "LAMB")
             beta1, beta2 = group["betas"]
             _, ms, vs = adam_moments_(self.state, params, group)
             for p, m, v in zip(params, ms, vs):

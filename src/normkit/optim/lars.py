@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import check_dense, check_lr, check_nonnegative, check_unit
+from normkit.optim._checks import check_hyperparameters, closure_loss, params_with_grad
 
 
 class LARS(torch.optim.Optimizer):
@@ -44,11 +44,9 @@ class LARS(torch.optim.Optimizer):
         *,
         trust_ratio: bool = True,
     ) -> None:
-        check_lr(lr)
-        check_unit("momentum", momentum)
-        check_nonnegative("weight_decay", weight_decay)
-        check_nonnegative("trust_coefficient", trust_coefficient)
-        check_nonnegative("eps", eps)
+        check_hyperparameters(
+            lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps
+        )
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
             trust_ratio=bool(trust_ratio),
@@ -57,13 +55,9 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            check_dense(params, "LARS")
+            params = params_with_grad(group, "LARS")
             wd = group["weight_decay"]
             for p in params:
                 g = p.grad

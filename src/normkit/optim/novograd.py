@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import check_betas, check_dense, check_lr, check_nonnegative
+from normkit.optim._checks import check_hyperparameters, closure_loss, params_with_grad
 
 
 class NovoGrad(torch.optim.Optimizer):
@@ -48,22 +48,15 @@ class NovoGrad(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         grad_averaging: bool = False,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
+        check_hyperparameters(lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, grad_averaging=bool(grad_averaging))
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            check_dense(params, "NovoGrad")
+            params = params_with_grad(group, "NovoGrad")
             beta1, beta2 = group["betas"]
             for p in params:
                 g = p.grad

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from normkit.optim._checks import check_dense, check_lr, check_nonnegative, check_unit, use_foreach
+from normkit.optim._checks import check_hyperparameters, check_lr, closure_loss, params_with_grad, use_foreach
 from normkit.optim.projection import check_projection, project_radial_
 
 
@@ -54,13 +54,9 @@ class SGDP(torch.optim.Optimizer):
         wd_momentum_scaling: bool = True,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_unit("momentum", momentum)
-        for name, value in (
-            ("dampening", dampening), ("eps", eps), ("weight_decay", weight_decay), ("delta", delta),
-            ("wd_ratio", wd_ratio),
-        ):
-            check_nonnegative(name, value)
+        check_hyperparameters(
+            lr, momentum=momentum, dampening=dampening, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio
+        )
         check_projection(projection)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
@@ -80,15 +76,11 @@ class SGDP(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = params_with_grad(group, "SGDP")
             if not params:
                 continue
-            check_dense(params, "SGDP")
             momentum, dampening = group["momentum"], group["dampening"]
             grads = [p.grad for p in params]
             for p in params:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normkit.optim._checks import check_betas, check_dense, check_lr, check_nonnegative
+from normkit.optim._checks import check_hyperparameters, closure_loss, params_with_grad
 
 ALGORITHMS = ("sinkgd", "adamw")
 
@@ -106,13 +106,9 @@ class SinkGD(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
     ) -> None:
-        check_lr(lr)
+        check_hyperparameters(lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_eps=adam_eps)
         if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
             raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
-        check_betas(betas)
-        check_nonnegative("adam_eps", adam_eps)
         defaults = dict(
             lr=lr, num_iters=num_iters, eps=eps, weight_decay=weight_decay, algorithm=algorithm, betas=tuple(betas),
             adam_eps=adam_eps,
@@ -125,13 +121,9 @@ class SinkGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            check_dense(params, "SinkGD")
+            params = params_with_grad(group, "SinkGD")
             lr, wd = group["lr"], group["weight_decay"]
             for p in params:
                 if wd != 0:
