@@ -176,3 +176,53 @@ def test_aten_path_checked_from_threshold() -> None:
     assert rel_err(m(x), ref) < 1e-6
     assert rel_err(normkit.functional.layer_norm(x, 1024), ref) < 1e-6
     assert rel_err(normkit.functional.add_norm(x, torch.zeros_like(x), 1024)[0], ref) < 1e-6
+
+
+def _big(shape: tuple[int, ...], seed: int = 9) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    assert x.numel() >= ATEN_CHECK_MIN_NUMEL
+    return x
+
+
+def test_aten_batch_norm_checked_and_running_stats_updated_once() -> None:
+    """BatchNorm on auto (ATen's op): an overflowed channel reruns on normkit's statistics, and the
+    running buffers are updated once, from the float64-exact batch moments."""
+    x = _big((8, 64, 32, 32))
+    m = normkit.BatchNorm2d(64)
+    assert torch.equal(m(x), TF.batch_norm(x, None, None, m.weight, m.bias, True, 0.1, EPS))  # ordinary
+    x = x.clone()
+    x[:, 5] *= 1e18  # channel 5: variance 1e36 fits float32, ATen's sum of squares does not
+    m = normkit.BatchNorm2d(64)
+    y = m(x)
+    assert rel_err(y, formula(x, (0, 2, 3), True)) < 1e-5
+    xd = x.double()
+    n = xd.numel() // 64
+    mean = xd.mean((0, 2, 3))
+    unbiased = xd.var((0, 2, 3), correction=0) * n / (n - 1)
+    assert torch.allclose(m.running_mean.double(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(m.running_var.double(), 0.9 + 0.1 * unbiased, rtol=1e-5)
+    assert m.num_batches_tracked.item() == 1
+
+
+def test_aten_group_and_instance_norm_checked() -> None:
+    x = _big((8, 64, 32, 32)) * 1e30
+    gn = normkit.GroupNorm(64, num_groups=8)
+    ref = formula(x.reshape(8, 8, -1), (2,), True).reshape(x.shape)
+    assert rel_err(gn(x), ref) < 1e-5
+    assert rel_err(normkit.functional.group_norm(x, 8), ref) < 1e-5
+    # bfloat16: normkit's kernels take float32/float64 only, so auto runs ATen's op on any size
+    xb = (_big((8, 64, 32, 32)) * 1e20).bfloat16()
+    inorm = normkit.InstanceNorm(64, track_running_stats=True)
+    assert rel_err(inorm(xb), formula(xb.double(), (2, 3), True)) < 1e-2
+    assert torch.isfinite(inorm.running_mean).all()
+    assert rel_err(normkit.RMSNorm(1024, eps=EPS).bfloat16()(xb.reshape(-1, 1024)), formula(xb.reshape(-1, 1024).double(), (-1,), False)) < 1e-2
+
+
+def test_aten_checks_keep_gradients() -> None:
+    x = (_big((8, 64, 32, 32)) * 1e30).requires_grad_()
+    m = normkit.BatchNorm2d(64)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    (m(x) * g).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    (formula(xd, (0, 2, 3), True) * g.double()).sum().backward()
+    assert rel_err(x.grad * 1e30, xd.grad * 1e30) < 1e-4

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit import backend as _backend
+from normkit.functional import aten as _aten
 from normkit.functional._core import (
     canonical_mask,
     check_channels_first,
@@ -85,7 +85,10 @@ def batch_norm(
     # (test-time adaptation mixes them with batch statistics under autograd), so those calls stay here
     native_ok = mask is None and reducer is None and stats_dtype is None and not _tracked(running_mean, running_var)
     if _backend.resolve(backend, x, "batch_norm", native_ok) == "native":
-        return TF.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = _aten.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if y is not None:
+            return y
+        backend = "eager"  # ATen's statistics overflowed (running buffers left as they were): normkit's do not
     if not training:
         return channel_affine(x, running_mean, running_var, weight, bias, eps)
     per_channel = x.numel() // c
@@ -138,7 +141,10 @@ def instance_norm(
     )
     if impl == "native" and x.dim() >= 3 and x.shape[0] and (use_input_stats or running_mean is not None):
         # (torch's op fails on N = 0 with an affine weight: "select(): index 0 out of range")
-        return TF.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+        y = _aten.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+        if y is not None:
+            return y
+        impl = "eager"  # ATen's statistics overflowed (running buffers left as they were): normkit's do not
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
@@ -184,7 +190,10 @@ def group_norm(
     check_param(bias, c, "bias", "group_norm")
     impl = _backend.resolve(backend, x, "group_norm", mask is None and stats_dtype is None)
     if impl == "native":
-        return TF.group_norm(x, num_groups, weight, bias, eps)
+        y = _aten.group_norm(x, num_groups, weight, bias, eps)
+        if y is not None:
+            return y
+        impl = "kernels"  # ATen's statistics overflowed: normkit's do not
     view = (x.shape[0], num_groups, c // num_groups, trailing_numel(x))
     y = normalize_view(
         x.reshape(view), weight, bias, (2, 3), center=True, eps=eps,

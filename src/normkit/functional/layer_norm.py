@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit import backend as _backend
+from normkit.functional import aten as _aten
 from normkit.functional._core import (
     canonical_mask,
     check_channels_first,
@@ -41,31 +41,9 @@ def _rows(x: Tensor, normalized_shape: int | Sequence[int], what: str) -> tuple[
     return shape, d
 
 
-#: inputs (elements) from which the ATen LayerNorm paths on CPU check ATen's per-row r for overflow
-ATEN_CHECK_MIN_NUMEL = 1 << 18
-
-
-def aten_layer_norm(
-    x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor | None:
-    """ATen's LayerNorm, or None where its statistics overflowed (the caller then runs normkit's).
-
-    ATen's float32 variance overflows for |x − μ| past ~1.8e19 (and bfloat16's, accumulated in
-    float32, too): ``native_layer_norm`` then returns NaN or zeros. On CPU, for inputs of at least
-    :data:`ATEN_CHECK_MIN_NUMEL` elements, the per-row r that ``torch.native_layer_norm`` returns
-    anyway (the same op and autograd node as ``F.layer_norm``) is checked: ``min r > 0`` fails for
-    an overflowed (r = 0 or NaN) or NaN row, and normkit's kernels, whose statistics do not
-    overflow (:func:`normkit.kernels.canonical.safe_rstd`), recompute the call. The check is a
-    reduction over the rows plus a host read, ~3 µs per call measured here: under 3% from 2^18
-    elements, but +60% on a 4×64 call (4.4 → 7.2 µs), hence the threshold. Not checked: smaller
-    inputs, CUDA (the read would synchronize the stream every call), and code under
-    ``torch.compile`` (Inductor lowers ATen's op with its own decomposition; use
-    ``backend="compiled"`` or ``"kernels"`` there for such inputs).
-    """
-    if x.numel() < ATEN_CHECK_MIN_NUMEL or x.device.type != "cpu" or torch.compiler.is_compiling():
-        return TF.layer_norm(x, shape, weight, bias, eps)
-    y, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-    return y if float(rstd.amin()) > 0 else None
+# the checked ATen calls live in normkit.functional.aten; these names stay for existing imports
+ATEN_CHECK_MIN_NUMEL = _aten.ATEN_CHECK_MIN_NUMEL
+aten_layer_norm = _aten.layer_norm
 
 
 def _default_rms_eps(eps: float | None, x: Tensor) -> float:
@@ -133,7 +111,7 @@ def layer_norm(
     if impl == "native":  # the hot path of the default backend: kept to a few Python operations
         shape = _shape(normalized_shape)
         try:
-            y = aten_layer_norm(x, shape, weight + weight_offset if weight_offset else weight, bias, eps)
+            y = _aten.layer_norm(x, shape, weight + weight_offset if weight_offset else weight, bias, eps)
         except RuntimeError:  # ATen rejected the input: raise normkit's error for it instead, if it has one
             _token_norm(x, shape, weight, bias, eps, True, "layer_norm", backend="eager")
             raise
@@ -173,10 +151,13 @@ def rms_norm(
     if impl == "native":
         shape = _shape(normalized_shape)
         try:
-            return TF.rms_norm(x, shape, weight + weight_offset if weight_offset else weight, eps)
+            y = _aten.rms_norm(x, shape, weight + weight_offset if weight_offset else weight, eps)
         except RuntimeError:  # ATen rejected the input: raise normkit's error for it instead, if it has one
             _token_norm(x, shape, weight, None, eps, False, "rms_norm", backend="eager")
             raise
+        if y is not None:
+            return y
+        impl = "kernels"  # ATen's statistics overflowed: normkit's do not
     return _token_norm(
         x, normalized_shape, weight, bias, eps, False, "rms_norm",
         weight_offset=weight_offset, mask=mask, stats_dtype=stats_dtype, backend=impl,
@@ -214,7 +195,7 @@ def add_norm(
         w = with_offset(weight, weight_offset)
         try:
             s = x + residual
-            y = aten_layer_norm(s, shape, w, bias, eps) if center else TF.rms_norm(s, shape, w, eps)
+            y = _aten.layer_norm(s, shape, w, bias, eps) if center else _aten.rms_norm(s, shape, w, eps)
         except RuntimeError:  # ATen rejected the input: raise normkit's error for it instead, if it has one
             _token_norm(x, shape, weight, bias, eps, center, "add_norm", residual=residual, backend="eager")
             raise
@@ -247,7 +228,7 @@ def _channels_first_norm(
     w = with_offset(weight, weight_offset)
     if impl == "native":  # what a user writes without normkit (timm's LayerNorm2d): two transposes
         xt = x.movedim(1, -1)
-        y = aten_layer_norm(xt, (c,), w, bias, eps) if center else TF.rms_norm(xt, (c,), w, eps)
+        y = _aten.layer_norm(xt, (c,), w, bias, eps) if center else _aten.rms_norm(xt, (c,), w, eps)
         if y is not None:
             return y.movedim(-1, 1)
         impl = "kernels"  # ATen's statistics overflowed: normkit's do not

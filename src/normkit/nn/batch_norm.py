@@ -8,13 +8,13 @@ parameter names (``running_mean``, ``running_var``, ``num_batches_tracked``, ``w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normkit import functional as F
 from normkit.backend import resolve
+from normkit.functional import aten
 from normkit.functional._core import check_channels_first, check_momentum
 from normkit.nn import papers
 from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
@@ -120,10 +120,12 @@ class BatchNorm(_BatchNorm):
         if (mask is None and reducer is None and self.stats_dtype is None
                 and resolve(self.backend, x, "batch_norm", True) == "native"):
             try:  # ATen's op directly: per-call cost as torch's BatchNorm (input checked above)
-                return TF.batch_norm(
+                y = aten.batch_norm(
                     x, self.running_mean if keep else None, self.running_var if keep else None,
                     self.weight, self.bias, use_batch, factor, self.eps,
                 )
+                if y is not None:  # else ATen's statistics overflowed: normkit's path below
+                    return y
             except RuntimeError:
                 pass  # rejected: normkit's path below raises its own, clearer error
         return F.batch_norm(
@@ -272,7 +274,9 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         check_channels_first(x, self.num_channels, type(self).__name__)
         if mask is None and self.stats_dtype is None and resolve(self.backend, x, "group_norm", True) == "native":
-            return TF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # checked above
+            y = aten.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # input checked above
+            if y is not None:  # else ATen's statistics overflowed: normkit's path below
+                return y
         return F.group_norm(
             x, self.num_groups, self.weight, self.bias, self.eps,
             mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,

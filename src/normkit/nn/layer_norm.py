@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from normkit import functional as F
 from normkit.backend import resolve
 from normkit.functional._core import check_channels_first
-from normkit.functional.layer_norm import ATEN_CHECK_MIN_NUMEL, aten_layer_norm
+from normkit.functional.aten import ATEN_CHECK_MIN_NUMEL
+from normkit.functional.aten import layer_norm as aten_layer_norm
+from normkit.functional.aten import rms_norm as aten_rms_norm
 from normkit.nn import papers
 from normkit.nn._base import options_repr, set_options
 from normkit.registry import register_norm
@@ -252,7 +254,11 @@ class RMSNorm(nn.RMSNorm):
         if (mask is None and self.bias is None and self._plain()
                 and resolve(self.backend, x, "rms_norm", True) == "native"):
             try:  # ATen's op directly (small inputs, or no kernels): no Python in between
-                return TF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+                if x.numel() < ATEN_CHECK_MIN_NUMEL:
+                    return TF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+                y = aten_rms_norm(x, self.normalized_shape, self.weight, self.eps)
+                if y is not None:  # else ATen's statistics overflowed: normkit's path below
+                    return y
             except RuntimeError:
                 pass  # rejected: normkit's path below raises its own, clearer error
         if self.reduction_dims is not None:
