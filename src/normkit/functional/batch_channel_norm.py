@@ -13,7 +13,8 @@ from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_param
 from normkit.functional.batch_norm import batch_norm, channel_affine, group_norm
-from normkit.stats import Reducer, accumulation_dtype, mean_square
+from normkit.functional.batch_variants import batch_moments
+from normkit.stats import Reducer, accumulation_dtype
 from normkit.sync import reduce_packed
 
 
@@ -75,6 +76,7 @@ def estimated_batch_norm(
     *,
     reducer: Reducer | None = None,
     stats_dtype: torch.dtype | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Micro-batch BN of BCN ("EstBN" in the official README): always normalizes with the estimates.
 
@@ -88,6 +90,12 @@ def estimated_batch_norm(
     ``moving_speed`` may be a tensor (the official buffer ``estbn_moving_speed``) so a schedule
     can change it without recompiling. ``reducer`` (:mod:`normkit.sync`): both batch means run over
     every process's samples, from one collective of ``(n, Σ(x − μ̂_old), Σ(x − μ̂_old)²)``.
+
+    Cost: one statistics pass (:func:`normkit.functional.batch_variants.batch_moments`, the variance
+    about μ̂_old from the batch variance by ``σ²_B + (μ_B − μ̂_old)²``) plus BatchNorm in eval mode
+    with the new estimates (ATen's op on ``backend="auto"``; it saves only x). A batch variance past
+    float32's range is computed in float64 and the output from it, so it stays right (the buffer
+    then holds inf, the true value's float32 rounding).
     """
     eps = check_eps(eps)
     c = check_channels_first(x, running_mean.numel(), "estimated_batch_norm")
@@ -95,22 +103,34 @@ def estimated_batch_norm(
         raise ValueError(f"estimated_batch_norm: running_var must have {c} elements, got shape {tuple(running_var.shape)}")
     check_param(weight, c, "weight", "estimated_batch_norm")
     check_param(bias, c, "bias", "estimated_batch_norm")
-    if training:
-        dims = (0, *range(2, x.dim()))
-        with torch.no_grad():
+    if not training:
+        return channel_affine(x, running_mean, running_var, weight, bias, eps)
+    with torch.no_grad():
+        r = torch.as_tensor(moving_speed, device=x.device).reshape(-1)[:1]
+        if reducer is None:
+            # one pass: the biased batch variance about the batch mean, moved to the old estimate by the
+            # parallel-axis identity mean((x − μ̂_old)²) = σ²_B + (μ_B − μ̂_old)² (a sum of non-negative terms)
+            mean, var_b, rescued = batch_moments(x, stats_dtype)
+            var = var_b + (mean.to(var_b.dtype) - running_mean.to(var_b.dtype)).square()
+        else:
+            rescued = False
             xf = x.detach().to(accumulation_dtype(x.dtype, stats_dtype))
+            dims = (0, *range(2, x.dim()))
             old_mean = running_mean.reshape((1, c) + (1,) * (x.dim() - 2)).to(xf.dtype)
-            if reducer is None:
-                mean = xf.mean(dims).reshape(c)
-                var = mean_square(xf - old_mean, dims, stats_dtype=stats_dtype).reshape(c)
-            else:
-                d = xf - old_mean
-                n, s1, s2 = reduce_packed([xf.new_full((1,), x.numel() // c), d.sum(dims), d.square().sum(dims)], reducer)
-                mean, var = running_mean.to(xf.dtype) + s1 / n, s2 / n
-            r = torch.as_tensor(moving_speed, device=x.device).reshape(-1)[:1]
-            running_mean.copy_((running_mean * (1 - r) + r * mean.to(running_mean.dtype)).to(running_mean.dtype))
-            running_var.copy_((running_var * (1 - r) + r * var.to(running_var.dtype)).to(running_var.dtype))
-    return channel_affine(x, running_mean, running_var, weight, bias, eps)
+            d = xf - old_mean
+            n, s1, s2 = reduce_packed([xf.new_full((1,), x.numel() // c), d.sum(dims), d.square().sum(dims)], reducer)
+            mean, var = running_mean.to(xf.dtype) + s1 / n, s2 / n
+        # the new estimates as fresh tensors (the buffers are overwritten by the next call; autograd must not
+        # see them), in float64 when the batch variance overflowed float32 (the buffer then holds inf)
+        dt = var.dtype if rescued else running_var.dtype
+        new_mean = running_mean.to(dt) * (1 - r.to(dt)) + r.to(dt) * mean.to(dt)
+        new_var = running_var.to(dt) * (1 - r.to(dt)) + r.to(dt) * var.to(dt)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    if rescued or reducer is not None:
+        return channel_affine(x, new_mean, new_var, weight, bias, eps)
+    # the estimates are constants for autograd: BatchNorm in eval mode (ATen's fused op on "auto")
+    return batch_norm(x, new_mean, new_var, weight, bias, False, 0.0, eps, backend=backend)
 
 
 def batch_channel_norm(
@@ -151,7 +171,7 @@ def batch_channel_norm(
             raise ValueError("batch_channel_norm(estimate=True) needs running_mean and running_var")
         a = estimated_batch_norm(
             x, running_mean, running_var, bn_weight, bn_bias, training, moving_speed, eps,
-            reducer=reducer, stats_dtype=stats_dtype,
+            reducer=reducer, stats_dtype=stats_dtype, backend=backend,
         )
     else:
         a = batch_norm(
