@@ -23,25 +23,101 @@ d−1 compressed form and back.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.autograd import Function
 
 from normkit import backend as B
 from normkit.functional._core import check_eps, check_float, check_param
+from normkit.functional._replay import replay_grads
 from normkit.stats import accumulation_dtype
 
 
+def _rstd(x2: Tensor, s: Tensor, q: Tensor, eps: float) -> Tensor:
+    """``1/sqrt((q + s²)/d + eps)`` per row of ``x2`` ``(rows, d−1)``, with ``s = Σx``, ``q = Σx²``.
+
+    Where that overflows the float range (|x| past ~1e19 in float32) the row is recomputed from
+    ``x·c`` with ``c = 2^−(max_exp/2 + 6)`` (exact; see :func:`normkit.kernels.canonical.safe_rstd`):
+    ``r = c / sqrt((Σ(cx)² + (Σcx)²)/d)`` (eps ≪ the sum there, dropped). Eager CPU code checks the
+    rows with one reduction and a host read and rescues only when needed; compiled code and other
+    devices select branch-free. NaN rows stay NaN; an inf input gives NaN (inf/inf), as the math.
+    """
+    d = x2.shape[-1] + 1
+    ms = (q + s * s) / d
+    if not torch.compiler.is_compiling() and ms.is_cpu and math.isfinite(ms.sum().item()):
+        return torch.rsqrt(ms + eps)
+    c = 2.0 ** -(math.frexp(torch.finfo(ms.dtype).max)[1] // 2 + 6)
+    xs = x2.to(ms.dtype) * c
+    ss = xs.sum(-1, keepdim=True)
+    scaled = (xs.square().sum(-1, keepdim=True) + ss * ss) / d
+    bad = ~torch.isfinite(ms)
+    r = torch.rsqrt(torch.where(bad, 1.0, ms) + eps)
+    return torch.where(bad, torch.rsqrt(torch.where(bad, scaled, 1.0)) * c, r)
+
+
 def _crms_math(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, sd: torch.dtype) -> Tensor:
+    """The plain formula (autograd through it): the compiled backends' path and the double-backward replay."""
     xf = x.to(sd)
-    d = x.shape[-1] + 1
     s = xf.sum(-1, keepdim=True)
     q = xf.square().sum(-1, keepdim=True)
-    y = xf * torch.rsqrt((q + s.square()) / d + eps)
+    y = xf * _rstd(xf, s, q, eps)
     if weight is not None:
         y = y * weight.to(sd)
     if bias is not None:
         y = y + bias.to(sd)
     return y.to(x.dtype)
+
+
+class _CRMSNormFn(Function):
+    """CRMSNorm on ``(rows, d−1)`` with a closed-form backward that saves x and two numbers per row.
+
+    With r = (Σx² + (Σx)²)/d + eps)^−½ per row, ŷ = x·r, t = ∂L/∂y · w::
+
+        ∂L/∂x = r · (t − u·(x·r) − u·(s·r)),   u = r · Σ_j t_j x_j / d,   s = Σ x
+        ∂L/∂w = Σ_rows ∂L/∂y · ŷ,   ∂L/∂b = Σ_rows ∂L/∂y
+
+    (∂r/∂x_j = −r³(x_j + s)/d). Every intermediate is O(1) for any input scale (r·x, r·s, r·Σtx),
+    so an input at 1e30 neither overflows nor underflows in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, eps, sd):  # type: ignore[override]
+        xf = x2.to(sd)
+        s = xf.sum(-1, keepdim=True)
+        q = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_()
+        r = _rstd(xf, s, q, eps)
+        y = xf * r
+        if weight is not None:
+            y.mul_(weight.to(sd))
+        if bias is not None:
+            y.add_(bias.to(sd))
+        ctx.cfg = (eps, sd)
+        ctx.save_for_backward(x2, weight, bias, r, s)
+        return y.to(x2.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x2, weight, bias, r, s = ctx.saved_tensors
+        eps, sd = ctx.cfg
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formula
+            grads = replay_grads(lambda x, w, b: _crms_math(x, w, b, eps, sd), (x2, weight, bias), needs[:3], gy)
+            return (*grads, None, None)
+        d = x2.shape[-1] + 1
+        xf, g = x2.to(sd), gy.to(sd)
+        gw = None
+        if weight is not None and needs[1]:
+            gw = torch.mv(torch.mul(g, xf).t(), r.reshape(-1)).to(weight.dtype)
+        gb = g.sum(0).to(bias.dtype) if bias is not None and needs[2] else None
+        if not needs[0]:
+            return None, gw, gb, None, None
+        t = g if weight is None else g * weight.to(sd)
+        u = torch.matmul(t.unsqueeze(-2), xf.unsqueeze(-1)).reshape(r.shape).mul_(r).div_(d)
+        dx = torch.addcmul(t, xf, u * r, value=-1.0) if t is g else t.addcmul_(xf, u * r, value=-1.0)
+        dx = dx.sub_(u * (s * r)).mul_(r)
+        return dx.to(x2.dtype), gw, gb, None, None
 
 
 def crms_norm(
@@ -73,8 +149,12 @@ def crms_norm(
     check_param(weight, x.shape[-1], "weight", "crms_norm")
     check_param(bias, x.shape[-1], "bias", "crms_norm")
     sd = accumulation_dtype(x.dtype, stats_dtype)
-    fn = B.executor(B.resolve(backend, x, "crms_norm"), _crms_math, ("crms_norm", weight is None, bias is None, eps, sd))
-    return fn(x, weight, bias, eps, sd)
+    impl = B.resolve(backend, x, "crms_norm")
+    if impl in ("compiled", "inductor") or torch.compiler.is_compiling() or x.numel() == 0:
+        fn = B.executor(impl, _crms_math, ("crms_norm", weight is None, bias is None, eps, sd))
+        return fn(x, weight, bias, eps, sd)
+    y = _CRMSNormFn.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, eps, sd)
+    return y.view(x.shape)
 
 
 def compress_zero_mean(x: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional._core import check_momentum, snapshot
+from normkit.functional.layer_norm import layer_norm
 from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
 from normkit.nn._base import check_module_args, options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
@@ -114,19 +115,27 @@ class RepBN(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return self._forward(x, mask)
 
-    def _forward(self, x: Tensor, mask: Tensor | None, commit: Tensor | None = None) -> Tensor:
-        """``commit`` (bool 0-dim tensor): in training, apply the running-statistics update only if True."""
+    def _forward(
+        self, x: Tensor, mask: Tensor | None, commit: Tensor | None = None, scale: Tensor | None = None
+    ) -> Tensor:
+        """``commit`` (bool 0-dim tensor): in training, apply the running-statistics update only if True.
+        ``scale`` (0-dim): return ``scale · RepBN(x)``, folded into γ, β and α (C-sized products)."""
         bn = self.bn
         rm, rv = bn.running_mean, bn.running_var
         if self.training and commit is not None:
             rm, rv = rm.clone(), rv.clone()
+        weight, bias, alpha = bn.weight, bn.bias, self.alpha
+        if scale is not None:
+            weight, bias, alpha = (
+                scale_param(weight, scale, self.num_features, x), scale_param(bias, scale, None, x), alpha * scale
+            )
         y = rep_batch_norm(
             x,
             rm,
             rv,
-            bn.weight,
-            bn.bias,
-            self.alpha,
+            weight,
+            bias,
+            alpha,
             self.training,
             bn.momentum,
             bn.eps,
@@ -161,6 +170,13 @@ class RepBN(nn.Module):
             + (", zero_init=True" if self.zero_init else "")
             + options_repr(self.bn)
         )
+
+
+def scale_param(p: Tensor | None, scale: Tensor, ones: int | None, like: Tensor) -> Tensor | None:
+    """``scale · p`` in ``p``'s dtype; a missing weight (``ones`` = its size) is 1, a missing bias stays None."""
+    if p is None:
+        return None if ones is None else scale.to(like.dtype).expand(ones)
+    return scale.to(p.dtype) * p
 
 
 @torch.no_grad()
@@ -312,7 +328,10 @@ class PRepBN(nn.Module):
         if not self.training:
             if not self.eval_mix:
                 return self.norm2(x, mask)
-            return prepbn_mix(self.norm1(x), self.norm2(x, mask), self.current_lambda(acc))
+            lam = self.current_lambda(acc)
+            if torch.compiler.is_compiling():
+                return prepbn_mix(self.norm1(x), self.norm2(x, mask), lam)
+            return self._mix(x, mask, lam)
         if torch.compiler.is_compiling():
             # branch-free: both norms run; RepBN commits its running statistics only after warm-up.
             # λ is read from a snapshot of the counters: see snapshot (torch.compile recompute bug)
@@ -327,7 +346,26 @@ class PRepBN(nn.Module):
             return self.norm1(x)
         lam = self.current_lambda(acc)
         prepbn_advance_(self.warm, self.iter, self.num_step, self.accumulation_steps)
-        return prepbn_mix(self.norm1(x), self.norm2(x, mask), lam)
+        return self._mix(x, mask, lam)
+
+    def _mix(self, x: Tensor, mask: Tensor | None, lam: Tensor) -> Tensor:
+        """``λ·LN(x) + (1 − λ)·RepBN(x)`` in eager code with each weight folded into its branch's affine.
+
+        ``λ·LN(x)`` is LayerNorm with γ, β scaled by λ and ``(1 − λ)·RepBN(x)`` RepBN with γ, β, α
+        scaled by 1 − λ (C-sized products: same values and gradients as the mix, one add instead of
+        four input-sized products and two selections). At λ = 0 the LN branch is exactly 0 except in
+        a NaN/inf token, which RepBN's batch statistics make NaN everywhere anyway. At λ = 1 (one
+        call, right after warm-up with ``r0 = 1``) RepBN with γ = 0 would still spread one NaN token's
+        batch statistics to every token, so that call keeps :func:`prepbn_mix` (LN alone).
+        """
+        if float(lam) == 1.0:  # one host read per call (the eager schedule reads warm already)
+            return prepbn_mix(self.norm1(x), self.norm2(x, mask), lam)
+        ln = self.norm1
+        ln_out = layer_norm(
+            x, ln.normalized_shape, scale_param(ln.weight, lam, self.num_features, x), scale_param(ln.bias, lam, None, x),
+            ln.eps, weight_offset=float(lam) * ln.weight_offset, stats_dtype=ln.stats_dtype, backend=ln.backend,
+        )
+        return ln_out + self.norm2._forward(x, mask, scale=1 - lam)
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, warm={int(self.warm)}, iter={int(self.iter)}, total_step={int(self.total_step)}, r0={self.r0}"
