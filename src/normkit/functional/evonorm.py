@@ -4,6 +4,11 @@ Liu, Brock, Simonyan & Le, "Evolving Normalization-Activation Layers", 2020, arX
 The math follows the official TensorFlow code (``tensorflow/tpu``,
 ``models/official/resnet/resnet_model.py``: ``evonorm``, ``_batch_std``, ``_instance_std``,
 ``_group_std``); the module docstrings in :mod:`normkit.nn.evonorm` list the differences to timm.
+
+Default path (:mod:`normkit.functional._closed_form`): one autograd function per layer whose
+forward takes its statistics from the engine (``normalize_view``: normkit's C++ segment kernel on
+CPU, overflow-safe, whose fresh output buffer is then overwritten in place) and whose closed-form
+backward saves only x plus O(N·C) statistics. ``backend="eager"`` runs the plain formulas below.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.functional._core import channel_view, check_channels_first, check_eps, check_momentum, check_param, trailing_numel
-from normkit.stats import Reducer, accumulation_dtype, moments
-
-
-def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    if weight is not None:
-        y = y * channel_view(weight, y).to(y.dtype)
-    if bias is not None:
-        y = y + channel_view(bias, y).to(y.dtype)
-    return y
+from normkit.functional._closed_form import affine, combine_, differentiable_grads, nc_dot, nc_sum, param_grad, route
+from normkit.functional._core import (
+    channel_view,
+    check_channels_first,
+    check_eps,
+    check_momentum,
+    check_param,
+    normalize_view,
+    trailing_numel,
+)
+from normkit.kernels.canonical import safe_rstd
+from normkit.stats import Reducer, accumulation_dtype, moments, reduced_moments
 
 
 def _b0_math(
@@ -34,18 +41,129 @@ def _b0_math(
     eps: float,
     stats_dtype: torch.dtype | None,
     reducer: Reducer | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The plain formula; returns ``(y, Var_B, count)`` (count: the global one with a reducer)."""
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xf = x.to(sd)
     spatial = tuple(range(2, x.dim()))
+    batch = (0, *spatial)
     if training:  # gradients flow through the batch variance (as in TF); synchronized with a reducer
-        var_b = moments(xf, (0, *spatial), reducer=reducer).var
+        # sums about a shift of 0, common to every process: (n, Σx, Σx²) in one collective
+        mean_b, var_b, count = reduced_moments(xf, batch, reducer=reducer, shift=xf.new_zeros(x.shape[1]))
+        r_b = safe_rstd(xf, batch, var_b, eps, mean=mean_b, reducer=reducer)
     else:
-        var_b = channel_view(running_var, xf).to(sd)
-    left = torch.sqrt(var_b + eps)
-    right = channel_view(v, xf).to(sd) * xf + torch.sqrt(moments(xf, spatial).var + eps)
-    y = _affine(xf / torch.maximum(left, right), weight, bias)
-    return y.to(x.dtype), var_b
+        var_b, count = channel_view(running_var, xf).to(sd), xf.new_ones(())
+        r_b = torch.rsqrt(var_b + eps)
+    mean_i, var_i = moments(xf, spatial)
+    # s = 1/r: right where the variance overflowed (|x| past ~1.8e19 in float32)
+    left = r_b.reciprocal()
+    right = channel_view(v, xf).to(sd) * xf + safe_rstd(xf, spatial, var_i, eps, mean=mean_i).reciprocal()
+    y = affine(xf / torch.maximum(left, right), weight, bias)
+    return y.to(x.dtype), var_b, count.reshape(-1)[:1]
+
+
+def _b0_plain(x: Tensor, w: Tensor | None, b: Tensor | None, v: Tensor, running_var: Tensor | None,
+              training: bool, eps: float) -> Tensor:
+    return _b0_math(x, running_var, w, b, v, training, eps, None)[0]
+
+
+class _B0Fn(torch.autograd.Function):
+    """EvoNorm-B0 with a closed-form backward (saves x plus O(N·C) statistics).
+
+    With s_I = sqrt(Var_I + eps) per (n, c), a = sqrt(Var_B + eps) per c, den = max(a, v·x + s_I),
+    u = x/den, m = [v·x + s_I > a] (ties go to a, as TF's ``tf.maximum(left, right)``),
+    T = g/den and W = m·T·u::
+
+        ∂L/∂x = γ·T − γ·v·W + (x − μ_I)·P + (x − μ_B)·Q
+        P     = −γ·Σ_L W / (L·s_I)                              (through s_I)
+        Q     = −γ·Σ_{N,L} (1 − m)·T·u / (N·L·a)                (through a; training only)
+        ∂L/∂v = −γ·Σ_{N,L} W·x,   ∂L/∂γ = Σ_{N,L} g·u,   ∂L/∂β = Σ_{N,L} g
+
+    Var_B comes from the per-(n, c) moments by the law of total variance (exact, float64 on
+    O(N·C) values), so the forward reads x once for its statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, running_var, weight, bias, v, training, eps, backend):  # noqa: ANN001, ANN205
+        n, c = x.shape[:2]
+        length = trailing_numel(x)
+        x4 = x.reshape(n, c, 1, length)
+        y4, mean_i, var_i = normalize_view(x4, None, None, (2, 3), center=True, eps=eps, backend=backend)
+        s_i = safe_rstd(x4, (2, 3), var_i, eps, mean=mean_i).reciprocal()  # (N, C, 1, 1)
+        if training:
+            s64, mu64 = s_i.double(), mean_i.double()
+            vi64 = torch.where(torch.isfinite(var_i), var_i.double(), s64.square() - eps)
+            mu_b = mu64.mean(0, keepdim=True)
+            var_b64 = vi64.mean(0, keepdim=True) + (mu64 - mu_b).square().mean(0, keepdim=True)
+            a = (var_b64 + eps).sqrt().to(x.dtype)
+            var_b = var_b64.to(x.dtype)
+        else:
+            var_b = running_var.detach().to(x.dtype).reshape(1, c, 1, 1).clone()  # saved: the buffer may change
+            a = (var_b + eps).sqrt()
+            mu_b = None
+        v4 = v.to(x.dtype).reshape(1, c, 1, 1)
+        torch.addcmul(s_i, x4, v4, out=y4)  # v·x + s_I: the engine's output buffer reused
+        torch.maximum(y4, a, out=y4)
+        torch.div(x4, y4, out=y4)
+        if weight is not None:
+            y4.mul_(weight.to(x.dtype).reshape(1, c, 1, 1))
+        if bias is not None:
+            y4.add_(bias.to(x.dtype).reshape(1, c, 1, 1))
+        ctx.save_for_backward(x, None if training else var_b, weight, bias, v, s_i, a, mean_i, mu_b)
+        ctx.cfg = (bool(training), eps)
+        ctx.mark_non_differentiable(var_b)
+        return y4.reshape(x.shape), var_b
+
+    @staticmethod
+    def backward(ctx, gy, _gvar):  # noqa: ANN001, ANN205
+        x, var_run, weight, bias, v, s_i, a, mean_i, mu_b = ctx.saved_tensors
+        training, eps = ctx.cfg
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
+            dx, dw, db, dv = differentiable_grads(
+                lambda x, w, b, v: _b0_plain(x, w, b, v, var_run, training, eps),
+                (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
+            )
+            return dx, None, dw, db, dv, None, None, None
+        n, c = x.shape[:2]
+        length = trailing_numel(x)
+        dt = x.dtype
+        x4 = x.reshape(n, c, 1, length)
+        g4 = gy.contiguous().reshape(n, c, 1, length)
+        v4 = v.to(dt).reshape(1, c, 1, 1)
+        d = torch.addcmul(s_i, x4, v4)  # v·x + s_I
+        m = d > a
+        torch.maximum(d, a, out=d)  # den
+        t = g4 / d  # T = g/den
+        torch.div(x4, d, out=d)  # u = x/den
+        e1 = nc_dot(g4, d) if weight is not None and need[2] else None  # Σ_L g·u
+        d.mul_(t)  # T·u
+        h_all = nc_sum(d).double() if training else None
+        d.mul_(m)  # W = m·T·u
+        h_m = nc_sum(d).double()
+        ev = nc_dot(d, x4).double() if need[4] else None
+        gam = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.double().reshape(1, c)
+        s64 = s_i.double().reshape(n, c)
+        # coefficients ×s_I (so every product below is O(1) at input scales of 1e±30), float64
+        p_s = -gam * h_m / length  # P·s_I
+        c_x, const = p_s, -mean_i.double().reshape(n, c) * p_s
+        if training:
+            a64 = a.double().reshape(1, c)
+            q = -gam * (h_all - h_m).sum(0, keepdim=True) / (n * length * a64)
+            c_x = c_x + q * s64
+            const = const - mu_b.double().reshape(1, c) * q * s64
+        dx = None
+        if need[0]:
+            shape = (n, c, 1, 1)
+            dx = combine_(
+                t, (gam * s64).reshape(shape), [(d, (-gam * v.double().reshape(1, c) * s64).reshape(shape)),
+                                                (x4, c_x.reshape(shape))],
+                const.reshape(shape), s64.reciprocal().reshape(shape),
+            ).reshape(x.shape)
+        dw = param_grad(None if e1 is None else e1.sum(0), weight, need[2])
+        db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
+        dv = param_grad(None if ev is None else -gam.reshape(c) * ev.sum(0), v, need[4])
+        return dx, None, dw, db, dv, None, None, None
 
 
 def evonorm_b0(
@@ -82,15 +200,21 @@ def evonorm_b0(
     just ``y = x·γ + β`` (``v`` and ``running_var`` are unused and not updated).
 
     ``reducer`` (training only) makes ``Var_B`` the variance of the whole distributed batch
-    (:mod:`normkit.sync`; the exact two-pass form, two collectives: B0 keeps no running mean to
-    shift the sums by); ``Var_I`` is per sample and stays local.
+    (:mod:`normkit.sync`): the sums (n, Σx, Σx²) go in **one** packed collective. B0 keeps no
+    running mean, so the sums are taken about 0 (the one shift every process shares without
+    communicating): ``E[x²] − E[x]²`` then loses ``log10(μ²/σ²)`` digits to cancellation, which
+    the exact two-pass form (two collectives) did not. ``Var_I`` is per sample and stays local.
+
+    Default path: :class:`_B0Fn` (closed-form backward, saves x plus O(N·C) statistics; at a tie
+    ``s_B = v·x + s_I`` the gradient goes to s_B, as TF's ``tf.maximum(left, right)``; the
+    ``"eager"`` formula uses torch's ``maximum``, which splits it).
     """
     eps = check_eps(eps)
     c = check_channels_first(x, None if running_var is None else running_var.numel(), "evonorm_b0")
     check_param(weight, c, "weight", "evonorm_b0")
     check_param(bias, c, "bias", "evonorm_b0")
     if not apply_act:
-        return _affine(x, weight, bias)
+        return affine(x, weight, bias)
     if x.dim() < 3:
         raise ValueError(f"evonorm_b0 expects (N, C, *spatial) input with at least 3 dims, got shape {tuple(x.shape)}")
     if v is None:
@@ -102,14 +226,18 @@ def evonorm_b0(
     if training and x.numel() // c <= 1 and reducer is None:
         raise ValueError(f"evonorm_b0: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     n = x.numel() // c
+    training = bool(training)
     if reducer is not None and training:
-        y, var_b = _b0_math(x, running_var, weight, bias, v, True, eps, stats_dtype, reducer)
-        if unbiased_running_var:  # the global count: one more (tiny) sum, only for timm's convention
-            n = reducer(torch.tensor([float(n)], dtype=var_b.dtype, device=x.device))
+        y, var_b, count = _b0_math(x, running_var, weight, bias, v, True, eps, stats_dtype, reducer)
+        n = count  # the global count, from the same collective
     else:
-        impl = _backend.resolve(backend, x, "evonorm")
-        key = ("b0", bool(training), eps, stats_dtype, x.dtype, weight is not None, bias is not None)
-        y, var_b = _backend.executor(impl, _b0_math, key)(x, running_var, weight, bias, v, bool(training), eps, stats_dtype)
+        impl = route(backend, x, "evonorm", stats_dtype)
+        if impl == "fast" and (running_var is None or not running_var.requires_grad):
+            y, var_b = _B0Fn.apply(x, running_var, weight, bias, v, training, eps, backend)
+        else:
+            impl = "eager" if impl == "fast" else impl
+            key = ("b0", training, eps, stats_dtype, x.dtype, weight is not None, bias is not None)
+            y, var_b, _ = _backend.executor(impl, _b0_math, key)(x, running_var, weight, bias, v, training, eps, stats_dtype)
     if training and running_var is not None:
         with torch.no_grad():
             new = var_b.detach().reshape(c)
@@ -132,10 +260,80 @@ def _s0_math(
     xf = x.to(sd)
     n, c = x.shape[:2]
     xg = xf.reshape(n, num_groups, c // num_groups, trailing_numel(x))
-    std = torch.sqrt(moments(xg, (2, 3)).var + eps)
-    den = std.expand(xg.shape).reshape(x.shape)
-    y = xf * torch.sigmoid(channel_view(v, xf).to(sd) * xf) / den
-    return _affine(y, weight, bias).to(x.dtype)
+    mean, var = moments(xg, (2, 3))
+    r = safe_rstd(xg, (2, 3), var, eps, mean=mean)  # right where the variance overflowed
+    rc = r.expand(n, num_groups, c // num_groups, 1).reshape((n, c) + (1,) * (x.dim() - 2))
+    y = xf * torch.sigmoid(channel_view(v, xf).to(sd) * xf) * rc
+    return affine(y, weight, bias).to(x.dtype)
+
+
+class _S0Fn(torch.autograd.Function):
+    """EvoNorm-S0 with a closed-form backward (saves x plus O(N·G) statistics).
+
+    With z = v·x, s = σ(z), f = x·s, r = 1/sqrt(Var_G + eps) per (n, group), M = (C/G)·L::
+
+        A_nc  = Σ_L g·f,   K_ng = Σ_{c∈g} γ_c·A_nc
+        ∂L/∂x = γ·r·silu'(z)·g − r³·(x − μ_G)·K/M        (silu'(z) = s·(1 + z·(1 − s)) = d f/d x)
+        ∂L/∂v = Σ_N γ·r·Σ_L g·x²·s·(1 − s),   ∂L/∂γ = Σ_N r·A,   ∂L/∂β = Σ_{N,L} g
+    """
+
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, v, eps, backend):  # noqa: ANN001, ANN205
+        n, c = x.shape[:2]
+        length = trailing_numel(x)
+        x4 = x.reshape(n, groups, c // groups, length)
+        y4, mean, var = normalize_view(x4, None, None, (2, 3), center=True, eps=eps, backend=backend)
+        r = safe_rstd(x4, (2, 3), var, eps, mean=mean)  # (N, G, 1, 1)
+        scale = r if weight is None else r * weight.to(x.dtype).reshape(1, groups, c // groups, 1)
+        torch.mul(x4, v.to(x.dtype).reshape(1, groups, c // groups, 1), out=y4)  # the engine's buffer reused
+        y4.sigmoid_().mul_(x4)
+        if bias is None:
+            y4.mul_(scale)
+        else:
+            torch.addcmul(bias.to(x.dtype).reshape(1, groups, c // groups, 1), y4, scale, out=y4)
+        ctx.save_for_backward(x, weight, bias, v, r, mean)
+        ctx.cfg = (groups, eps)
+        return y4.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, weight, bias, v, r, mean = ctx.saved_tensors
+        groups, eps = ctx.cfg
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
+            dx, dw, db, dv = differentiable_grads(
+                lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
+                (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
+            )
+            return dx, None, dw, db, dv, None, None
+        n, c = x.shape[:2]
+        cg = c // groups
+        length = trailing_numel(x)
+        dt = x.dtype
+        g4 = gy.contiguous().reshape(n, c, 1, length)
+        x4 = x.reshape(n, c, 1, length)
+        z = x4 * v.to(dt).reshape(1, c, 1, 1)
+        dx = torch.ops.aten.silu_backward(g4, z) if need[0] else None  # g·silu'(z)
+        s = z.sigmoid_()
+        gx = g4 * x4
+        a = nc_dot(gx, s).double()  # A_nc = Σ_L g·x·s
+        ev = None
+        if need[4]:
+            torch.ops.aten.sigmoid_backward(gx, s, grad_input=s)  # g·x·s·(1 − s)
+            ev = nc_dot(s, x4).double()
+        gam = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.double().reshape(1, c)
+        r64 = r.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c)
+        if need[0]:
+            k = (gam * a).reshape(n, groups, cg).sum(2, keepdim=True).expand(n, groups, cg).reshape(n, c)
+            c_x = -r64.square() * k / (cg * length)  # (r³K/M)/r: O(1)·x at any input scale
+            const = -mean.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c) * c_x
+            shape = (n, c, 1, 1)
+            dx = combine_(dx, gam.expand(n, c).reshape(shape), [(x4, c_x.reshape(shape))],
+                          const.reshape(shape), r64.reshape(shape)).reshape(x.shape)
+        dw = param_grad((r64 * a).sum(0), weight, need[2])
+        db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
+        dv = param_grad(None if ev is None else (gam * r64 * ev).sum(0), v, need[4])
+        return dx, None, dw, db, dv, None, None
 
 
 def evonorm_s0(
@@ -160,6 +358,9 @@ def evonorm_s0(
     ``num_groups`` must divide C here (the module :class:`normkit.nn.evonorm.EvoNormS0` applies
     TF's rule of lowering the default of 32 until it divides C). ``apply_act=False`` is the
     official ``nonlinearity=False``: **no normalization**, ``y = x·γ + β``. Train and eval agree.
+
+    Default path: :class:`_S0Fn` (group statistics from the engine's GroupNorm kernel,
+    closed-form backward, saves x plus O(N·G) statistics).
     """
     eps = check_eps(eps)
     c = check_channels_first(x, None, "evonorm_s0")
@@ -168,10 +369,12 @@ def evonorm_s0(
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or c % num_groups:
         raise ValueError(f"evonorm_s0: num_groups={num_groups!r} must be a positive divisor of the {c} channels")
     if not apply_act:
-        return _affine(x, weight, bias)
+        return affine(x, weight, bias)
     if v is None:
         raise ValueError("evonorm_s0 with apply_act=True needs the per-channel parameter v")
     check_param(v, c, "v", "evonorm_s0")
-    impl = _backend.resolve(backend, x, "evonorm")
+    impl = route(backend, x, "evonorm", stats_dtype)
+    if impl == "fast":
+        return _S0Fn.apply(x, num_groups, weight, bias, v, eps, backend)
     key = ("s0", num_groups, eps, stats_dtype, x.dtype, weight is not None, bias is not None)
     return _backend.executor(impl, _s0_math, key)(x, num_groups, weight, bias, v, eps, stats_dtype)
