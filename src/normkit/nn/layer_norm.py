@@ -49,6 +49,15 @@ def _plain(self: nn.Module) -> bool:
     return not self.weight_offset and self.stats_dtype is None and self.reduction_dims is None
 
 
+def _forward_add(self: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """Fused pre-norm step: ``(norm(x + residual), x + residual)`` (LayerNorm or RMSNorm, by class)."""
+    return F.add_norm(
+        x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+        norm="rmsnorm" if isinstance(self, nn.RMSNorm) else "layernorm",
+        weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend,
+    )
+
+
 def _offset_init(module: nn.Module) -> None:
     # with a zero-centred (Gemma-style) weight the effective scale offset + w starts at 1
     offset = getattr(module, "weight_offset", 0.0)
@@ -169,12 +178,7 @@ class LayerNorm(nn.LayerNorm):
             weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
         )
 
-    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """Fused pre-norm step: ``(norm(x + residual), x + residual)``."""
-        return F.add_norm(
-            x, residual, self.normalized_shape, self.weight, self.bias, self.eps, norm="layernorm",
-            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend,
-        )
+    forward_add = _forward_add
 
     def extra_repr(self) -> str:
         return super().extra_repr() + options_repr(self, weight_offset=self.weight_offset, reduction_dims=self.reduction_dims)
@@ -268,12 +272,7 @@ class RMSNorm(nn.RMSNorm):
             weight_offset=self.weight_offset, mask=mask, stats_dtype=self.stats_dtype, backend=self.backend,
         )
 
-    def forward_add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """Fused pre-norm step: ``(norm(x + residual), x + residual)``."""
-        return F.add_norm(
-            x, residual, self.normalized_shape, self.weight, self.bias, self.eps, norm="rmsnorm",
-            weight_offset=self.weight_offset, stats_dtype=self.stats_dtype, backend=self.backend,
-        )
+    forward_add = _forward_add
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", bias=True" if self.bias is not None else "") + options_repr(
