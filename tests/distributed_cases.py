@@ -49,6 +49,10 @@ def _loan(n: int, g: torch.Generator) -> dict[str, Tensor]:
     return {"x": torch.randn(n, 4, 3, 3, generator=g, dtype=DT), "cond": torch.randn(n, 3, 3, 3, generator=g, dtype=DT)}
 
 
+def _gdwct(n: int, g: torch.Generator) -> dict[str, Tensor]:
+    return {"x": torch.randn(n, 4, 3, 3, generator=g, dtype=DT) * 2 + 1.5, "style": torch.randn(n, 4, generator=g, dtype=DT)}
+
+
 def cases() -> list[tuple[str, Callable[[Any], nn.Module], Callable[[int, torch.Generator], dict[str, Tensor]]]]:
     """(name, build(process_group), inputs(n, generator)); inputs' tensors all have the batch at dim 0."""
     import normkit as nk
@@ -77,6 +81,7 @@ def cases() -> list[tuple[str, Callable[[Any], nn.Module], Callable[[int, torch.
         ("RegionNormB", lambda pg: nk.RegionNormB(4, process_group=pg, dtype=DT),
          lambda n, g: {**_img(n, g), "mask": (torch.rand(n, 1, 3, 3, generator=g) > 0.5).to(DT)}),
         ("RegionNormL", lambda pg: nk.RegionNormL(4, process_group=pg, dtype=DT), _img),
+        ("GDWCT", lambda pg: nk.GDWCT(4, num_groups=2, mlp_dim=8, process_group=pg, dtype=DT), _gdwct),
     ]
 
 

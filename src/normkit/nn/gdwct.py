@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from normkit.functional._core import trailing_numel
 from normkit.functional.gdwct import coloring_regularizer, gdwct, whitening_regularizer
-from normkit.nn._base import check_module_args, describe, largest_group_count
+from normkit.nn._base import check_module_args, describe, largest_group_count, options_repr, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
+from normkit.sync import ProcessGroupLike
 
 GDWCT_PAPER = Paper(
     "Image-to-Image Translation via Group-wise Deep Whitening-and-Coloring Transformation",
@@ -96,6 +97,14 @@ class GDWCT(nn.Module):
             only centring — not the paper's method; see :func:`normkit.functional.gdwct.group_whitening`.
         per_sample: per-sample instead of batch statistics (not official).
         paper_exact_coloring_loss: :meth:`coloring_loss` uses the paper's ``mean|UᵀU − I|``.
+        process_group: in training, the batch mean (and, with ``return_losses``, the covariance) over
+            every process (:mod:`normkit.sync`; one packed collective per call). The statistics are
+            batch-dependent (over N·H·W, as the official code), so without it each process centres
+            with its own slice of the batch. Ignored with ``per_sample``.
+
+    Speed: the layer runs as one affine map per group (one mean pass and one batched product, see
+    :func:`normkit.functional.gdwct.gdwct`); the covariance (a centred copy and a Gram product) is
+    only computed with ``return_losses=True``.
     """
 
     def __init__(
@@ -110,11 +119,13 @@ class GDWCT(nn.Module):
         exact_whitening: bool = False,
         per_sample: bool = False,
         paper_exact_coloring_loss: bool = False,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_module_args(eps, None)
+        set_options(self, process_group=process_group)
         c = int(num_features)
         sd = c if style_dim is None else int(style_dim)
         if (
@@ -175,7 +186,10 @@ class GDWCT(nn.Module):
             shape = describe(style)
             raise ValueError(f"GDWCT expects a style code of shape (N={n}, {sd}) or (N, {sd}, 1, 1), got {shape}")
         s, mu = self.style_parameters(style)
-        y, cov, u = gdwct(x, s, mu, self.alpha, self.num_groups, self.eps, exact=self.exact_whitening, per_sample=self.per_sample)
+        y, cov, u = gdwct(
+            x, s, mu, self.alpha, self.num_groups, self.eps, exact=self.exact_whitening, per_sample=self.per_sample,
+            with_cov=return_losses, reducer=None if self.per_sample else sync_reducer(self),
+        )
         if not return_losses:
             return y
         return y, self.whitening_loss(cov), self.coloring_loss(u)
@@ -195,4 +209,4 @@ class GDWCT(nn.Module):
         for name in ("exact_whitening", "per_sample", "paper_exact_coloring_loss"):
             if getattr(self, name):
                 s += f", {name}=True"
-        return s
+        return s + options_repr(self)
