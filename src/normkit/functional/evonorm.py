@@ -48,8 +48,10 @@ def _b0_math(
     spatial = tuple(range(2, x.dim()))
     batch = (0, *spatial)
     if training:  # gradients flow through the batch variance (as in TF); synchronized with a reducer
-        # sums about a shift of 0, common to every process: (n, Σx, Σx²) in one collective
-        mean_b, var_b, count = reduced_moments(xf, batch, reducer=reducer, shift=xf.new_zeros(x.shape[1]))
+        if reducer is None:
+            (mean_b, var_b), count = moments(xf, batch), xf.new_full((1,), x.numel() // x.shape[1])
+        else:  # sums about a shift of 0, common to every process: (n, Σx, Σx²) in one collective
+            mean_b, var_b, count = reduced_moments(xf, batch, reducer=reducer, shift=xf.new_zeros(x.shape[1]))
         r_b = safe_rstd(xf, batch, var_b, eps, mean=mean_b, reducer=reducer)
     else:
         var_b, count = channel_view(running_var, xf).to(sd), xf.new_ones(())

@@ -24,10 +24,22 @@ CONVNEXT_V2 = Paper(
 )
 
 
-def _check_features(cls: str, num_features: int) -> int:
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
-        raise ValueError(f"{cls}: num_features must be a positive int, got {num_features!r}")
-    return num_features
+class _ResponseNorm(nn.Module):
+    """What FRN and GRN share: validated ``num_features`` and ``eps``, the options, and per-channel
+    ``weight`` (γ) / ``bias`` (β) shaped (C,) (initialised by the subclass's ``reset_parameters``)."""
+
+    def __init__(
+        self, num_features: int, eps: float, stats_dtype: torch.dtype | None, backend: str | None,
+        device: torch.device | str | None, dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
 
 
 @register_norm(
@@ -40,7 +52,7 @@ def _check_features(cls: str, num_features: int) -> int:
     description="x / sqrt(mean_HW x² + ε) · γ + β, then TLU max(y, τ): per-sample, per-channel, no centering",
     aliases=("filter_response_norm", "frn_tlu"),
 )
-class FilterResponseNorm(nn.Module):
+class FilterResponseNorm(_ResponseNorm):
     """Filter Response Normalization + TLU (Singh & Krishnan, 2019/CVPR 2020, arXiv:1911.09737).
 
     ::
@@ -75,15 +87,10 @@ class FilterResponseNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
+        super().__init__(num_features, eps, stats_dtype, backend, device, dtype)
         kw = {"device": device, "dtype": dtype}
-        self.num_features = _check_features("FilterResponseNorm", num_features)
         self.apply_act = bool(apply_act)
-        self.eps = float(eps)
         self.learned_eps_init = float(learned_eps_init)
-        self.weight = nn.Parameter(torch.empty(num_features, **kw))
-        self.bias = nn.Parameter(torch.empty(num_features, **kw))
         self.tau = nn.Parameter(torch.empty(num_features, **kw)) if apply_act else None
         self.learned_eps = nn.Parameter(torch.empty(1, **kw)) if learnable_eps else None
         self.reset_parameters()
@@ -126,7 +133,7 @@ class FilterResponseNorm(nn.Module):
     description="ConvNeXt-V2 Global Response Norm: x + γ·x·(‖x‖_HW / mean_C ‖x‖_HW) + β",
     aliases=("global_response_norm",),
 )
-class GlobalResponseNorm(nn.Module):
+class GlobalResponseNorm(_ResponseNorm):
     """Global Response Normalization (Woo et al., ConvNeXt V2, 2023, arXiv:2301.00808).
 
     ::
@@ -157,14 +164,8 @@ class GlobalResponseNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        set_options(self, eps, stats_dtype=stats_dtype, backend=backend)
-        kw = {"device": device, "dtype": dtype}
-        self.num_features = _check_features("GlobalResponseNorm", num_features)
-        self.eps = float(eps)
+        super().__init__(num_features, eps, stats_dtype, backend, device, dtype)
         self.channels_last = bool(channels_last)
-        self.weight = nn.Parameter(torch.empty(num_features, **kw))
-        self.bias = nn.Parameter(torch.empty(num_features, **kw))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
