@@ -8,12 +8,16 @@ Transformers", ICML 2020, arXiv:2003.07845. Official code: ``sIncerass/powernorm
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
 
 from normkit._compat import MISSING, renamed_argument
 from normkit.functional._core import check_eps, check_float, check_param, snapshot
+from normkit.functional.normalize import normalize
+from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype, mean_square
 from normkit.sync import reduce_packed
 
@@ -83,23 +87,45 @@ def _eval_affine(xs: Tensor, running: Tensor, weight: Tensor | None, bias: Tenso
     return y.to(out)
 
 
-def _affine_forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
-    """Shared forward of the approximate-backward Functions: ``z = x·stats[:C]``, ``y = w·z + b``; saves (z, weight, stats)."""
-    z = x * stats[: x.shape[-1]]
-    y = z if weight is None else z * weight.to(z.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    ctx.save_for_backward(z, weight, stats)
+def _affine_forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor, saved: tuple) -> Tensor:  # type: ignore[no-untyped-def]
+    """Shared forward of the approximate-backward Functions: ``y = x·(scale·w) + b`` per channel
+    (one pass), saving ``saved`` (the input and C-sized statistics; elementwise terms are recomputed)."""
+    s = scale if weight is None else scale * weight.to(scale.dtype)
+    y = x * s if bias is None else torch.addcmul(bias.to(x.dtype), x, s)
+    ctx.save_for_backward(*saved)
     return y
 
 
-def token_mean(t: Tensor, reducer: Reducer | None) -> Tensor:
-    """``mean(t, 0)`` over the rows of a ``(rows, C)`` tensor — over every process's rows with a
-    ``reducer`` (one collective of ``(Σ_rows t, rows)``): the backward statistic of PowerNorm / UN."""
+def _affine_backward(
+    ctx, grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, gx_factor: Tensor,
+    x_factor: Callable[[Tensor], Tensor], w_factor: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # type: ignore[no-untyped-def]
+    """Shared backward of PowerNorm's and UN's approximate gradients, all of the form (per channel)::
+
+        ∂L/∂x = ∂L/∂y · gx_factor − x · x_factor(Σ_rows ∂L/∂y · x)
+        ∂L/∂w = w_factor · Σ_rows ∂L/∂y · x,      ∂L/∂b = Σ_rows ∂L/∂y
+
+    ``x_factor`` receives the column sums (the layers' gradient statistics — ``mean(ĝ·z)`` — are
+    C-sized functions of them) and may update the layer's buffers. One input-sized temporary: the
+    product ``∂L/∂y · x`` for the column sums, reused in place for ∂L/∂x.
+    """
+    grad_y = grad_y.to(x.dtype)
+    tmp = torch.mul(grad_y, x)
+    gyx = tmp.sum(0)
+    gb = grad_y.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    gw = (w_factor * gyx).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    xf = x_factor(gyx)
+    gx = torch.mul(x, -xf, out=tmp).addcmul_(grad_y, gx_factor)
+    return gx, gw, gb
+
+
+def token_sum_mean(total: Tensor, rows: int, reducer: Reducer | None) -> Tensor:
+    """``total / rows`` for a per-channel sum over ``rows`` tokens — over every process's tokens with a
+    ``reducer`` (one collective of ``(Σ, rows)``): the backward statistic of PowerNorm / UN."""
     if reducer is None:
-        return t.mean(0)
-    total, rows = reduce_packed([t.sum(0), t.new_full((1,), t.shape[0])], reducer)
-    return total / rows
+        return total / rows
+    total, n = reduce_packed([total, total.new_full((1,), rows)], reducer)
+    return total / n
 
 
 def group_scaling(x: Tensor, num_groups: int = MISSING, eps: float = 1e-5, *, group_num: int = MISSING) -> Tensor:
@@ -114,37 +140,44 @@ def group_scaling(x: Tensor, num_groups: int = MISSING, eps: float = 1e-5, *, gr
     c = x.shape[-1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
         raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of the {c} channels")
+    # the statistics engine's RMS over each group (one pass; closed-form exact backward that saves x and
+    # one number per token-group; its statistics stay right where x² overflows float32)
     xg = x.reshape(*x.shape[:-1], num_groups, c // num_groups)
-    ms = mean_square(xg, -1)
-    return (xg.to(ms.dtype) * torch.rsqrt(ms + eps)).to(x.dtype).reshape(x.shape)
+    return normalize(xg, -1, center=False, eps=eps).reshape(x.shape)
 
 
 class _PowerNormFn(Function):
-    """``y = w·x·inv_fwd + b`` with PowerNorm's approximate backward.
+    """``y = w·x·inv_fwd + b`` with PowerNorm's approximate backward; saves x and the C-sized stats.
 
-    ``stats`` = ``cat([inv_fwd, inv_bwd])`` (C each). The backward reads and updates the
+    ``stats`` = ``cat([inv_fwd, inv_bwd, Σ_rows x²])`` (C each). The backward reads and updates the
     buffer ``ema_gz`` (kept on ctx, not saved, so two forwards before one backward work):
-    ``ĝ = g − (1 − α_bkw)·ema_gz·z``, ``ema_gz += mean(ĝ·z)``, ``dx = ĝ·inv_bwd``.
+    ``ĝ = g − (1 − α_bkw)·ema_gz·z``, ``ema_gz += mean(ĝ·z)``, ``dx = ĝ·inv_bwd`` with z = x·inv_fwd,
+    g = ∂L/∂y·w. Per channel with k = (1 − α_bkw)·ema_gz and S = Σ_rows ∂L/∂y·x this is
+    ``dx = ∂L/∂y·(w·inv_bwd) − x·(k·inv_fwd·inv_bwd)``, ``mean(ĝ·z) = (w·inv_fwd·S − k·inv_fwd²·Σx²)/rows``
+    (``sq`` = Σ_rows x² over all local rows, padded ones included, from the forward).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats, ema_gz, alpha_bkw, reducer=None):  # type: ignore[override]
         ctx.ema_gz, ctx.alpha_bkw, ctx.reducer = ema_gz, alpha_bkw, reducer
-        return _affine_forward(ctx, x, weight, bias, stats)
+        c = x.shape[-1]
+        return _affine_forward(ctx, x, weight, bias, stats[:c], (x, weight, bias, stats))
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        z, weight, stats = ctx.saved_tensors
-        ema_gz = ctx.ema_gz
-        c = z.shape[-1]
-        grad_y = grad_y.to(z.dtype)
-        g = grad_y if weight is None else grad_y * weight.to(z.dtype)
-        approx = g - (1.0 - ctx.alpha_bkw) * ema_gz.to(z.dtype) * z
-        with torch.no_grad():
-            ema_gz.add_(token_mean(approx * z, ctx.reducer).to(ema_gz.dtype))
-        gx = approx * stats[c:]
-        gw = (grad_y * z).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+        x, weight, bias, stats = ctx.saved_tensors
+        ema_gz, c = ctx.ema_gz, x.shape[-1]
+        inv_f, inv_b, sq = stats[:c], stats[c : 2 * c], stats[2 * c :]
+        w = torch.ones_like(inv_f) if weight is None else weight.to(x.dtype)
+        k = (1.0 - ctx.alpha_bkw) * ema_gz.to(x.dtype)
+
+        def x_factor(gyx: Tensor) -> Tensor:
+            with torch.no_grad():
+                total = w * inv_f * gyx - k * inv_f * inv_f * sq
+                ema_gz.add_(token_sum_mean(total, x.shape[0], ctx.reducer).to(ema_gz.dtype))
+            return k * inv_f * inv_b
+
+        gx, gw, gb = _affine_backward(ctx, grad_y, x, weight, bias, w * inv_b, x_factor, inv_f)
         return gx, gw, gb, None, None, None, None
 
 
@@ -232,11 +265,15 @@ def power_norm(
     with torch.no_grad():
         t = iters + 1
         keep = None if pad_mask is None else (~pad_mask).reshape(-1, 1)
-        var = mean_square(x2d.detach(), 0, mask=keep, reducer=reducer).reshape(c)
+        xd = x2d.detach()
+        var = mean_square(xd, 0, mask=keep, reducer=reducer).reshape(c)
+        # 1/sqrt(ψ²_B + eps), right also where ψ²_B overflowed (no GroupScaling and |x| past ~1e19 in float32)
+        inv_b = safe_rstd(xd, (0,), var.reshape(1, c), eps, mask=keep, reducer=reducer).reshape(c)
         phi = running_phi.to(sd)
-        denom = torch.where(t <= warmup_iters, var, phi)
-        inv_fwd = torch.rsqrt(denom + eps)
-        stats = snapshot(inv_fwd, inv_fwd if paper_exact else torch.rsqrt(var + eps))
+        inv_fwd = torch.where(t <= warmup_iters, inv_b, torch.rsqrt(phi + eps))
+        # Σ_rows x² over every local row (the backward's mean(ĝ·z) runs over padded rows too)
+        sq = var * x2d.shape[0] if keep is None and reducer is None else xd.square().sum(0)
+        stats = snapshot(inv_fwd, inv_fwd if paper_exact else inv_b, sq)
         tf = t.to(sd)
         phi = torch.where(t < warmup_iters, phi * (tf - 1) / tf + var / tf, phi)
         running_phi.copy_((alpha_fwd * phi + (1.0 - alpha_fwd) * var).to(running_phi.dtype))

@@ -17,14 +17,16 @@ from torch.autograd import Function
 
 from normkit.functional._core import check_eps, snapshot
 from normkit.functional.power_norm import (
+    _affine_backward,
     _affine_forward,
     _check_buffer,
     _check_common,
     _check_count,
     _check_unit,
     _eval_affine,
-    token_mean,
+    token_sum_mean,
 )
+from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype, mean_square
 
 #: Gradient-compensation ratio r is clamped to [1/R_MAX, R_MAX] (official constant).
@@ -73,40 +75,44 @@ def _geometric_mean(buf: Tensor) -> Tensor:
 
 
 class _UnifiedNormFn(Function):
-    """``y = w·x·inv + b`` with UN's gradient smoothing in the backward.
+    """``y = w·x·inv + b`` with UN's gradient smoothing in the backward; saves x and the C-sized stats.
 
     ``stats`` = ``cat([inv (C), r (C), skip, window, slot_b])``: 1/sqrt(var+eps), the
     gradient-compensation ratio, the outlier/skip flag, whether the backward window mean is
     used, and the row of ``buffer_gz`` this step writes. ``ema_gz`` and ``buffer_gz`` are kept
-    on ctx (read and updated at backward time, as in the official code).
+    on ctx (read and updated at backward time, as in the official code). With z = x·inv,
+    g = ∂L/∂y·w·r and S = Σ_rows ∂L/∂y·x, per channel: ``gz = mean(g·z) = w·r·inv·S/rows`` and
+    ``dx = (g − k·z)·inv = ∂L/∂y·(w·r·inv) − x·(k·inv²)`` (k the smoothed statistic).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum, reducer=None):  # type: ignore[override]
         ctx.ema_gz, ctx.buffer_gz, ctx.momentum, ctx.reducer = ema_gz, buffer_gz, momentum, reducer
-        return _affine_forward(ctx, x, weight, bias, stats)
+        c = x.shape[-1]
+        return _affine_forward(ctx, x, weight, bias, stats[:c], (x, weight, bias, stats))
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        z, weight, stats = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         ema_gz, buffer_gz, m = ctx.ema_gz, ctx.buffer_gz, ctx.momentum
-        c = z.shape[-1]
+        c = x.shape[-1]
         inv, r = stats[:c], stats[c : 2 * c]
         skip, window, slot = stats[2 * c] > 0.5, stats[2 * c + 1] > 0.5, stats[2 * c + 2 :].long()
-        grad_y = grad_y.to(z.dtype)
-        g = grad_y * r if weight is None else grad_y * (weight.to(z.dtype) * r)
-        gz = token_mean(g * z, ctx.reducer)
-        ema_old = ema_gz.to(z.dtype)
-        buf = torch.where(_one_hot_rows(slot, buffer_gz.shape[0]), torch.where(skip, ema_old, gz), buffer_gz.to(z.dtype))
-        mean_gz = torch.where(window, buf.mean(0), gz)
-        ema_new = m * ema_old + (1.0 - m) * mean_gz
-        approx = g - torch.where(skip, mean_gz, ema_new) * z
-        with torch.no_grad():
-            buffer_gz.copy_(buf.to(buffer_gz.dtype))
-            ema_gz.copy_(ema_new.to(ema_gz.dtype))
-        gx = approx * inv
-        gw = (grad_y * (r * z)).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+        wr = r if weight is None else weight.to(x.dtype) * r
+
+        def x_factor(gyx: Tensor) -> Tensor:
+            with torch.no_grad():
+                gz = token_sum_mean(wr * inv * gyx, x.shape[0], ctx.reducer)
+                ema_old = ema_gz.to(x.dtype)
+                slot_row = _one_hot_rows(slot, buffer_gz.shape[0])
+                buf = torch.where(slot_row, torch.where(skip, ema_old, gz), buffer_gz.to(x.dtype))
+                mean_gz = torch.where(window, buf.mean(0), gz)
+                ema_new = m * ema_old + (1.0 - m) * mean_gz
+                buffer_gz.copy_(buf.to(buffer_gz.dtype))
+                ema_gz.copy_(ema_new.to(ema_gz.dtype))
+            return torch.where(skip, mean_gz, ema_new) * inv * inv
+
+        gx, gw, gb = _affine_backward(ctx, grad_y, x, weight, bias, wr * inv, x_factor, r * inv)
         return gx, gw, gb, None, None, None, None, None
 
 
@@ -222,11 +228,15 @@ def unified_norm(
         else:
             outlier = torch.zeros_like(t, dtype=torch.bool)
         skip = outlier | (wf <= 1)
-        var = torch.where((t <= wf) | (t < warmup_iters) | skip, x2, _geometric_mean(buf))
+        batch = (t <= wf) | (t < warmup_iters) | skip
+        var = torch.where(batch, x2, _geometric_mean(buf))
         ratio = torch.clamp(torch.sqrt(var + eps) / torch.sqrt(rv + eps), 1.0 / R_MAX, R_MAX)
         r = torch.where((t <= max(compensation_iters, warmup_iters)) | skip, torch.ones_like(ratio), ratio)
         window = ~((t <= wb) | (t < warmup_iters) | skip)
-        stats = snapshot(torch.rsqrt(var + eps), r, skip.to(sd), window.to(sd), (t % wb).to(sd))
+        # the batch statistic's 1/sqrt may be finite where x2 overflowed (|x| past ~1e19 in float32)
+        inv_x2 = safe_rstd(x2d.detach(), (0,), x2.reshape(1, c), eps, mask=keep, reducer=reducer).reshape(c)
+        inv = torch.where(batch, inv_x2, torch.rsqrt(var + eps))
+        stats = snapshot(inv, r, skip.to(sd), window.to(sd), (t % wb).to(sd))
         running_var.copy_((m * rv + (1.0 - m) * var).to(running_var.dtype))
         buffer_x2.copy_(buf.to(buffer_x2.dtype))
         iters.copy_(t)
