@@ -13,7 +13,7 @@ from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_param
 from normkit.functional.batch_norm import batch_norm, channel_affine, group_norm
-from normkit.functional.batch_variants import batch_moments
+from normkit.functional.batch_variants import batch_moments, bn_coefficients, pooled_moments
 from normkit.stats import Reducer, accumulation_dtype
 from normkit.sync import reduce_packed
 
@@ -111,7 +111,7 @@ def estimated_batch_norm(
             # one pass: the biased batch variance about the batch mean, moved to the old estimate by the
             # parallel-axis identity mean((x − μ̂_old)²) = σ²_B + (μ_B − μ̂_old)² (a sum of non-negative terms)
             mean, var_b, rescued = batch_moments(x, stats_dtype)
-            var = var_b + (mean.to(var_b.dtype) - running_mean.to(var_b.dtype)).square()
+            new_mean, new_var = estbn_update(running_mean, running_var, mean, var_b, r)
         else:
             rescued = False
             xf = x.detach().to(accumulation_dtype(x.dtype, stats_dtype))
@@ -119,18 +119,70 @@ def estimated_batch_norm(
             old_mean = running_mean.reshape((1, c) + (1,) * (x.dim() - 2)).to(xf.dtype)
             d = xf - old_mean
             n, s1, s2 = reduce_packed([xf.new_full((1,), x.numel() // c), d.sum(dims), d.square().sum(dims)], reducer)
-            mean, var = running_mean.to(xf.dtype) + s1 / n, s2 / n
-        # the new estimates as fresh tensors (the buffers are overwritten by the next call; autograd must not
-        # see them), in float64 when the batch variance overflowed float32 (the buffer then holds inf)
-        dt = var.dtype if rescued else running_var.dtype
-        new_mean = running_mean.to(dt) * (1 - r.to(dt)) + r.to(dt) * mean.to(dt)
-        new_var = running_var.to(dt) * (1 - r.to(dt)) + r.to(dt) * var.to(dt)
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
+            # the sums are about the old estimate already: mean((x − μ̂_old)²) = s2 / n, batch variance about μ_B
+            mean = running_mean.to(xf.dtype) + s1 / n
+            new_mean, new_var = estbn_update(running_mean, running_var, mean, s2 / n - (s1 / n).square(), r)
     if rescued or reducer is not None:
         return channel_affine(x, new_mean, new_var, weight, bias, eps)
     # the estimates are constants for autograd: BatchNorm in eval mode (ATen's fused op on "auto")
     return batch_norm(x, new_mean, new_var, weight, bias, False, 0.0, eps, backend=backend)
+
+
+@torch.no_grad()
+def estbn_update(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var_b: Tensor, r: Tensor
+) -> tuple[Tensor, Tensor]:
+    """EstBN's estimate update in place from the batch mean μ_B and biased batch variance σ²_B (no gradient).
+
+    ``μ̂ ← (1 − r)·μ̂ + r·μ_B`` and ``σ̂² ← (1 − r)·σ̂² + r·mean((x − μ̂_old)²)`` where the variance about the
+    *old* estimate follows from the batch variance by the parallel-axis identity
+    ``mean((x − μ̂_old)²) = σ²_B + (μ_B − μ̂_old)²`` (a sum of non-negative terms). Returns the new estimates as
+    fresh tensors (the buffers are overwritten by the next call, so autograd must not see them), in float64
+    when σ²_B came back in float64 (overflowed float32: the buffer then holds inf, the output stays right).
+    """
+    dt = var_b.dtype if var_b.dtype == torch.float64 else running_var.dtype
+    var = var_b.to(dt) + (mean.to(dt) - running_mean.to(dt)).square()
+    r = r.to(dt)
+    new_mean = running_mean.to(dt) * (1 - r) + r * mean.to(dt)
+    new_var = running_var.to(dt) * (1 - r) + r * var
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    return new_mean, new_var
+
+
+def bcn_coefficients(
+    mean: Tensor,
+    var: Tensor,
+    bn_mean: Tensor,
+    bn_var: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """BCN as one per-(sample, channel) affine map ``y = x·A + B`` from the per-sample moments of x.
+
+    ``mean``, ``var``: (N, C) moments of x over the positions; ``bn_mean``, ``bn_var``: (C,) the statistics
+    step 1 normalizes with (batch, running or estimated). Step 1 is ``a = x·s + t`` per channel, so a's
+    per-sample moments are ``s·m + t`` and ``s²·v``; step 2's group moments pool them over each group's
+    channels exactly (:func:`normkit.functional.batch_variants.pooled_moments`), and the two affines compose.
+    """
+    n, c = mean.shape
+    s, t = bn_coefficients(bn_mean, bn_var, bn_weight, bn_bias, eps)
+    am = (mean * s + t).reshape(n, num_groups, c // num_groups)
+    av = (var * s.square()).reshape(n, num_groups, c // num_groups)
+    gm, gv = pooled_moments(am, av, dim=2)
+    rg = torch.rsqrt(gv + eps)  # (N, G)
+    if weight is not None:
+        rg = rg * weight.reshape(1, num_groups).to(rg.dtype)
+    shift = -gm * rg
+    if bias is not None:
+        shift = shift + bias.reshape(1, num_groups).to(shift.dtype)
+    per_channel = c // num_groups
+    rg_c = rg.repeat_interleave(per_channel, 1)
+    return s * rg_c, t * rg_c + shift.repeat_interleave(per_channel, 1)
 
 
 def batch_channel_norm(

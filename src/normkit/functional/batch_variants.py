@@ -54,6 +54,165 @@ def batch_moments(x: Tensor, stats_dtype: torch.dtype | None = None) -> tuple[Te
     return mean, var, True
 
 
+# --------------------------------------------------------------------------- per-sample moments + affine
+#
+# Every layer of this family whose statistics are batch or sample moments over the positions (IBN's
+# InstanceNorm + BatchNorm halves, BCN's BatchNorm then GroupNorm, AdaB2N's task-weighted moments,
+# Ghost BN's per-chunk moments) is, per sample n and channel c, an affine map of the input
+#
+#     y[n, c, l] = x[n, c, l] · A[n, c] + B[n, c]
+#
+# whose coefficients are functions of the per-(n, c) mean m and biased variance v over the positions
+# (batch moments follow exactly by the parallel-axis rule: μ_c = mean_n m, σ²_c = mean_n (v + (m − μ_c)²)).
+# So two autograd functions do all the input-sized work, each with a closed-form backward that saves only
+# the input and (N, C) values: sample_moments (one statistics pass) and sample_affine (one output pass);
+# the (N, C)-sized algebra between them runs as ordinary torch ops, and autograd chains them exactly.
+
+
+def moments_fast_path(backend: str | None) -> bool:
+    """Whether a layer of this family takes :func:`sample_moments`/:func:`sample_affine` (backend ``"auto"``).
+
+    ``"eager"`` keeps each layer's plain formula (the reference), the other named backends their ops.
+    """
+    from normkit.backend import get_backend, note
+
+    if (get_backend() if backend is None else backend) != "auto":
+        return False
+    note("sample_moments", "aten")
+    return True
+
+
+def _nc_moments(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, C) mean and biased variance over the last axis of an (N, C, L) tensor, float64 where it overflowed."""
+    n, c, length = x3.shape
+    if x3.numel() == 0:
+        nan = x3.new_full((n, c), float("nan"))
+        return nan, nan
+    # ATen's GroupNorm statistics with one group per channel and eps = 0 (so var = 1/r² exactly up to
+    # rounding): one pass; measured as fast as a copy, where torch.var_mean over the last axis is 3–6×
+    # slower. (The normalized output it also writes is not used.)
+    x3 = x3.contiguous()  # (a copy only for a strided view, e.g. channels_last input moved to (N, C, *))
+    _, mean, rstd = torch.native_group_norm(x3, None, None, n, c, length, c, 0.0)
+    var = rstd.square().reciprocal()
+    if torch.compiler.is_compiling() or math.isfinite(var.sum().item()):
+        return mean, var
+    # past FLT_MAX: the variance from the exactly scaled input, returned in float64 with its true value
+    big = torch.float64 if x3.device.type != "mps" else x3.dtype
+    _, _, rs = torch.native_group_norm(x3 * _RESCUE, None, None, n, c, length, c, 0.0)
+    vs = rs.to(big).square().reciprocal() / (_RESCUE * _RESCUE)
+    return mean.to(big), torch.where(torch.isfinite(var), var.to(big), vs)
+
+
+class _SampleMomentsFn(torch.autograd.Function):
+    """``(m, v)[n, c]`` = mean and biased variance of ``x[n, c, :]``; backward
+    ``∂L/∂x = (∂L/∂m + 2 ∂L/∂v · (x − m)) / L`` in one pass (saves x and m)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sd: torch.dtype) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        n, c = x.shape[0], x.shape[1]
+        mean, var = _nc_moments(x.reshape(n, c, trailing_numel(x)).to(sd))
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, gm: Tensor, gv: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        n, c, length = x.shape[0], x.shape[1], trailing_numel(x)
+        dt = torch.promote_types(gv.dtype, mean.dtype)
+        p = (gv.to(dt) * (2.0 / max(length, 1))).unsqueeze(-1)
+        k = (gm.to(dt) / max(length, 1)).unsqueeze(-1) - p * mean.to(dt).unsqueeze(-1)
+        x3 = x.reshape(n, c, length).to(dt)
+        dx = torch.addcmul(k, x3, p)  # differentiable as written: create_graph=True differentiates it
+        return dx.reshape(x.shape).to(x.dtype), None
+
+
+class _SampleAffineFn(torch.autograd.Function):
+    """``y = x · A + B`` with (N, C) or (1, C) coefficients; backward ``∂x = g·A``, ``∂A = Σ_l g·x``,
+    ``∂B = Σ_l g`` (saves x and A)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        sd = accumulation_dtype(x.dtype)
+        bcast = (*scale.shape, *([1] * (x.dim() - 2)))  # the output has x's shape (not a view of a reshape)
+        a = scale.to(sd).reshape(bcast)
+        ctx.save_for_backward(x, a)
+        ctx.shapes = (scale.shape, scale.dtype, shift.shape, shift.dtype)
+        return torch.addcmul(shift.to(sd).reshape(shift.shape + (1,) * (x.dim() - 2)), x, a).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, a = ctx.saved_tensors
+        a_shape, a_dtype, b_shape, b_dtype = ctx.shapes
+        n, c, length = x.shape[0], x.shape[1], trailing_numel(x)
+        dx = (g.to(a.dtype) * a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        g3 = g.reshape(n, c, length).to(a.dtype)
+        da = db = None
+        if ctx.needs_input_grad[1]:  # Σ_l g·x without an input-sized temporary (a batched dot product)
+            da = torch.einsum("ncl,ncl->nc", g3, x.reshape(n, c, length).to(a.dtype))
+            da = da.sum(0, keepdim=True) if a_shape[0] == 1 and n != 1 else da
+            da = da.reshape(a_shape).to(a_dtype)
+        if ctx.needs_input_grad[2]:
+            db = g3.sum(2)
+            db = (db.sum(0, keepdim=True) if b_shape[0] == 1 and n != 1 else db).reshape(b_shape).to(b_dtype)
+        return dx, da, db
+
+
+def sample_moments(x: Tensor, stats_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and biased variance over the positions of ``(N, C, *)`` ``x``: two ``(N, C)``
+    tensors in the accumulation dtype (float64 for channels whose float32 variance overflowed: the true value),
+    differentiable (closed-form backward that saves only ``x`` and the means)."""
+    return _SampleMomentsFn.apply(x, accumulation_dtype(x.dtype, stats_dtype))
+
+
+def sample_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x[n, c, ...] · scale[n, c] + shift[n, c]`` (coefficients ``(N, C)`` or ``(1, C)``) in the accumulation
+    dtype, returned in ``x``'s; backward saves only ``x`` and ``scale``."""
+    return _SampleAffineFn.apply(x, scale, shift)
+
+
+def pooled_moments(
+    mean: Tensor, var: Tensor, weights: Tensor | None = None, dim: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Moments of a pool of rows from the rows' moments (axis ``dim`` pooled), exactly (parallel-axis rule)::
+
+        μ = Σ_n w_n m_n,   σ² = Σ_n w_n (v_n + (m_n − μ)²)      (w_n = 1/N when ``weights`` is None)
+
+    — a sum of non-negative terms, no cancellation. For equal-sized rows this is the mean and biased
+    variance over the pooled rows' positions (BatchNorm's from per-sample moments with ``dim=0``,
+    GroupNorm's from per-channel moments over a group axis). ``weights`` has the pooled axis' length.
+    """
+    if weights is None:
+        mu = mean.mean(dim, keepdim=True)
+        sigma2 = (var + (mean - mu).square()).mean(dim)
+        return mu.squeeze(dim), sigma2
+    w = weights.to(mean.dtype).reshape(-1, *([1] * (mean.dim() - 1 - dim % mean.dim())))
+    mu = (w * mean).sum(dim, keepdim=True)
+    return mu.squeeze(dim), (w * (var + (mean - mu).square())).sum(dim)
+
+
+def bn_coefficients(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of ``(x − mean)/sqrt(var + eps)·weight + bias = x·A + B`` (any broadcastable shapes)."""
+    a = torch.rsqrt(var + eps)
+    if weight is not None:
+        a = a * weight.to(a.dtype)
+    b = -mean.to(a.dtype) * a
+    if bias is not None:
+        b = b + bias.to(b.dtype)
+    return a, b
+
+
+def update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: float, momentum: float
+) -> None:
+    """torch's BatchNorm update in place, without gradient: the *unbiased* batch variance, ``momentum`` on the new."""
+    with torch.no_grad():
+        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+        unbiased = var.detach() * (count / (count - 1)) if count > 1 else var.detach()
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
 def check_virtual_batch_size(virtual_batch_size: int, what: str = "ghost_batch_norm") -> int:
     if not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool) or virtual_batch_size <= 0:
         raise ValueError(f"{what}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")

@@ -32,9 +32,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normkit import functional as NF
 from normkit.functional._core import check_channels_first, check_eps, check_momentum, snapshot
+from normkit.functional.batch_variants import (
+    bn_coefficients,
+    moments_fast_path,
+    pooled_moments,
+    sample_affine,
+    sample_moments,
+)
+from normkit.nn._base import sync_reducer
 from normkit.nn.replace import replace_modules
 from normkit.registry import Paper, register_norm
-from normkit.stats import accumulation_dtype, moments
+from normkit.stats import Reducer, accumulation_dtype, moments
+from normkit.sync import ProcessGroupLike, check_process_group, reduce_packed
 
 ADAB2N = Paper(
     "Overcoming Recency Bias of Normalization Statistics in Continual Learning: Balance and Adaptation",
@@ -108,15 +117,23 @@ def adab2n_sample_weights(
     π over the tasks present in the batch only (``Σ_i w_i = 1``); not in the official code.
     """
     dt = dtype or task_weight.dtype
-    tasks = torch.arange(task_weight.numel(), device=task_ids.device)
-    onehot = (task_ids.reshape(-1, 1) == tasks).to(dt)  # (N, T)
-    counts = onehot.sum(0)  # n_t
+    onehot = _task_onehot(task_ids, task_weight.numel(), dt)  # (N, T)
+    return onehot @ _task_weights(onehot.sum(0), task_weight, cur_tasks, renormalize)
+
+
+def _task_onehot(task_ids: Tensor, num_tasks: int, dtype: torch.dtype) -> Tensor:
+    return (task_ids.reshape(-1, 1) == torch.arange(num_tasks, device=task_ids.device)).to(dtype)
+
+
+def _task_weights(counts: Tensor, task_weight: Tensor, cur_tasks: Tensor, renormalize: bool) -> Tensor:
+    """Per-task weight ``π_t / n_t`` from the task counts ``n_t`` (the Dirichlet-posterior mean over seen tasks)."""
+    tasks = torch.arange(counts.numel(), device=counts.device)
     keep = tasks <= cur_tasks
     if renormalize:
         keep = keep & (counts > 0)
-    conc = torch.where(keep, task_weight.to(dt).exp() + counts, torch.zeros_like(counts))
+    conc = torch.where(keep, task_weight.to(counts.dtype).exp() + counts, torch.zeros_like(counts))
     pi = conc / conc.sum()
-    return onehot @ (pi / counts.clamp_min(1.0))
+    return pi / counts.clamp_min(1.0)
 
 
 def adab2n_statistics(x: Tensor, sample_weights: Tensor, stats_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
@@ -221,10 +238,12 @@ class AdaB2N(_BatchNorm):
         renormalize: bool = False,
         channels_last: bool = False,
         stats_dtype: torch.dtype | None = None,
+        process_group: ProcessGroupLike = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_eps(eps)
+        group = check_process_group(process_group)
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"AdaB2N: num_tasks must be a positive int, got {num_tasks!r}")
         if not isinstance(classes_per_task, int) or classes_per_task < 1:
@@ -242,6 +261,7 @@ class AdaB2N(_BatchNorm):
         self.renormalize = bool(renormalize)
         self.channels_last = bool(channels_last)
         self.stats_dtype = stats_dtype
+        self.process_group = group
         factory = {"device": device, "dtype": dtype}
         self.task_weight = nn.Parameter(torch.full((num_tasks,), self.init_weight, **factory))
         self.register_buffer("cur_tasks", torch.tensor(0, dtype=torch.long, device=device))
@@ -330,20 +350,38 @@ class AdaB2N(_BatchNorm):
 
     def _train_forward(self, x: Tensor, ids: Tensor | None) -> Tensor:
         c = x.shape[1]
-        dims = (0, *range(2, x.dim()))
-        plain = moments(x, dims, stats_dtype=self.stats_dtype)
-        mean, var = plain.mean.reshape(c), plain.var.reshape(c)
-        if ids is not None:
-            w = adab2n_sample_weights(ids, self.task_weight, self.cur_tasks, renormalize=self.renormalize, dtype=mean.dtype)
-            w_mean, w_var = adab2n_statistics(x, w, self.stats_dtype)
-            balanced = self.cur_tasks > 0
-            mean = torch.where(balanced, w_mean, mean)
-            var = torch.where(balanced, w_var, var)
-
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        y = (x.to(mean.dtype) - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.reshape(shape).to(y.dtype) + self.bias.reshape(shape).to(y.dtype)
+        reducer = sync_reducer(self)
+        if reducer is not None or moments_fast_path(None):
+            # per-sample moments (one pass), the batch statistics from them, one output pass; only x saved
+            sm, sv = sample_moments(x, self.stats_dtype)
+            if reducer is not None:
+                mean, var = self._synced_statistics(sm, sv, ids, reducer)
+            else:
+                mean, var = pooled_moments(sm, sv)
+                if ids is not None:
+                    w = adab2n_sample_weights(
+                        ids, self.task_weight, self.cur_tasks, renormalize=self.renormalize, dtype=sm.dtype
+                    )
+                    w_mean, w_var = pooled_moments(sm, sv, w)
+                    balanced = self.cur_tasks > 0
+                    mean, var = torch.where(balanced, w_mean, mean), torch.where(balanced, w_var, var)
+            scale, shift = bn_coefficients(mean, var, self.weight, self.bias, self.eps)
+            y = sample_affine(x, scale.reshape(1, c), shift.reshape(1, c))
+            mean, var = mean.to(accumulation_dtype(x.dtype, self.stats_dtype)), var.to(mean.dtype)
+        else:  # backend "eager": the official formula as written (the reference)
+            dims = (0, *range(2, x.dim()))
+            plain = moments(x, dims, stats_dtype=self.stats_dtype)
+            mean, var = plain.mean.reshape(c), plain.var.reshape(c)
+            if ids is not None:
+                w = adab2n_sample_weights(ids, self.task_weight, self.cur_tasks, renormalize=self.renormalize, dtype=mean.dtype)
+                w_mean, w_var = adab2n_statistics(x, w, self.stats_dtype)
+                balanced = self.cur_tasks > 0
+                mean = torch.where(balanced, w_mean, mean)
+                var = torch.where(balanced, w_var, var)
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            y = (x.to(mean.dtype) - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+            if self.weight is not None:
+                y = y * self.weight.reshape(shape).to(y.dtype) + self.bias.reshape(shape).to(y.dtype)
 
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -364,6 +402,42 @@ class AdaB2N(_BatchNorm):
         self.loss = (mean - rm).square().mean() + (var - rv).square().mean()
         return y.to(x.dtype)
 
+    def _synced_statistics(self, sm: Tensor, sv: Tensor, ids: Tensor | None, reducer: Reducer) -> tuple[Tensor, Tensor]:
+        """The global batch's plain and task-balanced statistics from ONE packed all_reduce.
+
+        Each process sums, per task t, ``n_t``, ``S1_t = Σ_{i∈t} (m_i − K)`` and ``S2_t = Σ_{i∈t} (v_i + (m_i − K)²)``
+        over its samples' per-sample moments ``(m_i, v_i)``, about ``K`` = the running mean (equal on every
+        process). After the sum, with per-task weights ``u_t = π_t / n_t`` from the *global* counts,
+        ``W = Σ u_t n_t``, ``e = Σ u_t S1_t``::
+
+            μ = K·W + e,     σ² = Σ u_t S2_t − 2 e (μ − K) + (μ − K)² W
+
+        (the plain statistics: ``u_t = 1 / Σ n``). The algebra runs in float64 on (T, C) values, so the shift
+        costs no digits. Exactly the single-process result on the concatenated batch, gradients included
+        (the collective is differentiable).
+        """
+        big = torch.float64 if sm.device.type != "mps" else sm.dtype
+        k = snapshot(self.running_mean.detach().to(big))  # read before the in-place update (see snapshot)
+        d = sm.to(big) - k
+        q = sv.to(big) + d.square()
+        num_tasks = self.task_weight.numel() if ids is not None else 1
+        onehot = _task_onehot(ids, num_tasks, big) if ids is not None else sm.new_ones(sm.shape[0], 1, dtype=big)
+        counts, s1, s2 = reduce_packed([onehot.sum(0), onehot.t() @ d, onehot.t() @ q], reducer)
+        total = counts.sum()
+        e_plain = s1.sum(0) / total
+        mean = k + e_plain
+        var = (s2.sum(0) / total - e_plain.square()).clamp_min(0)
+        if ids is not None:
+            u = _task_weights(counts, self.task_weight, self.cur_tasks, self.renormalize)
+            w_total = (u * counts).sum()
+            e = u @ s1
+            w_mean = k * w_total + e
+            dm = w_mean - k
+            w_var = (u @ s2 - 2 * e * dm + dm.square() * w_total).clamp_min(0)
+            balanced = self.cur_tasks > 0
+            mean, var = torch.where(balanced, w_mean, mean), torch.where(balanced, w_var, var)
+        return mean, var
+
     # ------------------------------------------------------------------ state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -382,6 +456,8 @@ class AdaB2N(_BatchNorm):
             s += ", channels_last=True"
         if self.stats_dtype is not None:
             s += f", stats_dtype={self.stats_dtype}"
+        if self.process_group is not None:
+            s += f", process_group={self.process_group!r}"
         return s
 
 

@@ -10,10 +10,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normkit.functional._core import check_channels_first
-from normkit.functional.batch_channel_norm import channel_norm, estimated_batch_norm
+from normkit.functional._core import check_channels_first, trailing_numel
+from normkit.functional.batch_channel_norm import bcn_coefficients, channel_norm, estbn_update, estimated_batch_norm
+from normkit.functional.batch_variants import (
+    moments_fast_path,
+    pooled_moments,
+    sample_affine,
+    sample_moments,
+    update_running,
+)
 from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
+from normkit.nn.batch_variants import batch_norm_step
 from normkit.registry import Paper, register_norm
 from normkit.stats import Reducer
 from normkit.sync import ProcessGroupLike
@@ -201,9 +209,34 @@ class BatchChannelNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels_first(x, self.num_channels, type(self).__name__)
+        if trailing_numel(x) > 1 and moments_fast_path(self.backend) and sync_reducer(self.pbn) is None:
+            return self._fused(x)
         return channel_norm(
             self.pbn(x), self.num_groups, self.weight, self.bias, self.eps, stats_dtype=self.stats_dtype, backend=self.backend
         )
+
+    def _fused(self, x: Tensor) -> Tensor:
+        """Both steps as one per-(sample, channel) affine map of x (:func:`bcn_coefficients`): one statistics
+        pass, one output pass, only x saved for backward (``backend="auto"``; ``"eager"`` runs the two steps)."""
+        mean, var = sample_moments(x, self.stats_dtype)
+        pbn = self.pbn
+        if self.estimate:
+            bn_mean, bn_var = pbn.running_mean, pbn.running_var
+            if pbn.training:
+                pbn.num_batches_tracked.add_(1)
+                mu, sigma2 = pooled_moments(mean.detach(), var.detach())
+                bn_mean, bn_var = estbn_update(pbn.running_mean, pbn.running_var, mu, sigma2, pbn.estbn_moving_speed)
+        elif pbn.training or pbn.running_mean is None:
+            bn_mean, bn_var = pooled_moments(mean, var)
+            factor = batch_norm_step(pbn)
+            if pbn.training and pbn.running_mean is not None:
+                update_running(pbn.running_mean, pbn.running_var, bn_mean, bn_var, x.numel() / x.shape[1], factor)
+        else:
+            bn_mean, bn_var = pbn.running_mean, pbn.running_var
+        scale, shift = bcn_coefficients(
+            mean, var, bn_mean, bn_var, pbn.weight, pbn.bias, self.num_groups, self.weight, self.bias, self.eps
+        )
+        return sample_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
         return (

@@ -25,6 +25,16 @@ from normkit.nn.batch_norm import BatchNorm
 from normkit.registry import Paper, register_norm
 from normkit.sync import ProcessGroupLike
 
+
+def batch_norm_step(bn: BatchNorm) -> float:
+    """One training call's bookkeeping of a BatchNorm submodule driven by a fused parent (IBN, BCN):
+    ``num_batches_tracked += 1`` and the momentum factor, as :class:`BatchNorm` does (``momentum=None``:
+    the cumulative ``1 / num_batches_tracked``). Returns 0.0 where no running statistics are tracked."""
+    if not (bn.training and bn.track_running_stats and bn.num_batches_tracked is not None):
+        return 0.0
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+
 GHOST_BN = Paper(
     "Train longer, generalize better: closing the generalization gap in large batch training of neural networks",
     2017,

@@ -11,9 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normkit.functional._core import check_channels_first
-from normkit.nn._base import check_module_args, options_repr
+from normkit.functional._core import check_channels_first, trailing_numel
+from normkit.functional.batch_variants import (
+    bn_coefficients,
+    moments_fast_path,
+    pooled_moments,
+    sample_affine,
+    sample_moments,
+    update_running,
+)
+from normkit.nn._base import check_module_args, options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm, InstanceNorm
+from normkit.nn.batch_variants import batch_norm_step
 from normkit.registry import Paper, register_norm
 from normkit.sync import ProcessGroupLike
 
@@ -102,8 +111,31 @@ class IBN(nn.Module):
         check_channels_first(x, self.planes, type(self).__name__)
         if x.dim() < 3:
             raise ValueError(f"IBN expects (N, C, *spatial) input with at least 3 dims, got shape {tuple(x.shape)}")
+        if trailing_numel(x) > 1 and moments_fast_path(self.BN.backend) and sync_reducer(self.BN) is None:
+            return self._fused(x)
         a, b = torch.split(x, [self.half, self.planes - self.half], dim=1)
         return torch.cat((self.IN(a), self.BN(b)), dim=1)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        """Both halves as one per-(sample, channel) affine map of x: one statistics pass over all channels
+        (the IN half uses the per-sample moments, the BN half their batch pool), one output pass; no split
+        copies, no concatenation, only x saved for backward (``backend="auto"``; the module's plain
+        ``cat(IN(a), BN(b))`` is what ``"eager"`` runs)."""
+        h, bn = self.half, self.BN
+        mean, var = sample_moments(x, bn.stats_dtype)
+        a_in, b_in = bn_coefficients(mean[:, :h], var[:, :h], self.IN.weight, self.IN.bias, self.IN.eps)
+        if bn.training or bn.running_mean is None:
+            mu, sigma2 = pooled_moments(mean[:, h:], var[:, h:])
+            factor = batch_norm_step(bn)
+            if bn.training and bn.running_mean is not None:
+                update_running(bn.running_mean, bn.running_var, mu, sigma2, x.numel() / x.shape[1], factor)
+        else:
+            mu, sigma2 = bn.running_mean, bn.running_var
+        a_bn, b_bn = bn_coefficients(mu, sigma2, bn.weight, bn.bias, bn.eps)
+        n = x.shape[0]
+        scale = torch.cat((a_in, a_bn.to(a_in.dtype).expand(n, -1)), 1)
+        shift = torch.cat((b_in, b_bn.to(b_in.dtype).expand(n, -1)), 1)
+        return sample_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
         return f"{self.planes}, ratio={self.ratio}, half={self.half}" + options_repr(self.IN)
