@@ -87,13 +87,33 @@ def _eval_affine(xs: Tensor, running: Tensor, weight: Tensor | None, bias: Tenso
     return y.to(out)
 
 
-def _affine_forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor, saved: tuple) -> Tensor:  # type: ignore[no-untyped-def]
+def _affine_forward(  # type: ignore[no-untyped-def]
+    ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: Tensor, saved: tuple, out: Tensor | None
+) -> Tensor:
     """Shared forward of the approximate-backward Functions: ``y = x·(scale·w) + b`` per channel
-    (one pass), saving ``saved`` (the input and C-sized statistics; elementwise terms are recomputed)."""
+    (one pass), saving ``saved`` (the input and C-sized statistics; elementwise terms are recomputed).
+    ``out``: a scratch tensor of x's shape this call may write y into (see :func:`column_mean_square`)."""
     s = scale if weight is None else scale * weight.to(scale.dtype)
-    y = x * s if bias is None else torch.addcmul(bias.to(x.dtype), x, s)
+    if out is not None:
+        ctx.mark_dirty(out)
+        y = torch.mul(x, s, out=out) if bias is None else torch.addcmul(bias.to(x.dtype), x, s, out=out)
+    else:
+        y = x * s if bias is None else torch.addcmul(bias.to(x.dtype), x, s)
     ctx.save_for_backward(*saved)
     return y
+
+
+def column_mean_square(x2d: Tensor, keep: Tensor | None, reducer: Reducer | None) -> tuple[Tensor, Tensor | None]:
+    """``(mean_rows(x²) over the kept rows (C), scratch)`` for a ``(rows, C)`` input.
+
+    Without a mask or reducer in eager code the squares' buffer is handed back as ``scratch`` for the
+    layer's output (one input-sized allocation for both: a fresh 32 MB buffer costs as much as a pass
+    over it in page faults on CPU); otherwise :func:`normkit.stats.mean_square` and no scratch.
+    """
+    if keep is None and reducer is None and not torch.compiler.is_compiling():
+        sq = torch.mul(x2d, x2d)
+        return sq.mean(0), sq
+    return mean_square(x2d, 0, mask=keep, reducer=reducer).reshape(x2d.shape[-1]), None
 
 
 def _affine_backward(
@@ -158,10 +178,10 @@ class _PowerNormFn(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stats, ema_gz, alpha_bkw, reducer=None):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, stats, ema_gz, alpha_bkw, reducer=None, out=None):  # type: ignore[override]
         ctx.ema_gz, ctx.alpha_bkw, ctx.reducer = ema_gz, alpha_bkw, reducer
         c = x.shape[-1]
-        return _affine_forward(ctx, x, weight, bias, stats[:c], (x, weight, bias, stats))
+        return _affine_forward(ctx, x, weight, bias, stats[:c], (x, weight, bias, stats), out)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -178,7 +198,7 @@ class _PowerNormFn(Function):
             return k * inv_f * inv_b
 
         gx, gw, gb = _affine_backward(ctx, grad_y, x, weight, bias, w * inv_b, x_factor, inv_f)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def power_norm(
@@ -266,7 +286,7 @@ def power_norm(
         t = iters + 1
         keep = None if pad_mask is None else (~pad_mask).reshape(-1, 1)
         xd = x2d.detach()
-        var = mean_square(xd, 0, mask=keep, reducer=reducer).reshape(c)
+        var, scratch = column_mean_square(xd, keep, reducer)
         # 1/sqrt(ψ²_B + eps), right also where ψ²_B overflowed (no GroupScaling and |x| past ~1e19 in float32)
         inv_b = safe_rstd(xd, (0,), var.reshape(1, c), eps, mask=keep, reducer=reducer).reshape(c)
         phi = running_phi.to(sd)
@@ -278,5 +298,5 @@ def power_norm(
         phi = torch.where(t < warmup_iters, phi * (tf - 1) / tf + var / tf, phi)
         running_phi.copy_((alpha_fwd * phi + (1.0 - alpha_fwd) * var).to(running_phi.dtype))
         iters.copy_(t)
-    y = _PowerNormFn.apply(x2d, weight, bias, stats, ema_gz, alpha_bkw, reducer)
+    y = _PowerNormFn.apply(x2d, weight, bias, stats, ema_gz, alpha_bkw, reducer, scratch)
     return y.reshape(x.shape).to(x.dtype)

@@ -24,10 +24,11 @@ from normkit.functional.power_norm import (
     _check_count,
     _check_unit,
     _eval_affine,
+    column_mean_square,
     token_sum_mean,
 )
 from normkit.kernels.canonical import safe_rstd
-from normkit.stats import Reducer, accumulation_dtype, mean_square
+from normkit.stats import Reducer, accumulation_dtype
 
 #: Gradient-compensation ratio r is clamped to [1/R_MAX, R_MAX] (official constant).
 R_MAX = 5.0
@@ -86,10 +87,10 @@ class _UnifiedNormFn(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum, reducer=None):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, stats, ema_gz, buffer_gz, momentum, reducer=None, out=None):  # type: ignore[override]
         ctx.ema_gz, ctx.buffer_gz, ctx.momentum, ctx.reducer = ema_gz, buffer_gz, momentum, reducer
         c = x.shape[-1]
-        return _affine_forward(ctx, x, weight, bias, stats[:c], (x, weight, bias, stats))
+        return _affine_forward(ctx, x, weight, bias, stats[:c], (x, weight, bias, stats), out)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -113,7 +114,7 @@ class _UnifiedNormFn(Function):
             return torch.where(skip, mean_gz, ema_new) * inv * inv
 
         gx, gw, gb = _affine_backward(ctx, grad_y, x, weight, bias, wr * inv, x_factor, r * inv)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def unified_norm(
@@ -213,7 +214,7 @@ def unified_norm(
     with torch.no_grad():
         t = iters + 1
         keep = None if pad_mask is None else (~pad_mask).reshape(-1, 1)
-        x2 = mean_square(x2d.detach(), 0, mask=keep, reducer=reducer).reshape(c)
+        x2, scratch = column_mean_square(x2d.detach(), keep, reducer)
         old = buffer_x2.to(sd)
         rv = running_var.to(sd)
         slot_f = _one_hot_rows(t % wf, wf)
@@ -240,5 +241,5 @@ def unified_norm(
         running_var.copy_((m * rv + (1.0 - m) * var).to(running_var.dtype))
         buffer_x2.copy_(buf.to(buffer_x2.dtype))
         iters.copy_(t)
-    y = _UnifiedNormFn.apply(x2d, weight, bias, stats, ema_gz, buffer_gz, m, reducer)
+    y = _UnifiedNormFn.apply(x2d, weight, bias, stats, ema_gz, buffer_gz, m, reducer, scratch)
     return y.reshape(x.shape).to(x.dtype)
