@@ -146,6 +146,13 @@ def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
         return lambda x: x * (m.scale / x.norm(dim=-1, keepdim=True).clamp_min(m.eps))
     if name == "dyt":
         return lambda x: torch.tanh(m.alpha * x) * w + b
+    if name == "dualpatchnorm":  # a patch embedding: the plain LN → Linear → LN with the layer's own parameters
+        from normkit.nn.patch_norm import patchify
+
+        return lambda x: TF.layer_norm(
+            m.proj(TF.layer_norm(patchify(x, m.patch_size), m.ln0.normalized_shape, m.ln0.weight, m.ln0.bias, m.ln0.eps)),
+            m.ln1.normalized_shape, m.ln1.weight, m.ln1.bias, m.ln1.eps,
+        )
     return None
 
 
@@ -157,6 +164,11 @@ def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor]
         return lambda x: TF.layer_norm(x, (c,), w, b)
     if name == "batchnorm":
         return lambda x: TF.batch_norm(x, None, None, w, b, True)
+    if name == "dualpatchnorm":  # a patch embedding, not a norm of x: its plain torch expression (patch 1, D = C)
+        lin = nn.Linear(c, c)
+        return lambda x: TF.layer_norm(
+            lin(TF.layer_norm(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, c), (c,), w, b, 1e-6)), (c,), w, b, 1e-6
+        ).reshape(x.shape)
     return lambda x: TF.group_norm(x, math.gcd(32, c), w, b)  # 32 groups, fewer if C is small (--quick)
 
 
