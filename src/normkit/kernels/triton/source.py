@@ -2,8 +2,11 @@
 (``triton.jit``) or wraps them for the interpreter (``TRITON_INTERPRET=1``), whichever a call needs.
 
 Why plain functions and not ``@triton.jit`` here: Triton decides between compiling and interpreting
-when a function is decorated, from ``TRITON_INTERPRET``. Decorating lazily per mode lets the same
-process run the kernels on CUDA tensors and, with the variable set, on CPU tensors (the test suite).
+when a function is decorated, from ``TRITON_INTERPRET``; :mod:`~normkit.kernels.triton.launch` decorates
+a kernel when a call first needs it and says clearly when the process cannot interpret. The device
+functions the kernels share (tile offsets, loads, the backward's ∂x, partial sums) are decorated here,
+at import, by :func:`_device_function`, the same way as Triton's own library (``tl.sum``): a kernel
+can only call helpers of its own kind, and Triton fixes the kind of its library when imported.
 
 One kernel per job, not one per norm. Every statistics norm arrives in normkit's canonical
 ``(N, G, Cg, L)`` view (:mod:`normkit.kernels.canonical`), contiguous, element
@@ -34,7 +37,159 @@ its own row — and ``partial_sum`` adds the rows in a fixed order. No atomics: 
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+
+def _device_function(fn: Any) -> Any:
+    """``fn`` as a Triton device function: interpreted where Triton's library was imported for the
+    interpreter (``TRITON_INTERPRET=1`` at its import; :func:`launch.imported_for_interpreter`), else
+    compiled (``triton.jit``). The kernels below call these helpers; Triton inlines them when compiling."""
+    if isinstance(tl.standard.zeros, InterpretedFunction):
+        return InterpretedFunction(fn)
+    return JITFunction(fn)
+
+
+@_device_function
+def unit_layout(unit, n_lblocks, G, Cg, L, ls, SEG: tl.constexpr, BLOCK_L: tl.constexpr):  # noqa: N803
+    """Where work unit ``unit`` lies: one ``(n, g)`` segment (``SEG``) or ``BLOCK_L`` positions of one ``(n, g)``.
+
+    Returns ``(g, base, l_lo, l_hi, st_off, st_lanes)``: the group, the offset of the ``(n, g)`` block, the
+    positions ``[l_lo, l_hi)``, and the offsets and valid lanes of the per-lane statistics (with ``SEG``
+    every lane addresses the segment's one value).
+    """
+    seg = unit // n_lblocks
+    g = seg % G
+    base = tl.cast(seg, tl.int64) * Cg * L
+    if SEG:
+        l_lo = 0
+        l_hi = L
+        st_off = tl.cast(seg, tl.int64) + ls * 0
+        st_lanes = ls < BLOCK_L
+    else:
+        l_lo = (unit % n_lblocks) * BLOCK_L
+        l_hi = l_lo + BLOCK_L
+        st_off = tl.cast(seg, tl.int64) * L + l_lo + ls
+        st_lanes = (l_lo + ls) < L
+    return g, base, l_lo, l_hi, st_off, st_lanes
+
+
+@_device_function
+def program_units(pid, units_per_prog, n_units):
+    """The contiguous range ``[u_lo, u_hi)`` of work units a backward program owns."""
+    u_lo = pid * units_per_prog
+    return u_lo, tl.minimum(u_lo + units_per_prog, n_units)
+
+
+@_device_function
+def tile_at(base, c, l0, ls, C, L):  # noqa: N803
+    """Offsets and in-bounds mask of the ``[BLOCK_C, BLOCK_L]`` tile of channels ``c`` and positions
+    ``l0 + ls`` in the ``(C, L)`` block starting at ``base``."""
+    lpos = l0 + ls
+    mask = (c[:, None] < C) & (lpos[None, :] < L)
+    offs = base + c[:, None] * L + lpos[None, :]
+    return offs, mask
+
+
+@_device_function
+def load_channels(P, off, c, C, ACC: tl.constexpr, PRESENT: tl.constexpr):  # noqa: N803
+    """``P[off + c]`` for the channels ``c < C`` (an affine weight or bias), in ``ACC``. Without the
+    parameter (``not PRESENT``) zeros, which the callers' ``HAS_W``/``HAS_B`` branches never read."""
+    if PRESENT:
+        v = tl.load(P + off + c, mask=c < C, other=0.0).to(ACC)
+    else:
+        v = tl.zeros_like(c).to(ACC)
+    return v
+
+
+@_device_function
+def apply_affine(y, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # noqa: N803
+    """``y · w + b`` per channel (the tile's rows), each part only where the layer has it."""
+    if HAS_W:
+        y = y * w[:, None]
+    if HAS_B:
+        y = y + b[:, None]
+    return y
+
+
+@_device_function
+def load_input(X, R, S, offs, mask, ACC: tl.constexpr, HAS_R: tl.constexpr, WRITE_SUM: tl.constexpr):  # noqa: N803
+    """A tile of the norm's input in ``ACC``: ``x``, or with a residual ``x + r`` rounded to the sum's
+    dtype (what the fused add + norm returns and normalizes), stored to ``S`` when ``WRITE_SUM``."""
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_R:
+        x = (x.to(ACC) + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
+        if WRITE_SUM:
+            tl.store(S + offs, x, mask=mask)
+    return x.to(ACC)
+
+
+@_device_function
+def lane_total(v, zero_l, SEG: tl.constexpr):  # noqa: N803
+    """Per-lane sums as sums over the reduced set: unchanged for rows (each lane is its own reduction),
+    totalled over the lanes and broadcast back to every lane with ``SEG`` (the lanes share one segment)."""
+    if SEG:
+        v = zero_l + tl.sum(v, 0)
+    return v
+
+
+@_device_function
+def grad_tile(S, DY, offs, mask, mean, rstd, w, ACC: tl.constexpr, HAS_W: tl.constexpr):  # noqa: N803
+    """The backward's view of one tile: ``(dy, x̂, ĝ)`` with ``x̂ = (x − μ)·r`` (0 outside the mask) and
+    ``ĝ = dy · w`` (``dy`` without a weight)."""
+    x = tl.load(S + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+    if HAS_W:
+        wdy = dy * w[:, None]
+    else:
+        wdy = dy
+    return dy, xhat, wdy
+
+
+@_device_function
+def store_dx(DX, GS, offs, mask, wdy, xhat, c1, c2, rstd, ACC: tl.constexpr, CENTER: tl.constexpr,  # noqa: N803
+             HAS_GS: tl.constexpr):  # noqa: N803
+    """``∂x = r · (ĝ − x̂ · c1 − c2)`` with ``c1 = mean(ĝ · x̂)``, ``c2 = mean(ĝ)`` (no ``c2`` term for
+    RMSNorm), plus the gradient arriving at the residual sum (``GS``), written to ``DX``."""
+    dx = wdy - xhat * c1[None, :]
+    if CENTER:
+        dx = dx - c2[None, :]
+    dx = dx * rstd[None, :]
+    if HAS_GS:
+        dx = dx + tl.load(GS + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@_device_function
+def add_to_partial(P, off, c, C, value):  # noqa: N803
+    """``P[off + c] += value`` for the channels ``c < C``: the program's own row of a partial-sum buffer
+    (no other program writes it, hence no atomics)."""
+    p = P + off + c
+    tl.store(p, tl.load(p, mask=c < C, other=0.0) + value, mask=c < C)
+
+
+@_device_function
+def accumulate_partial(acc, P, off, c, C, value, REG_ACC: tl.constexpr):  # noqa: N803
+    """Add a tile's per-channel sums ``value`` to the program's partial row: in registers (``acc``,
+    returned) when ``REG_ACC`` (the tile covers the whole weight), else in ``P`` (:func:`add_to_partial`)."""
+    if REG_ACC:
+        acc += value
+    else:
+        add_to_partial(P, off, c, C, value)
+    return acc
+
+
+@_device_function
+def store_register_partials(PW, PB, prow, cs, K, acc_w, acc_b, WANT_W: tl.constexpr, WANT_B: tl.constexpr):  # noqa: N803
+    """Write the partial ∂w/∂b sums a program kept in registers (``REG_ACC``) to its rows."""
+    if WANT_W:
+        tl.store(PW + prow + cs, acc_w, mask=cs < K)
+    if WANT_B:
+        tl.store(PB + prow + cs, acc_b, mask=cs < K)
 
 
 def norm_fwd(
@@ -44,55 +199,26 @@ def norm_fwd(
     CENTER: tl.constexpr, SEG: tl.constexpr, SINGLE: tl.constexpr,  # noqa: N803
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,  # noqa: N803
 ):
-    pid = tl.program_id(0)
-    seg = pid // n_lblocks
-    lb = pid % n_lblocks
-    g = seg % G
-    base = tl.cast(seg, tl.int64) * Cg * L
     cs = tl.arange(0, BLOCK_C)
     ls = tl.arange(0, BLOCK_L)
     zero_l = tl.zeros([BLOCK_L], ACC)
+    g, base, l_lo, l_hi, st_off, st_mask = unit_layout(tl.program_id(0), n_lblocks, G, Cg, L, ls, SEG, BLOCK_L)
     if SEG:
-        l_lo = 0
-        l_hi = L
-        st_off = tl.cast(seg, tl.int64) + ls * 0
-        st_mask = ls == 0
-    else:
-        l_lo = lb * BLOCK_L
-        l_hi = l_lo + BLOCK_L
-        st_off = tl.cast(seg, tl.int64) * L + l_lo + ls
-        st_mask = (l_lo + ls) < L
+        st_mask = ls == 0  # every lane holds the segment's statistics: one stores them
     if SINGLE:
-        c = cs
-        lpos = l_lo + ls
-        mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-        offs = base + c[:, None] * L + lpos[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0)
-        if HAS_R:
-            x = (x.to(ACC) + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
-            tl.store(S + offs, x, mask=mask)
-        x = x.to(ACC)
+        offs, mask = tile_at(base, cs, l_lo, ls, Cg, L)
+        x = load_input(X, R, S, offs, mask, ACC, HAS_R, True)
         if CENTER:
-            m = tl.sum(x, 0)
-            if SEG:
-                m = zero_l + tl.sum(m, 0)
-            mean = m / n_red
+            mean = lane_total(tl.sum(x, 0), zero_l, SEG) / n_red
             d = tl.where(mask, x - mean[None, :], 0.0)
         else:
             mean = zero_l
             d = x
-        v = tl.sum(d * d, 0)
-        if SEG:
-            v = zero_l + tl.sum(v, 0)
-        var = v / n_red
+        var = lane_total(tl.sum(d * d, 0), zero_l, SEG) / n_red
         rstd = tl.rsqrt(var + eps)
-        y = d * rstd[None, :]
-        if HAS_W:
-            w = tl.load(W + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
-            y = y * w[:, None]
-        if HAS_B:
-            b = tl.load(B + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
-            y = y + b[:, None]
+        w = load_channels(W, g * Cg, cs, Cg, ACC, HAS_W)
+        b = load_channels(B, g * Cg, cs, Cg, ACC, HAS_B)
+        y = apply_affine(d * rstd[None, :], w, b, HAS_W, HAS_B)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # pass 1: Σx (LayerNorm) or Σx² (RMSNorm); with a residual, the sum is written here
@@ -100,61 +226,37 @@ def norm_fwd(
         for c0 in range(0, Cg, BLOCK_C):
             c = c0 + cs
             for l0 in range(l_lo, l_hi, BLOCK_L):
-                lpos = l0 + ls
-                mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-                offs = base + c[:, None] * L + lpos[None, :]
-                x = tl.load(X + offs, mask=mask, other=0.0)
-                if HAS_R:
-                    x = (x.to(ACC) + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
-                    tl.store(S + offs, x, mask=mask)
-                x = x.to(ACC)
+                offs, mask = tile_at(base, c, l0, ls, Cg, L)
+                x = load_input(X, R, S, offs, mask, ACC, HAS_R, True)
                 if CENTER:
                     acc += tl.sum(x, 0)
                 else:
                     acc += tl.sum(x * x, 0)
-        if SEG:
-            acc = zero_l + tl.sum(acc, 0)
+        acc = lane_total(acc, zero_l, SEG)
         if CENTER:
             mean = acc / n_red
             acc2 = zero_l
             for c0 in range(0, Cg, BLOCK_C):
                 c = c0 + cs
                 for l0 in range(l_lo, l_hi, BLOCK_L):
-                    lpos = l0 + ls
-                    mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-                    offs = base + c[:, None] * L + lpos[None, :]
-                    x = tl.load(X + offs, mask=mask, other=0.0)
-                    if HAS_R:  # x + r again (not read back from S: another thread may have written it)
-                        x = (x.to(ACC) + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
-                    x = x.to(ACC)
+                    offs, mask = tile_at(base, c, l0, ls, Cg, L)
+                    # x + r again (not read back from S: another thread may have written it)
+                    x = load_input(X, R, S, offs, mask, ACC, HAS_R, False)
                     d = tl.where(mask, x - mean[None, :], 0.0)
                     acc2 += tl.sum(d * d, 0)
-            if SEG:
-                acc2 = zero_l + tl.sum(acc2, 0)
-            var = acc2 / n_red
+            var = lane_total(acc2, zero_l, SEG) / n_red
         else:
             mean = zero_l
             var = acc / n_red
         rstd = tl.rsqrt(var + eps)
         for c0 in range(0, Cg, BLOCK_C):
             c = c0 + cs
-            if HAS_W:
-                w = tl.load(W + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
-            if HAS_B:
-                b = tl.load(B + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
+            w = load_channels(W, g * Cg, c, Cg, ACC, HAS_W)
+            b = load_channels(B, g * Cg, c, Cg, ACC, HAS_B)
             for l0 in range(l_lo, l_hi, BLOCK_L):
-                lpos = l0 + ls
-                mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-                offs = base + c[:, None] * L + lpos[None, :]
-                x = tl.load(X + offs, mask=mask, other=0.0)
-                if HAS_R:
-                    x = (x.to(ACC) + tl.load(R + offs, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
-                x = x.to(ACC)
-                y = (x - mean[None, :]) * rstd[None, :]
-                if HAS_W:
-                    y = y * w[:, None]
-                if HAS_B:
-                    y = y + b[:, None]
+                offs, mask = tile_at(base, c, l0, ls, Cg, L)
+                x = load_input(X, R, S, offs, mask, ACC, HAS_R, False)
+                y = apply_affine((x - mean[None, :]) * rstd[None, :], w, b, HAS_W, HAS_B)
                 tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + st_off, mean, mask=st_mask)
     tl.store(VAR + st_off, var, mask=st_mask)
@@ -175,127 +277,52 @@ def norm_bwd(
     acc_w = tl.zeros([BLOCK_C], ACC)
     acc_b = tl.zeros([BLOCK_C], ACC)
     prow = tl.cast(pid, tl.int64) * K
-    u_lo = pid * units_per_prog
-    u_hi = tl.minimum(u_lo + units_per_prog, n_units)
+    u_lo, u_hi = program_units(pid, units_per_prog, n_units)
     for u in range(u_lo, u_hi):
-        seg = u // n_lblocks
-        lb = u % n_lblocks
-        g = seg % G
-        base = tl.cast(seg, tl.int64) * Cg * L
-        if SEG:
-            l_lo = 0
-            l_hi = L
-            st_off = tl.cast(seg, tl.int64) + ls * 0
-            st_mask = ls < BLOCK_L
-        else:
-            l_lo = lb * BLOCK_L
-            l_hi = l_lo + BLOCK_L
-            st_off = tl.cast(seg, tl.int64) * L + l_lo + ls
-            st_mask = (l_lo + ls) < L
+        g, base, l_lo, l_hi, st_off, st_mask = unit_layout(u, n_lblocks, G, Cg, L, ls, SEG, BLOCK_L)
         mean = tl.load(MEAN + st_off, mask=st_mask, other=0.0)
         rstd = tl.load(RSTD + st_off, mask=st_mask, other=0.0)
         if SINGLE:
-            c = cs
-            lpos = l_lo + ls
-            mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-            offs = base + c[:, None] * L + lpos[None, :]
-            x = tl.load(S + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-            xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-            if HAS_W:
-                w = tl.load(W + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
-                wdy = dy * w[:, None]
-            else:
-                wdy = dy
-            c1 = tl.sum(xhat * wdy, 0)
-            if SEG:
-                c1 = zero_l + tl.sum(c1, 0)
-            dx = wdy - xhat * (c1 / n_red)[None, :]
-            if CENTER:
-                c2 = tl.sum(wdy, 0)
-                if SEG:
-                    c2 = zero_l + tl.sum(c2, 0)
-                dx = dx - (c2 / n_red)[None, :]
-            dx = dx * rstd[None, :]
-            if HAS_GS:
-                dx = dx + tl.load(GS + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            offs, mask = tile_at(base, cs, l_lo, ls, Cg, L)
+            w = load_channels(W, g * Cg, cs, Cg, ACC, HAS_W)
+            dy, xhat, wdy = grad_tile(S, DY, offs, mask, mean, rstd, w, ACC, HAS_W)
+            c1 = lane_total(tl.sum(xhat * wdy, 0), zero_l, SEG) / n_red
+            c2 = lane_total(tl.sum(wdy, 0), zero_l, SEG) / n_red
+            store_dx(DX, GS, offs, mask, wdy, xhat, c1, c2, rstd, ACC, CENTER, HAS_GS)
             if WANT_W:
-                pw = tl.sum(dy * xhat, 1)
-                if REG_ACC:
-                    acc_w += pw
-                else:
-                    p = PW + prow + g * Cg + c
-                    tl.store(p, tl.load(p, mask=c < Cg, other=0.0) + pw, mask=c < Cg)
+                acc_w = accumulate_partial(acc_w, PW, prow + g * Cg, cs, Cg, tl.sum(dy * xhat, 1), REG_ACC)
             if WANT_B:
-                pb = tl.sum(dy, 1)
-                if REG_ACC:
-                    acc_b += pb
-                else:
-                    p = PB + prow + g * Cg + c
-                    tl.store(p, tl.load(p, mask=c < Cg, other=0.0) + pb, mask=c < Cg)
+                acc_b = accumulate_partial(acc_b, PB, prow + g * Cg, cs, Cg, tl.sum(dy, 1), REG_ACC)
         else:
             c1 = zero_l
             c2 = zero_l
             for c0 in range(0, Cg, BLOCK_C):
                 c = c0 + cs
-                if HAS_W:
-                    w = tl.load(W + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
+                w = load_channels(W, g * Cg, c, Cg, ACC, HAS_W)
                 for l0 in range(l_lo, l_hi, BLOCK_L):
-                    lpos = l0 + ls
-                    mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-                    offs = base + c[:, None] * L + lpos[None, :]
-                    x = tl.load(S + offs, mask=mask, other=0.0).to(ACC)
-                    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-                    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-                    if HAS_W:
-                        wdy = dy * w[:, None]
-                    else:
-                        wdy = dy
+                    offs, mask = tile_at(base, c, l0, ls, Cg, L)
+                    dy, xhat, wdy = grad_tile(S, DY, offs, mask, mean, rstd, w, ACC, HAS_W)
                     c1 += tl.sum(xhat * wdy, 0)
                     c2 += tl.sum(wdy, 0)
-            if SEG:
-                c1 = zero_l + tl.sum(c1, 0)
-                c2 = zero_l + tl.sum(c2, 0)
-            c1 = c1 / n_red
-            c2 = c2 / n_red
+            c1 = lane_total(c1, zero_l, SEG) / n_red
+            c2 = lane_total(c2, zero_l, SEG) / n_red
             for c0 in range(0, Cg, BLOCK_C):
                 c = c0 + cs
-                if HAS_W:
-                    w = tl.load(W + g * Cg + c, mask=c < Cg, other=0.0).to(ACC)
+                w = load_channels(W, g * Cg, c, Cg, ACC, HAS_W)
                 pw = tl.zeros([BLOCK_C], ACC)
                 pb = tl.zeros([BLOCK_C], ACC)
                 for l0 in range(l_lo, l_hi, BLOCK_L):
-                    lpos = l0 + ls
-                    mask = (c[:, None] < Cg) & (lpos[None, :] < L)
-                    offs = base + c[:, None] * L + lpos[None, :]
-                    x = tl.load(S + offs, mask=mask, other=0.0).to(ACC)
-                    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-                    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-                    if HAS_W:
-                        wdy = dy * w[:, None]
-                    else:
-                        wdy = dy
-                    dx = wdy - xhat * c1[None, :]
-                    if CENTER:
-                        dx = dx - c2[None, :]
-                    dx = dx * rstd[None, :]
-                    if HAS_GS:
-                        dx = dx + tl.load(GS + offs, mask=mask, other=0.0).to(ACC)
-                    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                    offs, mask = tile_at(base, c, l0, ls, Cg, L)
+                    dy, xhat, wdy = grad_tile(S, DY, offs, mask, mean, rstd, w, ACC, HAS_W)
+                    store_dx(DX, GS, offs, mask, wdy, xhat, c1, c2, rstd, ACC, CENTER, HAS_GS)
                     pw += tl.sum(dy * xhat, 1)
                     pb += tl.sum(dy, 1)
                 if WANT_W:
-                    p = PW + prow + g * Cg + c
-                    tl.store(p, tl.load(p, mask=c < Cg, other=0.0) + pw, mask=c < Cg)
+                    add_to_partial(PW, prow + g * Cg, c, Cg, pw)
                 if WANT_B:
-                    p = PB + prow + g * Cg + c
-                    tl.store(p, tl.load(p, mask=c < Cg, other=0.0) + pb, mask=c < Cg)
+                    add_to_partial(PB, prow + g * Cg, c, Cg, pb)
     if REG_ACC:
-        if WANT_W:
-            tl.store(PW + prow + cs, acc_w, mask=cs < K)
-        if WANT_B:
-            tl.store(PB + prow + cs, acc_b, mask=cs < K)
+        store_register_partials(PW, PB, prow, cs, K, acc_w, acc_b, WANT_W, WANT_B)
 
 
 def partial_sum(P, OUT, n_rows, K, BLOCK: tl.constexpr):  # noqa: N803
@@ -319,24 +346,20 @@ def dyt_fwd(
     tanh as ``sign(z) · (1 − e) / (1 + e)`` with ``e = exp(−2|z|)``: no overflow, exact saturation.
     """
     pid = tl.program_id(0)
-    r = pid // n_lblocks
-    lb = pid % n_lblocks
-    base = tl.cast(r, tl.int64) * C * L
+    base = tl.cast(pid // n_lblocks, tl.int64) * C * L
+    l0 = (pid % n_lblocks) * BLOCK_L
     alpha = tl.load(A).to(ACC)
     cs = tl.arange(0, BLOCK_C)
-    lpos = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+    ls = tl.arange(0, BLOCK_L)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + cs
-        mask = (c[:, None] < C) & (lpos[None, :] < L)
-        offs = base + c[:, None] * L + lpos[None, :]
+        offs, mask = tile_at(base, c, l0, ls, C, L)
         z = alpha * tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         e = tl.exp(-2.0 * tl.abs(z))
         t = (1.0 - e) / (1.0 + e)
-        y = tl.where(z < 0, -t, t)
-        if HAS_W:
-            y = y * tl.load(W + c, mask=c < C, other=0.0).to(ACC)[:, None]
-        if HAS_B:
-            y = y + tl.load(B + c, mask=c < C, other=0.0).to(ACC)[:, None]
+        w = load_channels(W, 0, c, C, ACC, HAS_W)
+        b = load_channels(B, 0, c, C, ACC, HAS_B)
+        y = apply_affine(tl.where(z < 0, -t, t), w, b, HAS_W, HAS_B)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -356,17 +379,13 @@ def dyt_bwd(
     acc_w = tl.zeros([BLOCK_C], ACC)
     acc_b = tl.zeros([BLOCK_C], ACC)
     prow = tl.cast(pid, tl.int64) * C
-    u_lo = pid * units_per_prog
-    u_hi = tl.minimum(u_lo + units_per_prog, n_units)
+    u_lo, u_hi = program_units(pid, units_per_prog, n_units)
     for u in range(u_lo, u_hi):
-        r = u // n_lblocks
-        lb = u % n_lblocks
-        base = tl.cast(r, tl.int64) * C * L
-        lpos = lb * BLOCK_L + ls
+        base = tl.cast(u // n_lblocks, tl.int64) * C * L
+        l0 = (u % n_lblocks) * BLOCK_L
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cs
-            mask = (c[:, None] < C) & (lpos[None, :] < L)
-            offs = base + c[:, None] * L + lpos[None, :]
+            offs, mask = tile_at(base, c, l0, ls, C, L)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
             z = alpha * x
@@ -374,7 +393,7 @@ def dyt_bwd(
             q = 1.0 / (1.0 + e)
             sech2 = 4.0 * e * q * q
             if HAS_W:
-                wdy = dy * tl.load(W + c, mask=c < C, other=0.0).to(ACC)[:, None]
+                wdy = dy * load_channels(W, 0, c, C, ACC, HAS_W)[:, None]
             else:
                 wdy = dy
             dpre = wdy * sech2
@@ -382,22 +401,9 @@ def dyt_bwd(
             acc_a += tl.sum(dpre * x, 0)
             if WANT_W:
                 t = (1.0 - e) * q
-                pw = tl.sum(dy * tl.where(z < 0, -t, t), 1)
-                if REG_ACC:
-                    acc_w += pw
-                else:
-                    p = PW + prow + c
-                    tl.store(p, tl.load(p, mask=c < C, other=0.0) + pw, mask=c < C)
+                acc_w = accumulate_partial(acc_w, PW, prow, c, C, tl.sum(dy * tl.where(z < 0, -t, t), 1), REG_ACC)
             if WANT_B:
-                pb = tl.sum(dy, 1)
-                if REG_ACC:
-                    acc_b += pb
-                else:
-                    p = PB + prow + c
-                    tl.store(p, tl.load(p, mask=c < C, other=0.0) + pb, mask=c < C)
+                acc_b = accumulate_partial(acc_b, PB, prow, c, C, tl.sum(dy, 1), REG_ACC)
     tl.store(PA + pid, tl.sum(acc_a, 0))
     if REG_ACC:
-        if WANT_W:
-            tl.store(PW + prow + cs, acc_w, mask=cs < C)
-        if WANT_B:
-            tl.store(PB + prow + cs, acc_b, mask=cs < C)
+        store_register_partials(PW, PB, prow, cs, C, acc_w, acc_b, WANT_W, WANT_B)
