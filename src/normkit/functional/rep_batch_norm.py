@@ -62,16 +62,17 @@ class _RepBNFn(Function):
     ``α·x`` added in place into its output. Backward: ATen's closed-form BN backward plus
     ``α·∂L/∂y`` added in place, ``∂L/∂α = Σ ∂L/∂y · x`` as one dot product. Saves the input and
     the per-channel statistics only. Where ATen's float32 statistics overflow (a channel's variance
-    past the float range, :mod:`normkit.functional.aten`) the running buffers are restored and the
+    past the float range, :mod:`normkit.functional.aten`; checked on CPU at every size) the running buffers are restored and the
     output comes from normkit's overflow-safe path; that call's backward, and any double backward,
     replay autograd on :func:`_rep_math`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, alpha, rm, rv, training, momentum, eps):  # type: ignore[override]
-        old = (rm.clone(), rv.clone()) if training and rm is not None and _aten.checked(x) else None
+        # checked at every size (a few µs; the α·x term would hide a zeroed BN part at small sizes)
+        old = (rm.clone(), rv.clone()) if training and rm is not None and x.is_cpu else None
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, rm, rv, training, momentum, eps)
-        ctx.replay = training and _aten.checked(x) and not _aten._finite(invstd)
+        ctx.replay = training and x.is_cpu and not _aten._finite(invstd)
         if ctx.replay:
             if old is not None:
                 rm.copy_(old[0])

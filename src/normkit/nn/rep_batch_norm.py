@@ -13,7 +13,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from normkit.backend import resolve
 from normkit.functional._core import check_momentum, snapshot
+from normkit.functional.aten import _finite as aten_finite
 from normkit.functional.layer_norm import layer_norm
 from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
 from normkit.nn._base import check_module_args, options_repr, sync_reducer
@@ -343,7 +345,7 @@ class PRepBN(nn.Module):
             return prepbn_mix(ln, rep, lam)
         if bool(self.warm > 0):  # official control flow: warm-up is LN alone
             prepbn_advance_(self.warm, self.iter, self.num_step, self.accumulation_steps)
-            return self.norm1(x)
+            return self._layer_norm(x, self.norm1.weight, self.norm1.bias)
         lam = self.current_lambda(acc)
         prepbn_advance_(self.warm, self.iter, self.num_step, self.accumulation_steps)
         return self._mix(x, mask, lam)
@@ -358,14 +360,33 @@ class PRepBN(nn.Module):
         call, right after warm-up with ``r0 = 1``) RepBN with γ = 0 would still spread one NaN token's
         batch statistics to every token, so that call keeps :func:`prepbn_mix` (LN alone).
         """
-        if float(lam) == 1.0:  # one host read per call (the eager schedule reads warm already)
-            return prepbn_mix(self.norm1(x), self.norm2(x, mask), lam)
         ln = self.norm1
-        ln_out = layer_norm(
-            x, ln.normalized_shape, scale_param(ln.weight, lam, self.num_features, x), scale_param(ln.bias, lam, None, x),
-            ln.eps, weight_offset=float(lam) * ln.weight_offset, stats_dtype=ln.stats_dtype, backend=ln.backend,
+        if float(lam) == 1.0:  # one host read per call (the eager schedule reads warm already)
+            return prepbn_mix(self._layer_norm(x, ln.weight, ln.bias), self.norm2(x, mask), lam)
+        ln_out = self._layer_norm(
+            x, scale_param(ln.weight, lam, self.num_features, x), scale_param(ln.bias, lam, None, x), float(lam)
         )
         return ln_out + self.norm2._forward(x, mask, scale=1 - lam)
+
+    def _layer_norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 1.0) -> Tensor:
+        """``norm1``'s LayerNorm with these affine parameters (``scale`` multiplies its weight offset).
+
+        ATen's op with its per-token statistics checked at every input size on CPU (normkit's
+        LayerNorm checks from 2^18 elements up): an overflowed token (|x| past ~1e19 in float32)
+        goes to normkit's overflow-safe path instead of coming out NaN.
+        """
+        ln = self.norm1
+        backend = ln.backend
+        if (ln.stats_dtype is None and not ln.weight_offset and x.is_cpu
+                and resolve(backend, x, "layer_norm", True) == "native"):
+            y, _, rstd = torch.native_layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
+            if aten_finite(rstd):
+                return y
+            backend = "eager"
+        return layer_norm(
+            x, ln.normalized_shape, weight, bias, ln.eps, weight_offset=scale * ln.weight_offset,
+            stats_dtype=ln.stats_dtype, backend=backend,
+        )
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, warm={int(self.warm)}, iter={int(self.iter)}, total_step={int(self.total_step)}, r0={self.r0}"
