@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from normkit import functional as F
+from normkit.backend import get_backend
 from normkit.nn._base import check_module_args
 from normkit.nn.layer_norm import LayerNorm
 from normkit.registry import Paper, register_norm
@@ -144,10 +146,29 @@ class DualPatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"DualPatchNorm expects a floating-point image tensor, got {getattr(x, 'dtype', type(x))}")
-        tokens = self.ln0(patchify(x, self._patch_for(x)))
-        # a bf16/fp16 image with fp32 parameters works as for every norm (the projection runs in
-        # the parameters' dtype, the result comes back in the input's), not torch's dtype error
-        return self.ln1(self.proj(tokens.to(self.proj.weight.dtype)).to(x.dtype))
+        ps = self._patch_for(x)
+        # a bf16/fp16 image with fp32 parameters: the whole embedding runs in the parameters' dtype and the
+        # result is rounded to the input's once (rounding between the steps cost ~2 bf16 ulps more)
+        wdt = self.proj.weight.dtype
+        tokens = self._norm_pixels(patchify(x if x.dtype == wdt else x.to(wdt), ps))
+        return self.ln1(self.proj(tokens)).to(x.dtype)
+
+    def _norm_pixels(self, tokens: Tensor) -> Tensor:
+        """LN0 over each patch's raw pixels: the one step that sees the input's scale.
+
+        ATen's LayerNorm (what ``"auto"`` runs) computes the float32 variance in float32, so pixels past
+        ~1.8e19 give rstd = 0 (NaN out); normkit's LayerNorm checks that only from 2^18 elements. Here the
+        per-row rstd ATen returns anyway is checked at every size (one ``amin`` over the rows, a few µs) and an
+        overflowed (or NaN) call reruns on normkit's overflow-safe engine (which keeps NaN rows NaN).
+        """
+        ln = self.ln0
+        if (tokens.is_cpu and not torch.compiler.is_compiling() and ln.stats_dtype is None
+                and ln.backend in (None, "auto", "native") and (ln.backend is not None or get_backend() == "auto")):
+            y, _, rstd = torch.native_layer_norm(tokens, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            if rstd.numel() == 0 or float(rstd.amin()) > 0:
+                return y
+            return F.layer_norm(tokens, ln.normalized_shape, ln.weight, ln.bias, ln.eps, backend="eager")
+        return ln(tokens)
 
     @torch.no_grad()
     def load_conv_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
