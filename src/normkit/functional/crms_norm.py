@@ -42,7 +42,8 @@ def _rstd(x2: Tensor, s: Tensor, q: Tensor, eps: float) -> Tensor:
     ``x·c`` with ``c = 2^−(max_exp/2 + 6)`` (exact; see :func:`normkit.kernels.canonical.safe_rstd`):
     ``r = c / sqrt((Σ(cx)² + (Σcx)²)/d)`` (eps ≪ the sum there, dropped). Eager CPU code checks the
     rows with one reduction and a host read and rescues only when needed; compiled code and other
-    devices select branch-free. NaN rows stay NaN; an inf input gives NaN (inf/inf), as the math.
+    devices select branch-free. NaN rows stay NaN; an inf entry gives NaN there and 0 in its row's finite
+    entries (x / sqrt(inf)), IEEE arithmetic on the formula as ``torch.nn.functional.rms_norm``.
     """
     d = x2.shape[-1] + 1
     ms = (q + s * s) / d
