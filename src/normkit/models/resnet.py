@@ -49,11 +49,13 @@ def _check_ibn(ibn: str | None) -> None:
         raise ValueError(f"ibn must be None, 'a' or 'b', got {ibn!r}")
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3×3 convs) with the IBN-Net options of the official ``BasicBlock_IBN``.
+class _ResidualBlock(nn.Module):
+    """What :class:`BasicBlock` and :class:`Bottleneck` share: the constructor (torchvision's arguments plus
+    the official IBN-Net ``ibn`` and ``ratio``) and the end of ``forward``.
 
-    ``ibn='a'``: ``bn1`` is :class:`IBN`; ``ibn='b'``: ``IN`` (InstanceNorm, affine) after the
-    residual addition, before the final ReLU. Otherwise identical to torchvision's BasicBlock.
+    ``ibn='a'``: the norm after the first convolution, ``bn1``, is :class:`IBN`; ``ibn='b'``: ``IN``
+    (InstanceNorm, affine) after the residual addition, before the final ReLU. Each block builds its
+    convolutions and norms in ``_build`` (in the official attribute order).
     """
 
     expansion = 1
@@ -72,68 +74,60 @@ class BasicBlock(nn.Module):
         super().__init__()
         _check_ibn(ibn)
         norm = norm_layer or BatchNorm2d
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = IBN(planes, ratio) if ibn == "a" else norm(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = norm(planes)
-        self.IN = InstanceNorm(planes, affine=True) if ibn == "b" else None
+        self._build(inplanes, planes, stride, norm, IBN(planes, ratio) if ibn == "a" else norm(planes))
+        self.IN = InstanceNorm(planes * self.expansion, affine=True) if ibn == "b" else None
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
+    def _build(self, inplanes: int, planes: int, stride: int, norm: NormLayer, bn1: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _add_shortcut(self, out: Tensor, x: Tensor) -> Tensor:
+        """``relu(IN(out + shortcut(x)))``: the residual addition (``downsample(x)`` where set), IBN-b's
+        ``IN`` where present, and the final ReLU."""
+        identity = x if self.downsample is None else self.downsample(x)
         out = out + identity
         if self.IN is not None:
             out = self.IN(out)
         return self.relu(out)
 
 
-class Bottleneck(nn.Module):
+class BasicBlock(_ResidualBlock):
+    """ResNet basic block (two 3×3 convs) with the IBN-Net options of the official ``BasicBlock_IBN``;
+    otherwise identical to torchvision's BasicBlock."""
+
+    expansion = 1
+
+    def _build(self, inplanes: int, planes: int, stride: int, norm: NormLayer, bn1: nn.Module) -> None:
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = bn1
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = norm(planes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self._add_shortcut(self.bn2(self.conv2(out)), x)
+
+
+class Bottleneck(_ResidualBlock):
     """ResNet bottleneck block (1×1, 3×3 with the stride, 1×1 ×4) with the official IBN-Net options."""
 
     expansion = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        ibn: str | None = None,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        *,
-        norm_layer: NormLayer | None = None,
-        ratio: float = 0.5,
-    ) -> None:
-        super().__init__()
-        _check_ibn(ibn)
-        norm = norm_layer or BatchNorm2d
+    def _build(self, inplanes: int, planes: int, stride: int, norm: NormLayer, bn1: nn.Module) -> None:
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = IBN(planes, ratio) if ibn == "a" else norm(planes)
+        self.bn1 = bn1
         self.conv2 = _conv3x3(planes, planes, stride)
         self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
         self.bn3 = norm(planes * self.expansion)
-        self.IN = InstanceNorm(planes * self.expansion, affine=True) if ibn == "b" else None
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out = out + identity
-        if self.IN is not None:
-            out = self.IN(out)
-        return self.relu(out)
+        return self._add_shortcut(self.bn3(self.conv3(out)), x)
 
 
 _BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
