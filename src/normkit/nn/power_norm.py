@@ -27,6 +27,36 @@ POWER_NORM = Paper(
 )
 
 
+def check_num_features(num_features: int) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+
+
+def register_token_state(
+    module: nn.Module, running: str, device: torch.device | str | None, dtype: torch.dtype | None
+) -> None:
+    """The state PowerNorm and UN share, under the official names: ``weight``/``bias`` (or None when
+    ``module.affine`` is False), the running statistic ``running`` (ones), ``ema_gz`` (zeros, the
+    approximate backward's statistic) and the step counter ``iters`` (long, shape (1,))."""
+    c = module.num_features
+    fk: dict[str, Any] = {"device": device, "dtype": dtype}
+    for name in ("weight", "bias"):
+        if module.affine:
+            setattr(module, name, nn.Parameter(torch.empty(c, **fk)))
+        else:
+            module.register_parameter(name, None)
+    module.register_buffer(running, torch.ones(c, **fk))
+    module.register_buffer("ema_gz", torch.zeros(c, **fk))
+    module.register_buffer("iters", torch.zeros(1, dtype=torch.long, device=device))
+
+
+def reset_affine(module: nn.Module) -> None:
+    """weight 1, bias 0 (when the module has them)."""
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 @register_norm(
     "powernorm",
     family="batch",
@@ -99,8 +129,7 @@ class PowerNorm(nn.Module):
         num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="PowerNorm", default=1)
         set_options(self, eps, stats_dtype=stats_dtype, process_group=process_group)
         check_module_args(group_eps, None)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_num_features(num_features)
         if num_groups is not None and (
             isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or num_features % num_groups
         ):
@@ -114,16 +143,7 @@ class PowerNorm(nn.Module):
         self.num_groups = num_groups
         self.group_eps = float(group_eps)
         self.paper_exact = bool(paper_exact)
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **fk))
-            self.bias = nn.Parameter(torch.empty(num_features, **fk))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_phi", torch.ones(num_features, **fk))
-        self.register_buffer("ema_gz", torch.zeros(num_features, **fk))
-        self.register_buffer("iters", torch.zeros(1, dtype=torch.long, device=device))
+        register_token_state(self, "running_phi", device, dtype)
         self.reset_parameters()
 
     @property
@@ -140,9 +160,7 @@ class PowerNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # official checkpoints store running_phi / ema_gz as (1, C, 1, 1)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from normkit.functional.power_norm import _check_count
 from normkit.functional.unified_norm import resolve_momentum, unified_norm
 from normkit.nn._base import options_repr, set_options, sync_reducer
+from normkit.nn.power_norm import check_num_features, register_token_state, reset_affine
 from normkit.registry import Paper, register_norm
 from normkit.sync import ProcessGroupLike
 
@@ -107,8 +108,7 @@ class UnifiedNorm(nn.Module):
     ) -> None:
         super().__init__()
         set_options(self, eps, stats_dtype=stats_dtype, process_group=process_group)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_num_features(num_features)
         self.num_features = num_features
         self.fp_window, self.bp_window = _windows(window_size)
         self.warmup_iters = _check_count(warmup_iters, "warmup_iters")
@@ -118,16 +118,8 @@ class UnifiedNorm(nn.Module):
         #: torch's convention: running_var ← (1 − momentum)·running_var + momentum·var
         self.momentum = resolve_momentum(momentum, decay, "UnifiedNorm")
         self.affine = bool(affine)
+        register_token_state(self, "running_var", device, dtype)
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **fk))
-            self.bias = nn.Parameter(torch.empty(num_features, **fk))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_var", torch.ones(num_features, **fk))
-        self.register_buffer("ema_gz", torch.zeros(num_features, **fk))
-        self.register_buffer("iters", torch.zeros(1, dtype=torch.long, device=device))
         self.register_buffer("buffer_x2", torch.zeros(self.fp_window, num_features, **fk))
         self.register_buffer("buffer_gz", torch.zeros(self.bp_window, num_features, **fk))
         self.register_buffer("skip_counter", torch.zeros(1, dtype=torch.long, device=device))
@@ -141,9 +133,7 @@ class UnifiedNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """The eval map as ``y = x·scale + shift`` (per channel), for folding into a linear layer."""
