@@ -141,7 +141,7 @@ class _B0Fn(torch.autograd.Function):
         e1 = nc_dot(g4, d) if weight is not None and need[2] else None  # Σ_L g·u
         d.mul_(t)  # T·u
         h_all = nc_sum(d).double() if training else None
-        d.mul_(m)  # W = m·T·u
+        d.mul_(m)  # W = m·T·u (masked_fill_ and where measured slower than the bool-to-float cast)
         h_m = nc_sum(d).double()
         ev = nc_dot(d, x4).double() if need[4] else None
         gam = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.double().reshape(1, c)
@@ -275,7 +275,7 @@ class _S0Fn(torch.autograd.Function):
     With z = v·x, s = σ(z), f = x·s, r = 1/sqrt(Var_G + eps) per (n, group), M = (C/G)·L::
 
         A_nc  = Σ_L g·f,   K_ng = Σ_{c∈g} γ_c·A_nc
-        ∂L/∂x = γ·r·silu'(z)·g − r³·(x − μ_G)·K/M        (silu'(z) = s·(1 + z·(1 − s)) = d f/d x)
+        ∂L/∂x = γ·r·(g·s + v·g·x·s·(1 − s)) − r³·(x − μ_G)·K/M      (d f/d x = s + v·x·s·(1 − s))
         ∂L/∂v = Σ_N γ·r·Σ_L g·x²·s·(1 − s),   ∂L/∂γ = Σ_N r·A,   ∂L/∂β = Σ_{N,L} g
     """
 
@@ -314,24 +314,24 @@ class _S0Fn(torch.autograd.Function):
         dt = x.dtype
         g4 = gy.contiguous().reshape(n, c, 1, length)
         x4 = x.reshape(n, c, 1, length)
-        z = x4 * v.to(dt).reshape(1, c, 1, 1)
-        dx = torch.ops.aten.silu_backward(g4, z) if need[0] else None  # g·silu'(z)
-        s = z.sigmoid_()
+        v4 = v.to(dt).reshape(1, c, 1, 1)
+        s = (x4 * v4).sigmoid_()  # σ(z)
         gx = g4 * x4
         a = nc_dot(gx, s).double()  # A_nc = Σ_L g·x·s
-        ev = None
-        if need[4]:
-            torch.ops.aten.sigmoid_backward(gx, s, grad_input=s)  # g·x·s·(1 − s)
-            ev = nc_dot(s, x4).double()
+        if need[0] or need[4]:
+            torch.ops.aten.sigmoid_backward(gx, s, grad_input=gx)  # g·x·σ'(z), in place
+        ev = nc_dot(gx, x4).double() if need[4] else None
         gam = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.double().reshape(1, c)
         r64 = r.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c)
-        if need[0]:
+        dx = None
+        if need[0]:  # g·silu'(z) = g·s + v·(g·x·σ'(z)), then the path through r
             k = (gam * a).reshape(n, groups, cg).sum(2, keepdim=True).expand(n, groups, cg).reshape(n, c)
             c_x = -r64.square() * k / (cg * length)  # (r³K/M)/r: O(1)·x at any input scale
             const = -mean.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c) * c_x
             shape = (n, c, 1, 1)
-            dx = combine_(dx, gam.expand(n, c).reshape(shape), [(x4, c_x.reshape(shape))],
-                          const.reshape(shape), r64.reshape(shape)).reshape(x.shape)
+            terms = [(gx, (gam * v.double().reshape(1, c)).expand(n, c).reshape(shape)), (x4, c_x.reshape(shape))]
+            dx = combine_(s.mul_(g4), gam.expand(n, c).reshape(shape), terms, const.reshape(shape),
+                          r64.reshape(shape)).reshape(x.shape)
         dw = param_grad((r64 * a).sum(0), weight, need[2])
         db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
         dv = param_grad(None if ev is None else (gam * r64 * ev).sum(0), v, need[4])
