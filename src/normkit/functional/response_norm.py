@@ -161,6 +161,13 @@ def _safe_l2(x: Tensor, dim: int) -> Tensor:
     return torch.where(bad, torch.ldexp(scaled, e.squeeze(dim)), g)
 
 
+def _flat(x: Tensor, channels_last: bool) -> Tensor:
+    """GRN's input as ``(N, L, C)`` (channels-last) or ``(N, C, L)``, the spatial dims flattened (N = 0 too)."""
+    if channels_last:
+        return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
+    return x.reshape(x.shape[0], x.shape[1], trailing_numel(x))
+
+
 def _grn_math(
     x: Tensor,
     weight: Tensor | None,
@@ -173,7 +180,7 @@ def _grn_math(
     xf = x.to(sd)
     n, c = x.shape[0], x.shape[-1] if channels_last else x.shape[1]
     # ‖x‖ over the spatial dims, overflow-safe: flattened to (N, L, C) or (N, C, L)
-    flat = xf.reshape(n, -1, c) if channels_last else xf.reshape(n, c, -1)
+    flat = _flat(xf, channels_last)
     gx = _safe_l2(flat, 1 if channels_last else 2)  # (N, C)
     nx = gx / (gx.mean(1, keepdim=True) + eps)
     nx = nx.reshape((n,) + (1,) * (x.dim() - 2) + (c,)) if channels_last else nc_view(nx, x)
@@ -196,7 +203,7 @@ class _GRNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, channels_last):  # noqa: ANN001, ANN205
         n, c = x.shape[0], x.shape[-1] if channels_last else x.shape[1]
-        flat = x.reshape(n, -1, c) if channels_last else x.reshape(n, c, -1)
+        flat = _flat(x, channels_last)
         g = _safe_l2(flat, 1 if channels_last else 2)
         z = g.mean(1, keepdim=True) + eps
         nx = g / z
@@ -224,10 +231,10 @@ class _GRNFn(torch.autograd.Function):
         n, c = g.shape
         gy = gy.contiguous()
         if cl:
-            gf, xf = gy.reshape(n, -1, c), x.reshape(n, -1, c)
+            gf, xf = _flat(gy, True), _flat(x, True)
             d = torch.linalg.vecdot(gf, xf, dim=1)
         else:
-            gf, xf = gy.reshape(n, c, -1), x.reshape(n, c, -1)
+            gf, xf = _flat(gy, False), _flat(x, False)
             d = nc_dot(gf, xf)
         nx = g / z
         dn = d if weight is None else d * weight.to(d.dtype).reshape(1, c)
