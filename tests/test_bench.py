@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import normkit
 from normkit.bench import SUITES, Job, SuiteConfig, configure_parser, register_suite, run, run_cli
 from normkit.bench.models import SmallCNN, TinyViT
-from normkit.bench.suites import QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
+from normkit.bench.suites import QUICK_EPOCHS, QUICK_IMAGE_NORMS, QUICK_TOKEN_NORMS, digits_jobs, norms_with_layout
 
 TINY = 0.02  # fraction of the quick suite's training: a few steps per run
 
@@ -40,7 +40,7 @@ def temp_suite():
 
 @pytest.mark.slow
 def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
-    results = run("quick", scale=TINY, seeds=1, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False)
+    results = run("quick", scale=TINY, seeds=1, norms=["batchnorm", "layernorm"], out_dir=tmp_path, progress=False, workers=1)
 
     # batchnorm is an image norm (digits CNN at batch 64 and 2), layernorm a token norm (tiny ViT).
     got = sorted((r["task"], r["model"], r["norm"], r["batch_size"]) for r in results)
@@ -49,8 +49,9 @@ def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
         assert r["status"] == "ok", r["error"]
         assert 0.0 <= r["test_acc"] <= 1.0
         assert r["steps"] >= 1 and r["ms_per_step"] > 0 and r["train_loss"] > 0
-    # scale shrinks training: 8 epochs x 0.02 of 23 steps/epoch at batch 64 (1438 training digits)
-    assert next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")["steps"] == round(8 * TINY * 23)
+    # scale shrinks training: QUICK_EPOCHS x 0.02 of 23 steps/epoch at batch 64 (1438 training digits)
+    cnn64 = next(r for r in results if r["batch_size"] == 64 and r["model"] == "cnn")
+    assert cnn64["steps"] == round(QUICK_EPOCHS[0] * TINY * 23)
 
     rows = _csv_rows(tmp_path / "results.csv")
     assert len(rows) == len(results) == 3
@@ -69,8 +70,8 @@ def test_quick_suite_writes_one_row_per_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_runs_are_deterministic(tmp_path):
-    a = run("quick", scale=0.01, seeds=1, norms=["rmsnorm"], out_dir=tmp_path / "a", progress=False)
-    b = run("quick", scale=0.01, seeds=1, norms=["rmsnorm"], out_dir=tmp_path / "b", progress=False)
+    a = run("quick", scale=0.01, seeds=1, norms=["rmsnorm"], out_dir=tmp_path / "a", progress=False, workers=1)
+    b = run("quick", scale=0.01, seeds=1, norms=["rmsnorm"], out_dir=tmp_path / "b", progress=False, workers=1)
     assert [(r["test_acc"], r["train_loss"]) for r in a] == [(r["test_acc"], r["train_loss"]) for r in b]
 
 
@@ -118,7 +119,7 @@ def test_registered_suite_runs_with_claims(tmp_path, temp_suite, capsys):
     with pytest.raises(ValueError, match="already registered"):
         register_suite(name)(lambda cfg: jobs)
 
-    results = run(name, full=True, seed=5, out_dir=tmp_path, progress=False)
+    results = run(name, full=True, seed=5, out_dir=tmp_path, progress=False, workers=1)
     assert [r["seed"] for r in results] == [5, 6]  # full: one run per seed
     assert seen == [2]
     payload = json.loads((tmp_path / "results.json").read_text())
@@ -196,7 +197,7 @@ def test_seeds_option(tmp_path):
 @pytest.mark.slow
 def test_parallel_workers_give_the_sequential_results(tmp_path):
     kwargs = {"scale": 0.01, "seeds": 2, "norms": ["bn_only", "full"], "progress": False, "threads": 1}
-    seq = run("normonly", out_dir=tmp_path / "seq", **kwargs)
+    seq = run("normonly", out_dir=tmp_path / "seq", workers=1, **kwargs)
     par = run("normonly", out_dir=tmp_path / "par", workers=2, **kwargs)
     key = [(r["norm"], r["seed"], r["status"], r["test_acc"], r["train_loss"]) for r in seq]
     assert key == [(r["norm"], r["seed"], r["status"], r["test_acc"], r["train_loss"]) for r in par]
@@ -210,3 +211,27 @@ def test_text_progress_prints_the_remaining_time(capsys):
     bar.finish(0, 4, "toy", {"status": "error", "error": "x"})
     line = capsys.readouterr().out
     assert line.startswith("[1/4] toy: ERROR x") and "25% of steps" in line and "s left]" in line
+
+
+def test_parallelism_defaults_to_one_worker_per_core(monkeypatch):
+    from normkit.bench.runner import resolve_parallelism
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert resolve_parallelism(None, None) == (2, 1)  # 2 workers × 1 thread on 2 cores
+    assert resolve_parallelism(None, None, runs=1) == (1, 1)  # never more workers than runs
+    assert resolve_parallelism(None, None, max_workers=1) == (1, 2)  # timing suites: one process, both cores
+    assert resolve_parallelism(1, None) == (1, 2) and resolve_parallelism(None, 2) == (1, 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert resolve_parallelism(None, None) == (1, 1)
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        resolve_parallelism(0, None)
+    assert SUITES["convert"].max_workers == 1  # its claims are wall-clock speedups
+
+
+def test_cpu_summary_estimates_the_idle_wall_time():
+    from normkit.bench.runner import cpu_summary
+
+    rows = [{"worker": 1, "worker_cpu_s": 10.0}, {"worker": 1, "worker_cpu_s": 30.0}, {"worker": 2, "worker_cpu_s": 20.0}]
+    # total = parent 2 + 30 + 20; the busiest worker (30) exceeds the balanced 52 / 2 = 26
+    assert cpu_summary(rows, 2.0, workers=2) == {"cpu_s": 52.0, "cpu_busiest_s": 30.0, "idle_estimate_s": 30.0}
+    assert cpu_summary([], 5.0, workers=1) == {"cpu_s": 5.0, "cpu_busiest_s": 5.0, "idle_estimate_s": 5.0}

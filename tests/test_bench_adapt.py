@@ -36,6 +36,7 @@ def test_tta_suite_runs_at_tiny_scale(tmp_path, capsys):
         out_dir=tmp_path,
         progress=False,
         threads=1,
+        workers=1,
     )
     assert len(results) == 4 * (2 * len(TTA_BATCH_SIZES) + 2)
     for r in results:
@@ -52,7 +53,7 @@ def test_tta_suite_runs_at_tiny_scale(tmp_path, capsys):
 
 
 def test_normonly_suite_runs_at_tiny_scale(tmp_path, capsys):
-    results = run("normonly", scale=TINY, seeds=1, out_dir=tmp_path, progress=False, threads=1)
+    results = run("normonly", scale=TINY, seeds=1, out_dir=tmp_path, progress=False, threads=1, workers=1)
     assert [r["norm"] for r in results] == list(NORMONLY_VARIANTS)
     trainable = {r["norm"]: r["trainable_params"] for r in results}
     assert trainable["bn_only"] == 160 and trainable["full"] == results[0]["params"]

@@ -24,7 +24,7 @@ def test_registered_with_one_job_per_claim():
 def test_suite_runs_end_to_end_at_smoke_scale(tmp_path):
     from normkit.bench import run
 
-    rows = run("convert", out_dir=tmp_path, scale=0.03, seeds=2, progress=False, threads=1)
+    rows = run("convert", out_dir=tmp_path, scale=0.03, seeds=2, progress=False, threads=1, workers=1)
     by_task = {}
     for r in rows:
         assert r["status"] == "ok", r.get("traceback", r["error"])

@@ -19,7 +19,7 @@ def test_registered_with_paired_seeds() -> None:
 
 
 def test_tiny_run_gives_ok_rows_and_claim_lines(tmp_path) -> None:
-    rows = run("optim", scale=0.03, seeds=2, out_dir=tmp_path, progress=False, threads=1)
+    rows = run("optim", scale=0.03, seeds=2, out_dir=tmp_path, progress=False, threads=1, workers=1)
     bad = [(r["norm"], r["error"]) for r in rows if r["status"] != "ok"]
     assert not bad
     assert {r["claim"] for r in rows} == {"projection", "nap", "sinkgd", "agc", "bngrad"}

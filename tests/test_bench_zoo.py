@@ -58,12 +58,14 @@ def test_suite_norm_lists():
 
 @pytest.mark.slow
 def test_tiny_microbatch_runs(tmp_path):
-    rows = run("microbatch", scale=0.002, seeds=1, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m", progress=False)
+    rows = run("microbatch", scale=0.002, seeds=1, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m",
+               progress=False, workers=1)  # fmt: skip
     assert [r["status"] for r in rows] == ["ok"] * 4 and {r["task"] for r in rows} == {"scenes"}
 
 
 def test_tiny_transformer_runs(tmp_path, capsys):
-    rows = run("transformer", scale=0.01, seeds=2, norms=["powernorm", "layernorm"], out_dir=tmp_path / "t", progress=False)
+    rows = run("transformer", scale=0.01, seeds=2, norms=["powernorm", "layernorm"], out_dir=tmp_path / "t",
+               progress=False, workers=1)  # fmt: skip
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert all(r["test_loss"] > 0 and len(r["loss_curve"]) == r["steps"] for r in rows)
     assert "Shen et al. 2020 (PowerNorm" in capsys.readouterr().out
@@ -71,7 +73,7 @@ def test_tiny_transformer_runs(tmp_path, capsys):
 
 
 def test_selfnorm_measures_every_layer_and_plots(tmp_path):
-    rows = run("selfnorm", scale=0.02, norms=["selu+lecun"], out_dir=tmp_path, progress=False)
+    rows = run("selfnorm", scale=0.02, norms=["selu+lecun"], out_dir=tmp_path, progress=False, workers=1)
     assert all(len(r["layer_var"]) == 32 for r in rows)
     assert (tmp_path / "selfnorm_layers.png").exists()
 
@@ -145,3 +147,19 @@ def test_selfnorm_claim_uses_best_learning_rate():
     for r in results[:2]:
         r["test_acc"] = 0.5
     assert claims(results)[0].startswith("[contradicted]")
+
+
+def test_sequence_suite_runs_on_mnist1d_at_tiny_scale(tmp_path):
+    from normkit.bench.suites_zoo import SEQUENCE_CNN_NORMS, SEQUENCE_TRANSFORMER_NORMS
+
+    jobs = list(SUITES["sequence"].jobs(SuiteConfig()))
+    assert {(j.model, j.norm) for j in jobs} == {("cnn1d", n) for n in SEQUENCE_CNN_NORMS} | {
+        ("transformer", n) for n in SEQUENCE_TRANSFORMER_NORMS
+    }
+    assert {(j.task, j.batch_size, j.lr) for j in jobs} == {("mnist1d", 64, 3e-3)}  # one recipe for every claim
+    rows = run("sequence", scale=0.01, seeds=2, norms=["batchnorm", "ln", "layernorm", "dyt"], out_dir=tmp_path, progress=False,
+               workers=1)  # fmt: skip
+    assert all(r["status"] == "ok" and 0 <= r["test_acc"] <= 1 for r in rows), [r["error"] for r in rows]
+    claims = SUITES["sequence"].claims(rows)
+    assert any("LN is worse than BN in CNNs" in c for c in claims) and any("DyT matches LN" in c for c in claims)
+    assert all(c.split("]")[0][1:] in ("supported", "contradicted", "inconclusive") and "2 seeds" in c for c in claims)

@@ -171,7 +171,7 @@ def test_runner_uses_a_jobs_own_run_function(tmp_path):
     name = "_test_custom_run"
     register_suite(name)(lambda cfg: [Job("t", "m", "batchnorm", lambda n: nn.Identity(), 8, 1.0, 0.1, run=custom)])
     try:
-        rows = run(name, out_dir=tmp_path, progress=False, scale=0.5, threads=1, seeds=1)
+        rows = run(name, out_dir=tmp_path, progress=False, scale=0.5, threads=1, seeds=1, workers=1)
     finally:
         SUITES.pop(name, None)
     assert calls == [("batchnorm", 0, 0.5)]
@@ -179,7 +179,7 @@ def test_runner_uses_a_jobs_own_run_function(tmp_path):
 
 
 def test_continual_suite_tiny_run_prints_claims(tmp_path, capsys):
-    rows = run("continual", out_dir=tmp_path, progress=False, scale=0.05, threads=1)
+    rows = run("continual", out_dir=tmp_path, progress=False, scale=0.05, threads=1, workers=1)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     assert {(r["model"], r["norm"]) for r in rows} == {(f"cnn+{s}", n) for s in ("er", "er_ace") for n in ("batchnorm", "adab2n")}
     for r in rows:

@@ -267,6 +267,10 @@ def _board_table(board: Sequence[dict[str, Any]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _lr_text(lrs: dict[str, list[float]]) -> str:
+    return "; ".join(f"{model}: {', '.join(f'{v:g}' for v in values)}" for model, values in lrs.items()) or "-"
+
+
 def write_html(path: Path, sections: Sequence[dict[str, Any]], title: str = "normkit bench report") -> Path:
     """One self-contained HTML page: per suite its claims (verdict table), leaderboard and PNGs (embedded).
 
@@ -297,7 +301,10 @@ def write_html(path: Path, sections: Sequence[dict[str, Any]], title: str = "nor
         parts.append(f"<h2 id='{_esc(s['suite'])}'>{_esc(s['suite'])}</h2><p>{_esc(s.get('description', ''))}</p>")
         parts.append(
             f"<p class='env'>seeds {_esc(env.get('seeds'))}, scale {_esc(env.get('scale'))}, full {_esc(env.get('full'))}, "
-            f"{_esc(env.get('total_time_s'))} s, torch {_esc(env.get('torch'))}, {_esc(env.get('threads'))} threads</p>"
+            f"{_esc(env.get('total_time_s'))} s wall, {_esc(env.get('cpu_s'))} s CPU, {_esc(env.get('workers'))} worker(s) × "
+            f"{_esc(env.get('threads'))} thread(s), torch {_esc(env.get('torch'))}</p>"
+            f"<p class='env'>learning rates (shared by every method of a model; several = a grid): "
+            f"{_esc(_lr_text(env.get('lrs', {})))}</p>"
         )
         parts.append("<h3>Claims</h3>" + _claims_table(s.get("claims", []), s.get("scope", "")))
         parts.append("<h3>Leaderboard</h3>" + _board_table(s.get("leaderboard", [])))

@@ -186,13 +186,16 @@ def _run_one(job: Job, seed: int, scale: float, progress: _Progress, steps: int)
         done += n
         progress.advance(n)
 
+    cpu0 = time.process_time()
     try:
         train = job.run if job.run is not None else train_run
-        return dict(train(job, seed, scale=scale, on_step=on_step))
+        row = dict(train(job, seed, scale=scale, on_step=on_step))
     except Exception as e:  # noqa: BLE001 - a broken norm must not abort the bench
         progress.advance(max(0, steps - done))
         message = (str(e).strip().splitlines() or [""])[0]
-        return {"status": "error", "error": f"{type(e).__name__}: {message}"[:300], "traceback": traceback.format_exc()}
+        row = {"status": "error", "error": f"{type(e).__name__}: {message}"[:300], "traceback": traceback.format_exc()}
+    row["cpu_s"] = round(time.process_time() - cpu0, 3)  # this process's CPU time for the run (data, train, eval)
+    return row
 
 
 def _base_row(suite: str, job: Job, seed: int, scale: float) -> dict[str, Any]:
@@ -205,23 +208,42 @@ def _base_row(suite: str, job: Job, seed: int, scale: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _worker(task: tuple[str, bool, int, int, int, float, int | None]) -> dict[str, Any]:
+def _worker(task: tuple[str, str, bool, int, int, int, float, int | None]) -> dict[str, Any]:
     """One run in a worker process: the job is rebuilt from the suite registry (jobs hold closures)."""
+    import importlib
+
     import normkit.bench  # noqa: F401  (registers the built-in suites in a spawned process)
 
-    suite, full, base_seed, index, seed, scale, threads = task
+    suite, module, full, base_seed, index, seed, scale, threads = task
+    importlib.import_module(module)  # a suite registered outside normkit.bench registers on import
     job = list(get_suite(suite).jobs(SuiteConfig(full=full, seed=base_seed)))[index]
     with torch_threads(threads):
-        return _run_one(job, seed, scale, _Progress(), planned_steps(job, scale))
+        row = _run_one(job, seed, scale, _Progress(), planned_steps(job, scale))
+    # The worker's CPU time so far (imports included): the runner reports the busiest worker's total.
+    row["worker"], row["worker_cpu_s"] = os.getpid(), round(time.process_time(), 3)
+    return row
+
+
+def _importable(spec: Suite) -> bool:
+    """Whether a spawned worker can rebuild the suite's jobs: its job function is a module-level name
+    (registered when its module is imported). Suites registered at run time (closures, tests) run serially."""
+    fn = spec.jobs
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    return module is not None and getattr(module, getattr(fn, "__qualname__", ""), None) is fn
 
 
 def _run_parallel(tasks: list[Any], rows: list[dict[str, Any]], steps: list[int], bar: _Progress, workers: int) -> None:
-    """Train ``tasks`` in ``workers`` spawned processes; the bar advances by each finished run's steps."""
+    """Train ``tasks`` in ``workers`` spawned processes; the bar advances by each finished run's steps.
+
+    Runs are submitted longest first (by planned steps): with few workers, a long run started last
+    would leave the other cores idle at the end (longest-processing-time-first scheduling).
+    """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    order = sorted(range(len(tasks)), key=lambda i: -steps[i])
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_worker, t): i for i, t in enumerate(tasks)}
+        futures = {pool.submit(_worker, tasks[i]): i for i in order}
         for done, future in enumerate(as_completed(futures)):
             i = futures[future]
             try:
@@ -233,6 +255,31 @@ def _run_parallel(tasks: list[Any], rows: list[dict[str, Any]], steps: list[int]
             bar.finish(done, len(tasks), label, rows[i])
 
 
+def resolve_parallelism(
+    workers: int | None, threads: int | None, runs: int = 1 << 30, max_workers: int | None = None
+) -> tuple[int, int | None]:
+    """``(workers, threads)`` for ``runs`` runs; ``None`` means "what the machine affords".
+
+    The bench's models are small: one torch thread per run is as fast per core as two (intra-op
+    threads have little to split in a 3-conv CNN at batch 2), so independent runs in parallel
+    processes use the cores best. Defaults: ``threads`` 1 and ``workers`` = cores // threads when
+    both are None; the given one fixes the other (``workers`` given: cores // workers threads each).
+    ``workers`` never exceeds ``runs`` nor the suite's ``max_workers`` (suites whose claims are
+    timings run one process at a time).
+    """
+    cores = os.cpu_count() or 1
+    for name, v in (("workers", workers), ("threads", threads)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+    if workers is None:
+        workers = max(1, cores // (threads or 1))
+        if max_workers is not None:
+            workers = min(workers, max_workers)
+    if threads is None:
+        threads = max(1, cores // workers) if workers > 1 else min(2, cores)
+    return max(1, min(workers, runs)), threads
+
+
 def run(
     suite: str = "quick",
     *,
@@ -242,9 +289,9 @@ def run(
     norms: list[str] | None = None,
     progress: bool = True,
     scale: float = 1.0,
-    threads: int | None = 2,
+    threads: int | None = None,
     seeds: int | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run a bench suite, print its leaderboard and claims, write results.{csv,json,png} to ``out_dir``.
 
@@ -255,14 +302,15 @@ def run(
     ~0.02); ``threads`` sets torch's intra-op threads for the duration (small models are
     fastest on few threads, and it makes timings comparable across machines; None keeps the
     current setting). ``workers`` > 1 trains runs in that many processes (each with ``threads``
-    threads): runs are independent and seeded, so results equal the sequential ones up to
-    floating-point reduction order; use it when cores ≥ workers × threads. Returns one dict per
-    run (job × seed), as in ``results.csv``.
+    threads): runs are independent and seeded, so results equal the sequential ones with the same
+    ``threads`` (tested). By default (both None) the machine's cores are used: one worker per core,
+    one thread each (see :func:`resolve_parallelism`). Returns one dict per run (job × seed), as in
+    ``results.csv``.
     """
     spec = get_suite(suite)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     jobs = _filter_jobs(list(spec.jobs(SuiteConfig(full=full, seed=seed))), norms, suite)
     if not jobs:
         raise ValueError(f"suite {suite!r} has no jobs")
@@ -270,6 +318,7 @@ def run(
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {n_seeds!r}")
     seed_list = [seed + i for i in range(n_seeds)]
+    workers, threads = resolve_parallelism(workers, threads, len(jobs) * n_seeds, spec.max_workers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -278,9 +327,9 @@ def run(
         steps = [planned_steps(job, scale) for job, _ in runs]
         rows = [_base_row(suite, job, s, scale) for job, s in runs]
         with _make_progress(progress, sum(steps)) as bar:
-            if workers > 1 and len(runs) > 1:
+            if workers > 1 and len(runs) > 1 and _importable(spec):
                 index = {j.key: i for i, j in enumerate(spec.jobs(SuiteConfig(full=full, seed=seed)))}
-                tasks = [(suite, full, seed, index[job.key], s, scale, threads) for job, s in runs]
+                tasks = [(suite, spec.jobs.__module__, full, seed, index[job.key], s, scale, threads) for job, s in runs]
                 _run_parallel(tasks, rows, steps, bar, workers)
             else:
                 for i, ((job, s), n_steps) in enumerate(zip(runs, steps)):
@@ -290,9 +339,42 @@ def run(
                     bar.finish(i, len(runs), label, rows[i])
         results = rows
         env = _environment(spec, full=full, seed=seed, seeds=seed_list, scale=scale, norms=norms, workers=workers)
+        env["threads"] = threads
+        env["lrs"] = learning_rates(jobs)
+        env.update(cpu_summary(results, time.process_time() - start_cpu, workers))
 
     _report(spec, results, out, env, start)
     return results
+
+
+def learning_rates(jobs: Sequence[Job]) -> dict[str, list[float]]:
+    """Per task/model, the learning rates its jobs use (one value: shared by all methods; several: a grid or a
+    per-batch-size rule), for the report: no rate is tuned per claim or per method."""
+    lrs: dict[str, set[float]] = {}
+    for job in jobs:
+        lrs.setdefault(f"{job.task} {job.model}", set()).add(float(job.lr))
+    return {k: sorted(v) for k, v in lrs.items()}
+
+
+def cpu_summary(results: list[dict[str, Any]], parent_cpu_s: float, workers: int) -> dict[str, float]:
+    """CPU seconds of a suite: ``cpu_s`` (parent + every worker process, imports included), ``cpu_busiest_s``
+    (the busiest process) and ``idle_estimate_s`` = max(busiest, cpu_s / workers).
+
+    On a machine shared with other jobs the wall time says little; CPU time does not depend on the
+    load (much), and the estimate is the wall time the suite would take with its ``workers`` cores to
+    itself — perfect balance bounded by the busiest process.
+    """
+    per_worker: dict[Any, float] = {}
+    for r in results:
+        if "worker" in r:
+            per_worker[r["worker"]] = max(per_worker.get(r["worker"], 0.0), float(r.get("worker_cpu_s") or 0.0))
+    busiest = max([parent_cpu_s, *per_worker.values()])
+    total = parent_cpu_s + sum(per_worker.values())
+    return {
+        "cpu_s": round(total, 1),
+        "cpu_busiest_s": round(busiest, 1),
+        "idle_estimate_s": round(max(busiest, total / max(1, workers)), 1),
+    }
 
 
 def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str, Any], start: float) -> None:
@@ -327,7 +409,11 @@ def _report(spec: Suite, results: list[dict[str, Any]], out: Path, env: dict[str
     else:
         print("matplotlib is not installed: skipped results.png (pip install 'normkit[bench]')")
     failed = sum(r["status"] != "ok" for r in results)
-    print(f"\n{len(results)} runs ({failed} not ok) in {env['total_time_s']:.1f}s; wrote " + ", ".join(str(p) for p in written))
+    print(
+        f"\n{len(results)} runs ({failed} not ok) in {env['total_time_s']:.1f}s wall, {env['cpu_s']:.0f}s CPU "
+        f"({env['workers']} worker(s) × {env['threads']} thread(s); busiest process {env['cpu_busiest_s']:.0f}s CPU, "
+        f"so ~{env['idle_estimate_s']:.0f}s on {env['workers']} idle core(s)); wrote " + ", ".join(str(p) for p in written)
+    )
 
 
 # --------------------------------------------------------------------------- one report over suites
@@ -379,7 +465,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add the ``normkit bench`` options to ``p`` (called by :mod:`normkit.cli`)."""
     p.add_argument("--suite", default=None, help="suite to run, or 'all' (default: quick; with --report: all; see --list-suites)")
     p.add_argument("--report", action="store_true", help="write one self-contained HTML report (report.html) over the suites run")
-    p.add_argument("--workers", type=int, default=1, help="train runs in this many processes (each with --threads threads)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="train runs in this many processes (default: one per core, with 1 thread each)"
+    )
     p.add_argument("--full", action="store_true", help="longer training and more paired seeds")
     p.add_argument("--seeds", type=int, default=None, help="paired seeds per job (default: the suite's, enough for its claims)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder for results.csv/json/png (default: {DEFAULT_OUT})")
@@ -388,7 +476,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norms", default=None, help="comma-separated subset of the suite's norms, e.g. batchnorm,groupnorm")
     p.add_argument("--list-suites", action="store_true", help="list the registered suites and exit")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the training length (e.g. 0.05 for a smoke test)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads during the bench (default: 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per run (default: cores // workers; 1 with the default workers)",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -403,8 +496,8 @@ def run_cli(args: argparse.Namespace) -> int:
     suite = args.suite or ("all" if report_mode else "quick")
     kwargs: dict[str, Any] = {
         "full": args.full, "seed": args.seed, "norms": norms, "progress": not args.no_progress,
-        "scale": getattr(args, "scale", 1.0), "threads": getattr(args, "threads", 2), "seeds": getattr(args, "seeds", None),
-        "workers": getattr(args, "workers", 1) or 1,
+        "scale": getattr(args, "scale", 1.0), "threads": getattr(args, "threads", None), "seeds": getattr(args, "seeds", None),
+        "workers": getattr(args, "workers", None),
     }  # fmt: skip
     try:
         if report_mode or suite == "all":
