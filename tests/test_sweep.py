@@ -151,3 +151,45 @@ def test_sweep_compiled(name, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _case(name, "compiled", case, True)
+
+
+def _far_from_one(name: str, backend: str, scale: float, train: bool, big: bool) -> None:
+    """Finite float32 input scaled far from 1 gives the float64 answer (issue 12, item 3): the
+    statistics may not overflow (|x| ≈ 1e30 squares past float32's range) or underflow."""
+    torch.manual_seed(0)
+    m = _layer(name, backend)
+    if m is None:
+        pytest.skip("no backend switch")
+    m.train(train)
+    for mod in m.modules():  # eps=None means finfo(dtype).eps, which differs in the float64 reference
+        if getattr(mod, "eps", 0.0) is None:
+            mod.eps = 1e-6
+    shape = _shape(name)
+    if big:  # ≥ 2^18 elements: the size from which auto's ATen paths check their statistics
+        shape = (1024, 32, C) if norm_info(name).layout == "channels_last" else (64, C, 32, 32)
+    x = torch.randn(shape) * scale
+    kw = sample_inputs(name, x)
+    if norm_info(name).extra_inputs:  # style/condition tensors on the same scale as the content
+        kw = {k: (v * scale if torch.is_tensor(v) and v.is_floating_point() and k != "mask" else v) for k, v in kw.items()}
+    ref = _reference(m, x, name, kw)
+    y = _run(m, x, name, kw)
+    assert torch.isfinite(y).all(), f"x·{scale:g}: non-finite output for finite input"
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, f"x·{scale:g}: relative error {err:.2e} against the float64 layer"
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+@pytest.mark.parametrize("name", NAMES)
+def test_sweep_far_from_one_eager(name, scale):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _far_from_one(name, "eager", scale, True, big=False)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+@pytest.mark.parametrize("name", NAMES)
+def test_sweep_far_from_one_auto(name, scale, train):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _far_from_one(name, "auto", scale, train, big=True)
