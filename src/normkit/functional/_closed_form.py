@@ -3,7 +3,7 @@
 EvoNorm-B0/S0, FRN(+TLU) and GRN are a statistics norm plus per-element work that no ATen op
 fuses. Their default path (backend ``"auto"``, also ``"native"`` and ``"kernels"``) is one
 ``torch.autograd.Function`` each with a closed-form backward that saves only the input plus
-O(N·C) statistics (FRN's TLU adds a 1-byte mask) and recomputes elementwise intermediates;
+O(N·C) statistics (FRN's TLU adds its 0/1 mask) and recomputes elementwise intermediates;
 ``"eager"`` keeps the plain formula as the reference path, ``"compiled"``/``"inductor"`` compile
 that formula, and inside a user's ``torch.compile`` the plain formula is traced (the user's
 compiler fuses it with its neighbours, as before).
