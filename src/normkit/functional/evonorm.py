@@ -107,9 +107,11 @@ class _B0Fn(torch.autograd.Function):
         torch.addcmul(s_i, x4, v4, out=y4)  # v·x + s_I: the engine's output buffer reused
         torch.maximum(y4, a, out=y4)
         torch.div(x4, y4, out=y4)
-        if weight is not None:
+        if weight is not None and bias is not None:
+            torch.addcmul(bias.to(x.dtype).reshape(1, c, 1, 1), y4, weight.to(x.dtype).reshape(1, c, 1, 1), out=y4)
+        elif weight is not None:
             y4.mul_(weight.to(x.dtype).reshape(1, c, 1, 1))
-        if bias is not None:
+        elif bias is not None:
             y4.add_(bias.to(x.dtype).reshape(1, c, 1, 1))
         ctx.save_for_backward(x, None if training else var_b, weight, bias, v, s_i, a, mean_i, mu_b)
         ctx.cfg = (bool(training), eps)
