@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import normkit as nk
+from normkit.bench.kernels import _saved_bytes  # the `saved` column of `normkit kernels`
 from normkit.functional.evonorm import evonorm_b0, evonorm_s0
 from normkit.functional.response_norm import filter_response_norm, global_response_norm
 
@@ -113,18 +114,6 @@ def test_double_backward(case):
         outs.append(torch.autograd.grad(gx.sin().sum(), [x, *ps]))
     for a, e in zip(*outs):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
-
-
-def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("case", list(CASES))
