@@ -146,7 +146,7 @@ class _B0Fn(torch.autograd.Function):
         d.mul_(m)  # W = m·T·u
         h_m = nc_sum(d).double()
         ev = nc_dot(d, x4).double() if need[4] else None
-        gam = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.double().reshape(1, c)
+        gam = torch.ones(1, c, dtype=torch.float64, device=x.device) if weight is None else weight.double().reshape(1, c)
         s64 = s_i.double().reshape(n, c)
         # coefficients ×s_I (so every product below is O(1) at input scales of 1e±30), float64
         p_s = -gam * h_m / length  # P·s_I
@@ -323,7 +323,7 @@ class _S0Fn(torch.autograd.Function):
         if need[0] or need[4]:
             torch.ops.aten.sigmoid_backward(gx, s, grad_input=gx)  # g·x·σ'(z), in place
         ev = nc_dot(gx, x4).double() if need[4] else None
-        gam = torch.ones(1, c, dtype=torch.float64) if weight is None else weight.double().reshape(1, c)
+        gam = torch.ones(1, c, dtype=torch.float64, device=x.device) if weight is None else weight.double().reshape(1, c)
         r64 = r.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c)
         dx = None
         if need[0]:  # g·silu'(z) = g·s + v·(g·x·σ'(z)), then the path through r
