@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit.functional._core import check_channels_first, check_eps, check_param
+from normkit.functional._core import check_channels_first, check_eps, check_param, snapshot
 from normkit.functional.batch_norm import batch_norm, channel_affine, group_norm
 from normkit.functional.batch_variants import batch_moments, bn_coefficients, pooled_moments
 from normkit.stats import Reducer, accumulation_dtype
@@ -143,8 +143,10 @@ def estbn_update(
     dt = var_b.dtype if var_b.dtype == torch.float64 else running_var.dtype
     var = var_b.to(dt) + (mean.to(dt) - running_mean.to(dt)).square()
     r = r.to(dt)
-    new_mean = running_mean.to(dt) * (1 - r) + r * mean.to(dt)
-    new_var = running_var.to(dt) * (1 - r) + r * var
+    # one aten.cat that the forward needs (for the buffer writes): torch.compile then saves it for backward
+    # instead of recomputing the estimates there from the updated buffers (functional._core.snapshot)
+    both = snapshot(running_mean.to(dt) * (1 - r) + r * mean.to(dt), running_var.to(dt) * (1 - r) + r * var)
+    new_mean, new_var = both.split(running_mean.numel())
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     return new_mean, new_var

@@ -133,17 +133,17 @@ class _SampleAffineFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
         sd = accumulation_dtype(x.dtype)
-        bcast = (*scale.shape, *([1] * (x.dim() - 2)))  # the output has x's shape (not a view of a reshape)
-        a = scale.to(sd).reshape(bcast)
-        ctx.save_for_backward(x, a)
+        tail = (1,) * (x.dim() - 2)  # broadcast, so the output has x's shape (not a view of a reshape)
+        ctx.save_for_backward(x, scale)  # inputs, not values made here: a double backward differentiates them
         ctx.shapes = (scale.shape, scale.dtype, shift.shape, shift.dtype)
-        return torch.addcmul(shift.to(sd).reshape(shift.shape + (1,) * (x.dim() - 2)), x, a).to(x.dtype)
+        return torch.addcmul(shift.to(sd).reshape(shift.shape + tail), x, scale.to(sd).reshape(scale.shape + tail)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
-        x, a = ctx.saved_tensors
+        x, scale = ctx.saved_tensors
         a_shape, a_dtype, b_shape, b_dtype = ctx.shapes
         n, c, length = x.shape[0], x.shape[1], trailing_numel(x)
+        a = scale.to(accumulation_dtype(x.dtype)).reshape(a_shape + (1,) * (x.dim() - 2))
         dx = (g.to(a.dtype) * a).to(x.dtype) if ctx.needs_input_grad[0] else None
         g3 = g.reshape(n, c, length).to(a.dtype)
         da = db = None
