@@ -7,6 +7,8 @@ Progressive Re-parameterized Batch Normalization", ICML 2024, arXiv:2405.11582. 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd import Function
@@ -16,6 +18,7 @@ from normkit.functional import aten as _aten
 from normkit.functional._core import check_float
 from normkit.functional._replay import replay_grads
 from normkit.functional.batch_norm import batch_norm
+from normkit.functional.layer_norm import layer_norm
 from normkit.stats import Reducer, accumulation_dtype
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -56,53 +59,72 @@ def _rep_math(
 
 
 class _RepBNFn(Function):
-    """``BN(x) + α·x`` on a contiguous ``(rows, C)`` input through ATen's BatchNorm, in one node.
+    """``BN(x) + α·x`` on a contiguous ``(rows, C)`` input given its per-channel statistics, in one node.
 
-    Forward: ``torch.native_batch_norm`` (which also updates the running buffers in training) and
-    ``α·x`` added in place into its output. Backward: ATen's closed-form BN backward plus
-    ``α·∂L/∂y`` added in place, ``∂L/∂α = Σ ∂L/∂y · x`` as one dot product. Saves the input and
-    the per-channel statistics only. Where ATen's float32 statistics overflow (a channel's variance
-    past the float range, :mod:`normkit.functional.aten`; checked on CPU at every size) the running buffers are restored and the
-    output comes from normkit's overflow-safe path; that call's backward, and any double backward,
-    replay autograd on :func:`_rep_math`.
+    With μ, σ² (the batch's in training, the running ones in eval) and r = (σ² + eps)^−½ the
+    layer is the per-channel affine ``y = x·a + c``, ``a = γ·r + α``, ``c = β − γ·r·μ`` (one pass).
+    Backward, with S_g = Σ_rows ∂L/∂y and P = Σ_rows ∂L/∂y·x̂ (ATen's BN backward in its
+    reduction-only mode: no input-sized output), n rows::
+
+        ∂L/∂x = ∂L/∂y·a − x·(γ·r²·P/n) + γ·r·(r·μ·P − S_g)/n      (the last two terms in training only)
+        ∂L/∂γ = P,  ∂L/∂β = S_g,  ∂L/∂α = Σ ∂L/∂y·x  (one dot product)
+
+    One input-sized allocation each way; saves the input and C-sized statistics. A double backward
+    replays autograd on :func:`_rep_math`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, rm, rv, training, momentum, eps):  # type: ignore[override]
-        # checked at every size (a few µs; the α·x term would hide a zeroed BN part at small sizes)
-        old = (rm.clone(), rv.clone()) if training and rm is not None and x.is_cpu else None
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, rm, rv, training, momentum, eps)
-        ctx.replay = training and x.is_cpu and not _aten._finite(invstd)
-        if ctx.replay:
-            if old is not None:
-                rm.copy_(old[0])
-                rv.copy_(old[1])
-            y = batch_norm(x, rm, rv, weight, bias, True, momentum, eps, backend="eager")
+    def forward(ctx, x, weight, bias, alpha, mean, var, training, eps):  # type: ignore[override]
+        r = torch.rsqrt(var + eps)
+        w = torch.ones_like(r) if weight is None else weight
+        a = w * r + alpha
+        c = -w * r * mean if bias is None else bias - w * r * mean
         ctx.cfg = (training, eps)
-        # training never reads the running buffers in backward (and the next call updates them in place)
-        keep = (None, None) if training else (rm, rv)
-        ctx.save_for_backward(x, weight, bias, alpha, *keep, mean, invstd)
-        return y.addcmul_(x, alpha.to(x.dtype))
+        ctx.save_for_backward(x, weight, bias, alpha, mean, var, r)
+        return torch.addcmul(c, x, a)
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x, weight, bias, alpha, rm, rv, mean, invstd = ctx.saved_tensors
+        x, weight, bias, alpha, mean, var, r = ctx.saved_tensors
         training, eps = ctx.cfg
         needs = ctx.needs_input_grad
-        if ctx.replay or torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formula
+            stats = (None, None) if training else (mean, var)
             grads = replay_grads(
-                lambda x, w, b, a: _rep_math(x, w, b, a, rm, rv, training, eps), (x, weight, bias, alpha), needs[:4], gy
+                lambda x, w, b, a: _rep_math(x, w, b, a, *stats, training, eps), (x, weight, bias, alpha), needs[:4], gy
             )
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None)
         gy = gy.contiguous()
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            gy, x, weight, rm, rv, mean, invstd, training, eps,
-            [needs[0], weight is not None and needs[1], bias is not None and needs[2]],
-        )
-        if dx is not None:
-            dx = dx.addcmul_(gy, alpha.to(gy.dtype))
-        da = torch.dot(gy.reshape(-1), x.reshape(-1)).reshape(alpha.shape).to(alpha.dtype) if needs[3] else None
-        return dx, dw, db, da, None, None, None, None, None
+        w = torch.ones_like(r) if weight is None else weight
+        _, p, s_g = torch.ops.aten.native_batch_norm_backward(gy, x, w, None, None, mean, r, True, eps, [False, True, True])
+        dx = None
+        if needs[0]:
+            dx = gy * (w * r + alpha)
+            if training:
+                n = x.shape[0]
+                dx.addcmul_(x, w * r * r * p / n, value=-1.0).add_(w * r * (r * mean * p - s_g) / n)
+        da = torch.dot(gy.reshape(-1), x.reshape(-1)).reshape(alpha.shape) if needs[3] else None
+        return dx, p if needs[1] else None, s_g if needs[2] else None, da, None, None, None, None
+
+
+def _batch_stats(
+    x2d: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+) -> tuple[Tensor, Tensor] | None:
+    """Per-channel batch mean and biased variance of ``(rows, C)`` from ATen's ``batch_norm_update_stats``
+    (Welford, no input-sized temporary), which also updates the running statistics as torch's BN does.
+    None, with the running statistics as before, where a channel's variance overflows float (CPU: one
+    host read), for the caller's overflow-safe path."""
+    check = x2d.is_cpu
+    with torch.no_grad():
+        tracked = running_mean is not None and running_var is not None
+        old = (running_mean.clone(), running_var.clone()) if check and tracked else None
+        mean, var = torch.batch_norm_update_stats(x2d, running_mean, running_var, momentum)
+        if check and not math.isfinite(var.sum().item()):
+            if old is not None:
+                running_mean.copy_(old[0])
+                running_var.copy_(old[1])
+            return None
+    return mean, var
 
 
 def _fast_ok(x: Tensor, params: tuple[Tensor | None, ...], mask: Tensor | None, reducer: Reducer | None,
@@ -166,8 +188,10 @@ def rep_batch_norm(
     if (training or running_mean is not None) and _fast_ok(
         x, (weight, bias, alpha, running_mean, running_var), mask, reducer, stats_dtype, backend
     ):
-        y = _RepBNFn.apply(x2d.contiguous(), weight, bias, alpha, running_mean, running_var, training, momentum, eps)
-        return y.view(x.shape)
+        x2d = x2d.contiguous()
+        stats = _batch_stats(x2d, running_mean, running_var, momentum) if training else (running_mean, running_var)
+        if stats is not None:
+            return _RepBNFn.apply(x2d, weight, bias, alpha, *stats, training, eps).view(x.shape)
     y = batch_norm(
         x2d,
         running_mean,
@@ -183,6 +207,101 @@ def rep_batch_norm(
         backend=backend,
     )
     return torch.addcmul(y, x2d, alpha.to(x.dtype)).view(x.shape)
+
+
+def _prepbn_math(x2d, ln_w, ln_b, bn_w, bn_b, alpha, lam, ln_eps, bn_eps):  # type: ignore[no-untyped-def]
+    """The plain mix ``λ·LN(x) + (1 − λ)·(BN(x) + α·x)`` (batch statistics; normkit's overflow-safe
+    eager paths): what :class:`_PRepBNMixFn` replays for a double backward or an overflowed token."""
+    ln = layer_norm(x2d, (x2d.shape[-1],), ln_w, ln_b, ln_eps, backend="eager")
+    return lam * ln + (1 - lam) * _rep_math(x2d, bn_w, bn_b, alpha, None, None, True, bn_eps)
+
+
+class _PRepBNMixFn(Function):
+    """PRepBN's training mix ``λ·LN(x) + (1 − λ)·RepBN(x)`` on ``(rows, C)`` in one node (0 < λ < 1).
+
+    With the batch statistics μ, σ² given (per channel), RepBN is the per-channel affine
+    ``x·a + c`` with ``a = s·(γ·r + α)``, ``c = s·(β − γ·r·μ)``, r = (σ² + eps)^−½, s = 1 − λ, so::
+
+        y = LN(x; λ·γ_ln, λ·β_ln + c) + x·a             (ATen's LayerNorm, then one in-place pass)
+
+    Backward, with S_g = Σ_rows ∂L/∂y and P = Σ_rows ∂L/∂y·x̂_BN (ATen's BN backward in its
+    reduction-only mode: no input-sized output), n rows::
+
+        ∂L/∂x = LN'(∂L/∂y) + ∂L/∂y·a − x·(s·γ·r²·P/n) + s·γ·r·(r·μ·P − S_g)/n
+        ∂L/∂γ_ln = λ·Σ ∂L/∂y·x̂_LN,  ∂L/∂β_ln = λ·S_g,  ∂L/∂γ = s·P,  ∂L/∂β = s·S_g,  ∂L/∂α = s·Σ ∂L/∂y·x
+
+    One input-sized allocation each way (the output; ∂L/∂x from ATen's LayerNorm backward, the
+    rest added in place), as LayerNorm alone; saves x and O(rows + C) statistics. A token whose
+    LayerNorm statistics overflow (|x| past ~1e19 in float32), and a double backward, replay
+    autograd on :func:`_prepbn_math`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, var, ln_eps, bn_eps):  # type: ignore[override]
+        s = 1 - lam
+        r = torch.rsqrt(var + bn_eps)
+        w1, b1 = lam * ln_w, lam * ln_b + s * (bn_b - bn_w * r * mean)
+        y, ln_mean, ln_rstd = torch.native_layer_norm(x, [x.shape[-1]], w1, b1, ln_eps)
+        ctx.replay = x.is_cpu and not _aten._finite(ln_rstd)
+        if ctx.replay:
+            y = _prepbn_math(x, ln_w, ln_b, bn_w, bn_b, alpha, lam, ln_eps, bn_eps)
+        else:
+            y.addcmul_(x, s * (bn_w * r + alpha))
+        ctx.eps = (ln_eps, bn_eps)
+        ctx.save_for_backward(x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, r, ln_mean, ln_rstd, w1, b1)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, r, ln_mean, ln_rstd, w1, b1 = ctx.saved_tensors
+        ln_eps, bn_eps = ctx.eps
+        needs = ctx.needs_input_grad
+        if ctx.replay or torch.is_grad_enabled():
+            grads = replay_grads(
+                lambda *t: _prepbn_math(*t, lam, ln_eps, bn_eps), (x, ln_w, ln_b, bn_w, bn_b, alpha), needs[:6], gy
+            )
+            return (*grads, *([None] * 5))
+        gy = gy.contiguous()
+        n, s = x.shape[0], 1 - lam
+        _, p, s_g = torch.ops.aten.native_batch_norm_backward(
+            gy, x, bn_w, None, None, mean, r, True, bn_eps, [False, True, True]
+        )
+        dx, dw1, _ = torch.ops.aten.native_layer_norm_backward(
+            gy, x, [x.shape[-1]], ln_mean, ln_rstd, w1, b1, [True, needs[1], False]
+        )
+        sgr = s * bn_w * r
+        dx.addcmul_(gy, s * (bn_w * r + alpha)).addcmul_(x, sgr * r * p / n, value=-1.0)
+        dx.add_(sgr * (r * mean * p - s_g) / n)
+        da = s * torch.dot(gy.reshape(-1), x.reshape(-1)) if needs[5] else None
+        return (
+            dx,
+            lam * dw1 if needs[1] else None,
+            lam * s_g if needs[2] else None,
+            s * p if needs[3] else None,
+            s * s_g if needs[4] else None,
+            None if da is None else da.reshape(alpha.shape),
+            *([None] * 5),
+        )
+
+
+def prepbn_mix_fused(
+    x: Tensor, ln_w: Tensor, ln_b: Tensor, bn_w: Tensor, bn_b: Tensor, alpha: Tensor, lam: Tensor,
+    running_mean: Tensor, running_var: Tensor, momentum: float, ln_eps: float, bn_eps: float,
+) -> Tensor | None:
+    """PRepBN's training mix in one node (:class:`_PRepBNMixFn`) for eager float32/float64 input with
+    all four affine parameters; the batch statistics and the running-statistics update (torch's
+    convention) come from ATen's ``batch_norm_update_stats`` (Welford, no input-sized temporary).
+    Returns None, with the running statistics as before, where a channel's variance overflows, for
+    the caller's general path.
+    """
+    c = x.shape[-1]
+    x2d = x.reshape(-1, c).contiguous()
+    stats = _batch_stats(x2d, running_mean, running_var, momentum)
+    if stats is None:
+        return None
+    mean, var = stats
+    y = _PRepBNMixFn.apply(x2d, ln_w, ln_b, bn_w, bn_b, alpha, lam.to(x.dtype), mean, var, ln_eps, bn_eps)
+    return y.view(x.shape)
 
 
 def prepbn_lambda(warm: Tensor, step: Tensor, total_step: Tensor, r0: float, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -17,7 +17,14 @@ from normkit.backend import resolve
 from normkit.functional._core import check_momentum, snapshot
 from normkit.functional.aten import _finite as aten_finite
 from normkit.functional.layer_norm import layer_norm
-from normkit.functional.rep_batch_norm import _check_tokens, prepbn_advance_, prepbn_lambda, prepbn_mix, rep_batch_norm
+from normkit.functional.rep_batch_norm import (
+    _check_tokens,
+    prepbn_advance_,
+    prepbn_lambda,
+    prepbn_mix,
+    prepbn_mix_fused,
+    rep_batch_norm,
+)
 from normkit.nn._base import check_module_args, options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
 from normkit.nn.layer_norm import LayerNorm
@@ -345,7 +352,7 @@ class PRepBN(nn.Module):
             return prepbn_mix(ln, rep, lam)
         if bool(self.warm > 0):  # official control flow: warm-up is LN alone
             prepbn_advance_(self.warm, self.iter, self.num_step, self.accumulation_steps)
-            return self._layer_norm(x, self.norm1.weight, self.norm1.bias)
+            return self._layer_norm(x, self.norm1.weight, self.norm1.bias)[0]
         lam = self.current_lambda(acc)
         prepbn_advance_(self.warm, self.iter, self.num_step, self.accumulation_steps)
         return self._mix(x, mask, lam)
@@ -362,14 +369,46 @@ class PRepBN(nn.Module):
         """
         ln = self.norm1
         if float(lam) == 1.0:  # one host read per call (the eager schedule reads warm already)
-            return prepbn_mix(self._layer_norm(x, ln.weight, ln.bias), self.norm2(x, mask), lam)
-        ln_out = self._layer_norm(
+            return prepbn_mix(self._layer_norm(x, ln.weight, ln.bias)[0], self.norm2(x, mask), lam)
+        rep_bn = self.norm2.bn
+        if self.training and self._fusable(x, mask):
+            y = prepbn_mix_fused(
+                x, ln.weight, ln.bias, rep_bn.weight, rep_bn.bias, self.norm2.alpha, lam,
+                rep_bn.running_mean, rep_bn.running_var, rep_bn.momentum, ln.eps, rep_bn.eps,
+            )
+            if y is not None:
+                with torch.no_grad():
+                    rep_bn.num_batches_tracked.add_(1)
+                return y
+        ln_out, fresh = self._layer_norm(
             x, scale_param(ln.weight, lam, self.num_features, x), scale_param(ln.bias, lam, None, x), float(lam)
         )
-        return ln_out + self.norm2._forward(x, mask, scale=1 - lam)
+        rep = self.norm2._forward(x, mask, scale=1 - lam)
+        # ATen's LayerNorm output is a fresh tensor its backward does not read: sum into it in place
+        return ln_out.add_(rep) if fresh and rep.dtype == ln_out.dtype else ln_out + rep
 
-    def _layer_norm(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 1.0) -> Tensor:
-        """``norm1``'s LayerNorm with these affine parameters (``scale`` multiplies its weight offset).
+    def _fusable(self, x: Tensor, mask: Tensor | None) -> bool:
+        """Whether :func:`prepbn_mix_fused` computes this training call exactly: ATen's LayerNorm and
+        BatchNorm configurations (no mask, no sync, no dtype override or weight offset, affine
+        parameters, untracked buffers), float32/float64 throughout, eager code, > 1 token."""
+        ln, bn = self.norm1, self.norm2.bn
+        params = (ln.weight, ln.bias, bn.weight, bn.bias, self.norm2.alpha)
+        return (
+            mask is None and sync_reducer(bn) is None and ln.stats_dtype is None and bn.stats_dtype is None
+            and not ln.weight_offset and not torch.compiler.is_compiling()
+            and x.dtype in (torch.float32, torch.float64) and x.numel() > x.shape[-1]
+            and all(p is not None and p.dtype == x.dtype for p in params)
+            and bn.running_mean.dtype == x.dtype and bn.running_var.dtype == x.dtype
+            and not (bn.running_mean.requires_grad or bn.running_var.requires_grad)
+            and resolve(ln.backend, x, "layer_norm", True) == "native"
+            and resolve(bn.backend, x, "batch_norm", True) == "native"
+        )
+
+    def _layer_norm(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, scale: float = 1.0
+    ) -> tuple[Tensor, bool]:
+        """``norm1``'s LayerNorm with these affine parameters (``scale`` multiplies its weight offset),
+        and whether the output is ATen's own fresh tensor.
 
         ATen's op with its per-token statistics checked at every input size on CPU (normkit's
         LayerNorm checks from 2^18 elements up): an overflowed token (|x| past ~1e19 in float32)
@@ -381,12 +420,13 @@ class PRepBN(nn.Module):
                 and resolve(backend, x, "layer_norm", True) == "native"):
             y, _, rstd = torch.native_layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
             if aten_finite(rstd):
-                return y
+                return y, True
             backend = "eager"
-        return layer_norm(
+        y = layer_norm(
             x, ln.normalized_shape, weight, bias, ln.eps, weight_offset=scale * ln.weight_offset,
             stats_dtype=ln.stats_dtype, backend=backend,
         )
+        return y, False
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, warm={int(self.warm)}, iter={int(self.iter)}, total_step={int(self.total_step)}, r0={self.r0}"
