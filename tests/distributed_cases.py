@@ -53,6 +53,16 @@ def _gdwct(n: int, g: torch.Generator) -> dict[str, Tensor]:
     return {"x": torch.randn(n, 4, 3, 3, generator=g, dtype=DT) * 2 + 1.5, "style": torch.randn(n, 4, generator=g, dtype=DT)}
 
 
+def _adab2n(pg: Any, tasks_done: int) -> nn.Module:
+    """AdaB2N (kappa 0.4: the η recursion) after ``tasks_done`` finished tasks (its balanced statistics from 1)."""
+    from normkit.nn.adab2n import AdaB2N
+
+    m = AdaB2N(4, 3, 1, kappa=0.4, process_group=pg, dtype=DT)
+    for _ in range(tasks_done):
+        m.end_task()
+    return m
+
+
 def cases() -> list[tuple[str, Callable[[Any], nn.Module], Callable[[int, torch.Generator], dict[str, Tensor]]]]:
     """(name, build(process_group), inputs(n, generator)); inputs' tensors all have the batch at dim 0."""
     import normkit as nk
@@ -77,6 +87,9 @@ def cases() -> list[tuple[str, Callable[[Any], nn.Module], Callable[[int, torch.
         ("PRepBN", lambda pg: nk.PRepBN(6, warm=1, total_step=4, process_group=pg, dtype=DT), _tokens),
         ("BatchChannelNorm", lambda pg: nk.BatchChannelNorm(4, 2, process_group=pg, dtype=DT), _img),
         ("EstBN", lambda pg: EstBN(4, process_group=pg, dtype=DT), _img),
+        ("AdaB2N", lambda pg: _adab2n(pg, tasks_done=0), _img),
+        ("AdaB2N+task_ids", lambda pg: _adab2n(pg, tasks_done=2),
+         lambda n, g: {**_img(n, g), "task_ids": torch.randint(0, 3, (n,), generator=g)}),
         ("LOAN", lambda pg: nk.LOAN(4, 3, process_group=pg, dtype=DT), _loan),
         ("RegionNormB", lambda pg: nk.RegionNormB(4, process_group=pg, dtype=DT),
          lambda n, g: {**_img(n, g), "mask": (torch.rand(n, 1, 3, 3, generator=g) > 0.5).to(DT)}),
