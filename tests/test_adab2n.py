@@ -459,3 +459,22 @@ def test_balanced_statistics_are_permutation_invariant(seed, n):
     if len(set(ids.tolist())) == 3:
         w = adab2n_sample_weights(ids, a.task_weight.detach(), a.cur_tasks)
         assert float(w.sum()) == pytest.approx(1.0)
+
+
+def test_convert_keeps_synchronization_and_the_fast_path_equals_eager():
+    from normkit.backend import set_backend
+
+    model = convert_adab2n(nn.Sequential(nn.SyncBatchNorm(3), BatchNorm(3, process_group="world"), nn.BatchNorm2d(3)), 3, 2)
+    assert [m.process_group for m in adab2n_layers(model)] == ["world", "world", None]
+    assert "process_group='world'" in repr(model[0])
+    a = AdaB2N(3, 3, 1, kappa=0.7, dtype=torch.float64)
+    a.end_task()
+    b = copy.deepcopy(a)
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 1, 0, 1])
+    with set_backend("eager"):
+        want = b(x, ids)
+    torch.testing.assert_close(a(x, ids), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.regularizer(), b.regularizer(), rtol=1e-12, atol=1e-12)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-12, atol=1e-12)

@@ -201,6 +201,16 @@ class AdaB2N(_BatchNorm):
     ``task_weight`` (num_tasks,) is a learnable parameter (init ``init_weight`` = 0): create the
     optimizer *after* building/converting. ``cur_tasks`` counts finished tasks (:meth:`end_task`).
 
+    **Speed** (``"auto"``): one pass for the per-sample moments ``(m_i, v_i)`` over the positions, the plain
+    and task-weighted statistics pooled from them exactly (``μ = Σ w_i m_i``, ``σ² = Σ w_i (v_i + (m_i − μ)²)``,
+    the official formula regrouped), one output pass; backward saves only the input. ``backend="eager"``
+    (global) runs the official formula as written.
+
+    **Distributed**: ``process_group`` (a ``ProcessGroup`` or ``"world"``) gives training the statistics of
+    the whole distributed batch — task counts, Dirichlet weights and moments exactly as one process on the
+    concatenated batch — from ONE packed ``all_reduce`` per call of per-task sums about the running mean
+    (:meth:`_synced_statistics`); gradients flow through it. Eval never communicates.
+
     Defaults: ``kappa=1.0``, ``init_weight=0.0``, ``momentum=0.1``, ``eps=1e-5``. The official grid
     is κ ∈ {0.1, 0.4, 0.7, 1.0}, λ ∈ {0.01, 0.1, 1, 10} (regulariser weight, used by the loop).
 
@@ -341,7 +351,7 @@ class AdaB2N(_BatchNorm):
         self._check_input_dim(x)
         if not self.training:
             return NF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if x.numel() // x.shape[1] <= 1:
+        if x.numel() // x.shape[1] <= 1 and sync_reducer(self) is None:  # (synced: the global batch counts)
             raise ValueError(f"AdaB2N: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         ids = self.task_ids if task_ids is None else task_ids
         if ids is not None:
@@ -532,8 +542,10 @@ def convert_adab2n(
 
     Works in place and returns the model (a new module when ``model`` itself is a BatchNorm), like
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Existing AdaB2N layers are kept. Build the
-    optimizer afterwards: the new ``task_weight`` parameters must be in it. Raises ValueError for a
-    BatchNorm with ``track_running_stats=False``, ``momentum=None`` or a cross-process ``reducer``.
+    optimizer afterwards: the new ``task_weight`` parameters must be in it. A synchronized BatchNorm
+    (torch's ``SyncBatchNorm``, normkit's ``process_group``) gives a synchronized AdaB2N (same group).
+    Raises ValueError for a BatchNorm with ``track_running_stats=False``, ``momentum=None`` or a custom
+    cross-process ``reducer``.
     """
     return replace_modules(
         model,
@@ -550,14 +562,16 @@ def _from_bn(
         raise ValueError(f"{what} has track_running_stats=False; AdaB2N needs running statistics")
     if bn.momentum is None:
         raise ValueError(f"{what} has momentum=None; AdaB2N needs a momentum (kappa=0 gives the cumulative average)")
-    if getattr(bn, "reducer", None) is not None or isinstance(bn, nn.SyncBatchNorm):
-        raise ValueError(f"{what} synchronizes statistics across processes, which AdaB2N does not support")
+    if getattr(bn, "reducer", None) is not None:
+        raise ValueError(f"{what} has a custom cross-process reducer; AdaB2N synchronizes through process_group only")
+    # synchronized BatchNorm stays synchronized: torch's SyncBatchNorm (None = the world group) or normkit's process_group
+    group = (bn.process_group or "world") if isinstance(bn, nn.SyncBatchNorm) else getattr(bn, "process_group", None)
     ref = bn.running_mean
     new = AdaB2N(
         bn.num_features, num_tasks, classes_per_task, kappa=kappa, init_weight=init_weight, eps=bn.eps,
         momentum=bn.momentum, affine=bn.affine, renormalize=renormalize,
         channels_last=bool(getattr(bn, "channels_last", False)), stats_dtype=getattr(bn, "stats_dtype", None),
-        device=ref.device, dtype=ref.dtype,
+        process_group=group, device=ref.device, dtype=ref.dtype,
     )  # fmt: skip
     missing, unexpected = new.load_state_dict(bn.state_dict(), strict=False)
     if unexpected or set(missing) - {"task_weight", "cur_tasks", "eta_steps"}:
