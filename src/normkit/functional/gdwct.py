@@ -151,7 +151,7 @@ def coloring_matrix(s: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     # 1e±30 neither overflows nor underflows the squares (the official sqrt(Σs²) is inf / 0 there)
     # (torch.ldexp's backward is wrong for an integer exponent tensor: scale by multiplication)
     _, e = torch.frexp(s.detach().abs().amax(-2, keepdim=True))
-    scale = torch.ldexp(torch.ones((), dtype=s.dtype, device=s.device), -e)
+    scale = torch.ldexp(torch.ones(e.shape, dtype=s.dtype, device=s.device), -e)
     d = torch.linalg.vector_norm(s * scale, dim=-2, keepdim=True) / scale
     u = s / d
     return s @ u.transpose(-1, -2), u
