@@ -9,7 +9,7 @@ from normkit.backend import set_backend
 from normkit.functional.batch_variants import sample_affine, sample_moments
 from normkit.nn.adab2n import AdaB2N
 from normkit.nn.batch_channel_norm import BatchChannelNorm, EstBN
-from normkit.nn.batch_variants import BatchRenorm
+from normkit.nn.batch_variants import BatchRenorm, GhostBatchNorm
 from normkit.nn.ibn import IBN
 
 D = torch.float64
@@ -90,6 +90,8 @@ def _layer(name, c, dtype=D):
         m = IBN(c)
     elif name in ("bcn", "bcn_est"):
         m = BatchChannelNorm(c, 2, estimate=name == "bcn_est")
+    elif name == "ghostbn":
+        m = GhostBatchNorm(c, virtual_batch_size=2 if c == 4 else 4)
     elif name == "adab2n":
         m = AdaB2N(c, 3, 1, kappa=0.4)
         m.end_task()
@@ -116,6 +118,8 @@ def _call(name, m, x):
 
 def _ref(name, m, x):
     """The plain formula with the layer's parameters and its buffers *before* the call."""
+    if name == "ghostbn":  # BatchNorm on each chunk of virtual_batch_size samples (the last one smaller)
+        return torch.cat([bn(ch, *batch_stats(ch), m.weight, m.bias) for ch in x.split(m.virtual_batch_size)])
     if name == "ibn":
         return ref_ibn(x, m.half, m.IN.weight, m.IN.bias, m.BN.weight, m.BN.bias)
     if name == "adab2n":
@@ -134,7 +138,7 @@ def _ref(name, m, x):
     return ref_estbn(x, rm, rv, m.weight, m.bias, float(m.estbn_moving_speed))
 
 
-NAMES = ["batchrenorm", "estbn", "ibn", "bcn", "bcn_est", "adab2n"]
+NAMES = ["batchrenorm", "estbn", "ibn", "bcn", "bcn_est", "adab2n", "ghostbn"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -188,7 +192,9 @@ def test_nan_stays_nan(name):
     y = _call(name, m, x)
     assert y[1, 3].isnan().all()  # never masked
     if name != "bcn_est":  # (EstBN's estimates are running values: its NaN reaches the next calls)
-        assert not y[:, :2].isnan().any()  # the other channels' (groups') statistics stay finite
+        assert not y[:, :2].isnan().any()
+    if name == "ghostbn":  # the other virtual batch is untouched
+        assert not y[2:].isnan().any()  # the other channels' (groups') statistics stay finite
 
 
 def test_estbn_two_forwards_then_one_backward():
@@ -199,7 +205,7 @@ def test_estbn_two_forwards_then_one_backward():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("name", ["ibn", "bcn", "bcn_est", "adab2n"])
+@pytest.mark.parametrize("name", ["ibn", "bcn", "bcn_est", "adab2n", "ghostbn"])
 @pytest.mark.parametrize("train", [True, False])
 def test_gradcheck_float64_train_and_eval(name, train):
     m = _layer(name, 4).train(train)
@@ -236,7 +242,7 @@ def test_sample_moments_and_affine_gradcheck_and_double_backward():
     torch.testing.assert_close(v, x.var(2, correction=0), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["ibn", "bcn", "adab2n"])
+@pytest.mark.parametrize("name", ["ibn", "bcn", "adab2n", "ghostbn"])
 def test_eager_backend_is_the_reference_and_agrees(name):
     m = _layer(name, 6)
     x = torch.randn(4, 6, 3, 3, dtype=D)

@@ -271,9 +271,12 @@ def ghost_batch_norm(
             f"(N={n}, virtual_batch_size={vbs}); BatchNorm needs more than 1 value per channel. "
             "Use a batch size that leaves at least 2 samples in the last chunk, or a different virtual_batch_size"
         )
+    update = training and running_mean is not None and running_var is not None
+    if mask is None and moments_fast_path(backend):
+        return _ghost_fused(x, running_mean, running_var, weight, bias, momentum, eps, vbs, num_batches_tracked,
+                            update, stats_dtype)
     masks = [None] * math.ceil(n / vbs) if mask is None else list(canonical_mask(mask, x, x.shape).split(vbs, 0))
     outs = []
-    update = training and running_mean is not None and running_var is not None
     for chunk, m in zip(x.split(vbs, 0), masks):
         factor = 0.0 if momentum is None else momentum
         if update and num_batches_tracked is not None:
@@ -296,6 +299,42 @@ def ghost_batch_norm(
             )
         )
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _ghost_fused(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    momentum: float | None, eps: float, vbs: int, num_batches_tracked: Tensor | None, update: bool,
+    stats_dtype: torch.dtype | None,
+) -> Tensor:
+    """Ghost BN as one per-(sample, channel) affine map: each chunk's moments pooled from the per-sample ones
+    (one statistics pass, one output pass; no per-chunk calls, no concatenation; only x saved)."""
+    n, c = x.shape[0], x.shape[1]
+    mean, var = sample_moments(x, stats_dtype)
+    full, last = divmod(n, vbs)
+    mus, sigmas, sizes = [], [], []
+    if full:  # the equal chunks at once
+        mu, s2 = pooled_moments(mean[: full * vbs].reshape(full, vbs, c), var[: full * vbs].reshape(full, vbs, c), dim=1)
+        mus.append(mu)
+        sigmas.append(s2)
+        sizes += [vbs] * full
+    if last:
+        mu, s2 = pooled_moments(mean[full * vbs:], var[full * vbs:])
+        mus.append(mu[None])
+        sigmas.append(s2[None])
+        sizes.append(last)
+    mu, s2 = torch.cat(mus), torch.cat(sigmas)  # (chunks, C)
+    if update:  # one momentum step per virtual batch, in order (as BatchNorm called on each chunk)
+        per_sample = trailing_numel(x)
+        for j, size in enumerate(sizes):
+            factor = 0.0 if momentum is None else momentum
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(num_batches_tracked)
+            update_running(running_mean, running_var, mu[j], s2[j], float(size * per_sample), factor)
+    scale, shift = bn_coefficients(mu, s2, weight, bias, eps)
+    rows = torch.tensor(sizes, device=x.device)
+    return sample_affine(x, scale.repeat_interleave(rows, 0, output_size=n), shift.repeat_interleave(rows, 0, output_size=n))
 
 
 def batch_renorm_limits(
