@@ -103,7 +103,7 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(fast, (x, *ps))
 
 
-@pytest.mark.parametrize("case", ["b0_train", "s0", "frn_tlu", "grn"])
+@pytest.mark.parametrize("case", ["b0_train", "b0_eval", "s0", "frn_tlu", "grn"])
 def test_double_backward(case):
     fast, ref, k = CASES[case]
     x = _x((2, 4, 3, 3), seed=4).requires_grad_()
@@ -207,3 +207,21 @@ def test_compile_fullgraph_no_graph_breaks():
     x = torch.randn(2, 8, 4, 4)
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0
+
+
+def test_without_affine_parameters():
+    x = _x().requires_grad_()
+    v = _params(4, 1)[0].requires_grad_()
+    one, zero = torch.ones(4, dtype=D), torch.zeros(4, dtype=D)
+    pairs = [
+        (evonorm_b0(x, None, None, None, v, True), ref_b0(x, one, zero, v)),
+        (evonorm_s0(x, 2, None, None, v), ref_s0(x, 2, one, zero, v)),
+        (filter_response_norm(x, None, None, zero), ref_frn(x, one, zero, zero)),
+        (global_response_norm(x), ref_grn(x, one, zero)),
+    ]
+    for y, want in pairs:
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(y)
+        for a, e in zip(torch.autograd.grad(y, [x, v], g, allow_unused=True, materialize_grads=True),
+                        torch.autograd.grad(want, [x, v], g, allow_unused=True, materialize_grads=True)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
