@@ -54,6 +54,11 @@ def test_suite_norm_lists():
     assert {"layernorm", "powernorm", "unifiednorm", "batchnorm", "repbn", "prepbn", "crmsnorm", "dyt",
             "layernorm_scaling"} <= set(TRANSFORMER_NORMS)  # fmt: skip
     assert set(SELFNORM_MODELS) == {"selu+lecun", "relu", "relu+bn"}
+    # The microbatch suite trains BN and every norm with a micro-batch claim (the rest are left out for time).
+    from normkit.bench.suites_zoo import MICROBATCH_CLAIMS, MICROBATCH_RUN
+
+    run_norms = {j.norm for j in SUITES["microbatch"].jobs(SuiteConfig(full=True))}
+    assert run_norms == set(MICROBATCH_RUN) == {"batchnorm", *MICROBATCH_CLAIMS} and run_norms <= set(MICROBATCH_NORMS)
 
 
 @pytest.mark.slow
