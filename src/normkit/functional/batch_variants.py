@@ -16,7 +16,7 @@ from normkit.functional._core import (
     normalize_view,
     trailing_numel,
 )
-from normkit.functional.batch_norm import batch_norm, channel_affine
+from normkit.functional.batch_norm import _update_running, batch_norm, channel_affine
 from normkit.stats import Reducer, accumulation_dtype, moments
 
 _RESCUE = 2.0**-70  # an exact power of two: c·x of a float32 past 1.8e19 has a finite square (kernels.canonical.safe_rstd)
@@ -203,14 +203,14 @@ def bn_coefficients(
     return a, b
 
 
-def update_running(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: float, momentum: float
-) -> None:
-    """torch's BatchNorm update in place, without gradient: the *unbiased* batch variance, ``momentum`` on the new."""
-    with torch.no_grad():
-        running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-        unbiased = var.detach() * (count / (count - 1)) if count > 1 else var.detach()
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+def momentum_step(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """One BatchNorm update's factor, as torch: ``num_batches_tracked += 1`` (when given), then ``momentum``,
+    or the cumulative ``1 / num_batches_tracked`` when ``momentum`` is None (0.0 without a counter)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+    return 0.0 if momentum is None else float(momentum)
 
 
 def check_virtual_batch_size(virtual_batch_size: int, what: str = "ghost_batch_norm") -> int:
@@ -278,11 +278,7 @@ def ghost_batch_norm(
     masks = [None] * math.ceil(n / vbs) if mask is None else list(canonical_mask(mask, x, x.shape).split(vbs, 0))
     outs = []
     for chunk, m in zip(x.split(vbs, 0), masks):
-        factor = 0.0 if momentum is None else momentum
-        if update and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / float(num_batches_tracked)
+        factor = momentum_step(momentum, num_batches_tracked if update else None)
         outs.append(
             batch_norm(
                 chunk,
@@ -326,12 +322,8 @@ def _ghost_fused(
     if update:  # one momentum step per virtual batch, in order (as BatchNorm called on each chunk)
         per_sample = trailing_numel(x)
         for j, size in enumerate(sizes):
-            factor = 0.0 if momentum is None else momentum
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if momentum is None:
-                    factor = 1.0 / float(num_batches_tracked)
-            update_running(running_mean, running_var, mu[j], s2[j], float(size * per_sample), factor)
+            factor = momentum_step(momentum, num_batches_tracked)
+            _update_running(running_mean, running_var, mu[j], s2[j], float(size * per_sample), factor)
     scale, shift = bn_coefficients(mu, s2, weight, bias, eps)
     rows = torch.tensor(sizes, device=x.device)
     return sample_affine(x, scale.repeat_interleave(rows, 0, output_size=n), shift.repeat_interleave(rows, 0, output_size=n))

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first, trailing_numel
 from normkit.functional.batch_channel_norm import bcn_coefficients, channel_norm, estbn_update, estimated_batch_norm
+from normkit.functional.batch_norm import _update_running
 from normkit.functional.batch_variants import (
     moments_fast_path,
     pooled_moments,
     sample_affine,
     sample_moments,
-    update_running,
 )
 from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
@@ -230,7 +230,7 @@ class BatchChannelNorm(nn.Module):
             bn_mean, bn_var = pooled_moments(mean, var)
             factor = batch_norm_step(pbn)
             if pbn.training and pbn.running_mean is not None:
-                update_running(pbn.running_mean, pbn.running_var, bn_mean, bn_var, x.numel() / x.shape[1], factor)
+                _update_running(pbn.running_mean, pbn.running_var, bn_mean, bn_var, x.numel() / x.shape[1], factor)
         else:
             bn_mean, bn_var = pbn.running_mean, pbn.running_var
         scale, shift = bcn_coefficients(

@@ -19,6 +19,7 @@ from normkit.functional.batch_variants import (
     batch_renorm_limits,
     check_virtual_batch_size,
     ghost_batch_norm,
+    momentum_step,
 )
 from normkit.nn._base import options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm
@@ -32,8 +33,7 @@ def batch_norm_step(bn: BatchNorm) -> float:
     the cumulative ``1 / num_batches_tracked``). Returns 0.0 where no running statistics are tracked."""
     if not (bn.training and bn.track_running_stats and bn.num_batches_tracked is not None):
         return 0.0
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+    return momentum_step(bn.momentum, bn.num_batches_tracked)
 
 GHOST_BN = Paper(
     "Train longer, generalize better: closing the generalization gap in large batch training of neural networks",

@@ -12,13 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional._core import check_channels_first, trailing_numel
+from normkit.functional.batch_norm import _update_running
 from normkit.functional.batch_variants import (
     bn_coefficients,
     moments_fast_path,
     pooled_moments,
     sample_affine,
     sample_moments,
-    update_running,
 )
 from normkit.nn._base import check_module_args, options_repr, sync_reducer
 from normkit.nn.batch_norm import BatchNorm, InstanceNorm
@@ -128,7 +128,7 @@ class IBN(nn.Module):
             mu, sigma2 = pooled_moments(mean[:, h:], var[:, h:])
             factor = batch_norm_step(bn)
             if bn.training and bn.running_mean is not None:
-                update_running(bn.running_mean, bn.running_var, mu, sigma2, x.numel() / x.shape[1], factor)
+                _update_running(bn.running_mean, bn.running_var, mu, sigma2, x.numel() / x.shape[1], factor)
         else:
             mu, sigma2 = bn.running_mean, bn.running_var
         a_bn, b_bn = bn_coefficients(mu, sigma2, bn.weight, bn.bias, bn.eps)
