@@ -2,7 +2,7 @@
 
 Each fast path (one autograd Function with a closed-form backward, or ATen's op plus C-sized folds)
 is checked against the plain formula restated here in float64, for its saved activations, and at
-inputs scaled by 1e30 / 1e-30 against the float64 answer. Plain formulas:
+inputs scaled by 1e30 / 1e-30 against the float64 answer (ScaleNorm / ScaleNorm2d too). Plain formulas:
 
   CRMSNorm   y = x / sqrt((Σx² + (Σx)²)/d + eps) · w + b,  d = width + 1
   RepBN      y = (x − μ)/sqrt(σ² + eps) · γ + β + α·x        (batch statistics over all tokens)
@@ -21,6 +21,7 @@ import torch
 from normkit.functional.crms_norm import crms_norm
 from normkit.functional.rep_batch_norm import rep_batch_norm
 from normkit.nn.crms_norm import CRMSNorm
+from normkit.nn.pointwise import ScaleNorm, ScaleNorm2d
 from normkit.nn.power_norm import PowerNorm
 from normkit.nn.rep_batch_norm import PRepBN, RepBN
 from normkit.nn.unified_norm import UnifiedNorm
@@ -237,6 +238,8 @@ def _layers():
         "powernorm": lambda: PowerNorm(8),
         "powernorm_no_gs": lambda: PowerNorm(8, num_groups=None),
         "unifiednorm": lambda: UnifiedNorm(8),
+        "scalenorm": lambda: ScaleNorm(8),
+        "scalenorm2d": lambda: ScaleNorm2d(8),
     }
 
 
@@ -251,13 +254,14 @@ def test_scaled_inputs_match_float64(name, train, scale):
             p.add_(torch.rand_like(p) * 0.5)
     m.train(train)
     md = copy.deepcopy(m).double()
-    x = (torch.randn(4, 5, 8) * scale).requires_grad_()
+    x = (torch.randn(4, 8, 3, 3) if name == "scalenorm2d" else torch.randn(4, 5, 8)) * scale
+    x.requires_grad_()
     xd = x.detach().double().requires_grad_()
     y, yd = m(x), md(xd)
     assert torch.isfinite(y).all()
     err = ((y.double() - yd).abs().max() / yd.abs().max()).item()
     assert err < 1e-5, (name, err)
-    if name == "crmsnorm":  # the closed-form backward keeps O(1) intermediates
+    if name in ("crmsnorm", "scalenorm", "scalenorm2d"):  # closed-form backwards keep O(1) intermediates
         gy = torch.randn_like(y)
         (gx,) = torch.autograd.grad(y, [x], gy)
         (gxd,) = torch.autograd.grad(yd, [xd], gy.double())

@@ -20,6 +20,8 @@ DyT, ``y = w · tanh(α x) + b`` with ``t = tanh(α x)`` recomputed in backward 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,10 +31,29 @@ from normkit.kernels import ops as _ops
 from normkit.kernels.canonical import column_sum
 from normkit.stats import accumulation_dtype, mean_square
 
+#: no-grad ScaleNorm calls from this many input elements check ‖x‖ for overflow on the plain-expression path
+_INFERENCE_CHECK_MIN_NUMEL = 1 << 16
+
 
 def _l2_norm(xf: Tensor, dim: int = -1) -> Tensor:
-    """‖x‖ over ``dim`` (kept), through the statistics engine."""
-    return (mean_square(xf, dim) * xf.shape[dim]).sqrt()
+    """‖x‖ over ``dim`` (kept), through the statistics engine (overflow-safe: :func:`_rescued_norm`)."""
+    return _rescued_norm(xf, (mean_square(xf, dim) * xf.shape[dim]).sqrt(), dim)
+
+
+def _rescued_norm(x: Tensor, norm: Tensor, dim: int) -> Tensor:
+    """``norm`` (‖x‖ over ``dim``), recomputed as ``‖c·x‖ / c`` where Σx² overflowed the float range.
+
+    A finite float32 row with |x| past ~1e19 has Σx² = inf and ScaleNorm would return zeros;
+    ``c = 2^−(max_exp/2 + 6)`` (exact, as :func:`normkit.kernels.canonical.safe_rstd`) brings the
+    squares into range. Eager CPU code checks the norms with one reduction and a host read and
+    rescues only when needed; compiled code and other devices select branch-free. NaN stays NaN,
+    an inf entry gives an inf norm (as the math).
+    """
+    if not torch.compiler.is_compiling() and norm.is_cpu and math.isfinite(norm.sum().item()):
+        return norm
+    c = 2.0 ** -(math.frexp(torch.finfo(norm.dtype).max)[1] // 2 + 6)
+    scaled = torch.linalg.vector_norm(x.to(norm.dtype) * c, dim=dim, keepdim=True) / c
+    return torch.where(torch.isfinite(norm), norm, scaled)
 
 
 def _scale_forward(x: Tensor, scale: Tensor, eps: float, dim: int = -1) -> tuple[Tensor, Tensor]:
@@ -48,7 +69,7 @@ def _scale_backward(
     gf, xf = g.to(sd), x.to(sd)
     n = norm.clamp_min(eps)
     dot = (gf * xf).sum(dim, keepdim=True)
-    proj = torch.where(norm > eps, dot / (n * n), torch.zeros_like(n))
+    proj = torch.where(norm > eps, dot / n / n, torch.zeros_like(n))  # (n·n overflows for ‖x‖ past ~1e19)
     dx = torch.addcmul(gf, xf, proj, value=-1.0).mul_(scale.to(sd) / n)
     dscale = (dot / n).sum()
     return dx.to(x.dtype), dscale.reshape(scale.shape).to(scale.dtype)
@@ -211,8 +232,16 @@ def scale_norm(x: Tensor, scale: Tensor, eps: float, backend: str | None, dim: i
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
     impl = _backend.resolve(backend, x, "scale_norm", True, needs_grad)
     if impl == "native":  # the plain torch code (autograd through ATen's ops): cheapest per call
-        return x * (scale / torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=accumulation_dtype(x.dtype))
-                    .clamp_min(eps)).to(x.dtype)
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=accumulation_dtype(x.dtype))
+        # the overflow check (~7 µs) is ~1% of a small call with a backward but ~15% of a small
+        # inference call, which stays unchecked as torch's own op (as normkit.functional.aten's policy)
+        if needs_grad or x.numel() >= _INFERENCE_CHECK_MIN_NUMEL:
+            if torch.compiler.is_compiling() or not norm.is_cpu:
+                norm = _rescued_norm(x, norm, dim)
+            elif not math.isfinite(norm.sum().item()):
+                impl = "eager"  # Σx² overflowed: the closed form rescues ‖x‖ and keeps its backward in range
+        if impl == "native":
+            return x * (scale / norm.clamp_min(eps)).to(x.dtype)
     if impl == "triton":
         return _backend.triton_kernel("scale_norm")(x, scale, eps, dim)
     return _ScaleNormFn.apply(x, scale, eps, dim, impl)
