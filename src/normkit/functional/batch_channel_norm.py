@@ -182,9 +182,9 @@ def bcn_coefficients(
     shift = -gm * rg
     if bias is not None:
         shift = shift + bias.reshape(1, num_groups).to(shift.dtype)
-    per_channel = c // num_groups
-    rg_c = rg.repeat_interleave(per_channel, 1)
-    return s * rg_c, t * rg_c + shift.repeat_interleave(per_channel, 1)
+    # per group → per channel by expand (its backward is a sum; repeat_interleave's is a slow scatter_add on CPU)
+    rg_c = rg.unsqueeze(2).expand(n, num_groups, c // num_groups).reshape(n, c)
+    return s * rg_c, t * rg_c + shift.unsqueeze(2).expand(n, num_groups, c // num_groups).reshape(n, c)
 
 
 def batch_channel_norm(

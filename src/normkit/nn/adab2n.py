@@ -376,7 +376,7 @@ class AdaB2N(_BatchNorm):
                     balanced = self.cur_tasks > 0
                     mean, var = torch.where(balanced, w_mean, mean), torch.where(balanced, w_var, var)
             scale, shift = bn_coefficients(mean, var, self.weight, self.bias, self.eps)
-            y = sample_affine(x, scale.reshape(1, c), shift.reshape(1, c))
+            y = sample_affine(x, scale.reshape(1, c), shift.reshape(1, c), moments_of=sm)
             mean, var = mean.to(accumulation_dtype(x.dtype, self.stats_dtype)), var.to(mean.dtype)
         else:  # backend "eager": the official formula as written (the reference)
             dims = (0, *range(2, x.dim()))

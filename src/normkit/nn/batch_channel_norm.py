@@ -236,7 +236,7 @@ class BatchChannelNorm(nn.Module):
         scale, shift = bcn_coefficients(
             mean, var, bn_mean, bn_var, pbn.weight, pbn.bias, self.num_groups, self.weight, self.bias, self.eps
         )
-        return sample_affine(x, scale, shift)
+        return sample_affine(x, scale, shift, moments_of=mean)
 
     def extra_repr(self) -> str:
         return (

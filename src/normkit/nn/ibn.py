@@ -135,7 +135,7 @@ class IBN(nn.Module):
         n = x.shape[0]
         scale = torch.cat((a_in, a_bn.to(a_in.dtype).expand(n, -1)), 1)
         shift = torch.cat((b_in, b_bn.to(b_in.dtype).expand(n, -1)), 1)
-        return sample_affine(x, scale, shift)
+        return sample_affine(x, scale, shift, moments_of=mean)
 
     def extra_repr(self) -> str:
         return f"{self.planes}, ratio={self.ratio}, half={self.half}" + options_repr(self.IN)
