@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
+from normkit.functional.aten import finite_stats
 from normkit.functional.batch_norm import batch_norm, instance_norm
-from normkit.stats import Reducer
+from normkit.kernels.canonical import safe_rstd
+from normkit.stats import Reducer, accumulation_dtype
+from normkit.sync import reduce_packed
 
 FREE_NORMS = ("batch", "instance", "none")
 
@@ -77,17 +81,22 @@ def loan(
     _check_conv(gamma_weight, gamma_bias, c, cc, "gamma")
     _check_conv(beta_weight, beta_bias, c, cc, "beta")
 
-    if free_norm == "batch":
-        use_batch = training or running_mean is None or running_var is None
-        xn = batch_norm(x, running_mean, running_var, None, None, use_batch, momentum, eps, reducer=reducer, backend=backend)
-    elif free_norm == "instance":
-        xn = instance_norm(x, eps=eps, backend=backend)
-    else:
-        xn = x
+    use_batch = training or running_mean is None or running_var is None
     use_batch_c = training or cond_running_mean is None or cond_running_var is None
-    a = TF.relu(batch_norm(
-        cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, reducer=reducer, backend=backend,
-    ))
+    if reducer is not None and (use_batch or use_batch_c):
+        # synchronized: both BNs' sums in ONE packed collective
+        xn, cn = _synced_bns(
+            x if free_norm == "batch" and use_batch else None, cond if use_batch_c else None,
+            running_mean, running_var, cond_running_mean, cond_running_var, momentum, eps, reducer,
+        )
+        if xn is None:
+            xn = _free(x, running_mean, running_var, use_batch, momentum, eps, free_norm, backend)
+        if cn is None:
+            cn = batch_norm(cond, cond_running_mean, cond_running_var, None, None, False, momentum, eps, backend=backend)
+    else:
+        xn = None
+        cn = batch_norm(cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, backend=backend)
+    a = TF.relu(cn)
     a4 = (a.unsqueeze(-1) if a.dim() == 3 else a).to(gamma_weight.dtype)  # bf16 input, fp32 convs: as every norm
     gamma = TF.conv2d(a4, gamma_weight, gamma_bias, padding=gamma_weight.shape[-1] // 2)
     beta = TF.conv2d(a4, beta_weight, beta_bias, padding=beta_weight.shape[-1] // 2)
@@ -95,4 +104,147 @@ def loan(
         gamma, beta = gamma.squeeze(-1), beta.squeeze(-1)
     elif x.dim() == 5:
         gamma, beta = gamma.unsqueeze(2), beta.unsqueeze(2)
+    if xn is None and free_norm == "batch" and _fast_ok(x, gamma, running_mean, running_var):
+        y = _bn_modulate(x, gamma, beta, running_mean, running_var, use_batch, momentum, eps)
+        if y is not None:
+            return y
+    if xn is None:
+        xn = _free(x, running_mean, running_var, use_batch, momentum, eps, free_norm, backend)
     return xn * (1 + gamma.to(xn.dtype)) + beta.to(xn.dtype)
+
+
+def _free(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, use_batch: bool, momentum: float, eps: float,
+    free_norm: str, backend: str | None,
+) -> Tensor:
+    """The parameter-free normalization of x (the reference path)."""
+    if free_norm == "batch":
+        return batch_norm(x, running_mean, running_var, None, None, use_batch, momentum, eps, backend=backend)
+    if free_norm == "instance":
+        return instance_norm(x, eps=eps, backend=backend)
+    return x
+
+
+def _fast_ok(x: Tensor, gamma: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and x.dtype in (torch.float32, torch.float64)
+        and gamma.dtype == x.dtype
+        and x.numel() > x.shape[1]
+        and not any(t is not None and t.requires_grad for t in (running_mean, running_var))
+    )
+
+
+def _bn_modulate(
+    x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    use_batch: bool, momentum: float, eps: float,
+) -> Tensor | None:
+    """``BN(x)·(1 + γ) + β`` as one autograd Function: ATen's BN statistics (and running-statistics
+    update), the modulation written in place into the normalized tensor, and a closed-form backward
+    that saves x and γ only (x̂ is recomputed). None where ATen's statistics overflowed (the running
+    buffers are then restored and the caller takes normkit's overflow-safe path)."""
+    c = x.shape[1]
+    if use_batch:
+        old = None if running_mean is None or running_var is None else (running_mean.clone(), running_var.clone())
+        with torch.no_grad():
+            xn, mean, rstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        if not finite_stats(rstd):
+            if old is not None:
+                with torch.no_grad():
+                    running_mean.copy_(old[0])
+                    running_var.copy_(old[1])
+            return None
+    else:
+        mean = running_mean.to(x.dtype)
+        rstd = torch.rsqrt(running_var.to(x.dtype) + eps)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        with torch.no_grad():
+            xn = (x - mean.reshape(shape)) * rstd.reshape(shape)
+    return _BNModulateFn.apply(x, gamma, beta, xn, mean, rstd, use_batch, eps)
+
+
+class _BNModulateFn(torch.autograd.Function):
+    """``y = x̂·(1 + γ) + β`` with ``x̂ = (x − μ)·r`` (batch or running statistics, given).
+
+    Backward (batch statistics; means over N and the positions per channel)::
+
+        ĝ = ∂y·(1 + γ),   ∂x = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))     (eval: ∂x = r·ĝ)
+        ∂γ = ∂y·x̂,        ∂β = ∂y                                  (summed over D for 5-D x)
+
+    Saves x and γ (γ is needed for ĝ; x̂ is recomputed). A double backward recomputes through the
+    plain formula.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, xn, mean, rstd, use_batch, eps):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, gamma, mean, rstd)
+        ctx.cfg = (use_batch, eps)
+        return xn.addcmul_(xn, gamma).add_(beta)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, gamma, mean, rstd = ctx.saved_tensors
+        use_batch, eps = ctx.cfg
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        dims = (0, *range(2, x.dim()))
+        if torch.is_grad_enabled():  # create_graph=True: the plain formula, differentiable
+            if use_batch:
+                var, mu = torch.var_mean(x, dims, correction=0, keepdim=True)
+                xh = (x - mu) * torch.rsqrt(var + eps)
+            else:
+                xh = (x - mean.reshape(shape)) * rstd.reshape(shape)
+            g = gy * (1 + gamma)
+            dx = torch.autograd.grad(xh, x, g, create_graph=True)[0] if ctx.needs_input_grad[0] else None
+            dgamma = (gy * xh).sum_to_size(gamma.shape) if ctx.needs_input_grad[1] else None
+            dbeta = gy.sum_to_size(gamma.shape) if ctx.needs_input_grad[2] else None
+            return dx, dgamma, dbeta, None, None, None, None, None
+        m, r = mean.reshape(shape), rstd.reshape(shape)
+        xh = torch.sub(x, m).mul_(r)
+        dgamma = (gy * xh).sum_to_size(gamma.shape) if ctx.needs_input_grad[1] else None
+        dbeta = gy.sum_to_size(gamma.shape) if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            g = torch.addcmul(gy, gy, gamma)  # ĝ = ∂y·(1 + γ)
+            if use_batch:
+                n = x.numel() // x.shape[1]
+                proj = (g * xh).sum(dims)
+                gm = g.sum(dims)
+                g.sub_((gm / n).reshape(shape)).addcmul_(xh, (proj / n).reshape(shape), value=-1.0)
+            dx = g.mul_(r)
+        return dx, dgamma, dbeta, None, None, None, None, None
+
+
+def _synced_bns(
+    x: Tensor | None, cond: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+    cond_running_mean: Tensor | None, cond_running_var: Tensor | None, momentum: float, eps: float, reducer: Reducer,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Training-mode BNs of x and of the condition over every process, with ONE packed collective of
+    ``(n, Σ(t − K), Σ(t − K)²)`` per channel for both, taken about each BN's running mean ``K`` (equal on
+    every process; zero without running statistics, which then loses ``log10(μ²/σ²)`` digits to
+    cancellation). The running buffers get the global moments, as :func:`normkit.functional.batch_norm`."""
+    items = [(t, rm, rv) for t, rm, rv in ((x, running_mean, running_var), (cond, cond_running_mean, cond_running_var))
+             if t is not None]
+    parts, meta = [], []
+    for t, rm, _ in items:
+        xf = t.to(accumulation_dtype(t.dtype))
+        dims = (0, *range(2, xf.dim()))
+        kept = (1, xf.shape[1]) + (1,) * (xf.dim() - 2)
+        k = xf.new_zeros(kept) if rm is None else rm.detach().to(xf.dtype).reshape(kept)
+        d = xf - k
+        parts += [xf.new_full((1,), xf.numel() // xf.shape[1]), d.sum(dims, keepdim=True), d.square().sum(dims, keepdim=True)]
+        meta.append((xf, dims, k))
+    summed = reduce_packed(parts, reducer)
+    outs = []
+    for i, ((t, rm, rv), (xf, dims, k)) in enumerate(zip(items, meta)):
+        count, s1, s2 = summed[3 * i: 3 * i + 3]
+        m1 = s1 / count
+        mean, var = k + m1, (s2 / count - m1.square()).clamp_min(0)
+        r = safe_rstd(xf, dims, var, eps, mean=mean, reducer=reducer)
+        outs.append(((xf - mean) * r).to(t.dtype))
+        if rm is not None and rv is not None:
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1))
+                rm.lerp_(mean.reshape(-1).to(rm.dtype), momentum)
+                rv.lerp_(unbiased.reshape(-1).to(rv.dtype), momentum)
+    it = iter(outs)
+    return (next(it) if x is not None else None), (next(it) if cond is not None else None)
