@@ -290,9 +290,9 @@ def norm_bwd(
             c2 = lane_total(tl.sum(wdy, 0), zero_l, SEG) / n_red
             store_dx(DX, GS, offs, mask, wdy, xhat, c1, c2, rstd, ACC, CENTER, HAS_GS)
             if WANT_W:
-                acc_w = accumulate_partial(acc_w, PW, prow + g * Cg, cs, Cg, tl.sum(dy * xhat, 1), REG_ACC)
+                acc_w = accumulate_partial(acc_w, PW + prow, g * Cg, cs, Cg, tl.sum(dy * xhat, 1), REG_ACC)
             if WANT_B:
-                acc_b = accumulate_partial(acc_b, PB, prow + g * Cg, cs, Cg, tl.sum(dy, 1), REG_ACC)
+                acc_b = accumulate_partial(acc_b, PB + prow, g * Cg, cs, Cg, tl.sum(dy, 1), REG_ACC)
         else:
             c1 = zero_l
             c2 = zero_l
@@ -318,9 +318,9 @@ def norm_bwd(
                     pw += tl.sum(dy * xhat, 1)
                     pb += tl.sum(dy, 1)
                 if WANT_W:
-                    add_to_partial(PW, prow + g * Cg, c, Cg, pw)
+                    add_to_partial(PW + prow, g * Cg, c, Cg, pw)
                 if WANT_B:
-                    add_to_partial(PB, prow + g * Cg, c, Cg, pb)
+                    add_to_partial(PB + prow, g * Cg, c, Cg, pb)
     if REG_ACC:
         store_register_partials(PW, PB, prow, cs, K, acc_w, acc_b, WANT_W, WANT_B)
 
