@@ -7,7 +7,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
-from normkit.functional.aten import finite_stats
+from normkit.functional.aten import checked, finite_stats
 from normkit.functional.batch_norm import batch_norm, instance_norm
 from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype
@@ -95,7 +95,9 @@ def loan(
             cn = batch_norm(cond, cond_running_mean, cond_running_var, None, None, False, momentum, eps, backend=backend)
     else:
         xn = None
-        cn = batch_norm(cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, backend=backend)
+        cn = batch_norm(
+            cond, cond_running_mean, cond_running_var, None, None, use_batch_c, momentum, eps, backend=_safe(cond, backend),
+        )
     a = TF.relu(cn)
     a4 = (a.unsqueeze(-1) if a.dim() == 3 else a).to(gamma_weight.dtype)  # bf16 input, fp32 convs: as every norm
     gamma = TF.conv2d(a4, gamma_weight, gamma_bias, padding=gamma_weight.shape[-1] // 2)
@@ -108,9 +110,20 @@ def loan(
         y = _bn_modulate(x, gamma, beta, running_mean, running_var, use_batch, momentum, eps)
         if y is not None:
             return y
+        backend = "eager" if backend in (None, "auto") else backend  # ATen's statistics overflowed
     if xn is None:
-        xn = _free(x, running_mean, running_var, use_batch, momentum, eps, free_norm, backend)
+        xn = _free(x, running_mean, running_var, use_batch, momentum, eps, free_norm, _safe(x, backend))
     return xn * (1 + gamma.to(xn.dtype)) + beta.to(xn.dtype)
+
+
+def _safe(t: Tensor, backend: str | None) -> str | None:
+    """The backend for a BN whose statistics must not overflow: ``"auto"`` checks ATen's statistics only
+    from :data:`normkit.functional.aten.ATEN_CHECK_MIN_NUMEL` elements up; below that (and after this
+    layer's fast path saw an overflow) normkit's eager math runs, which is overflow-safe and costs
+    nothing that matters at that size."""
+    if backend in (None, "auto") and not torch.compiler.is_compiling() and not checked(t):
+        return "eager"
+    return backend
 
 
 def _free(
