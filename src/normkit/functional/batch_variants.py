@@ -450,11 +450,15 @@ def batch_renorm(
     torch's BatchNorm update (moving average of the unbiased batch variance) instead.
 
     ``r_max``/``d_max`` are numbers or tensors (e.g. from :func:`batch_renorm_limits`);
-    ``r_max=1, d_max=0`` is exactly BatchNorm in training. Computed by the fused BatchNorm
-    kernel with the per-channel affine ``γ·r`` and ``γ·d + β`` (so the gradient is BatchNorm's
-    with r, d held fixed); the batch moments are computed once more, without gradient, for r, d.
-    With a ``reducer`` (synchronized statistics, :mod:`normkit.sync`) the moments are computed
-    once, by the engine (one collective about the running mean), and r, d come from them.
+    ``r_max=1, d_max=0`` is exactly BatchNorm in training. Computed as BatchNorm with the
+    per-channel stop-gradient affine ``γ·r`` and ``γ·d + β`` (so the gradient is BatchNorm's with
+    r, d held fixed): on ``backend="auto"`` from one per-sample statistics pass
+    (:func:`sample_moments`; the batch moments pooled from it give r, d too) and one affine pass,
+    saving only x; on the other backends (and with a mask) BatchNorm's path plus a no-grad
+    statistics pass for r, d (:func:`batch_moments`). A variance past float32's range is kept
+    exact in float64 (the output stays right). With a ``reducer`` (synchronized statistics,
+    :mod:`normkit.sync`) the moments are computed once, by the engine (one collective about the
+    running mean), and r, d come from them.
     """
     eps = check_eps(eps)
     if running_mean is None or running_var is None:
@@ -474,7 +478,7 @@ def batch_renorm(
     view = (x.shape[0], c, 1, trailing_numel(x))
     m4 = canonical_mask(mask, x, view)
     sd = accumulation_dtype(x.dtype, stats_dtype)
-    z = None
+    z = fast = None
     rescued = False
     count: Tensor | float = float(per_channel) if m4 is None else m4.sum((0, 2, 3)).to(sd)
     if reducer is not None:  # normalized once with the global moments; the affine r, d follow
@@ -483,6 +487,12 @@ def batch_renorm(
             stats_dtype=stats_dtype, shift=running_mean, with_count=True,
         )
         mean_b, var_b, count = mean_b.reshape(c), var_b.reshape(c), count.reshape(c)
+    elif m4 is None and moments_fast_path(backend):
+        # "auto": BatchNorm itself from per-sample moments (one statistics pass, one affine pass; measured
+        # faster than ATen's CPU BatchNorm + a statistics pass); the batch moments carry the gradient
+        sm, sv = sample_moments(x, stats_dtype)
+        fast = pooled_moments(sm, sv)
+        mean_b, var_b = fast[0].detach(), fast[1].detach()
     elif m4 is None:
         mean_b, var_b, rescued = batch_moments(x, stats_dtype)
     else:
@@ -506,6 +516,9 @@ def batch_renorm(
     if z is not None:
         shape = (1, c, 1, 1)
         y = (z * w_eff.reshape(shape).to(z.dtype) + b_eff.reshape(shape).to(z.dtype)).reshape(x.shape)
+    elif fast is not None:
+        scale, shift = bn_coefficients(fast[0], fast[1], w_eff, b_eff, eps)
+        y = sample_affine(x, scale.reshape(1, c), shift.reshape(1, c), moments_of=sm)
     else:
         # BatchNorm with the stop-gradient affine γ·r, γ·d + β: ATen's fused op on "auto" (one pass
         # forward, saves only x); an overflowed variance takes the engine's overflow-safe eager path
