@@ -252,8 +252,9 @@ def test_eager_backend_is_the_reference_and_agrees(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ibn", "bcn_est", "adab2n"])
+@pytest.mark.parametrize("name", ["bcn_est"])  # (IBN's and AdaB2N's compile tests live in their own files)
 def test_compiles_fullgraph_and_matches_eager(name):
+    """EstBN's estimates feed the backward: a compiled backward must see this step's, not the updated buffers."""
     import copy
 
     torch._dynamo.reset()
