@@ -142,6 +142,10 @@ def crms_norm(
     affine (γ, β are folded into the next linear layer); ``weight``/``bias`` of size d−1 are an
     optional plain per-feature affine on top (not an LN gain). eps 1e-5 as the official code
     (``nn.LayerNorm`` default); statistics in float32 for half inputs (official: ``x.float()``).
+
+    Eager calls are one autograd node with a closed-form backward (:class:`_CRMSNormFn`: saves x
+    and two numbers per row); ``"compiled"``/``"inductor"`` and code under ``torch.compile`` trace the
+    plain formula. Inputs past ~1e19 (float32) keep their exact output (:func:`_rstd`).
     """
     check_float(x)
     eps = check_eps(eps)

@@ -176,6 +176,11 @@ def rep_batch_norm(
     keeps padded tokens out of the batch statistics;
     padded positions are still normalized with them (the official LLaMA variant instead leaves
     them at ``(1 + α)·x``; they carry no signal either way).
+
+    Where ATen's BatchNorm computes the call exactly (no mask or reducer, float32/float64, eager)
+    it runs as one autograd node (:class:`_RepBNFn`: statistics from ATen's Welford kernel, the
+    per-channel affine in one pass, closed-form backward); otherwise normkit's ``batch_norm`` on
+    the ``(rows, C)`` view plus ``α·x``.
     """
     c = _check_tokens(x, None if running_mean is None else running_mean.numel(), "rep_batch_norm")
     if not isinstance(alpha, Tensor) or alpha.numel() != 1:
