@@ -450,8 +450,9 @@ def run_report(suites: list[str], *, out_dir: str | Path = DEFAULT_OUT, **kwargs
     results: list[dict[str, Any]] = []
     for name in suites:
         get_suite(name)  # unknown names fail before anything runs
-    for name in suites:
-        print(f"\n=== suite {name} ===", flush=True)
+    t0 = time.perf_counter()
+    for k, name in enumerate(suites):
+        print(f"\n=== suite {name} ({k + 1}/{len(suites)}, {time.perf_counter() - t0:.0f}s elapsed) ===", flush=True)
         results += run(name, out_dir=out / name, **kwargs)
     path = report.write_html(out / "report.html", report_sections(out, suites))
     print(f"\nwrote {path}")
