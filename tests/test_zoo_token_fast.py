@@ -18,6 +18,7 @@ import copy
 import pytest
 import torch
 
+from normkit.bench.kernels import _saved_bytes as saved_bytes  # what `normkit kernels` reports as "saved"
 from normkit.functional.crms_norm import crms_norm
 from normkit.functional.rep_batch_norm import rep_batch_norm
 from normkit.nn.crms_norm import CRMSNorm
@@ -27,18 +28,6 @@ from normkit.nn.rep_batch_norm import PRepBN, RepBN
 from normkit.nn.unified_norm import UnifiedNorm
 
 D = torch.float64
-
-
-def saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def ref_crms(x, w, b, eps=1e-5):
