@@ -57,10 +57,12 @@ def _b0_math(
         var_b, count = channel_view(running_var, xf).to(sd), xf.new_ones(())
         r_b = torch.rsqrt(var_b + eps)
     mean_i, var_i = moments(xf, spatial)
-    # s = 1/r: right where the variance overflowed (|x| past ~1.8e19 in float32)
-    left = r_b.reciprocal()
-    right = channel_view(v, xf).to(sd) * xf + safe_rstd(xf, spatial, var_i, eps, mean=mean_i).reciprocal()
-    y = affine(xf / torch.maximum(left, right), weight, bias)
+    r_i = safe_rstd(xf, spatial, var_i, eps, mean=mean_i)
+    # x / max(s_B, v·x + s_I) with numerator and denominator times k = min(r_B, r_I) (y does not depend on
+    # k: detached): every term and derivative stays O(1)–O(|x|) where s = 1/r and 1/r² would overflow
+    k = torch.minimum(r_b, r_i).detach()
+    den = torch.maximum(k / r_b, channel_view(v, xf).to(sd) * xf * k + k / r_i)
+    y = affine(xf * k / den, weight, bias)
     return y.to(x.dtype), var_b, count.reshape(-1)[:1]
 
 

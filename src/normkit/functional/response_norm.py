@@ -159,9 +159,11 @@ def _safe_l2(x: Tensor, dim: int) -> Tensor:
             return g
     with torch.no_grad():
         e = torch.frexp(torch.linalg.vector_norm(x, math.inf, dim=dim, keepdim=True)).exponent
-    scaled = torch.linalg.vector_norm(torch.ldexp(x, -e), 2, dim=dim)
+        lim = math.frexp(fi.max)[1] - 8  # 2^±e stays finite (float32: ±120); subnormal rows still scale up
+        scale = torch.exp2(e.clamp(-lim, lim).to(g.dtype))  # exact powers of two (torch.ldexp's gradient is 0)
+    scaled = torch.linalg.vector_norm(x / scale, 2, dim=dim) * scale.squeeze(dim)
     bad = ~torch.isfinite(g) | (g < lo)
-    return torch.where(bad, torch.ldexp(scaled, e.squeeze(dim)), g)
+    return torch.where(bad, scaled, g)
 
 
 def _flat(x: Tensor, channels_last: bool) -> Tensor:
