@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from normkit import backend as B
+from normkit.functional._closed_form import route
 from normkit.functional._core import check_eps, check_float, check_param
 from normkit.functional._replay import replay_grads
 from normkit.stats import accumulation_dtype
@@ -143,9 +144,11 @@ def crms_norm(
     optional plain per-feature affine on top (not an LN gain). eps 1e-5 as the official code
     (``nn.LayerNorm`` default); statistics in float32 for half inputs (official: ``x.float()``).
 
-    Eager calls are one autograd node with a closed-form backward (:class:`_CRMSNormFn`: saves x
-    and two numbers per row); ``"compiled"``/``"inductor"`` and code under ``torch.compile`` trace the
-    plain formula. Inputs past ~1e19 (float32) keep their exact output (:func:`_rstd`).
+    The default path (``"auto"`` from 64K elements, ``"kernels"``/``"native"`` at any size; float32/64
+    contiguous input) is one autograd node with a closed-form backward (:class:`_CRMSNormFn`: saves x
+    and two numbers per row); ``"eager"``, small inputs on ``"auto"``, ``"compiled"``/``"inductor"``
+    and code under ``torch.compile`` run the plain formula (:func:`normkit.functional._closed_form.route`).
+    Inputs past ~1e19 (float32) keep their exact output on both (:func:`_rstd`).
     """
     check_float(x)
     eps = check_eps(eps)
@@ -154,12 +157,11 @@ def crms_norm(
     check_param(weight, x.shape[-1], "weight", "crms_norm")
     check_param(bias, x.shape[-1], "bias", "crms_norm")
     sd = accumulation_dtype(x.dtype, stats_dtype)
-    impl = B.resolve(backend, x, "crms_norm")
-    if impl in ("compiled", "inductor") or torch.compiler.is_compiling() or x.numel() == 0:
+    impl = route(backend, x, "crms_norm", stats_dtype)
+    if impl != "fast":
         fn = B.executor(impl, _crms_math, ("crms_norm", weight is None, bias is None, eps, sd))
         return fn(x, weight, bias, eps, sd)
-    y = _CRMSNormFn.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, eps, sd)
-    return y.view(x.shape)
+    return _CRMSNormFn.apply(x.view(-1, x.shape[-1]), weight, bias, eps, sd).view(x.shape)
 
 
 def compress_zero_mean(x: Tensor) -> Tensor:
