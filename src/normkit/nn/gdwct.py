@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from normkit.functional._core import trailing_numel
 from normkit.functional.gdwct import coloring_regularizer, gdwct, whitening_regularizer
-from normkit.nn._base import check_module_args, describe, largest_group_count, options_repr, set_options, sync_reducer
+from normkit.nn._base import describe, largest_group_count, options_repr, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
 from normkit.sync import ProcessGroupLike
 
@@ -124,8 +124,7 @@ class GDWCT(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, None)
-        set_options(self, process_group=process_group)
+        set_options(self, eps, process_group=process_group)
         c = int(num_features)
         sd = c if style_dim is None else int(style_dim)
         if (

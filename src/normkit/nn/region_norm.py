@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.functional.region_norm import region_norm_b, region_norm_l
-from normkit.nn._base import check_module_args, describe, set_options, sync_reducer
+from normkit.nn._base import describe, set_options, sync_reducer
 from normkit.registry import Paper, register_norm
 from normkit.sync import ProcessGroupLike
 
@@ -83,6 +83,10 @@ class RegionNormB(nn.Module):
 
     ``mask``: ``(N, 1, *spatial)`` (bool or float, 1 = hole), resized with ``mode='nearest'`` when its
     spatial size differs from x's, as the official code.
+
+    Speed: a binary mask takes one autograd Function (two statistics passes, closed-form backward that
+    saves only x and the mask); soft masks, ``torch.compile`` and ``process_group`` (one packed
+    collective per call) take the official formula. See :func:`normkit.functional.region_norm._region_affine`.
     """
 
     def __init__(
@@ -97,8 +101,7 @@ class RegionNormB(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, None)
-        set_options(self, process_group=process_group)
+        set_options(self, eps, process_group=process_group)
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.per_sample = bool(per_sample)
@@ -189,8 +192,7 @@ class RegionNormL(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_module_args(eps, None)
-        set_options(self, process_group=process_group)
+        set_options(self, eps, process_group=process_group)
         if kernel_size not in (3, 7):
             raise ValueError(f"RegionNormL: kernel_size must be 3 or 7 (as the official SelfAware_Affine), got {kernel_size!r}")
         if not 0.0 <= float(threshold) <= 1.0:
