@@ -182,7 +182,7 @@ def gdwct(
 
         y = X'·x + b',   X' = alpha·X + (1 − alpha)·I,   b' = alpha·(μ_style − X·μ)
 
-    computed by one batched product (``torch.einsum``) and an in-place add after one mean pass; autograd keeps
+    computed by one batched ``matmul`` and an in-place add after one mean pass; autograd keeps
     only x and the (N, G, n, n) matrices (the centred tensor of the official code is formed only for
     ``cov``). Rounding: ``X·x − X·μ`` loses ``log10(|μ|/σ)`` digits against centring first (float32 at
     |μ| = 1e3·σ: ~1e-4 relative), the price of not storing a centred copy.
@@ -222,22 +222,21 @@ def gdwct(
 class _GroupAffine(torch.autograd.Function):
     """``y = A·v + c`` per (sample, group): ``v`` ``(N, G, n, L)``, ``A`` ``(N, G, n, n)``, ``c`` ``(N, G, n, 1)``.
 
-    Written out because autograd's own backward of a batched product with small n (2…8) goes through
-    ``bmm`` plus layout copies (2–4× slower on CPU than the ``einsum`` contractions below, measured at
-    32×64×56×56). Saves only ``v`` (the caller's input, not a copy) and ``A``. The backward is made of
-    differentiable ops on the saved tensors, so double backward works.
+    Written out so that autograd keeps only ``v`` (the caller's input, not a copy) and ``A``, and the
+    ``c`` term costs an in-place add. The backward is made of differentiable ops on the saved tensors,
+    so double backward works.
     """
 
     @staticmethod
     def forward(ctx, v: Tensor, a: Tensor, c: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(v, a)
-        return torch.einsum("bgij,bgjl->bgil", a, v).add_(c)
+        return torch.matmul(a, v).add_(c)
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
         v, a = ctx.saved_tensors
-        dv = torch.einsum("bgji,bgjl->bgil", a, gy) if ctx.needs_input_grad[0] else None
-        da = torch.einsum("bgil,bgjl->bgij", gy, v) if ctx.needs_input_grad[1] else None
+        dv = torch.matmul(a.transpose(-1, -2), gy) if ctx.needs_input_grad[0] else None
+        da = torch.matmul(gy, v.transpose(-1, -2)) if ctx.needs_input_grad[1] else None
         dc = gy.sum(-1, keepdim=True) if ctx.needs_input_grad[2] else None
         return dv, da, dc
 

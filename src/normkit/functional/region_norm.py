@@ -287,10 +287,11 @@ def region_norm_l(
 
 # ---------------------------------------------------------------- fast path (binary masks, eager)
 
-#: elements per slab: the fast path walks the batch in slabs of about this many values (4 MiB of
-#: float32), so the elementwise temporaries of each phase stay in cache instead of streaming (and
-#: page-faulting) full-size buffers
-_SLAB = 1 << 20
+#: elements per slab: the fast path walks the batch in slabs of about this many values (16 MiB of
+#: float32), so each phase's elementwise temporaries are slab-sized instead of full-size buffers; large
+#: enough that the number of op calls stays small (on a loaded 2-core machine every parallel op call
+#: can wait a scheduler slice: 1 MiB slabs measured several times slower there)
+_SLAB = 1 << 22
 
 
 def _slabs(n: int, per_sample: int) -> list[slice]:
