@@ -158,6 +158,8 @@ def _far_from_one(name: str, backend: str, scale: float, train: bool, big: bool)
     statistics may not overflow (|x| ≈ 1e30 squares past float32's range) or underflow."""
     torch.manual_seed(0)
     m = _layer(name, backend)
+    if m is None and backend == "auto":
+        m = sample_norm(name, C)  # no backend switch: its one path is the default
     if m is None:
         pytest.skip("no backend switch")
     m.train(train)
@@ -172,6 +174,8 @@ def _far_from_one(name: str, backend: str, scale: float, train: bool, big: bool)
     if norm_info(name).extra_inputs:  # style/condition tensors on the same scale as the content
         kw = {k: (v * scale if torch.is_tensor(v) and v.is_floating_point() and k != "mask" else v) for k, v in kw.items()}
     ref = _reference(m, x, name, kw)
+    if ref.abs().max() > torch.finfo(torch.float32).max:
+        pytest.skip("the true output is past float32's range (e.g. eval with untrained running statistics)")
     y = _run(m, x, name, kw)
     assert torch.isfinite(y).all(), f"x·{scale:g}: non-finite output for finite input"
     err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
