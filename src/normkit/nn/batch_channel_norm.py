@@ -209,7 +209,9 @@ class BatchChannelNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_channels_first(x, self.num_channels, type(self).__name__)
-        if trailing_numel(x) > 1 and moments_fast_path(self.backend) and sync_reducer(self.pbn) is None:
+        # (a folded BCN's pbn is an Identity, after fold_norms: then the two steps run as written)
+        if (trailing_numel(x) > 1 and isinstance(self.pbn, (BatchNorm, EstBN)) and moments_fast_path(self.backend)
+                and sync_reducer(self.pbn) is None):
             return self._fused(x)
         return channel_norm(
             self.pbn(x), self.num_groups, self.weight, self.bias, self.eps, stats_dtype=self.stats_dtype, backend=self.backend
