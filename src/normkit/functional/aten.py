@@ -46,8 +46,6 @@ def finite_stats(r: Tensor) -> bool:
     return r.numel() == 0 or float(r.detach().amin()) > 0
 
 
-_finite = finite_stats
-
 
 def layer_norm(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
     """``F.layer_norm``, or None where ATen's per-row statistics overflowed."""

@@ -247,7 +247,7 @@ class _PRepBNMixFn(Function):
         r = torch.rsqrt(var + bn_eps)
         w1, b1 = lam * ln_w, lam * ln_b + s * (bn_b - bn_w * r * mean)
         y, ln_mean, ln_rstd = torch.native_layer_norm(x, [x.shape[-1]], w1, b1, ln_eps)
-        ctx.replay = x.is_cpu and not _aten._finite(ln_rstd)
+        ctx.replay = x.is_cpu and not _aten.finite_stats(ln_rstd)
         if ctx.replay:
             y = _prepbn_math(x, ln_w, ln_b, bn_w, bn_b, alpha, lam, ln_eps, bn_eps)
         else:

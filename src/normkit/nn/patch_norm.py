@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from normkit import functional as F
 from normkit.backend import get_backend
+from normkit.functional.aten import finite_stats
 from normkit.nn._base import check_module_args
 from normkit.nn.layer_norm import LayerNorm
 from normkit.registry import Paper, register_norm
@@ -165,7 +166,7 @@ class DualPatchNorm(nn.Module):
         if (tokens.is_cpu and not torch.compiler.is_compiling() and ln.stats_dtype is None
                 and ln.backend in (None, "auto", "native") and (ln.backend is not None or get_backend() == "auto")):
             y, _, rstd = torch.native_layer_norm(tokens, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            if rstd.numel() == 0 or float(rstd.amin()) > 0:
+            if finite_stats(rstd):
                 return y
             return F.layer_norm(tokens, ln.normalized_shape, ln.weight, ln.bias, ln.eps, backend="eager")
         return ln(tokens)

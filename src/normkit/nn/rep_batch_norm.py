@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normkit.backend import resolve
 from normkit.functional._core import check_momentum, snapshot
-from normkit.functional.aten import _finite as aten_finite
+from normkit.functional.aten import finite_stats as aten_finite
 from normkit.functional.layer_norm import layer_norm
 from normkit.functional.rep_batch_norm import (
     _check_tokens,
