@@ -11,7 +11,7 @@ compiler fuses it with its neighbours, as before).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -94,22 +94,6 @@ def param_grad(t: Tensor | None, p: Tensor | None, wanted: bool) -> Tensor | Non
     if not wanted or p is None or t is None:
         return None
     return t.reshape(p.shape).to(p.dtype)
-
-
-def differentiable_grads(
-    math: Callable[..., Tensor], args: Sequence[object], needs: Sequence[bool], grad: Tensor
-) -> list[Tensor | None]:
-    """Gradients of ``math(*args)`` with autograd recording: the backward of a closed-form function
-    under ``create_graph=True`` (a double backward), from the saved inputs themselves so second
-    derivatives reach them. ``needs[i]``: whether ``args[i]`` (a tensor) wants a gradient."""
-    with torch.enable_grad():
-        out = math(*args)
-        idx = [i for i, n in enumerate(needs) if n]
-        got = torch.autograd.grad(out, [args[i] for i in idx], grad, create_graph=True, allow_unused=True)
-    res: list[Tensor | None] = [None] * len(args)
-    for i, g in zip(idx, got):
-        res[i] = g
-    return res
 
 
 def _fits(t: Tensor, dtype: torch.dtype) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from normkit import backend as _backend
-from normkit.functional._closed_form import affine, combine_, differentiable_grads, nc_dot, nc_sum, param_grad, route
+from normkit.functional._closed_form import affine, combine_, nc_dot, nc_sum, param_grad, route
 from normkit.functional._core import (
     channel_view,
     check_channels_first,
@@ -27,6 +27,7 @@ from normkit.functional._core import (
     normalize_view,
     trailing_numel,
 )
+from normkit.functional._replay import replay_grads
 from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype, moments, reduced_moments
 
@@ -126,7 +127,7 @@ class _B0Fn(torch.autograd.Function):
         training, eps = ctx.cfg
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-            dx, dw, db, dv = differentiable_grads(
+            dx, dw, db, dv = replay_grads(
                 lambda x, w, b, v: _b0_plain(x, w, b, v, var_run, training, eps),
                 (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
             )
@@ -307,7 +308,7 @@ class _S0Fn(torch.autograd.Function):
         groups, eps = ctx.cfg
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-            dx, dw, db, dv = differentiable_grads(
+            dx, dw, db, dv = replay_grads(
                 lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
                 (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
             )

@@ -16,7 +16,6 @@ from torch import Tensor
 from normkit import backend as _backend
 from normkit.functional._closed_form import (
     affine,
-    differentiable_grads,
     nc_dot,
     nc_view,
     param_grad,
@@ -30,6 +29,7 @@ from normkit.functional._core import (
     normalize_view,
     trailing_numel,
 )
+from normkit.functional._replay import replay_grads
 from normkit.kernels.canonical import safe_rstd
 from normkit.stats import accumulation_dtype, mean_square
 
@@ -229,7 +229,7 @@ class _GRNFn(torch.autograd.Function):
         eps, cl = ctx.cfg
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-            dx, dw, db = differentiable_grads(
+            dx, dw, db = replay_grads(
                 lambda x, w, b: _grn_math(x, w, b, eps, cl, None), (x, weight, bias), need[:3], gy
             )
             return dx, dw, db, None, None
