@@ -21,6 +21,7 @@ Placements (official ``ibn_cfg``):
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -49,7 +50,7 @@ def _check_ibn(ibn: str | None) -> None:
         raise ValueError(f"ibn must be None, 'a' or 'b', got {ibn!r}")
 
 
-class _ResidualBlock(nn.Module):
+class _ResidualBlock(nn.Module, metaclass=abc.ABCMeta):
     """What :class:`BasicBlock` and :class:`Bottleneck` share: the constructor (torchvision's arguments plus
     the official IBN-Net ``ibn`` and ``ratio``) and the end of ``forward``.
 
@@ -79,8 +80,9 @@ class _ResidualBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
+    @abc.abstractmethod
     def _build(self, inplanes: int, planes: int, stride: int, norm: NormLayer, bn1: nn.Module) -> None:
-        raise NotImplementedError
+        """Create the block's convolutions and norms (``bn1`` given) as attributes, in the official order."""
 
     def _add_shortcut(self, out: Tensor, x: Tensor) -> Tensor:
         """``relu(IN(out + shortcut(x)))``: the residual addition (``downsample(x)`` where set), IBN-b's
