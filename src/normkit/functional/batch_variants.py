@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from normkit import backend as _backend
 from normkit.functional._core import (
     canonical_mask,
     check_channels_first,
@@ -74,11 +75,9 @@ def moments_fast_path(backend: str | None) -> bool:
 
     ``"eager"`` keeps each layer's plain formula (the reference), the other named backends their ops.
     """
-    from normkit.backend import get_backend, note
-
-    if (get_backend() if backend is None else backend) != "auto":
+    if (_backend.get_backend() if backend is None else backend) != "auto":
         return False
-    note("sample_moments", "aten")
+    _backend.note("sample_moments", "aten")
     return True
 
 
