@@ -23,6 +23,7 @@ which is numerically stable where ``E[x²] − E[x]²`` is not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -39,6 +40,13 @@ class Moments(NamedTuple):
 
     mean: Tensor
     var: Tensor
+
+
+def rescue_scale(dtype: torch.dtype) -> float:
+    """The exact power of two ``c = 2^−(max_exp/2 + 6)`` (2^−70 for float32/bfloat16, 2^−518 for float64)
+    by which an input is scaled where its sum of squares overflowed: ``(c·x)²`` of any finite value is
+    finite, and dividing back by ``c`` is exact. The one constant of every overflow rescue here."""
+    return 2.0 ** -(math.frexp(torch.finfo(dtype).max)[1] // 2 + 6)
 
 
 def accumulation_dtype(dtype: torch.dtype, stats_dtype: torch.dtype | None = None) -> torch.dtype:

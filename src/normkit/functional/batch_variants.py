@@ -18,9 +18,9 @@ from normkit.functional._core import (
     trailing_numel,
 )
 from normkit.functional.batch_norm import _update_running, batch_norm, channel_affine
-from normkit.stats import Reducer, accumulation_dtype, moments
+from normkit.stats import Reducer, accumulation_dtype, moments, rescue_scale
 
-_RESCUE = 2.0**-70  # an exact power of two: c·x of a float32 past 1.8e19 has a finite square (kernels.canonical.safe_rstd)
+_RESCUE = rescue_scale(torch.float32)  # 2^-70: c·x of a float32 past 1.8e19 has a finite square
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from normkit import backend as B
 from normkit.functional._closed_form import route
 from normkit.functional._core import check_eps, check_float, check_param
 from normkit.functional._replay import replay_grads
-from normkit.stats import accumulation_dtype
+from normkit.stats import accumulation_dtype, rescue_scale
 
 
 def _rstd(x2: Tensor, s: Tensor, q: Tensor, eps: float) -> Tensor:
@@ -50,7 +50,7 @@ def _rstd(x2: Tensor, s: Tensor, q: Tensor, eps: float) -> Tensor:
     ms = (q + s * s) / d
     if not torch.compiler.is_compiling() and ms.is_cpu and math.isfinite(ms.sum().item()):
         return torch.rsqrt(ms + eps)
-    c = 2.0 ** -(math.frexp(torch.finfo(ms.dtype).max)[1] // 2 + 6)
+    c = rescue_scale(ms.dtype)
     xs = x2.to(ms.dtype) * c
     ss = xs.sum(-1, keepdim=True)
     scaled = (xs.square().sum(-1, keepdim=True) + ss * ss) / d

@@ -26,7 +26,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
-from normkit.stats import Reducer, accumulation_dtype, moments
+from normkit.stats import Reducer, accumulation_dtype, moments, rescue_scale
 from normkit.sync import reduce_packed
 
 
@@ -370,7 +370,7 @@ class _RegionStats:
         e1, e0 = eps * count / self.s1, eps * count / self.s0
         self.rho1, self.rho0 = torch.rsqrt(v1 / self.s1 + e1), torch.rsqrt(v0 / self.s0 + e0)
         if not math.isfinite((v1 + v0).sum().item()):
-            c_ = 2.0 ** -(math.frexp(torch.finfo(x.dtype).max)[1] // 2 + 6)
+            c_ = rescue_scale(x.dtype)
             w1, w0 = self.region_sums(lambda sl: self.centred(x, sl, c_).square_())
             self.rho1 = torch.where(torch.isfinite(v1), self.rho1, torch.rsqrt(w1 / self.s1) * c_)
             self.rho0 = torch.where(torch.isfinite(v0), self.rho0, torch.rsqrt(w0 / self.s0) * c_)

@@ -55,7 +55,7 @@ from torch import Tensor
 from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
 from normkit.kernels import ops as _ops
-from normkit.stats import Reducer, accumulation_dtype, fused_moments, reduced_moments
+from normkit.stats import Reducer, accumulation_dtype, fused_moments, reduced_moments, rescue_scale
 
 Dims = tuple[int, ...]
 
@@ -188,7 +188,7 @@ def safe_rstd(
     if (not compiling and (var.device.type == "cpu" or reducer is not None)
             and math.isfinite(var.sum().item())):  # one op; var is global with a reducer: all processes agree
         return torch.rsqrt(var + eps)
-    c = 2.0 ** -(math.frexp(torch.finfo(var.dtype).max)[1] // 2 + 6)  # max_exp: 128 for float32
+    c = rescue_scale(var.dtype)  # max_exp: 128 for float32
     xs = x.to(var.dtype) * c
     if reducer is not None:
         vs = reduced_moments(xs, dims, center=mean is not None, mask=mask, reducer=reducer).var

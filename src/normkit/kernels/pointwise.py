@@ -29,7 +29,7 @@ from normkit import backend as _backend
 from normkit.kernels import cpu as _cpu
 from normkit.kernels import ops as _ops
 from normkit.kernels.canonical import column_sum
-from normkit.stats import accumulation_dtype, mean_square
+from normkit.stats import accumulation_dtype, mean_square, rescue_scale
 
 #: no-grad ScaleNorm calls from this many input elements check ‖x‖ for overflow on the plain-expression path
 _INFERENCE_CHECK_MIN_NUMEL = 1 << 16
@@ -51,7 +51,7 @@ def _rescued_norm(x: Tensor, norm: Tensor, dim: int) -> Tensor:
     """
     if not torch.compiler.is_compiling() and norm.is_cpu and math.isfinite(norm.sum().item()):
         return norm
-    c = 2.0 ** -(math.frexp(torch.finfo(norm.dtype).max)[1] // 2 + 6)
+    c = rescue_scale(norm.dtype)
     scaled = torch.linalg.vector_norm(x.to(norm.dtype) * c, dim=dim, keepdim=True) / c
     return torch.where(torch.isfinite(norm), norm, scaled)
 
