@@ -48,6 +48,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
+# every source linked into the library: cpu_norms.cpp (which holds the ISA dispatcher) first, then the
+# EvoNorm kernels (csrc/evonorm.cpp, whose entry points ask cpu_norms.cpp's nk_isa() for the copy to run)
+SOURCES = (SOURCE, SOURCE.with_name("evonorm.cpp"))
 # Compile flags of every variant. No -ffast-math: NaN must propagate. -fno-trapping-math lets the
 # compiler vectorize floor and the selects of DyT's exp. -fvisibility=hidden: only nk_* is exported.
 FLAGS = (
@@ -79,6 +82,10 @@ _SIGNATURES = {
     "cf_bwd": [_ptr] * 8 + [_i64] * 3 + [_int, _int],
     "dyt_fwd": [_ptr, _dbl] + [_ptr] * 3 + [_i64] * 3 + [_int],
     "dyt_bwd": [_ptr, _ptr, _dbl] + [_ptr] * 5 + [_i64] * 3 + [_int],
+    "evo_b0_fwd": [_ptr] * 11 + [_i64] * 3 + [_int, _dbl, _int],
+    "evo_b0_bwd": [_ptr] * 12 + [_i64] * 3 + [_int, _int],
+    "evo_s0_fwd": [_ptr] * 7 + [_i64] * 4 + [_dbl, _int],
+    "evo_s0_bwd": [_ptr] * 10 + [_i64] * 4 + [_int],
 }
 
 build_seconds: float | None = None  # compile time of this process's build (None: loaded from cache)
@@ -104,7 +111,8 @@ def _cache_key(cxx: str, version: str) -> str:
     """What the library depends on: source, flags, compiler, architecture — not this CPU's model
     or feature flags (every copy is for a fixed ISA, chosen at run time), so a cache directory
     shared between machines holds one build per architecture and compiler."""
-    parts = (SOURCE.read_text(), " ".join(FLAGS), " ".join(LINK_FLAGS), repr(ISA_FLAGS), cxx, version, _MACHINE)
+    sources = tuple(src.read_text() for src in SOURCES)
+    parts = (*sources, " ".join(FLAGS), " ".join(LINK_FLAGS), repr(ISA_FLAGS), cxx, version, _MACHINE)
     return hashlib.sha256(b"\0".join(s.encode() for s in parts)).hexdigest()[:20]
 
 
@@ -117,18 +125,19 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        # one translation unit per copy, compiled in parallel; the baseline's also has the entry points
+        # one translation unit per copy and source, compiled in parallel; the baseline's also have the entry points
         jobs = []
         for i, (isa, flags) in enumerate(ISA_FLAGS.items()):
-            obj, log = Path(tmp) / f"{isa}.o", Path(tmp) / f"{isa}.log"
-            defines = [f"-DNK_ISA=nk_{isa}"] + (["-DNK_DISPATCH"] if i == 0 else [])
-            with open(log, "w") as err:
-                cmd = [cxx, *FLAGS, *flags, *defines, "-c", str(SOURCE), "-o", str(obj)]
-                jobs.append((obj, log, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)))
+            for src in SOURCES:
+                obj, log = Path(tmp) / f"{isa}_{src.stem}.o", Path(tmp) / f"{isa}_{src.stem}.log"
+                defines = [f"-DNK_ISA=nk_{isa}"] + (["-DNK_DISPATCH"] if i == 0 else [])
+                with open(log, "w") as err:
+                    cmd = [cxx, *FLAGS, *flags, *defines, "-c", str(src), "-o", str(obj)]
+                    jobs.append((obj, log, subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)))
         failed = [log.read_text() for _, log, proc in jobs if proc.wait() != 0]
         if failed:
             raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{failed[0][-2000:]}")
-        # the baseline object first: of the inline library functions every object carries
+        # the baseline objects first: of the inline library functions every object carries
         # (std::vector members), the linker keeps the first copy, which then runs on any CPU
         tmp_so = Path(tmp) / out.name
         proc = subprocess.run(
@@ -385,3 +394,72 @@ def dyt_backward(
         dw, db, n, c, length, _threads(x.numel()),
     )
     return dx, torch.tensor(dalpha.value, dtype=alpha.dtype).reshape(alpha.shape), dw, db
+
+
+def evonorm_b0_forward(
+    x: Tensor, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, v: Tensor,
+    training: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-B0 over contiguous ``(N, C, *spatial)`` ``x`` (``csrc/evonorm.cpp``).
+
+    Returns ``(y, var_b, mean_b, a, mean_i, std_i)``: per channel the biased batch variance
+    (training; eval: a copy of ``running_var``), the batch mean (eval: 0) and ``a = sqrt(var_b + eps)``;
+    per (n, c) row, flat, its mean and ``sqrt(Var + eps)``. ``running_var`` is used in eval only."""
+    n, c = x.shape[:2]
+    length = x.numel() // (n * c)
+    y = torch.empty_like(x)
+    var_b, mean_b, a = (torch.empty(c, dtype=x.dtype) for _ in range(3))
+    mean_i, std_i = (torch.empty(n * c, dtype=x.dtype) for _ in range(2))
+    rvar = None if training else running_var.contiguous()
+    _call(
+        "evo_b0_fwd", x.dtype, x, _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), v.contiguous(), rvar,
+        y, var_b, mean_b, a, mean_i, std_i, n, c, length, int(training), float(eps), _threads(x.numel()),
+    )
+    return y, var_b, mean_b, a, mean_i, std_i
+
+
+def evonorm_b0_backward(
+    g: Tensor, x: Tensor, weight: Tensor | None, v: Tensor, mean_i: Tensor, std_i: Tensor, mean_b: Tensor, a: Tensor,
+    training: bool, want_w: bool, want_b: bool, want_v: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂w, ∂b, ∂v)`` of :func:`evonorm_b0_forward` (None where not wanted)."""
+    g, x = g.contiguous(), x.contiguous()
+    n, c = x.shape[:2]
+    dx = torch.empty_like(x)
+    dw, db, dv = (torch.empty(c, dtype=x.dtype) if want else None for want in (want_w, want_b, want_v))
+    _call(
+        "evo_b0_bwd", x.dtype, g, x, _or_full(weight, c, x, 1.0), v.contiguous(), mean_i, std_i, mean_b, a,
+        dx, dw, db, dv, n, c, x.numel() // (n * c), int(training), _threads(x.numel()),
+    )
+    return dx, dw, db, dv
+
+
+def evonorm_s0_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, v: Tensor, groups: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EvoNorm-S0 over contiguous ``(N, C, *spatial)`` ``x`` with ``groups`` groups of C/groups channels
+    (``csrc/evonorm.cpp``). Returns ``(y, mean, rstd)``, the statistics flat, one per (n, group)."""
+    n, c = x.shape[:2]
+    y = torch.empty_like(x)
+    mean, rstd = (torch.empty(n * groups, dtype=x.dtype) for _ in range(2))
+    _call(
+        "evo_s0_fwd", x.dtype, x, _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), v.contiguous(),
+        y, mean, rstd, n, c, x.numel() // (n * c), groups, float(eps), _threads(x.numel()),
+    )
+    return y, mean, rstd
+
+
+def evonorm_s0_backward(
+    g: Tensor, x: Tensor, weight: Tensor | None, v: Tensor, mean: Tensor, rstd: Tensor, groups: int,
+    want_w: bool, want_b: bool, want_v: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂w, ∂b, ∂v)`` of :func:`evonorm_s0_forward` (None where not wanted)."""
+    g, x = g.contiguous(), x.contiguous()
+    n, c = x.shape[:2]
+    dx = torch.empty_like(x)
+    dw, db, dv = (torch.empty(c, dtype=x.dtype) if want else None for want in (want_w, want_b, want_v))
+    _call(
+        "evo_s0_bwd", x.dtype, g, x, _or_full(weight, c, x, 1.0), v.contiguous(), mean, rstd, dx, dw, db, dv,
+        n, c, x.numel() // (n * c), groups, _threads(x.numel()),
+    )
+    return dx, dw, db, dv
