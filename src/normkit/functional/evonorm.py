@@ -5,10 +5,17 @@ The math follows the official TensorFlow code (``tensorflow/tpu``,
 ``models/official/resnet/resnet_model.py``: ``evonorm``, ``_batch_std``, ``_instance_std``,
 ``_group_std``); the module docstrings in :mod:`normkit.nn.evonorm` list the differences to timm.
 
-Default path (:mod:`normkit.functional._closed_form`): one autograd function per layer whose
-forward takes its statistics from the engine (``normalize_view``: normkit's C++ segment kernel on
-CPU, overflow-safe, whose fresh output buffer is then overwritten in place) and whose closed-form
-backward saves only x plus O(N·C) statistics. ``backend="eager"`` runs the plain formulas below.
+Default path (:mod:`normkit.functional._closed_form`): one autograd function per layer with a
+closed-form backward that saves only x plus O(N·C) statistics. On CPU with normkit's C++ kernels
+built (backends ``"auto"`` and ``"kernels"``) its forward and backward are the fused kernels of
+``kernels/csrc/evonorm.cpp`` (two passes over x per direction for B0 in training, one memory pass
+plus one from cache otherwise); elsewhere (no compiler, other devices, ``"native"``) the forward
+takes its statistics from the engine (``normalize_view``, whose fresh output buffer is then
+overwritten in place) and the backward is a few ATen passes. Under ``torch.compile`` with
+``backend="kernels"`` the kernels are the operators ``torch.ops.normkit.evonorm_b0`` /
+``evonorm_s0`` (autograd registered here, beside the plain formulas their double backward
+replays); with other backends the compiler traces the plain formula. ``backend="eager"`` runs the
+plain formulas below.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from normkit.functional._core import (
     trailing_numel,
 )
 from normkit.functional._replay import replay_grads
+from normkit.kernels import cpu as _cpu
+from normkit.kernels import ops as _ops
 from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype, moments, reduced_moments
 
@@ -51,8 +60,8 @@ def _b0_math(
     if training:  # gradients flow through the batch variance (as in TF); synchronized with a reducer
         if reducer is None:
             (mean_b, var_b), count = moments(xf, batch), xf.new_full((1,), x.numel() // x.shape[1])
-        else:  # sums about a shift of 0, common to every process: (n, Σx, Σx²) in one collective
-            mean_b, var_b, count = reduced_moments(xf, batch, reducer=reducer, shift=xf.new_zeros(x.shape[1]))
+        else:  # shifted sums (n, Σ(x−K), Σ(x−K)²) in one collective (normkit.stats.synced_sums)
+            mean_b, var_b, count = reduced_moments(xf, batch, reducer=reducer)
         r_b = safe_rstd(xf, batch, var_b, eps, mean=mean_b, reducer=reducer)
     else:
         var_b, count = channel_view(running_var, xf).to(sd), xf.new_ones(())
@@ -72,6 +81,36 @@ def _b0_plain(x: Tensor, w: Tensor | None, b: Tensor | None, v: Tensor, running_
     return _b0_math(x, running_var, w, b, v, training, eps, None)[0]
 
 
+def _kernel_ok(backend: str | None, x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the closed form runs as csrc/evonorm.cpp's kernels: backend ``"auto"`` or ``"kernels"``
+    (``"native"`` keeps the ATen closed form) and a CPU input the kernels take (dtype, layout, built)."""
+    name = _backend.get_backend() if backend is None else backend
+    if name in ("auto", "kernels") and _ops.accepts(x, *params):
+        _backend.note("evonorm", "kernels")  # for backend.record() (the `runs` column of `normkit kernels`)
+        return True
+    return False
+
+
+def _compiled_kernel_ok(impl: str, backend: str | None, x: Tensor, stats_dtype: torch.dtype | None,
+                        *params: Tensor | None) -> bool:
+    """Under ``torch.compile`` with ``backend="kernels"``: the operators ``torch.ops.normkit.evonorm_*``,
+    kept as nodes of the user's graph (with ``"auto"`` the compiler traces and fuses the plain formula)."""
+    name = _backend.get_backend() if backend is None else backend
+    return (
+        impl == "eager" and name == "kernels" and torch.compiler.is_compiling()
+        and stats_dtype in (None, x.dtype) and _ops.accepts(x, *params)
+    )
+
+
+def _grads_of(bwd, need: tuple[bool, ...], has: tuple[bool, bool], args: tuple) -> tuple:  # noqa: ANN001
+    """``(∂x, ∂w, ∂b, ∂v)`` from a kernel backward ``bwd(*args, want_w, want_b, want_v)`` (the wrapper of
+    :mod:`normkit.kernels.cpu` in eager, the operator under a compiler): unwanted ones None, the
+    operator's empty placeholders dropped."""
+    want = (has[0] and need[2], has[1] and need[3], need[4])
+    dx, *rest = bwd(*args, *want)
+    return (dx if need[0] else None, *(t if w else None for t, w in zip(rest, want)))
+
+
 class _B0Fn(torch.autograd.Function):
     """EvoNorm-B0 with a closed-form backward (saves x plus O(N·C) statistics).
 
@@ -89,7 +128,14 @@ class _B0Fn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, running_var, weight, bias, v, training, eps, backend):  # noqa: ANN001, ANN205
+    def forward(ctx, x, running_var, weight, bias, v, training, eps, backend, kernel):  # noqa: ANN001, ANN205
+        ctx.cfg = (bool(training), eps, kernel)
+        if kernel:  # csrc/evonorm.cpp
+            rv = None if training else running_var.detach().to(x.dtype)
+            y, var_b, mean_b, a, mean_i, std_i = _cpu.evonorm_b0_forward(x, rv, weight, bias, v, training, eps)
+            ctx.save_for_backward(x, None if training else var_b, weight, bias, v, std_i, a, mean_i, mean_b)
+            ctx.mark_non_differentiable(var_b)
+            return y, var_b
         n, c = x.shape[:2]
         length = trailing_numel(x)
         x4 = x.reshape(n, c, 1, length)
@@ -117,60 +163,74 @@ class _B0Fn(torch.autograd.Function):
         elif bias is not None:
             y4.add_(bias.to(x.dtype).reshape(1, c, 1, 1))
         ctx.save_for_backward(x, None if training else var_b, weight, bias, v, s_i, a, mean_i, mu_b)
-        ctx.cfg = (bool(training), eps)
         ctx.mark_non_differentiable(var_b)
         return y4.reshape(x.shape), var_b
 
     @staticmethod
     def backward(ctx, gy, _gvar):  # noqa: ANN001, ANN205
-        x, var_run, weight, bias, v, s_i, a, mean_i, mu_b = ctx.saved_tensors
-        training, eps = ctx.cfg
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-            dx, dw, db, dv = replay_grads(
-                lambda x, w, b, v: _b0_plain(x, w, b, v, var_run, training, eps),
-                (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
-            )
-            return dx, None, dw, db, dv, None, None, None
-        n, c = x.shape[:2]
-        length = trailing_numel(x)
-        dt = x.dtype
-        x4 = x.reshape(n, c, 1, length)
-        g4 = gy.contiguous().reshape(n, c, 1, length)
-        v4 = v.to(dt).reshape(1, c, 1, 1)
-        d = torch.addcmul(s_i, x4, v4)  # v·x + s_I
-        m = torch.gt(d, a, out=torch.empty_like(d))  # a float mask: multiplying by a bool one casts it first (2–3× slower)
-        torch.maximum(d, a, out=d)  # den
-        t = g4 / d  # T = g/den
-        torch.div(x4, d, out=d)  # u = x/den
-        e1 = nc_dot(g4, d) if weight is not None and need[2] else None  # Σ_L g·u
-        d.mul_(t)  # T·u
-        h_all = nc_sum(d).double() if training else None
-        d.mul_(m)  # W = m·T·u
-        h_m = nc_sum(d).double()
-        ev = nc_dot(d, x4).double() if need[4] else None
-        gam = torch.ones(1, c, dtype=torch.float64, device=x.device) if weight is None else weight.double().reshape(1, c)
-        s64 = s_i.double().reshape(n, c)
-        # coefficients ×s_I (so every product below is O(1) at input scales of 1e±30), float64
-        p_s = -gam * h_m / length  # P·s_I
-        c_x, const = p_s, -mean_i.double().reshape(n, c) * p_s
-        if training:
-            a64 = a.double().reshape(1, c)
-            q = -gam * (h_all - h_m).sum(0, keepdim=True) / (n * length * a64)
-            c_x = c_x + q * s64
-            const = const - mu_b.double().reshape(1, c) * q * s64
-        dx = None
-        if need[0]:
-            shape = (n, c, 1, 1)
-            dx = combine_(
-                t, (gam * s64).reshape(shape), [(d, (-gam * v.double().reshape(1, c) * s64).reshape(shape)),
-                                                (x4, c_x.reshape(shape))],
-                const.reshape(shape), s64.reciprocal().reshape(shape),
-            ).reshape(x.shape)
-        dw = param_grad(None if e1 is None else e1.sum(0), weight, need[2])
-        db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
-        dv = param_grad(None if ev is None else -gam.reshape(c) * ev.sum(0), v, need[4])
-        return dx, None, dw, db, dv, None, None, None
+        return *_b0_grads(ctx, gy, _cpu.evonorm_b0_backward), None, None, None, None
+
+
+def _b0_grads(ctx, gy: Tensor, kernel_bwd) -> tuple:  # noqa: ANN001
+    """``(∂x, None, ∂w, ∂b, ∂v)`` of EvoNorm-B0 from the saved tensors of :class:`_B0Fn` or of the
+    operator ``normkit::evonorm_b0`` (the same ones), ``kernel_bwd`` running the kernel backward."""
+    x, var_run, weight, bias, v, s_i, a, mean_i, mu_b = ctx.saved_tensors
+    training, eps, kernel = ctx.cfg
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
+        dx, dw, db, dv = replay_grads(
+            lambda x, w, b, v: _b0_plain(x, w, b, v, var_run, training, eps),
+            (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
+        )
+        return dx, None, dw, db, dv
+    if kernel:
+        args = (gy, x, weight, v, mean_i, s_i, mu_b, a, training)
+        dx, dw, db, dv = _grads_of(kernel_bwd, need, (weight is not None, bias is not None), args)
+        return dx, None, param_grad(dw, weight, True), param_grad(db, bias, True), param_grad(dv, v, True)
+    return _b0_aten_grads(x, weight, bias, v, s_i, a, mean_i, mu_b, training, need, gy)
+
+
+def _b0_aten_grads(x, weight, bias, v, s_i, a, mean_i, mu_b, training, need, gy):  # noqa: ANN001, ANN202
+    """The closed-form backward of :class:`_B0Fn` in ATen ops (no C++ kernels)."""
+    n, c = x.shape[:2]
+    length = trailing_numel(x)
+    dt = x.dtype
+    x4 = x.reshape(n, c, 1, length)
+    g4 = gy.contiguous().reshape(n, c, 1, length)
+    v4 = v.to(dt).reshape(1, c, 1, 1)
+    d = torch.addcmul(s_i, x4, v4)  # v·x + s_I
+    m = torch.gt(d, a, out=torch.empty_like(d))  # a float mask: multiplying by a bool one casts it first (2–3× slower)
+    torch.maximum(d, a, out=d)  # den
+    t = g4 / d  # T = g/den
+    torch.div(x4, d, out=d)  # u = x/den
+    e1 = nc_dot(g4, d) if weight is not None and need[2] else None  # Σ_L g·u
+    d.mul_(t)  # T·u
+    h_all = nc_sum(d).double() if training else None
+    d.mul_(m)  # W = m·T·u
+    h_m = nc_sum(d).double()
+    ev = nc_dot(d, x4).double() if need[4] else None
+    gam = torch.ones(1, c, dtype=torch.float64, device=x.device) if weight is None else weight.double().reshape(1, c)
+    s64 = s_i.double().reshape(n, c)
+    # coefficients ×s_I (so every product below is O(1) at input scales of 1e±30), float64
+    p_s = -gam * h_m / length  # P·s_I
+    c_x, const = p_s, -mean_i.double().reshape(n, c) * p_s
+    if training:
+        a64 = a.double().reshape(1, c)
+        q = -gam * (h_all - h_m).sum(0, keepdim=True) / (n * length * a64)
+        c_x = c_x + q * s64
+        const = const - mu_b.double().reshape(1, c) * q * s64
+    dx = None
+    if need[0]:
+        shape = (n, c, 1, 1)
+        dx = combine_(
+            t, (gam * s64).reshape(shape), [(d, (-gam * v.double().reshape(1, c) * s64).reshape(shape)),
+                                            (x4, c_x.reshape(shape))],
+            const.reshape(shape), s64.reciprocal().reshape(shape),
+        ).reshape(x.shape)
+    dw = param_grad(None if e1 is None else e1.sum(0), weight, need[2])
+    db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
+    dv = param_grad(None if ev is None else -gam.reshape(c) * ev.sum(0), v, need[4])
+    return dx, None, dw, db, dv
 
 
 def evonorm_b0(
@@ -207,10 +267,11 @@ def evonorm_b0(
     just ``y = x·γ + β`` (``v`` and ``running_var`` are unused and not updated).
 
     ``reducer`` (training only) makes ``Var_B`` the variance of the whole distributed batch
-    (:mod:`normkit.sync`): the sums (n, Σx, Σx²) go in **one** packed collective. B0 keeps no
-    running mean, so the sums are taken about 0 (the one shift every process shares without
-    communicating): ``E[x²] − E[x]²`` then loses ``log10(μ²/σ²)`` digits to cancellation, which
-    the exact two-pass form (two collectives) did not. ``Var_I`` is per sample and stays local.
+    (:mod:`normkit.sync`): the sums ``(n, Σ(x−K), Σ(x−K)²)`` go in **one** packed collective, taken
+    about a shift ``K`` common to every process — the layer's synchronized batch mean of its previous
+    call, kept by the module's reducer (:func:`normkit.stats.synced_sums`); on the first call, or with
+    a reducer that keeps no memory, the exact global mean from a first collective (two collectives).
+    No ``E[x²] − E[x]²`` cancellation. ``Var_I`` is per sample and stays local.
 
     Default path: :class:`_B0Fn` (closed-form backward, saves x plus O(N·C) statistics; at a tie
     ``s_B = v·x + s_I`` the gradient goes to s_B, as TF's ``tf.maximum(left, right)``; the
@@ -240,7 +301,11 @@ def evonorm_b0(
     else:
         impl = route(backend, x, "evonorm", stats_dtype)
         if impl == "fast" and (running_var is None or not running_var.requires_grad):
-            y, var_b = _B0Fn.apply(x, running_var, weight, bias, v, training, eps, backend)
+            kernel = _kernel_ok(backend, x, weight, bias, v)
+            y, var_b = _B0Fn.apply(x, running_var, weight, bias, v, training, eps, backend, kernel)
+        elif _compiled_kernel_ok(impl, backend, x, stats_dtype, weight, bias, v):
+            rv = None if training else running_var.detach().to(x.dtype)
+            y, var_b, *_ = torch.ops.normkit.evonorm_b0(x, rv, weight, bias, v, training, eps)
         else:
             impl = "eager" if impl == "fast" else impl
             key = ("b0", training, eps, stats_dtype, x.dtype, weight is not None, bias is not None)
@@ -285,7 +350,12 @@ class _S0Fn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, v, eps, backend):  # noqa: ANN001, ANN205
+    def forward(ctx, x, groups, weight, bias, v, eps, backend, kernel):  # noqa: ANN001, ANN205
+        ctx.cfg = (groups, eps, kernel)
+        if kernel:  # csrc/evonorm.cpp
+            y, mean, r = _cpu.evonorm_s0_forward(x, weight, bias, v, groups, eps)
+            ctx.save_for_backward(x, weight, bias, v, r, mean)
+            return y
         n, c = x.shape[:2]
         length = trailing_numel(x)
         x4 = x.reshape(n, groups, c // groups, length)
@@ -299,48 +369,62 @@ class _S0Fn(torch.autograd.Function):
         else:
             torch.addcmul(bias.to(x.dtype).reshape(1, groups, c // groups, 1), y4, scale, out=y4)
         ctx.save_for_backward(x, weight, bias, v, r, mean)
-        ctx.cfg = (groups, eps)
         return y4.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x, weight, bias, v, r, mean = ctx.saved_tensors
-        groups, eps = ctx.cfg
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-            dx, dw, db, dv = replay_grads(
-                lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
-                (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
-            )
-            return dx, None, dw, db, dv, None, None
-        n, c = x.shape[:2]
-        cg = c // groups
-        length = trailing_numel(x)
-        dt = x.dtype
-        g4 = gy.contiguous().reshape(n, c, 1, length)
-        x4 = x.reshape(n, c, 1, length)
-        v4 = v.to(dt).reshape(1, c, 1, 1)
-        s = (x4 * v4).sigmoid_()  # σ(z)
-        gx = g4 * x4
-        a = nc_dot(gx, s).double()  # A_nc = Σ_L g·x·s
-        if need[0] or need[4]:
-            torch.ops.aten.sigmoid_backward(gx, s, grad_input=gx)  # g·x·σ'(z), in place
-        ev = nc_dot(gx, x4).double() if need[4] else None
-        gam = torch.ones(1, c, dtype=torch.float64, device=x.device) if weight is None else weight.double().reshape(1, c)
-        r64 = r.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c)
-        dx = None
-        if need[0]:  # g·silu'(z) = g·s + v·(g·x·σ'(z)), then the path through r
-            k = (gam * a).reshape(n, groups, cg).sum(2, keepdim=True).expand(n, groups, cg).reshape(n, c)
-            c_x = -r64.square() * k / (cg * length)  # (r³K/M)/r: O(1)·x at any input scale
-            const = -mean.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c) * c_x
-            shape = (n, c, 1, 1)
-            terms = [(gx, (gam * v.double().reshape(1, c)).expand(n, c).reshape(shape)), (x4, c_x.reshape(shape))]
-            dx = combine_(s.mul_(g4), gam.expand(n, c).reshape(shape), terms, const.reshape(shape),
-                          r64.reshape(shape)).reshape(x.shape)
-        dw = param_grad((r64 * a).sum(0), weight, need[2])
-        db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
-        dv = param_grad(None if ev is None else (gam * r64 * ev).sum(0), v, need[4])
-        return dx, None, dw, db, dv, None, None
+        return *_s0_grads(ctx, gy, _cpu.evonorm_s0_backward), None, None, None
+
+
+def _s0_grads(ctx, gy: Tensor, kernel_bwd) -> tuple:  # noqa: ANN001
+    """``(∂x, None, ∂w, ∂b, ∂v)`` of EvoNorm-S0 from the saved tensors of :class:`_S0Fn` or of the
+    operator ``normkit::evonorm_s0`` (the same ones), ``kernel_bwd`` running the kernel backward."""
+    x, weight, bias, v, r, mean = ctx.saved_tensors
+    groups, eps, kernel = ctx.cfg
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
+        dx, dw, db, dv = replay_grads(
+            lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
+            (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
+        )
+        return dx, None, dw, db, dv
+    if kernel:
+        args = (gy, x, weight, v, mean, r, groups)
+        dx, dw, db, dv = _grads_of(kernel_bwd, need, (weight is not None, bias is not None), args)
+        return dx, None, param_grad(dw, weight, True), param_grad(db, bias, True), param_grad(dv, v, True)
+    return _s0_aten_grads(x, weight, bias, v, r, mean, groups, need, gy)
+
+
+def _s0_aten_grads(x, weight, bias, v, r, mean, groups, need, gy):  # noqa: ANN001, ANN202
+    """The closed-form backward of :class:`_S0Fn` in ATen ops (no C++ kernels)."""
+    n, c = x.shape[:2]
+    cg = c // groups
+    length = trailing_numel(x)
+    dt = x.dtype
+    g4 = gy.contiguous().reshape(n, c, 1, length)
+    x4 = x.reshape(n, c, 1, length)
+    v4 = v.to(dt).reshape(1, c, 1, 1)
+    s = (x4 * v4).sigmoid_()  # σ(z)
+    gx = g4 * x4
+    a = nc_dot(gx, s).double()  # A_nc = Σ_L g·x·s
+    if need[0] or need[4]:
+        torch.ops.aten.sigmoid_backward(gx, s, grad_input=gx)  # g·x·σ'(z), in place
+    ev = nc_dot(gx, x4).double() if need[4] else None
+    gam = torch.ones(1, c, dtype=torch.float64, device=x.device) if weight is None else weight.double().reshape(1, c)
+    r64 = r.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c)
+    dx = None
+    if need[0]:  # g·silu'(z) = g·s + v·(g·x·σ'(z)), then the path through r
+        k = (gam * a).reshape(n, groups, cg).sum(2, keepdim=True).expand(n, groups, cg).reshape(n, c)
+        c_x = -r64.square() * k / (cg * length)  # (r³K/M)/r: O(1)·x at any input scale
+        const = -mean.double().reshape(n, groups, 1).expand(n, groups, cg).reshape(n, c) * c_x
+        shape = (n, c, 1, 1)
+        terms = [(gx, (gam * v.double().reshape(1, c)).expand(n, c).reshape(shape)), (x4, c_x.reshape(shape))]
+        dx = combine_(s.mul_(g4), gam.expand(n, c).reshape(shape), terms, const.reshape(shape),
+                      r64.reshape(shape)).reshape(x.shape)
+    dw = param_grad((r64 * a).sum(0), weight, need[2])
+    db = param_grad(g4.sum((0, 2, 3)), bias, need[3])
+    dv = param_grad(None if ev is None else (gam * r64 * ev).sum(0), v, need[4])
+    return dx, None, dw, db, dv
 
 
 def evonorm_s0(
@@ -382,6 +466,41 @@ def evonorm_s0(
     check_param(v, c, "v", "evonorm_s0")
     impl = route(backend, x, "evonorm", stats_dtype)
     if impl == "fast":
-        return _S0Fn.apply(x, num_groups, weight, bias, v, eps, backend)
+        return _S0Fn.apply(x, num_groups, weight, bias, v, eps, backend, _kernel_ok(backend, x, weight, bias, v))
+    if _compiled_kernel_ok(impl, backend, x, stats_dtype, weight, bias, v):
+        return torch.ops.normkit.evonorm_s0(x, weight, bias, v, num_groups, eps)[0]
     key = ("s0", num_groups, eps, stats_dtype, x.dtype, weight is not None, bias is not None)
     return _backend.executor(impl, _s0_math, key)(x, num_groups, weight, bias, v, eps, stats_dtype)
+
+
+# ---------------------------------------------------------------- autograd of the C++ operators
+# (torch.ops.normkit.evonorm_b0 / evonorm_s0, defined in normkit.kernels.ops): the same closed form
+# as _B0Fn/_S0Fn on the same saved tensors, with the backward operator; a double backward replays
+# the plain formula.
+
+
+def _b0_op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, _running_var, weight, bias, v, training, eps = inputs
+    _, var_b, mean_b, a, mean_i, std_i = output
+    ctx.save_for_backward(x, None if training else var_b, weight, bias, v, std_i, a, mean_i, mean_b)
+    ctx.cfg = (bool(training), eps, True)
+
+
+def _b0_op_backward(ctx, gy, *_unused):  # noqa: ANN001, ANN202
+    return *_b0_grads(ctx, gy, torch.ops.normkit.evonorm_b0_backward), None, None
+
+
+def _s0_op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, v, groups, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, v, rstd, mean)
+    ctx.cfg = (groups, eps, True)
+
+
+def _s0_op_backward(ctx, gy, *_unused):  # noqa: ANN001, ANN202
+    dx, _, dw, db, dv = _s0_grads(ctx, gy, torch.ops.normkit.evonorm_s0_backward)
+    return dx, dw, db, dv, None, None
+
+
+_ops.evonorm_b0.register_autograd(_b0_op_backward, setup_context=_b0_op_setup)
+_ops.evonorm_s0.register_autograd(_s0_op_backward, setup_context=_s0_op_setup)

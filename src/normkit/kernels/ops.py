@@ -15,6 +15,8 @@ operator                       computes
 ``cf_norm``                    channels-first LayerNorm/RMSNorm over C at every position
 ``cf_norm_backward``           its backward
 ``dyt`` / ``dyt_backward``     Dynamic Tanh and its backward
+``evonorm_b0[_backward]``      EvoNorm-B0 (``csrc/evonorm.cpp``) and its closed-form backward
+``evonorm_s0[_backward]``      EvoNorm-S0 and its closed-form backward
 =============================  ==========================================================
 
 Why ``custom_op`` over a ``TORCH_LIBRARY`` C++ extension: the kernels are plain C entry points
@@ -286,3 +288,70 @@ def _(g, x, alpha, weight, channels_last, want_w, want_b):  # noqa: ANN001, ANN2
 
 # dyt's autograd formula is registered in normkit.kernels.pointwise, beside the DyT math its
 # double backward differentiates through (one statement of the closed form, not two).
+
+
+# ---------------------------------------------------------------- EvoNorm-B0 / EvoNorm-S0
+# Their autograd formulas are registered in normkit.functional.evonorm, beside the plain formulas
+# their double backward differentiates through.
+
+
+@torch.library.custom_op("normkit::evonorm_b0", mutates_args=(), device_types="cpu")
+def evonorm_b0(
+    x: Tensor, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None, v: Tensor,
+    training: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-B0 of ``(N, C, *spatial)`` ``x``: ``(y, var_b, mean_b, a, mean_i, std_i)`` — per channel the
+    biased batch variance (eval: a copy of ``running_var``), batch mean and ``sqrt(var_b + eps)``, per
+    (n, c) row (flat) the mean and ``sqrt(Var + eps)``. ``running_var`` is read in eval only."""
+    return _cpu.evonorm_b0_forward(x.contiguous(), running_var, weight, bias, v, training, eps)
+
+
+@evonorm_b0.register_fake
+def _(x, running_var, weight, bias, v, training, eps):  # noqa: ANN001, ANN202
+    n, c = x.shape[:2]
+    return torch.empty_like(x), *(x.new_empty(c) for _ in range(3)), x.new_empty(n * c), x.new_empty(n * c)
+
+
+@torch.library.custom_op("normkit::evonorm_b0_backward", mutates_args=(), device_types="cpu")
+def evonorm_b0_backward(
+    g: Tensor, x: Tensor, weight: Tensor | None, v: Tensor, mean_i: Tensor, std_i: Tensor, mean_b: Tensor, a: Tensor,
+    training: bool, want_w: bool, want_b: bool, want_v: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(∂x, ∂w, ∂b, ∂v)`` of :func:`evonorm_b0`; ∂w/∂b/∂v are empty unless asked for."""
+    dx, dw, db, dv = _cpu.evonorm_b0_backward(g, x, weight, v, mean_i, std_i, mean_b, a, training, want_w, want_b, want_v)
+    return dx.view(x.shape), *(_empty(x) if t is None else t for t in (dw, db, dv))
+
+
+@evonorm_b0_backward.register_fake
+def _(g, x, weight, v, mean_i, std_i, mean_b, a, training, want_w, want_b, want_v):  # noqa: ANN001, ANN202
+    c = x.shape[1]
+    return torch.empty_like(x), *(x.new_empty(c if want else 0) for want in (want_w, want_b, want_v))
+
+
+@torch.library.custom_op("normkit::evonorm_s0", mutates_args=(), device_types="cpu")
+def evonorm_s0(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, v: Tensor, groups: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EvoNorm-S0 of ``(N, C, *spatial)`` ``x`` in ``groups`` groups: ``(y, mean, rstd)``, one statistic per (n, group)."""
+    return _cpu.evonorm_s0_forward(x.contiguous(), weight, bias, v, groups, eps)
+
+
+@evonorm_s0.register_fake
+def _(x, weight, bias, v, groups, eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), x.new_empty(x.shape[0] * groups), x.new_empty(x.shape[0] * groups)
+
+
+@torch.library.custom_op("normkit::evonorm_s0_backward", mutates_args=(), device_types="cpu")
+def evonorm_s0_backward(
+    g: Tensor, x: Tensor, weight: Tensor | None, v: Tensor, mean: Tensor, rstd: Tensor, groups: int,
+    want_w: bool, want_b: bool, want_v: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(∂x, ∂w, ∂b, ∂v)`` of :func:`evonorm_s0`; ∂w/∂b/∂v are empty unless asked for."""
+    dx, dw, db, dv = _cpu.evonorm_s0_backward(g, x, weight, v, mean, rstd, groups, want_w, want_b, want_v)
+    return dx.view(x.shape), *(_empty(x) if t is None else t for t in (dw, db, dv))
+
+
+@evonorm_s0_backward.register_fake
+def _(g, x, weight, v, mean, rstd, groups, want_w, want_b, want_v):  # noqa: ANN001, ANN202
+    c = x.shape[1]
+    return torch.empty_like(x), *(x.new_empty(c if want else 0) for want in (want_w, want_b, want_v))
