@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from normkit._compat import MISSING, renamed_argument
+from normkit.functional._closed_form import _FAST_DTYPES, column_sums
 from normkit.functional._core import check_eps, check_float, check_param, snapshot
 from normkit.functional.normalize import normalize
 from normkit.kernels.canonical import safe_rstd
@@ -106,13 +107,13 @@ def _affine_forward(  # type: ignore[no-untyped-def]
 def column_mean_square(x2d: Tensor, keep: Tensor | None, reducer: Reducer | None) -> tuple[Tensor, Tensor | None]:
     """``(mean_rows(x²) over the kept rows (C), scratch)`` for a ``(rows, C)`` input.
 
-    Without a mask or reducer in eager code the squares' buffer is handed back as ``scratch`` for the
-    layer's output (one input-sized allocation for both: a fresh 32 MB buffer costs as much as a pass
-    over it in page faults on CPU); otherwise :func:`normkit.stats.mean_square` and no scratch.
+    Without a mask or reducer in eager float32/float64 code the sum of squares is one read of x
+    (:func:`normkit.functional._closed_form.column_sums`, no input-sized temporary); otherwise
+    :func:`normkit.stats.mean_square`. ``scratch`` (a tensor of x's shape the layer's output may be
+    written into) is None on both paths: the squares are never materialized.
     """
-    if keep is None and reducer is None and not torch.compiler.is_compiling():
-        sq = torch.mul(x2d, x2d)
-        return sq.mean(0), sq
+    if keep is None and reducer is None and not torch.compiler.is_compiling() and x2d.dtype in _FAST_DTYPES:
+        return column_sums(x2d, x2d)[0] / x2d.shape[0], None
     return mean_square(x2d, 0, mask=keep, reducer=reducer).reshape(x2d.shape[-1]), None
 
 
@@ -126,16 +127,19 @@ def _affine_backward(
         ∂L/∂w = w_factor · Σ_rows ∂L/∂y · x,      ∂L/∂b = Σ_rows ∂L/∂y
 
     ``x_factor`` receives the column sums (the layers' gradient statistics — ``mean(ĝ·z)`` — are
-    C-sized functions of them) and may update the layer's buffers. One input-sized temporary: the
-    product ``∂L/∂y · x`` for the column sums, reused in place for ∂L/∂x.
+    C-sized functions of them) and may update the layer's buffers. Three passes, one input-sized
+    allocation (∂L/∂x): both column sums in one read of ∂L/∂y and x (:func:`column_sums`; no
+    product written and read back), then ``∂L/∂y · gx_factor`` and ``− x · x_factor`` added in place.
     """
     grad_y = grad_y.to(x.dtype)
-    tmp = torch.mul(grad_y, x)
-    gyx = tmp.sum(0)
-    gb = grad_y.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    if grad_y.dtype in _FAST_DTYPES and not torch.compiler.is_compiling():
+        gyx, gsum = column_sums(grad_y, x)
+    else:
+        gyx, gsum = torch.mul(grad_y, x).sum(0), grad_y.sum(0)
+    gb = gsum.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
     gw = (w_factor * gyx).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     xf = x_factor(gyx)
-    gx = torch.mul(x, -xf, out=tmp).addcmul_(grad_y, gx_factor)
+    gx = torch.mul(grad_y, gx_factor).addcmul_(x, xf, value=-1.0)
     return gx, gw, gb
 
 
