@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from normkit.backend import BACKENDS
 from normkit.functional._core import check_eps
 from normkit.stats import Reducer
-from normkit.sync import GroupSum, check_process_group
+from normkit.sync import GroupSum, ShiftMemory, check_process_group
 
 
 def check_module_args(eps: float | None, backend: str | None) -> None:
@@ -55,6 +57,11 @@ def sync_reducer(module: object) -> Reducer | None:
     Only in training: eval normalizes with running statistics (or per-process batch statistics when
     a layer keeps none) and never communicates, so ranks may call eval a different number of times.
     An explicit ``reducer`` attribute (BatchNorm's older hook) wins when set.
+
+    The reducer carries the layer's :class:`normkit.sync.ShiftMemory` (created on the first synced
+    call, kept as the plain attribute ``_sync_shifts``): the synchronized means of its previous call,
+    the shifts its next sums are taken about (:func:`normkit.stats.synced_sums`) — no cancellation,
+    one collective per call after the first.
     """
     explicit = getattr(module, "reducer", None)
     if explicit is not None:
@@ -62,7 +69,57 @@ def sync_reducer(module: object) -> Reducer | None:
     group = getattr(module, "process_group", None)
     if group is None or not module.training:  # type: ignore[attr-defined]
         return None
-    return GroupSum(group)
+    memory = vars(module).get("_sync_shifts")
+    if memory is None:
+        memory = ShiftMemory()
+        module._sync_shifts = memory  # type: ignore[attr-defined]  # a plain attribute: not state
+    return GroupSum(group, memory)
+
+
+class FastPath:
+    """Mixin for module shells with a per-configuration fast path on the default backend.
+
+    torch's norm modules cost a few Python calls per forward; normkit's resolve the backend per call
+    (:func:`normkit.backend.resolve`), which on a 64×256 LayerNorm was 10–30% of the whole call. A
+    shell instead computes, once per configuration, what that resolution depends on besides the
+    input (:meth:`_replan`: which options are set, the ``backend`` attribute, the bound of
+    :func:`normkit.backend.native_below`) and stores it in plain instance attributes (``_nk_*``), so
+    its ``forward`` tests one integer, the input's device and size and the thread's
+    ``backend.thread_state.plain`` before calling ATen's op directly. The plan is recomputed when
+    an attribute named in ``_PLAN_ATTRS`` is assigned (``m.backend = "eager"``, ``m.weight_offset = 1``,
+    ``m.bias = None``), when a parameter is registered, and after unpickling; ``.to()``, ``.train()``
+    and ``load_state_dict`` change nothing the plan holds. Shells call :meth:`_replan` at the end of
+    ``__init__`` (until then the class default, no fast path, applies).
+    """
+
+    _PLAN_ATTRS: frozenset[str] = frozenset()
+
+    def _replan(self) -> None:  # pragma: no cover - every shell overrides it
+        raise NotImplementedError
+
+    def _plan_set(self, **attrs: Any) -> None:
+        """Store plan values in the instance dict directly (no ``nn.Module.__setattr__``, no re-plan)."""
+        self.__dict__.update(attrs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self._PLAN_ATTRS and "_nk_ready" in self.__dict__:
+            self._replan()
+
+    def register_parameter(self, name: str, param: Any) -> None:
+        super().register_parameter(name, param)  # type: ignore[misc]
+        if "_nk_ready" in self.__dict__:
+            self._replan()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_nk_ready"] = True
+        self._replan()
+
+    def _plan_ready(self) -> None:
+        """End of ``__init__``: compute the plan; from now on option changes re-plan."""
+        self.__dict__["_nk_ready"] = True
+        self._replan()
 
 
 def options_repr(module: object, **opts: object) -> str:

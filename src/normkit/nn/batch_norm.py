@@ -13,11 +13,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normkit import functional as F
-from normkit.backend import resolve
+from normkit.backend import native_below, resolve, thread_state
 from normkit.functional import aten
 from normkit.functional._core import check_channels_first, check_momentum
 from normkit.nn import papers
-from normkit.nn._base import group_sample_kwargs, options_repr, set_options, sync_reducer
+from normkit.nn._base import FastPath, group_sample_kwargs, options_repr, set_options, sync_reducer
 from normkit.registry import register_norm
 from normkit.stats import Reducer
 from normkit.sync import ProcessGroupLike
@@ -53,7 +53,7 @@ class _Ranked:
             raise ValueError(f"{type(self).__name__} expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})")
 
 
-class BatchNorm(_BatchNorm):
+class BatchNorm(FastPath, _BatchNorm):
     """Batch Normalization for any ``(N, C, *)`` input, with torch's conventions.
 
     Ioffe & Szegedy 2015, arXiv:1502.03167. Training: ``y = (x − μ_B) / sqrt(σ²_B + eps) · w + b``
@@ -93,12 +93,54 @@ class BatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.channels_last = bool(channels_last)
         self.reducer = reducer
+        self._plan_ready()
+
+    _PLAN_ATTRS = frozenset({"backend", "stats_dtype", "channels_last", "reducer", "process_group", "affine",
+                             "track_running_stats"})
+    _nk_below = 0  # (class default: no fast path until planned)
+
+    def _replan(self) -> None:
+        """``_nk_below``: below it (elements; CPU, default backend, no mask) ``forward`` calls ATen's op
+        directly — where ``"auto"`` runs ATen's op and its statistics go unchecked (training checks them
+        for overflow from :data:`~normkit.functional.aten.ATEN_CHECK_MIN_NUMEL`); 0 for configurations
+        ATen's op does not compute (``stats_dtype``, a reducer or process group, channels-last input), for
+        subclasses with their own ``_forward`` (Batch Renorm, Ghost BN), and without affine parameters or
+        running statistics (ATen's op would then not check the channel count)."""
+        ok = (not self.channels_last and self.stats_dtype is None and self.reducer is None
+              and getattr(self, "process_group", None) is None and type(self)._forward is BatchNorm._forward
+              and (self.affine or self.track_running_stats))
+        self._plan_set(_nk_below=min(native_below("batch_norm", self.backend), aten.ATEN_CHECK_MIN_NUMEL) if ok else 0)
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"{type(self).__name__} expected an (N, C, *) input, got shape {tuple(x.shape)}")
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None and self.num_features < x.numel() < self._nk_below and x.is_cpu and thread_state.plain:
+            # the hot path: torch's BatchNorm.forward, calling ATen's op directly (more than one value
+            # per channel: F.batch_norm's error for one, the registry's guard for none, on the path below)
+            self._check_input_dim(x)
+            training = self.training
+            factor = 0.0 if self.momentum is None else self.momentum
+            count = self.num_batches_tracked if training and self.track_running_stats else None
+            if count is not None and self.momentum is None:
+                factor = 1.0 / (float(count) + 1)
+            use_batch = training or (self.running_mean is None and self.running_var is None)
+            keep = not training or self.track_running_stats
+            try:
+                y = torch.batch_norm(
+                    x, self.weight, self.bias, self.running_mean if keep else None,
+                    self.running_var if keep else None, use_batch, factor, self.eps, False,
+                )
+            except RuntimeError:
+                pass  # rejected: normkit's path below raises its own, clearer error
+            else:
+                if count is not None:
+                    count.add_(1)
+                return y
+        return self._forward_any(x, mask)
+
+    def _forward_any(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.channels_last:
             if x.dim() < 2 or x.shape[-1] != self.num_features:
                 raise ValueError(
@@ -246,7 +288,7 @@ class InstanceNorm(_InstanceNorm):
     aliases=("gn", "group_norm"),
     sample_kwargs=group_sample_kwargs,
 )
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(FastPath, nn.GroupNorm):
     """Group Normalization, channels first: ``GroupNorm(num_channels, num_groups=32)``.
 
     Wu & He 2018, arXiv:1803.08494. Argument order is timm's (channels first, so
@@ -270,8 +312,24 @@ class GroupNorm(nn.GroupNorm):
         if not isinstance(num_groups, int) or num_groups <= 0 or num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_groups={num_groups!r} must be a positive divisor of num_channels={num_channels}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self._plan_ready()
+
+    _PLAN_ATTRS = frozenset({"backend", "stats_dtype", "affine", "num_groups"})
+    _nk_below = 0  # (class default: no fast path until planned)
+
+    def _replan(self) -> None:
+        """``_nk_below``: below it (elements; CPU, default backend, no mask) ``forward`` calls ATen's op
+        directly — where ``"auto"`` runs ATen's op and its statistics go unchecked; 0 with a ``stats_dtype``
+        or without affine parameters (ATen's op would then not check the channel count)."""
+        ok = self.stats_dtype is None and self.affine
+        self._plan_set(_nk_below=min(native_below("group_norm", self.backend), aten.ATEN_CHECK_MIN_NUMEL) if ok else 0)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None and self.num_groups < x.numel() < self._nk_below and x.is_cpu and thread_state.plain:
+            try:  # the hot path: ATen's op directly (more than one value per group: else F.group_norm's error below)
+                return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, False)
+            except RuntimeError:
+                pass  # rejected: normkit's path below raises its own, clearer error
         check_channels_first(x, self.num_channels, type(self).__name__)
         if mask is None and self.stats_dtype is None and resolve(self.backend, x, "group_norm", True) == "native":
             y = aten.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # input checked above

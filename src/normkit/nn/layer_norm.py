@@ -13,13 +13,13 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normkit import functional as F
-from normkit.backend import resolve
+from normkit.backend import native_below, resolve, thread_state
 from normkit.functional._core import check_channels_first
 from normkit.functional.aten import ATEN_CHECK_MIN_NUMEL
 from normkit.functional.aten import layer_norm as aten_layer_norm
 from normkit.functional.aten import rms_norm as aten_rms_norm
 from normkit.nn import papers
-from normkit.nn._base import options_repr, set_options
+from normkit.nn._base import FastPath, options_repr, set_options
 from normkit.registry import register_norm
 
 
@@ -49,8 +49,38 @@ def _plain(self: nn.Module) -> bool:
     return not self.weight_offset and self.stats_dtype is None and self.reduction_dims is None
 
 
+#: options whose assignment re-plans a token norm's fast path (:class:`normkit.nn._base.FastPath`)
+_TOKEN_PLAN_ATTRS = frozenset({"backend", "weight_offset", "stats_dtype", "reduction_dims", "bias", "casting"})
+
+
+def _replan_token(self: nn.Module, op: str, native: bool) -> None:
+    """The per-configuration plan of LayerNorm / RMSNorm (and their ``forward_add``).
+
+    ``_nk_below``: inputs with fewer elements (CPU, default backend, no mask) run ATen's op directly —
+    the bound where ``"auto"`` picks ATen's op (:func:`normkit.backend.native_below`), capped at
+    :data:`~normkit.functional.aten.ATEN_CHECK_MIN_NUMEL`, above which ATen's statistics are checked
+    for overflow on the full path; 0 when an option ATen's op lacks is set. ``_nk_add_below``: the
+    same for :meth:`forward_add` (``x + residual`` then the op). ``_nk_plain``: no normkit-only option.
+    """
+    plain = self._plain()
+    ok = plain and native
+    self._plan_set(
+        _nk_plain=plain,
+        _nk_below=min(native_below(op, self.backend), ATEN_CHECK_MIN_NUMEL) if ok else 0,
+        _nk_add_below=min(native_below("add_norm", self.backend), ATEN_CHECK_MIN_NUMEL) if ok else 0,
+    )
+
+
 def _forward_add(self: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
     """Fused pre-norm step: ``(norm(x + residual), x + residual)`` (LayerNorm or RMSNorm, by class)."""
+    if x.numel() < self._nk_add_below and x.is_cpu and thread_state.plain and residual.shape == x.shape:
+        s = x + residual  # small input, default backend: the sum and ATen's op (as functional.add_norm's native path)
+        try:
+            if self._nk_center:
+                return torch.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps, False), s
+            return torch.rms_norm(s, self.normalized_shape, self.weight, self.eps), s
+        except RuntimeError:
+            pass  # rejected: normkit's path below raises its own, clearer error
     return F.add_norm(
         x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
         norm="rmsnorm" if isinstance(self, nn.RMSNorm) else "layernorm",
@@ -118,8 +148,12 @@ def _cast_ordered_rms(m: nn.Module, x: Tensor) -> Tensor:
     description="per-token mean/variance over the last dim(s), then affine",
     aliases=("ln", "layer_norm"),
 )
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(FastPath, nn.LayerNorm):
     _plain = _plain
+    _PLAN_ATTRS = _TOKEN_PLAN_ATTRS
+    _nk_below = _nk_add_below = 0  # (class defaults: no fast path until planned, e.g. an old pickle)
+    _nk_plain = False
+    _nk_center = True
 
     """LayerNorm over the trailing ``normalized_shape`` dims (drop-in for ``torch.nn.LayerNorm``).
 
@@ -156,14 +190,23 @@ class LayerNorm(nn.LayerNorm):
         self.weight_offset = float(weight_offset)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self.reduction_dims = _check_reduction_dims(reduction_dims, self.normalized_shape)
+        self._plan_ready()
+
+    def _replan(self) -> None:
+        _replan_token(self, "layer_norm", True)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is None and self._plain() and resolve(self.backend, x, "layer_norm", True) == "native":
-            try:  # the hot path: ATen's op with no Python in between (per-call cost as nn.LayerNorm)
+        if mask is None and x.numel() < self._nk_below and x.is_cpu and thread_state.plain:
+            try:  # the hot path: ATen's op, no wrapper (F.layer_norm's cudnn flag is ignored by ATen's op)
+                return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, False)
+            except RuntimeError:
+                pass  # rejected: normkit's path below raises its own, clearer error
+        if mask is None and self._nk_plain and resolve(self.backend, x, "layer_norm", True) == "native":
+            try:  # ATen's op (checked for overflow from ATEN_CHECK_MIN_NUMEL elements)
                 if x.numel() < ATEN_CHECK_MIN_NUMEL:
                     return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
                 y = aten_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -194,8 +237,12 @@ class LayerNorm(nn.LayerNorm):
     description="per-token root-mean-square scaling over the last dim(s), no centering",
     aliases=("rms", "rms_norm"),
 )
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(FastPath, nn.RMSNorm):
     _plain = _plain
+    _PLAN_ATTRS = _TOKEN_PLAN_ATTRS
+    _nk_below = _nk_add_below = 0  # (class defaults: no fast path until planned, e.g. an old pickle)
+    _nk_plain = False
+    _nk_center = False
     casting: str | None = None  # (class default: modules pickled before the option existed)
 
     """RMSNorm over the trailing dims (drop-in for ``torch.nn.RMSNorm``).
@@ -242,6 +289,11 @@ class RMSNorm(nn.RMSNorm):
         else:
             self.register_parameter("bias", None)
         _offset_init(self)
+        self._plan_ready()
+
+    def _replan(self) -> None:
+        # casting: half inputs take the rounding-order path, so the plan leaves such layers to forward's test
+        _replan_token(self, "rms_norm", getattr(self, "bias", None) is None and self.casting is None)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -250,12 +302,17 @@ class RMSNorm(nn.RMSNorm):
         _offset_init(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None and x.numel() < self._nk_below and x.is_cpu and thread_state.plain:
+            try:  # the hot path: ATen's op, no wrapper
+                return torch.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+            except RuntimeError:
+                pass  # rejected: normkit's path below raises its own, clearer error
         if self.casting is not None and (x.dtype in (torch.float16, torch.bfloat16) or (
                 self.weight is not None and self.weight.dtype != x.dtype)):
             if mask is not None:
                 raise ValueError(f"RMSNorm(casting={self.casting!r}) does not take a mask for {x.dtype} input")
             return _cast_ordered_rms(self, x)
-        if (mask is None and self.bias is None and self._plain()
+        if (mask is None and self.bias is None and self._nk_plain
                 and resolve(self.backend, x, "rms_norm", True) == "native"):
             try:  # ATen's op directly (small inputs, or no kernels): no Python in between
                 if x.numel() < ATEN_CHECK_MIN_NUMEL:

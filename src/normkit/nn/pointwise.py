@@ -8,9 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from normkit import functional as F
+from normkit.backend import native_below, thread_state
 from normkit.nn import papers
-from normkit.nn._base import options_repr, set_options
+from normkit.nn._base import FastPath, options_repr, set_options
 from normkit.registry import register_norm
+
+#: input dtypes of the plain-expression fast paths (half inputs take the full path's casting rules)
+_FLOATS = (torch.float32, torch.float64)
 
 
 @register_norm(
@@ -22,7 +26,7 @@ from normkit.registry import register_norm
     train_eval_differ=False,
     description="g · x / ‖x‖ per token with one learned scalar g",
 )
-class ScaleNorm(nn.Module):
+class ScaleNorm(FastPath, nn.Module):
     """ScaleNorm: ``y = g · x / max(‖x‖₂, eps)`` over the last dim (Nguyen & Salazar 2019, arXiv:1910.05895).
 
     One learned scalar ``scale`` initialised to ``sqrt(num_features)`` (the paper's choice),
@@ -49,11 +53,30 @@ class ScaleNorm(nn.Module):
         self.scale_init = math.sqrt(num_features) if scale_init is None else float(scale_init)
         self.scale = nn.Parameter(torch.empty((), device=device, dtype=dtype))
         self.reset_parameters()
+        self._plan_ready()
+
+    _PLAN_ATTRS = frozenset({"backend", "channels_last"})
+    _nk_below = 0  # (class default: no fast path until planned)
+
+    def _replan(self) -> None:
+        """``_nk_below``: below it (elements; CPU, default backend, float32/float64) ``forward`` runs the plain
+        expression itself, as :func:`normkit.functional.scale_norm` does there (``"auto"``'s ``native``)."""
+        self._plan_set(_nk_below=native_below("scale_norm", self.backend) if self.channels_last else 0)
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.scale, self.scale_init)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() < self._nk_below and x.is_cpu and thread_state.plain and x.dtype in _FLOATS:
+            if x.dim() and x.shape[-1] == self.num_features:
+                # the hot path: the plain expression (functional.scale_norm's native path, whose overflow
+                # check of ‖x‖ runs when a backward follows, as there)
+                scale = self.scale
+                norm = torch.linalg.vector_norm(x, 2, -1, True)
+                if (not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad)
+                        or (not torch.compiler.is_compiling() and math.isfinite(norm.sum().item()))):
+                    y = x * (scale / norm.clamp_min(self.eps))
+                    return y if y.dtype == x.dtype else y.to(x.dtype)
         dim = -1 if self.channels_last else 1
         if x.dim() < (1 if self.channels_last else 2) or x.shape[dim] != self.num_features:
             layout = f"(*, {self.num_features})" if self.channels_last else f"(N, {self.num_features}, *)"
@@ -91,7 +114,7 @@ class ScaleNorm2d(ScaleNorm):
     description="Dynamic Tanh w · tanh(αx) + b, a statistics-free LayerNorm replacement",
     aliases=("dynamic_tanh",),
 )
-class DyT(nn.Module):
+class DyT(FastPath, nn.Module):
     """Dynamic Tanh: ``y = w · tanh(α·x) + b`` (Zhu et al. 2025, arXiv:2503.10622).
 
     Parameters as the official code: scalar ``alpha`` (init ``alpha_init``, 0.5 in the paper
@@ -121,6 +144,17 @@ class DyT(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.empty(num_features, **kw)) if elementwise_affine and bias else None
         self.reset_parameters()
+        self._plan_ready()
+
+    _PLAN_ATTRS = frozenset({"backend", "channels_last", "weight", "bias"})
+    _nk_below = 0  # (class default: no fast path until planned)
+
+    def _replan(self) -> None:
+        """``_nk_below``: below it (elements; CPU, default backend) ``forward`` runs ``w · tanh(αx) + b`` itself,
+        as :func:`normkit.functional.dyt` does there (``"auto"``'s ``native``); channels-last layers with
+        both affine parameters (the others take the full path)."""
+        ok = self.channels_last and self.weight is not None and self.bias is not None
+        self._plan_set(_nk_below=native_below("dyt", self.backend) if ok else 0)
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha_init)
@@ -130,6 +164,10 @@ class DyT(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() < self._nk_below and x.is_cpu and thread_state.plain and x.dtype in _FLOATS:
+            if x.dim() and x.shape[-1] == self.num_features:  # the hot path: the plain expression
+                y = torch.tanh(self.alpha * x) * self.weight + self.bias
+                return y if y.dtype == x.dtype else y.to(x.dtype)
         dim = -1 if self.channels_last else 1
         if x.dim() < (1 if self.channels_last else 2) or x.shape[dim] != self.num_features:
             layout = "(*, C)" if self.channels_last else "(N, C, *)"
