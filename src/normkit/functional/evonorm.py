@@ -373,15 +373,15 @@ class _S0Fn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        return *_s0_grads(ctx, gy, _cpu.evonorm_s0_backward), None, None, None
+        return *_s0_grads(ctx, gy, _cpu.evonorm_s0_backward, ctx.needs_input_grad), None, None, None
 
 
-def _s0_grads(ctx, gy: Tensor, kernel_bwd) -> tuple:  # noqa: ANN001
+def _s0_grads(ctx, gy: Tensor, kernel_bwd, need: tuple[bool, ...]) -> tuple:  # noqa: ANN001
     """``(∂x, None, ∂w, ∂b, ∂v)`` of EvoNorm-S0 from the saved tensors of :class:`_S0Fn` or of the
-    operator ``normkit::evonorm_s0`` (the same ones), ``kernel_bwd`` running the kernel backward."""
+    operator ``normkit::evonorm_s0`` (the same ones), ``kernel_bwd`` running the kernel backward;
+    ``need``: which of (x, -, w, b, v) want a gradient, in :class:`_S0Fn`'s argument order."""
     x, weight, bias, v, r, mean = ctx.saved_tensors
     groups, eps, kernel = ctx.cfg
-    need = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
         dx, dw, db, dv = replay_grads(
             lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
@@ -498,7 +498,8 @@ def _s0_op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _s0_op_backward(ctx, gy, *_unused):  # noqa: ANN001, ANN202
-    dx, _, dw, db, dv = _s0_grads(ctx, gy, torch.ops.normkit.evonorm_s0_backward)
+    need = ctx.needs_input_grad  # the operator's order: (x, weight, bias, v, groups, eps)
+    dx, _, dw, db, dv = _s0_grads(ctx, gy, torch.ops.normkit.evonorm_s0_backward, (need[0], False, *need[1:4]))
     return dx, dw, db, dv, None, None
 
 
