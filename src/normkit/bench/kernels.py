@@ -8,7 +8,9 @@ implementation ``"auto"`` picked in the ``runs`` column) and for torch's native 
 * ``vs native`` — our fwd+bwd time / the native equivalent's (``F.rms_norm`` for rmsnorm, …);
 * ``vs target`` — our fwd+bwd time / the reference op of the issue's target
   (``F.layer_norm`` for token norms, ``F.batch_norm`` for batchnorm, ``F.group_norm`` for the
-  other image norms);
+  other image norms; a layer whose cost is mostly its own non-norm ops is timed against its plain
+  torch expression: DualPatchNorm's LN → Linear → LN, LOAN's BN + two 3×3 convs with their weight
+  gradients);
 * ``x copy`` — fwd+bwd time relative to ``x.clone()`` (a memory-bandwidth yardstick);
 * ``saved`` — bytes autograd keeps for backward, as a multiple of the input's size;
 * ``compile s`` — first-call cost of the compiled backends (compile + first run; for
@@ -146,6 +148,8 @@ def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
         return lambda x: x * (m.scale / x.norm(dim=-1, keepdim=True).clamp_min(m.eps))
     if name == "dyt":
         return lambda x: torch.tanh(m.alpha * x) * w + b
+    if name == "loan":  # BN, then the paper's two k×k convs of ReLU(BN(cond)) as scale/shift: its plain torch expression
+        return lambda x, cond: _plain_loan(x, cond, m.mlp_gamma, m.mlp_beta, m.eps)
     if name == "dualpatchnorm":  # a patch embedding: the plain LN → Linear → LN with the layer's own parameters
         from normkit.nn.patch_norm import patchify
 
@@ -156,7 +160,14 @@ def _native(name: str, m: nn.Module) -> Callable[[Tensor], Tensor] | None:
     return None
 
 
+def _plain_loan(x: Tensor, cond: Tensor, conv_g: nn.Conv2d, conv_b: nn.Conv2d, eps: float) -> Tensor:
+    """LOAN as plain torch ops (BatchNorm without affine, ReLU, two convs, modulation), batch statistics."""
+    a = TF.relu(TF.batch_norm(cond, None, None, training=True, eps=eps))
+    return TF.batch_norm(x, None, None, training=True, eps=eps) * (1 + conv_g(a)) + conv_b(a)
+
+
 def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    """The reference op of ``vs target``; one with a ``params`` attribute is timed with those gradients too."""
     c = shape[-1] if layout == "channels_last" else shape[1]
     w = torch.ones(c, requires_grad=True)
     b = torch.zeros(c, requires_grad=True)
@@ -169,6 +180,15 @@ def _target(layout: str, name: str, shape: tuple[int, ...]) -> Callable[[Tensor]
         return lambda x: TF.layer_norm(
             lin(TF.layer_norm(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, c), (c,), w, b, 1e-6)), (c,), w, b, 1e-6
         ).reshape(x.shape)
+    if name == "loan":  # a norm plus the paper's two 3×3 convs (C → C): its plain expression, conv weight grads included
+        convs = [nn.Conv2d(c, c, 3, padding=1) for _ in range(2)]
+        cond = torch.randn(shape)
+
+        def loan(x: Tensor) -> Tensor:
+            return _plain_loan(x, cond, *convs, 1e-5)
+
+        loan.params = [p for conv in convs for p in conv.parameters()]  # type: ignore[attr-defined]
+        return loan
     return lambda x: TF.group_norm(x, math.gcd(32, c), w, b)  # 32 groups, fewer if C is small (--quick)
 
 
@@ -221,7 +241,7 @@ def _bench_norm(info: NormInfo, quick: bool, reps: int, backends: tuple[str, ...
             compile_s[be] = time.perf_counter() - t
     cands: dict[str, Callable[[], object]] = {
         "copy": lambda: x.detach().clone(),
-        "target": lambda: torch.autograd.grad(target(x), [x], gx),
+        "target": lambda: torch.autograd.grad(target(x), [x, *getattr(target, "params", ())], gx),
     }
     if native is not None:
         cands["torch:fwd"], cands["torch:fb"] = fwd(native), fwdbwd(native, params)
