@@ -112,6 +112,56 @@ def test_repbn_fast_path_equals_plain_formula_gradchecks_and_double_backward():
     assert torch.autograd.gradcheck(ev, args)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_repbn_blocked_column_sums_equal_plain_formula(training):
+    """256 rows: the statistics and the backward's column sums run in 4 blocks of rows."""
+    x = torch.randn(4, 64, 5, dtype=D, requires_grad=True)
+    g_, b_ = _rand_affine(5)
+    a = torch.tensor([0.3], dtype=D, requires_grad=True)
+    rm, rv = torch.randn(5, dtype=D), torch.rand(5, dtype=D) + 0.5
+    y = rep_batch_norm(x, rm.clone(), rv.clone(), g_, b_, a, training=training)
+    if training:
+        ref = ref_repbn(x, g_, b_, a)
+    else:
+        ref = (x - rm) / torch.sqrt(rv + 1e-5) * g_ + b_ + a * x
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, [x, g_, b_, a], gy), torch.autograd.grad(ref, [x, g_, b_, a], gy)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_repbn_float32_batch_statistics_match_float64(offset):
+    """Σx and Σx² in one read where |μ| ≤ 2σ; at |μ| = 1000σ (E[x²] − μ² would cancel ~20 bits) the
+    exact Welford statistics instead: both within float32 rounding of the float64 answer."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 128, 16) + offset
+    rm, rv = torch.zeros(16), torch.ones(16)
+    y = rep_batch_norm(x, rm, rv, None, None, torch.zeros(1), training=True)
+    xd = x.double()
+    flat = xd.reshape(-1, 16)
+    if offset == 0:  # (at 1000σ the output's own float32 rounding of x − μ dominates, as in torch's BN)
+        torch.testing.assert_close(y.double(), ref_repbn(xd, 1.0, 0.0, 0.0), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(rm.double(), 0.1 * flat.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * flat.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_column_sums_equal_plain_sums():
+    from normkit.functional._closed_form import column_sums
+
+    for rows in (7, 256):  # one block; 4 blocks of rows
+        a, b, k = torch.randn(rows, 5, dtype=D), torch.randn(rows, 5, dtype=D), torch.randn(5, dtype=D)
+        for shift in (None, k):
+            got = column_sums(a, b, shift)
+            want = (a * (b - (0 if shift is None else shift))).sum(0), a.sum(0)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        sq, _ = column_sums(a.t().contiguous().t(), a)  # a strided input: one block
+        torch.testing.assert_close(sq, (a * a).sum(0), rtol=1e-12, atol=1e-12)
+    empty = column_sums(torch.zeros(0, 3), torch.zeros(0, 3))
+    assert all(t.shape == (3,) and not t.any() for t in empty)
+
+
 def test_repbn_and_prepbn_save_at_most_two_inputs():
     x = torch.randn(4, 64, 32, requires_grad=True)
     for m in (RepBN(32), PRepBN(32, total_step=10)):
@@ -144,9 +194,10 @@ def test_prepbn_folded_mix_equals_plain_formula(calls):
 # ---- PowerNorm / UnifiedNorm: the approximate backwards in closed form -------------------------------
 
 
+@pytest.mark.parametrize("tokens", [4, 64])  # 12 rows; 192 rows: column sums in 4 blocks
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("groups", [None, 2])
-def test_power_norm_fast_backward_equals_plain_formula(masked, groups):
+def test_power_norm_fast_backward_equals_plain_formula(masked, groups, tokens):
     torch.manual_seed(0)
     m = PowerNorm(6, num_groups=groups, warmup_iters=0 if masked else 10, dtype=D)
     with torch.no_grad():
@@ -154,10 +205,10 @@ def test_power_norm_fast_backward_equals_plain_formula(masked, groups):
         m.bias.copy_(torch.randn(6))
         m.ema_gz.copy_(torch.randn(6))
         m.running_phi.copy_(torch.rand(6) + 0.5)
-    pad = torch.zeros(3, 4, dtype=torch.bool)
+    pad = torch.zeros(3, tokens, dtype=torch.bool)
     if masked:
         pad[1, 2:] = True
-    x = torch.randn(3, 4, 6, dtype=D, requires_grad=True)
+    x = torch.randn(3, tokens, 6, dtype=D, requires_grad=True)
     ema0, phi0 = m.ema_gz.clone(), m.running_phi.clone()
     y = m(x, pad)
     gy = torch.randn_like(y)
@@ -182,17 +233,18 @@ def test_power_norm_fast_backward_equals_plain_formula(masked, groups):
     torch.testing.assert_close(gb, gy.reshape(-1, 6).sum(0), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tokens", [4, 64])
 @pytest.mark.parametrize("masked", [False, True])
-def test_unified_norm_fast_backward_equals_plain_formula(masked):
+def test_unified_norm_fast_backward_equals_plain_formula(masked, tokens):
     m = UnifiedNorm(6, dtype=D)
     with torch.no_grad():
         m.weight.copy_(torch.rand(6) + 0.5)
         m.bias.copy_(torch.randn(6))
         m.ema_gz.copy_(torch.randn(6))
-    pad = torch.zeros(3, 4, dtype=torch.bool)
+    pad = torch.zeros(3, tokens, dtype=torch.bool)
     if masked:
         pad[0, 1:] = True
-    x = torch.randn(3, 4, 6, dtype=D, requires_grad=True)
+    x = torch.randn(3, tokens, 6, dtype=D, requires_grad=True)
     ema0 = m.ema_gz.clone()
     y = m(x, pad)
     gy = torch.randn_like(y)
