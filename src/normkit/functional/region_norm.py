@@ -26,8 +26,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
-from normkit.stats import Reducer, accumulation_dtype, moments, rescue_scale
-from normkit.sync import reduce_packed
+from normkit.stats import Reducer, SumSpec, accumulation_dtype, moments, rescue_scale, synced_sums
 
 
 def _check_input(x: Tensor, what: str) -> int:
@@ -132,29 +131,26 @@ def _reference(
 
 def _rn_synced(xf: Tensor, m: Tensor, eps: float, reducer: Reducer) -> Tensor:
     """BN-style region normalization of both regions over every process's batch (:mod:`normkit.sync`):
-    ONE packed collective of the per-channel sums ``(n, Σm, Σx·m, Σx, Σx²·m, Σx²)``. The region variances
-    are ``Σx²/S − μ²`` (this loses ``log10(μ_r²/σ_r²)`` digits to cancellation, the price of one
-    collective: there is no running mean to shift by); binary masks (RN-L's always are) give the
-    official values, soft masks the separately-normalized regions' values."""
+    ONE packed collective of each region's per-channel ``(S, Σ(x−K), Σ(x−K)²)``
+    (:func:`normkit.stats.synced_sums`; ``4C + 2`` values for a one-channel mask), taken about a shift
+    ``K`` per region common to every process — the region's synchronized mean of the layer's previous
+    call, kept by the module's reducer (the exact global mean from one more collective on a first call) —
+    so the region variances ``Σ(x−K)²/S − (μ−K)²`` lose no digits to cancellation. The region of a
+    position is its support (``m ≠ 0``): binary masks (RN-L's always are) give the official values, soft
+    masks the separately-normalized regions' values."""
     dims = (0, *range(2, xf.dim()))
-    n = 1
-    for d in dims:
-        n *= xf.shape[d]
     inside = m != 0
     zero = xf.new_zeros(())
-    xm = torch.where(inside, xf, zero)  # a NaN stays in its own region
-    xo = torch.where(inside, zero, xf)
-    cnt, s1, t1, t0, q1, q0 = reduce_packed([
-        xf.new_full((1,), n), m.sum(dims, keepdim=True).expand(1, xf.shape[1], *([1] * (xf.dim() - 2))),
-        xm.sum(dims, keepdim=True), xo.sum(dims, keepdim=True),
-        (xm * xm).sum(dims, keepdim=True), (xo * xo).sum(dims, keepdim=True),
-    ], reducer)
+    w1 = inside.to(xf.dtype)
+    region_sums = synced_sums([SumSpec(torch.where(inside, xf, zero), dims, w1),  # a NaN stays in its own region
+                               SumSpec(torch.where(inside, zero, xf), dims, 1 - w1)], reducer)
+    cnt = region_sums[0].count + region_sums[1].count
     out = torch.zeros_like(xf)
-    for region, s_raw, t, q in ((inside, s1, t1, q1), (~inside, cnt - s1, t0, q0)):
-        s = torch.where(s_raw == 0, torch.ones_like(s_raw), s_raw)  # official: Sr[Sr == 0] = 1
-        mu = t / s
-        var = (q / s - mu * mu).clamp_min(0)
-        out = torch.where(region, (xf - mu) * torch.rsqrt(var + eps * cnt / s), out)
+    for region, sums in zip((inside, ~inside), region_sums):
+        s = torch.where(sums.count == 0, torch.ones_like(sums.count), sums.count)  # official: Sr[Sr == 0] = 1
+        m1 = sums.s1 / s
+        var = (sums.s2 / s - m1 * m1).clamp_min(0)
+        out = torch.where(region, (xf - (sums.shift + m1)) * torch.rsqrt(var + eps * cnt / s), out)
     return out
 
 
