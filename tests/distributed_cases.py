@@ -25,6 +25,8 @@ DT = torch.float64
 #: per-rank batch sizes by world size: equal, uneven, one rank with zero samples
 SPLITS = {2: {"equal": [4, 4], "uneven": [3, 6], "zero": [0, 7]}, 3: {"equal": [3, 3, 3], "uneven": [2, 5, 3], "zero": [4, 0, 3]}}
 STEPS = 3
+#: a large common offset (x = 1e6 + noise): sums about 0 lose ~12 of float64's 16 digits to cancellation
+OFFSET = 1e6
 
 
 def _img(n: int, g: torch.Generator, c: int = 4) -> dict[str, Tensor]:
@@ -95,7 +97,33 @@ def cases() -> list[tuple[str, Callable[[Any], nn.Module], Callable[[int, torch.
          lambda n, g: {**_img(n, g), "mask": (torch.rand(n, 1, 3, 3, generator=g) > 0.5).to(DT)}),
         ("RegionNormL", lambda pg: nk.RegionNormL(4, process_group=pg, dtype=DT), _img),
         ("GDWCT", lambda pg: nk.GDWCT(4, num_groups=2, mlp_dim=8, process_group=pg, dtype=DT), _gdwct),
+        ("GDWCT+exact+losses", lambda pg: _WithLosses(nk.GDWCT(4, num_groups=2, mlp_dim=8, exact_whitening=True,
+                                                               process_group=pg, dtype=DT)), _gdwct),
     ]
+
+
+class _WithLosses(nn.Module):
+    """GDWCT returning ``y + whitening_loss``: the synchronized covariance (ZCA whitening and its regulariser)
+    in the forward output and in every gradient. (The coloring loss is a mean over this rank's samples'
+    style matrices, per process by design: DDP averages it.)"""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        y, w_loss, _ = self.m(x, style, return_losses=True)
+        return y + w_loss
+
+
+def offset(inputs: Callable[[int, torch.Generator], dict[str, Tensor]]) -> Callable[[int, torch.Generator], dict[str, Tensor]]:
+    """The same inputs moved by :data:`OFFSET` (the normalized features ``x`` and LOAN's condition map)."""
+
+    def moved(n: int, g: torch.Generator) -> dict[str, Tensor]:
+        d = inputs(n, g)
+        return {k: v + OFFSET if k in ("x", "cond") else v for k, v in d.items()}
+
+    return moved
 
 
 def _perturb(m: nn.Module, seed: int) -> None:
@@ -109,17 +137,20 @@ def _perturb(m: nn.Module, seed: int) -> None:
                 b.mul_(1 + 0.2 * torch.rand(b.shape, generator=g, dtype=b.dtype))
 
 
-def _err(a: Tensor | None, b: Tensor | None) -> float:
+def _err(a: Tensor | None, b: Tensor | None, relative: bool = False) -> float:
+    """Largest absolute difference; ``relative``: divided by ``max(1, max|b|)`` (values near the offset)."""
     if a is None and b is None:
         return 0.0
     if a is None or b is None:
         return float("inf")
     if a.numel() == 0:
         return 0.0
-    return (a.double() - b.double()).abs().max().item()
+    err = (a.double() - b.double()).abs().max().item()
+    return err / max(1.0, b.double().abs().max().item()) if relative else err
 
 
-def check_case(name: str, build: Callable, inputs: Callable, sizes: list[int], rank: int, seed: int) -> dict[str, float]:
+def check_case(name: str, build: Callable, inputs: Callable, sizes: list[int], rank: int, seed: int,
+               relative: bool = False) -> dict[str, float]:
     torch.manual_seed(seed)  # the same initial layer on every rank (its init draws from the global generator)
     ref = build(None).train()
     _perturb(ref, seed)
@@ -140,15 +171,15 @@ def check_case(name: str, build: Callable, inputs: Callable, sizes: list[int], r
         syn.zero_grad()
         (yr * up).sum().backward()
         (ys * up[lo:hi]).sum().backward()
-        errs["forward"] = max(errs["forward"], _err(ys, yr[lo:hi]))
-        errs["input_grad"] = max(errs["input_grad"], _err(xs.grad, xr.grad[lo:hi]))
+        errs["forward"] = max(errs["forward"], _err(ys, yr[lo:hi], relative))
+        errs["input_grad"] = max(errs["input_grad"], _err(xs.grad, xr.grad[lo:hi], relative))
         for pr, ps in zip(ref.parameters(), syn.parameters()):
             gs = torch.zeros_like(ps) if ps.grad is None else ps.grad.clone()
             dist.all_reduce(gs)
             gr = torch.zeros_like(pr) if pr.grad is None else pr.grad
-            errs["param_grad"] = max(errs["param_grad"], _err(gs, gr))
+            errs["param_grad"] = max(errs["param_grad"], _err(gs, gr, relative))
         for br, bs in zip(ref.buffers(), syn.buffers()):
-            errs["buffers"] = max(errs["buffers"], _err(bs, br))
+            errs["buffers"] = max(errs["buffers"], _err(bs, br, relative))
     return errs
 
 
@@ -166,8 +197,10 @@ def check_eval_is_local(rank: int) -> dict[str, float]:
     evals = collective_calls() - before
     one = torch.ones(1)
     dist.all_reduce(one)  # would fail or hang if any rank had issued an unmatched collective
-    # training: exactly one collective per BatchNorm forward call
+    # training: exactly one collective per BatchNorm forward call (after the first, which also computes the
+    # exact global mean its shift starts from: normkit.stats.synced_sums)
     bn = layers[0].train()
+    bn(torch.randn(3, 4, 3, 3, dtype=DT))
     before = collective_calls()
     bn(torch.randn(3, 4, 3, 3, dtype=DT))
     return {"eval_collectives": float(evals), "train_collectives_per_bn_call": float(collective_calls() - before),
@@ -308,6 +341,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             for split, sizes in SPLITS[world].items():
                 for k, v in check_case(name, build, inputs, sizes, rank, seed=i + 1).items():
                     results[f"{name}/{split}/{k}"] = v
+            # no catastrophic cancellation: x = 1e6 + noise, errors relative to the values' scale
+            for k, v in check_case(name, build, offset(inputs), SPLITS[world]["uneven"], rank, seed=i + 1,
+                                   relative=True).items():
+                results[f"{name}/offset/{k}"] = v
         results.update(check_eval_is_local(rank))
         results.update(check_ddp(rank, world))
         results.update(check_tta(rank, SPLITS[world]["uneven"]))

@@ -152,47 +152,151 @@ def reduced_moments(
     batches, per-process masks and a process with no samples give the moments of the concatenated
     batch; gradients flow through the reducer (see :mod:`normkit.sync`).
 
-    Cancellation: ``E[x²] − E[x]²`` loses ``log10(μ²/σ²)`` digits. The centred sums are therefore
-    taken about a **shift** ``K`` (detached): ``Σ(x−K)``, ``Σ(x−K)²``, then
-    ``mean = K + Σ(x−K)/n``, ``var = Σ(x−K)²/n − (Σ(x−K)/n)²``, which loses only
-    ``log10((μ−K)²/σ²)`` digits. ``K`` must be the same on every process (a layer's running mean:
-    synchronized updates keep it equal, DDP and :func:`normkit.distributed.convert_sync_norms`
-    broadcast it); then the whole call is **one** collective of ``(2C + 1)``-sized sums
-    (:func:`normkit.sync.reduce_packed`). Without a shift the exact two-pass form runs instead —
-    ``(n, Σx)`` reduced, then ``Σ(x − mean)²`` reduced: no cancellation, two collectives.
+    Centred sums are taken about a shift ``K`` common to all processes (:func:`synced_sums`): the
+    layer's previous synchronized mean (a module's reducer keeps it), else ``shift`` (e.g. a running
+    mean), so there is no ``E[x²] − E[x]²`` cancellation; in steady state the whole call is **one**
+    collective of ``2C + 1`` values (:func:`normkit.sync.reduce_packed`). A layer's first call, and a
+    bare reducer without ``shift``, use the exact two-pass form (two collectives). Without a reducer
+    ``shift`` is not needed and ignored (two local passes).
     """
-    from normkit.sync import reduce_packed
-
     dims = _normalize_dims(x, dims)
     xf = x.to(accumulation_dtype(x.dtype, stats_dtype))
     kept = [1 if i in dims else s for i, s in enumerate(xf.shape)]
     w = None if mask is None else _mask_weights(xf, mask)
-    # without a mask the count is one number (sent once, not per statistic): (2C + 1) values for C channels
-    count = xf.new_full((1,) * xf.dim(), _numel(xf, dims)) if w is None else w.sum(dims, keepdim=True)
-
-    def wsum(t: Tensor) -> Tensor:
-        return (t if w is None else t * w).sum(dims, keepdim=True)
-
-    def reduce(*parts: Tensor) -> list[Tensor]:
-        return list(parts) if reducer is None else reduce_packed(parts, reducer)
-
     if not center:
-        count, sq = reduce(count, wsum(xf.square()))
+        count = _count(xf, dims, w)
+        if reducer is not None:
+            count, sq = _reduce([count, _wsum(xf.square(), dims, w)], reducer)
+        else:
+            sq = _wsum(xf.square(), dims, w)
         return Reduced(None, sq / count, count.expand(kept))
-    if shift is not None:
-        # the shift is usually a buffer the caller updates in place after this call: concatenated with the
-        # count (a value the forward uses) it becomes one aten.cat that torch.compile saves for backward
-        # instead of re-reading the updated buffer there (see normkit.functional._core.snapshot)
-        both = torch.cat([count.reshape(-1), shift.detach().to(xf.dtype).reshape(-1)])
-        k = both[count.numel():].reshape(kept)
-        d = xf - k
-        count, s1, s2 = reduce(count, wsum(d), wsum(d.square()))
-        m1 = s1 / count
-        return Reduced(k + m1, (s2 / count - m1.square()).clamp_min(0), count.expand(kept))
-    count, total = reduce(count, wsum(xf))
-    mean = total / count
-    (sq,) = reduce(wsum((xf - mean).square()))
-    return Reduced(mean, sq / count, count.expand(kept))
+    if reducer is None or (shift is None and getattr(reducer, "memory", None) is None):
+        # the exact two-pass form (mean, then squared deviations): one process, or a bare reducer without a
+        # shift (two collectives: (n, Σx), then Σ(x − mean)²)
+        count = _count(xf, dims, w)
+        count, total = _reduce([count, _wsum(xf, dims, w)], reducer)
+        mean = total / count
+        (sq,) = _reduce([_wsum((xf - mean).square(), dims, w)], reducer)
+        return Reduced(mean, sq / count, count.expand(kept))
+    (sums,) = synced_sums([SumSpec(xf, dims, w, shift)], reducer)
+    return moments_from_sums(sums)
+
+
+class SumSpec(NamedTuple):
+    """One statistic a layer call synchronizes (:func:`synced_sums`).
+
+    ``x`` (in the accumulation dtype) reduced over ``dims``; ``weight``: None or float weights
+    broadcastable to ``x`` (a mask as 0/1) — the count is ``Σ weight`` over ``dims`` in the weight's own
+    shape, so an ``(N, 1, H, W)`` mask sends one count, not one per channel; ``shift``: a value common to
+    every process to shift by when the reducer keeps no memory (e.g. a running mean; None: the exact
+    global mean from a first collective); ``gram``: ``x`` is grouped ``(N, G, n, L)``, reduced over
+    ``(0, 3)``, and the second sums are the per-group cross products ``Σ(x−K)(x−K)ᵀ`` ``(G, n, n)``.
+    """
+
+    x: Tensor
+    dims: tuple[int, ...]
+    weight: Tensor | None = None
+    shift: Tensor | None = None
+    gram: bool = False
+
+
+class Sums(NamedTuple):
+    """The global sums of one :class:`SumSpec` about its shift ``K`` (kept axes):
+    ``count`` n, ``s1 = Σw(x−K)``, ``s2 = Σw(x−K)²`` (or the cross products with ``gram``)."""
+
+    shift: Tensor
+    count: Tensor
+    s1: Tensor
+    s2: Tensor
+
+
+def synced_sums(specs: Sequence[SumSpec], reducer: Reducer | None) -> list[Sums]:
+    """The shifted sums of several statistics, summed over the processes in **one** collective.
+
+    The one place synchronized centred statistics are formed (BatchNorm and its variants through
+    :func:`reduced_moments`, EvoNorm-B0, LOAN, RegionNorm, GDWCT's covariance). ``E[x²] − E[x]²``
+    from raw sums loses ``log10(μ²/σ²)`` digits (about 12 of float64's 16 at x = 1e6 + N(0, 1)); sums
+    about a shift ``K`` lose only ``log10((μ−K)²/σ²)``. ``K`` must be the same on every process. It is,
+    per statistic:
+
+    1. the layer's synchronized mean of its previous training call, kept in the reducer's
+       :class:`normkit.sync.ShiftMemory` (``normkit.nn._base.sync_reducer`` supplies it): computed by
+       every process from the same all-reduced sums, hence equal everywhere, and close to this batch's
+       mean — steady state is **one** collective of ``(2C + 1)`` values per statistic;
+    2. without a memory, the spec's ``shift`` (e.g. the running mean, which DDP keeps equal);
+    3. otherwise (a layer's first call) the exact global mean from a first collective of ``(n, Σx)``
+       (no gradient through it): the exact two-pass form, two collectives.
+
+    ``K`` is detached; ``mean = K + s1/n`` and ``var = s2/n − (s1/n)²`` (:func:`moments_from_sums`) are
+    exact functions of ``x`` for autograd, so gradients equal the single-process ones. The new means
+    are stored as the next call's shifts. Without a reducer the same sums are formed locally.
+    """
+    memory = getattr(reducer, "memory", None)
+    slots = [reducer.next_slot() if memory is not None else -1 for _ in specs]  # type: ignore[union-attr]
+    counts, shifts = [], []
+    for spec, slot in zip(specs, slots):
+        if spec.gram and (spec.weight is not None or spec.x.dim() != 4 or tuple(spec.dims) != (0, 3)):
+            raise ValueError("synced_sums: gram sums need an unweighted (N, G, n, L) x reduced over (0, 3)")
+        kept = torch.Size(1 if i in spec.dims else n for i, n in enumerate(spec.x.shape))
+        count = _count(spec.x, spec.dims, spec.weight)
+        k = None
+        if memory is not None:
+            k = memory.get(slot, spec.x.new_empty(kept))
+        elif spec.shift is not None:
+            # the shift is usually a buffer the caller updates in place after this call: concatenated with
+            # the count (a value the forward uses) it becomes one aten.cat that torch.compile saves for
+            # backward instead of re-reading the updated buffer there (normkit.functional._core.snapshot)
+            both = torch.cat([count.reshape(-1), spec.shift.detach().to(spec.x.dtype).reshape(-1)])
+            count, k = both[: count.numel()].reshape(count.shape), both[count.numel():].reshape(kept)
+        counts.append(count)
+        shifts.append(k)
+    missing = [i for i, k in enumerate(shifts) if k is None]
+    if missing:  # the exact global means first (two-pass): no cancellation on a layer's first call either
+        with torch.no_grad():
+            parts: list[Tensor] = []
+            for i in missing:
+                parts += [counts[i].detach(), _wsum(specs[i].x.detach(), specs[i].dims, specs[i].weight)]
+            summed = _reduce(parts, reducer)
+        for j, i in enumerate(missing):
+            mean = summed[2 * j + 1] / summed[2 * j]
+            shifts[i] = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))  # empty: any K will do
+    parts = []
+    for spec, count, k in zip(specs, counts, shifts):
+        d = spec.x - k
+        second = (d @ d.transpose(-1, -2)).sum(0) if spec.gram else _wsum(d.square(), spec.dims, spec.weight)
+        parts += [count, _wsum(d, spec.dims, spec.weight), second]
+    summed = _reduce(parts, reducer)
+    out = [Sums(k, *summed[3 * i: 3 * i + 3]) for i, k in enumerate(shifts)]  # type: ignore[arg-type]
+    if memory is not None:
+        with torch.no_grad():
+            for slot, s in zip(slots, out):
+                memory.put(slot, s.shift + s.s1 / s.count, s.shift)
+    return out
+
+
+def moments_from_sums(s: Sums) -> Reduced:
+    """Mean ``K + s1/n`` and biased variance ``s2/n − (s1/n)²`` (clamped at 0) of :func:`synced_sums`'
+    result, with the count expanded to the kept axes (gram sums: use :attr:`Sums.s2` directly)."""
+    m1 = s.s1 / s.count
+    return Reduced(s.shift + m1, (s.s2 / s.count - m1.square()).clamp_min(0), s.count.expand(s.shift.shape))
+
+
+def _count(x: Tensor, dims: Sequence[int], weight: Tensor | None) -> Tensor:
+    """Included positions over ``dims``: one number without weights (sent once, not per statistic: ``2C + 1``
+    values for C channels), else ``Σ weight`` in the weight's own (kept) shape."""
+    if weight is None:
+        return x.new_full((1,) * x.dim(), _numel(x, tuple(dims)))
+    return weight.sum(tuple(dims), keepdim=True)
+
+
+def _wsum(t: Tensor, dims: Sequence[int], weight: Tensor | None) -> Tensor:
+    return (t if weight is None else t * weight).sum(tuple(dims), keepdim=True)
+
+
+def _reduce(parts: list[Tensor], reducer: Reducer | None) -> list[Tensor]:
+    from normkit.sync import reduce_packed
+
+    return list(parts) if reducer is None else reduce_packed(parts, reducer)
 
 
 class FusedMoments(NamedTuple):

@@ -6,8 +6,10 @@ normalize with the statistics of the *global* batch, a norm declares the per-cha
 packs them into **one** tensor and sums it across the process group with **one** ``all_reduce`` per
 call (:func:`reduce_packed`). Sums, not means, are reduced, so the result is count-weighted: uneven
 per-rank batches, masks that differ per rank and a rank with zero samples (it adds zeros) are exact.
-How the sums become a mean and a variance without catastrophic cancellation (a shift common to all
-ranks) is the statistics engine's business (:func:`normkit.stats.reduced_moments`).
+How the sums become a mean and a variance without catastrophic cancellation is the statistics engine's
+business (:func:`normkit.stats.synced_sums`): they are taken about a shift ``K`` common to all ranks, the
+layer's synchronized mean of its previous training call, which a layer's reducer carries in a
+:class:`ShiftMemory` (equal on every rank: it is computed from the all-reduced sums).
 
 The collective is ``torch.distributed._functional_collectives.all_reduce``: it is differentiable
 (its backward is again an ``all_reduce(SUM)`` of the incoming gradient, so input gradients equal the
@@ -112,26 +114,74 @@ def all_reduce_sum(t: Tensor, group: Any) -> Tensor:
     return _sum_over(t, group)
 
 
+class ShiftMemory:
+    """A layer's synchronized means from its previous training call: the shifts of its next one.
+
+    Synchronized centred sums are taken about a shift ``K`` that must be the same on every process
+    (:func:`normkit.stats.synced_sums`). The last synchronized batch mean is such a value — every
+    process computes it from the same all-reduced sums — and is close to the next batch's mean, so
+    ``Σ(x−K)² − n·(mean−K)²`` loses only ``log10((μ−K)²/σ²)`` digits. ``means[i]`` holds the i-th
+    statistic a call synchronizes (a layer may sync several in its one collective: LOAN's two BNs,
+    RegionNorm's two regions). Non-finite means are not kept (a NaN batch does not poison later calls).
+
+    A plain attribute of the layer, not a buffer: it is not state (never saved or loaded) and is
+    converted to the input's device and dtype where it is used. A missing or mismatched slot (a fresh
+    layer, another input shape) makes the engine compute the exact global mean first, one extra
+    collective. Correctness never depends on it, only the rounding does: any value common to all
+    processes is a valid shift.
+    """
+
+    __slots__ = ("means",)
+
+    def __init__(self) -> None:
+        self.means: dict[int, Tensor] = {}
+
+    def get(self, slot: int, like: Tensor) -> Tensor | None:
+        """The kept mean of ``slot`` in ``like``'s shape, device and dtype, or None (first call, other shape)."""
+        k = self.means.get(slot)
+        if k is None or k.shape != like.shape:
+            return None
+        return k.to(device=like.device, dtype=like.dtype)
+
+    def put(self, slot: int, mean: Tensor, fallback: Tensor) -> None:
+        """Keep ``mean`` (detached; ``fallback`` where it is not finite) as the shift of ``slot``'s next call."""
+        mean = mean.detach()
+        self.means[slot] = torch.where(torch.isfinite(mean), mean, fallback.detach())
+
+    def __repr__(self) -> str:
+        return f"ShiftMemory({len(self.means)} statistics)"
+
+
 class GroupSum:
     """The statistics engine's ``Reducer`` for a process group: ``t ↦ Σ_ranks t`` (autograd-aware).
 
-    Equal reducers compare equal (same group), so modules can cache them and ``torch.compile``
-    guards do not multiply.
+    ``memory``: the calling layer's :class:`ShiftMemory` (``normkit.nn._base.sync_reducer`` passes it);
+    the engine numbers the statistics of one call through :meth:`next_slot`, so build one reducer per
+    layer call. Reducers of the same group and memory compare equal, so ``torch.compile`` guards do
+    not multiply.
     """
 
-    __slots__ = ("process_group",)
+    __slots__ = ("process_group", "memory", "_slot")
 
-    def __init__(self, process_group: ProcessGroupLike = "world") -> None:
+    def __init__(self, process_group: ProcessGroupLike = "world", memory: ShiftMemory | None = None) -> None:
         self.process_group = check_process_group(process_group)
+        self.memory = memory
+        self._slot = 0
 
     def __call__(self, t: Tensor) -> Tensor:
         return all_reduce_sum(t, resolve_group(self.process_group))
 
+    def next_slot(self) -> int:
+        """The index of the next statistic this call synchronizes (its slot in :attr:`memory`)."""
+        self._slot += 1
+        return self._slot - 1
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, GroupSum) and other.process_group is self.process_group
+        return (isinstance(other, GroupSum) and other.process_group is self.process_group
+                and other.memory is self.memory)
 
     def __hash__(self) -> int:
-        return hash(("GroupSum", id(self.process_group)))
+        return hash(("GroupSum", id(self.process_group), id(self.memory)))
 
     def __repr__(self) -> str:
         return f"GroupSum({self.process_group!r})"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from normkit.functional._core import check_channels_first, check_eps, check_float, trailing_numel
-from normkit.stats import Reducer, accumulation_dtype
+from normkit.stats import Reducer, SumSpec, accumulation_dtype, synced_sums
 from normkit.sync import reduce_packed
 
 
@@ -92,10 +92,13 @@ def group_moments(
     ``with_cov`` (then the centred tensor is not formed either: the fast path of :func:`gdwct` needs
     only μ).
 
-    ``reducer`` (batch statistics only): the sums of every process in ONE packed collective — the count
-    and ``Σx`` per channel, plus with ``with_cov`` the per-group Gram matrices ``Σ x xᵀ``; the covariance
-    is then ``(Σ x xᵀ − M μ μᵀ) / (M − 1)``, which loses ``log10(μ²/σ²)`` digits to cancellation
-    (the single-process path centres first and loses none).
+    ``reducer`` (batch statistics only): the sums of every process in ONE packed collective
+    (:func:`normkit.stats.synced_sums`), taken about a shift ``K`` common to every process — the layer's
+    synchronized mean of its previous call, kept by the module's reducer (on a first call the exact global
+    mean from one more collective): the count, ``Σ(x−K)`` per channel and, with ``with_cov``, the
+    per-group cross products ``Σ(x−K)(x−K)ᵀ``. With ``d = μ − K = Σ(x−K)/M`` the covariance is
+    ``(Σ(x−K)(x−K)ᵀ − M·d dᵀ) / (M − 1)``, which loses only ``log10(|d|²/σ²)`` digits (none in steady
+    state; raw sums about 0 would lose ``log10(μ²/σ²)``). Without ``with_cov`` only ``(M, Σ(x−K))`` is sent.
     """
     b, g, n, length = v.shape
     dims = (3,) if per_sample else (0, 3)
@@ -113,19 +116,18 @@ def group_moments(
         gram = centred @ centred.transpose(-1, -2)
         cov = (gram if per_sample else gram.sum(0)) / (m - 1) + eps * eye
         return mean, cov, centred
-    parts = [v.new_full((1,), b * length), v.sum(dims)]
-    if with_cov:
-        parts.append((v @ v.transpose(-1, -2)).sum(0))
-    summed = reduce_packed(parts, reducer)
-    count, total = summed[0], summed[1]
-    mean = (total / count).reshape(1, g, n, 1)
-    if not with_cov:
-        return mean, None, None
-    if float(count) < 2:
+    if not with_cov:  # the mean alone: Σx has no cancellation, (M, Σx) is all it needs
+        count, total = reduce_packed([v.new_full((1,), b * length), v.sum(dims)], reducer)
+        return (total / count).reshape(1, g, n, 1), None, None
+    (sums,) = synced_sums([SumSpec(v, (0, 3), gram=True)], reducer)
+    count = sums.count.reshape(())
+    if float(count.detach()) < 2:
         raise ValueError(f"group_whitening needs at least 2 positions per group over all processes, got {int(count)}")
-    mu = mean.reshape(g, n, 1)
+    d = sums.s1 / count  # (1, G, n, 1): μ − K
+    mean = sums.shift + d
+    dv = d.reshape(g, n, 1)
     eye = torch.eye(n, dtype=v.dtype, device=v.device)
-    cov = (summed[2] - count * (mu @ mu.transpose(-1, -2))) / (count - 1) + eps * eye
+    cov = (sums.s2 - count * (dv @ dv.transpose(-1, -2))) / (count - 1) + eps * eye
     return mean, cov, v - mean
 
 

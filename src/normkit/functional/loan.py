@@ -10,8 +10,7 @@ from normkit.functional._core import check_channels_first, check_eps, check_floa
 from normkit.functional.aten import checked, finite_stats
 from normkit.functional.batch_norm import batch_norm, instance_norm
 from normkit.kernels.canonical import safe_rstd
-from normkit.stats import Reducer, accumulation_dtype
-from normkit.sync import reduce_packed
+from normkit.stats import Reducer, SumSpec, accumulation_dtype, moments_from_sums, synced_sums
 
 FREE_NORMS = ("batch", "instance", "none")
 
@@ -232,26 +231,21 @@ def _synced_bns(
     cond_running_mean: Tensor | None, cond_running_var: Tensor | None, momentum: float, eps: float, reducer: Reducer,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Training-mode BNs of x and of the condition over every process, with ONE packed collective of
-    ``(n, Σ(t − K), Σ(t − K)²)`` per channel for both, taken about each BN's running mean ``K`` (equal on
-    every process; zero without running statistics, which then loses ``log10(μ²/σ²)`` digits to
-    cancellation). The running buffers get the global moments, as :func:`normkit.functional.batch_norm`."""
+    ``(n, Σ(t − K), Σ(t − K)²)`` per channel for both (:func:`normkit.stats.synced_sums`), taken about a
+    shift ``K`` common to every process: each BN's synchronized mean of the layer's previous call (kept by
+    the module's reducer; the running mean for a reducer without memory; on a first call the exact global
+    mean from one more collective) — no ``E[x²] − E[x]²`` cancellation. The running buffers get the
+    global moments, as :func:`normkit.functional.batch_norm`."""
     items = [(t, rm, rv) for t, rm, rv in ((x, running_mean, running_var), (cond, cond_running_mean, cond_running_var))
              if t is not None]
-    parts, meta = [], []
+    specs = []
     for t, rm, _ in items:
         xf = t.to(accumulation_dtype(t.dtype))
-        dims = (0, *range(2, xf.dim()))
-        kept = (1, xf.shape[1]) + (1,) * (xf.dim() - 2)
-        k = xf.new_zeros(kept) if rm is None else rm.detach().to(xf.dtype).reshape(kept)
-        d = xf - k
-        parts += [xf.new_full((1,), xf.numel() // xf.shape[1]), d.sum(dims, keepdim=True), d.square().sum(dims, keepdim=True)]
-        meta.append((xf, dims, k))
-    summed = reduce_packed(parts, reducer)
+        specs.append(SumSpec(xf, (0, *range(2, xf.dim())), None, rm))
     outs = []
-    for i, ((t, rm, rv), (xf, dims, k)) in enumerate(zip(items, meta)):
-        count, s1, s2 = summed[3 * i: 3 * i + 3]
-        m1 = s1 / count
-        mean, var = k + m1, (s2 / count - m1.square()).clamp_min(0)
+    for (t, rm, rv), spec, sums in zip(items, specs, synced_sums(specs, reducer)):
+        mean, var, count = moments_from_sums(sums)
+        xf, dims = spec.x, spec.dims
         r = safe_rstd(xf, dims, var, eps, mean=mean, reducer=reducer)
         outs.append(((xf - mean) * r).to(t.dtype))
         if rm is not None and rv is not None:
