@@ -102,13 +102,24 @@ def _compiled_kernel_ok(impl: str, backend: str | None, x: Tensor, stats_dtype: 
     )
 
 
-def _grads_of(bwd, need: tuple[bool, ...], has: tuple[bool, bool], args: tuple) -> tuple:  # noqa: ANN001
-    """``(∂x, ∂w, ∂b, ∂v)`` from a kernel backward ``bwd(*args, want_w, want_b, want_v)`` (the wrapper of
-    :mod:`normkit.kernels.cpu` in eager, the operator under a compiler): unwanted ones None, the
-    operator's empty placeholders dropped."""
-    want = (has[0] and need[2], has[1] and need[3], need[4])
-    dx, *rest = bwd(*args, *want)
-    return (dx if need[0] else None, *(t if w else None for t, w in zip(rest, want)))
+def _grads(need: tuple[bool, ...], gy: Tensor, inputs: tuple, plain, kernel_bwd, kernel_args: tuple, aten) -> tuple:  # noqa: ANN001
+    """``(∂x, None, ∂w, ∂b, ∂v)`` of EvoNorm-B0/S0 (``need``: which of (x, -, w, b, v) want one).
+
+    ``inputs`` = (x, w, b, v). A double backward (grad mode on) differentiates ``plain(x, w, b, v)``;
+    otherwise ``kernel_bwd(gy, x, w, v, *kernel_args, want_w, want_b, want_v)`` runs the C++ backward
+    (the wrapper of :mod:`normkit.kernels.cpu` in eager, the operator in a compiled graph; None: the
+    forward ran without the kernels) or ``aten()`` the ATen closed form.
+    """
+    x, weight, bias, v = inputs
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
+        dx, dw, db, dv = replay_grads(plain, inputs, (need[0], need[2], need[3], need[4]), gy)
+        return dx, None, dw, db, dv
+    if kernel_bwd is None:
+        return aten()
+    want = (weight is not None and need[2], bias is not None and need[3], need[4])
+    dx, *rest = kernel_bwd(gy, x, weight, v, *kernel_args, *want)
+    dw, db, dv = (param_grad(t, p, w) for t, p, w in zip(rest, (weight, bias, v), want))  # drops the empty placeholders
+    return dx if need[0] else None, None, dw, db, dv
 
 
 class _B0Fn(torch.autograd.Function):
@@ -168,26 +179,19 @@ class _B0Fn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, _gvar):  # noqa: ANN001, ANN205
-        return *_b0_grads(ctx, gy, _cpu.evonorm_b0_backward), None, None, None, None
+        return *_b0_grads(ctx, gy, _cpu.evonorm_b0_backward, ctx.needs_input_grad), None, None, None, None
 
 
-def _b0_grads(ctx, gy: Tensor, kernel_bwd) -> tuple:  # noqa: ANN001
-    """``(∂x, None, ∂w, ∂b, ∂v)`` of EvoNorm-B0 from the saved tensors of :class:`_B0Fn` or of the
-    operator ``normkit::evonorm_b0`` (the same ones), ``kernel_bwd`` running the kernel backward."""
+def _b0_grads(ctx, gy: Tensor, kernel_bwd, need: tuple[bool, ...]) -> tuple:  # noqa: ANN001
+    """:func:`_grads` of EvoNorm-B0 from the saved tensors of :class:`_B0Fn` or of the operator
+    ``normkit::evonorm_b0`` (the same ones)."""
     x, var_run, weight, bias, v, s_i, a, mean_i, mu_b = ctx.saved_tensors
     training, eps, kernel = ctx.cfg
-    need = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-        dx, dw, db, dv = replay_grads(
-            lambda x, w, b, v: _b0_plain(x, w, b, v, var_run, training, eps),
-            (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
-        )
-        return dx, None, dw, db, dv
-    if kernel:
-        args = (gy, x, weight, v, mean_i, s_i, mu_b, a, training)
-        dx, dw, db, dv = _grads_of(kernel_bwd, need, (weight is not None, bias is not None), args)
-        return dx, None, param_grad(dw, weight, True), param_grad(db, bias, True), param_grad(dv, v, True)
-    return _b0_aten_grads(x, weight, bias, v, s_i, a, mean_i, mu_b, training, need, gy)
+    return _grads(
+        need, gy, (x, weight, bias, v), lambda x, w, b, v: _b0_plain(x, w, b, v, var_run, training, eps),
+        kernel_bwd if kernel else None, (mean_i, s_i, mu_b, a, training),
+        lambda: _b0_aten_grads(x, weight, bias, v, s_i, a, mean_i, mu_b, training, need, gy),
+    )
 
 
 def _b0_aten_grads(x, weight, bias, v, s_i, a, mean_i, mu_b, training, need, gy):  # noqa: ANN001, ANN202
@@ -377,22 +381,15 @@ class _S0Fn(torch.autograd.Function):
 
 
 def _s0_grads(ctx, gy: Tensor, kernel_bwd, need: tuple[bool, ...]) -> tuple:  # noqa: ANN001
-    """``(∂x, None, ∂w, ∂b, ∂v)`` of EvoNorm-S0 from the saved tensors of :class:`_S0Fn` or of the
-    operator ``normkit::evonorm_s0`` (the same ones), ``kernel_bwd`` running the kernel backward;
-    ``need``: which of (x, -, w, b, v) want a gradient, in :class:`_S0Fn`'s argument order."""
+    """:func:`_grads` of EvoNorm-S0 from the saved tensors of :class:`_S0Fn` or of the operator
+    ``normkit::evonorm_s0`` (the same ones); ``need`` in :class:`_S0Fn`'s argument order."""
     x, weight, bias, v, r, mean = ctx.saved_tensors
     groups, eps, kernel = ctx.cfg
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula
-        dx, dw, db, dv = replay_grads(
-            lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
-            (x, weight, bias, v), (need[0], need[2], need[3], need[4]), gy,
-        )
-        return dx, None, dw, db, dv
-    if kernel:
-        args = (gy, x, weight, v, mean, r, groups)
-        dx, dw, db, dv = _grads_of(kernel_bwd, need, (weight is not None, bias is not None), args)
-        return dx, None, param_grad(dw, weight, True), param_grad(db, bias, True), param_grad(dv, v, True)
-    return _s0_aten_grads(x, weight, bias, v, r, mean, groups, need, gy)
+    return _grads(
+        need, gy, (x, weight, bias, v), lambda x, w, b, v: _s0_math(x, groups, w, b, v, eps, None),
+        kernel_bwd if kernel else None, (mean, r, groups),
+        lambda: _s0_aten_grads(x, weight, bias, v, r, mean, groups, need, gy),
+    )
 
 
 def _s0_aten_grads(x, weight, bias, v, r, mean, groups, need, gy):  # noqa: ANN001, ANN202
@@ -487,7 +484,7 @@ def _b0_op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _b0_op_backward(ctx, gy, *_unused):  # noqa: ANN001, ANN202
-    return *_b0_grads(ctx, gy, torch.ops.normkit.evonorm_b0_backward), None, None
+    return *_b0_grads(ctx, gy, torch.ops.normkit.evonorm_b0_backward, ctx.needs_input_grad), None, None
 
 
 def _s0_op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
