@@ -308,6 +308,16 @@ def _auto(op: str, x: torch.Tensor, native_ok: bool, needs_grad: bool = True) ->
 #: "no bound": a native choice at every size
 UNBOUNDED = 1 << 62
 
+#: input elements from which ``"auto"`` runs the BatchNorm family's closed-form per-sample moments + affine
+#: functions (:func:`normkit.functional.batch_variants.moments_fast_path` given the input) instead of the
+#: layer's own path over ATen's ops. Below it the two autograd functions' Python and dispatch cost more
+#: than they save: measured on the loaded 2-core machine (one thread, fwd+bwd, min of medians), the ATen
+#: paths were 1.5–5× faster at 8×64×14×14 (100K elements) for Batch Renorm, Ghost BN, BCN and IBN, mixed
+#: at 16×64×16×16 (262K: 0.5–2×), and the closed form 1.0–2.5× faster at the benchmark's 32×64×56×56
+#: (6.4M). Used by Batch Renorm; Ghost BN keeps the closed form at every size (its per-chunk ATen path is
+#: not overflow-checked there); the other layers' callers pass no input yet.
+CLOSED_FORM_MIN_NUMEL = 1 << 18
+
 
 def native_below(op: str, backend: str | None) -> int:
     """Input elements below which :func:`resolve` returns ``"native"`` for every CPU tensor, given a

@@ -70,12 +70,17 @@ def batch_moments(x: Tensor, stats_dtype: torch.dtype | None = None) -> tuple[Te
 # the (N, C)-sized algebra between them runs as ordinary torch ops, and autograd chains them exactly.
 
 
-def moments_fast_path(backend: str | None) -> bool:
+def moments_fast_path(backend: str | None, x: Tensor | None = None) -> bool:
     """Whether a layer of this family takes :func:`sample_moments`/:func:`sample_affine` (backend ``"auto"``).
 
     ``"eager"`` keeps each layer's plain formula (the reference), the other named backends their ops.
+    ``x`` (the layer's input): below :data:`normkit.backend.CLOSED_FORM_MIN_NUMEL` elements the layer's own
+    path over ATen's ops is faster (two autograd functions cost more Python than they save there), so
+    ``"auto"`` takes it; without ``x`` the closed form is taken at every size.
     """
     if (_backend.get_backend() if backend is None else backend) != "auto":
+        return False
+    if x is not None and x.numel() < _backend.CLOSED_FORM_MIN_NUMEL:
         return False
     _backend.note("sample_moments", "aten")
     return True
@@ -304,6 +309,8 @@ def ghost_batch_norm(
             "Use a batch size that leaves at least 2 samples in the last chunk, or a different virtual_batch_size"
         )
     update = training and running_mean is not None and running_var is not None
+    # (the closed form at every size: the per-chunk loop below runs ATen's BatchNorm unchecked for overflow
+    # under ATEN_CHECK_MIN_NUMEL elements, and its running-statistic updates between chunks break gradcheck)
     if mask is None and moments_fast_path(backend):
         return _ghost_fused(x, running_mean, running_var, weight, bias, momentum, eps, vbs, num_batches_tracked,
                             update, stats_dtype)
@@ -486,7 +493,7 @@ def batch_renorm(
             stats_dtype=stats_dtype, shift=running_mean, with_count=True,
         )
         mean_b, var_b, count = mean_b.reshape(c), var_b.reshape(c), count.reshape(c)
-    elif m4 is None and moments_fast_path(backend):
+    elif m4 is None and moments_fast_path(backend, x):
         # "auto": BatchNorm itself from per-sample moments (one statistics pass, one affine pass; measured
         # faster than ATen's CPU BatchNorm + a statistics pass); the batch moments carry the gradient
         sm, sv = sample_moments(x, stats_dtype)
