@@ -240,3 +240,32 @@ def test_large_inputs_still_take_the_checked_and_kernel_paths():
     x[0, ::2] = -3e19
     y = normkit.LayerNorm(1 << 18, elementwise_affine=False)(x)
     torch.testing.assert_close(y.abs(), torch.ones_like(y), rtol=1e-4, atol=1e-4)
+
+
+def test_batch_renorm_takes_the_closed_form_from_the_threshold():
+    """Below backend.CLOSED_FORM_MIN_NUMEL Batch Renorm runs its ATen path, from it the per-sample closed form;
+    both equal Ioffe 2017's Algorithm 1 written out (r, d constants for backprop)."""
+    from normkit.nn.batch_variants import BatchRenorm
+
+    def ref(x, rm, rv, w, b, eps=1e-5):
+        m, v = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        s_b, s = torch.sqrt(v + eps), torch.sqrt(rv + eps)
+        r = torch.clamp(s_b / s, 1 / 1.5, 1.5).detach()
+        d = torch.clamp((m - rm) / s, -0.5, 0.5).detach()
+        c = lambda t: t.reshape(1, -1, 1, 1)  # noqa: E731
+        return ((x - c(m)) / c(s_b) * c(r) + c(d)) * c(w) + c(b)
+
+    torch.manual_seed(0)
+    for n, fast in ((2, False), (B.CLOSED_FORM_MIN_NUMEL // (4 * 32 * 32), True)):
+        m = BatchRenorm(4, schedule=False, r_max=1.5, d_max=0.5).double()
+        with torch.no_grad():
+            m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+        x = (torch.randn(n, 4, 32, 32, dtype=torch.float64) * 2 + 0.7).requires_grad_()
+        want = ref(x, m.running_mean.clone(), m.running_var.clone(), m.weight, m.bias)
+        with record() as calls:
+            got = m(x)
+        assert (("sample_moments", "aten") in calls) == fast, (n, calls)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(x)
+        for a, b in zip(torch.autograd.grad(got, [x, m.weight], g), torch.autograd.grad(want, [x, m.weight], g)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
