@@ -307,6 +307,106 @@ def format_row(r: Row) -> str:
     ).rstrip()
 
 
+# ---------------------------------------------------------------- per-call overhead at µs scale (issue 11)
+
+
+@dataclass
+class OverheadRow:
+    norm: str
+    shape: tuple[int, ...]
+    mode: str
+    torch_us: float
+    normkit_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.normkit_us / self.torch_us
+
+
+def min_of_medians_us(
+    fns: dict[str, Callable[[], object]], rounds: int = 40, block_s: float = 3e-4, group: int = 5
+) -> dict[str, float]:
+    """µs per call of each function, robust to a loaded machine: calls are timed in blocks of the same
+    count for every function (each block lasting about ``block_s``), the functions alternate ABBA so
+    drift hits all alike, and the result is the smallest median over consecutive groups of ``group``
+    blocks — a median rejects one-off stalls inside a group, the minimum over groups the periods when
+    another process held the core (a plain median of 15 rounds swung 2–5× there on the 2-core machine).
+    """
+    count = {}
+    for k, f in fns.items():
+        for _ in range(3):
+            f()
+        t = time.perf_counter()
+        for _ in range(3):
+            f()
+        count[k] = max(1, min(2000, int(block_s / max((time.perf_counter() - t) / 3, 1e-7))))
+    n = min(count.values())
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys if r % 2 == 0 else keys[::-1]:
+            f = fns[k]
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            samples[k].append((time.perf_counter() - t) / n * 1e6)
+    return {
+        k: min(statistics.median(v[i:i + group]) for i in range(0, max(len(v) - group, 0) + 1, group))
+        for k, v in samples.items()
+    }
+
+
+def _one_call(m: nn.Module, mode: str, x: Tensor, g: Tensor) -> Callable[[], object]:
+    """One call of ``m`` as timed: forward + backward (``train``), else a forward under ``no_grad``."""
+    if mode == "train":
+        ps = [p for p in m.parameters() if p.requires_grad]
+        return lambda: torch.autograd.grad(m(x), [x, *ps], g)
+
+    def call() -> object:
+        with torch.no_grad():
+            return m(x)
+
+    return call
+
+
+def run_overhead(
+    norms: list[str] | None = None, *, rounds: int = 40, small_only: bool = True,
+    echo: Callable[[str], None] | None = print,
+) -> list[OverheadRow]:
+    """``normkit kernels --defaults``'s cases (:mod:`normkit.bench.defaults`) timed by :func:`min_of_medians_us`:
+    µs per call of torch's module and normkit's, same run, interleaved. ``small_only``: the small shapes,
+    where the Python cost of a call shows. Meant for ``OMP_NUM_THREADS=1`` on a shared machine (with more
+    threads a small op's parallel region waits for a descheduled worker: milliseconds of noise per call)."""
+    from normkit.bench import defaults
+
+    rows = []
+    for case in defaults.CASES:
+        if norms and case.norm not in norms:
+            continue
+        for shape in case.shapes:
+            if small_only and shape in (defaults.TOKENS, defaults.IMAGES):
+                continue
+            c = shape[-1] if case.shapes is defaults.TOKEN_SHAPES else shape[1]
+            torch.manual_seed(0)
+            ref, ours = case.torch_module(c), case.normkit_module(c)
+            ours.load_state_dict(ref.state_dict(), strict=False)  # the same parameters where names match
+            x, g = torch.randn(shape, requires_grad=True), torch.randn(shape)
+            for mode in case.modes:
+                for m in (ref, ours):
+                    m.train(mode != "eval")
+                fns = {"torch": _one_call(ref, mode, x, g), "normkit": _one_call(ours, mode, x, g)}
+                us = min_of_medians_us(fns, rounds)
+                row = OverheadRow(case.norm, shape, mode, us["torch"], us["normkit"])
+                rows.append(row)
+                if echo:
+                    echo(f"{row.norm:<15}{'x'.join(map(str, shape)):<15}{mode:<7}{row.torch_us:>10.1f}"
+                         f"{row.normkit_us:>12.1f}{row.ratio:>7.2f}x")
+    return rows
+
+
+OVERHEAD_HEADER = f"{'norm':<15}{'shape':<15}{'mode':<7}{'torch us':>10}{'normkit us':>12}{'ratio':>8}"
+
+
 # ---------------------------------------------------------------- GPU: normkit kernels --device cuda
 
 #: widths of the GPU table (the issue's 256…32768) and the bytes of x per measurement
@@ -511,3 +611,13 @@ def device_cli(args: object) -> int:
     print(GPU_HEADER)
     run_device(device, ops=ops, widths=widths, dtypes=tuple(args.dtypes.split(",")))
     return 0
+
+
+if __name__ == "__main__":  # OMP_NUM_THREADS=1 python -m normkit.bench.kernels --overhead [norm,norm] [--all-shapes]
+    import sys
+
+    if "--overhead" in sys.argv:
+        names = [a for a in sys.argv[1:] if not a.startswith("--")]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; µs per call, min of medians")
+        print(OVERHEAD_HEADER)
+        run_overhead(names[0].split(",") if names else None, small_only="--all-shapes" not in sys.argv)
