@@ -123,7 +123,11 @@ def test_buffer_utilities(results):
 def test_compiled_fullgraph_equals_eager(tmp_path):
     for res in _spawn(distributed_cases.worker_compile, 2, tmp_path):
         for key in ("compile/forward", "compile/input_grad", "compile/buffers"):
-            assert res[key] <= TOL, (key, res[key])
+            assert res[key] <= OFFSET_TOL, (key, res[key])
+        # one recompile once the first synchronized mean is kept; all_reduce nodes (forward + backward):
+        # first call 2 + 1 (exact two-pass start), then 1 + 1 per call
+        assert res["compile/graphs"] == 2, res
+        assert (res["compile/first_collectives"], res["compile/steady_collectives"]) == (3, 2), res
 
 
 def test_without_a_process_group_training_raises_a_clear_error():

@@ -69,7 +69,7 @@ def sync_reducer(module: object) -> Reducer | None:
     group = getattr(module, "process_group", None)
     if group is None or not module.training:  # type: ignore[attr-defined]
         return None
-    memory = vars(module).get("_sync_shifts")
+    memory = getattr(module, "_sync_shifts", None)
     if memory is None:
         memory = ShiftMemory()
         module._sync_shifts = memory  # type: ignore[attr-defined]  # a plain attribute: not state
