@@ -52,10 +52,12 @@ def convert_sync_norms(model: nn.Module, process_group: ProcessGroupLike = None)
     ``process_group=None`` means the default (world) group, as torch's ``convert_sync_batchnorm``; it is
     resolved at the first training call, so the model may be converted before ``init_process_group``.
     Synchronization happens in training only; eval never communicates. The synchronized sums are
-    taken about the running mean, which must be equal on every process: DDP broadcasts rank 0's
-    buffers when it wraps the model (and before every forward by default), otherwise call
-    :func:`normkit.distributed.broadcast_norm_buffers` once. A registered batch-dependent layer with no
-    ``process_group`` option gets a warning naming it.
+    taken about each layer's synchronized mean of its previous training call (equal on every process
+    by construction; the first call computes the exact global mean first: two collectives, then one
+    per call — :func:`normkit.stats.synced_sums`). Running statistics must still start equal on every
+    process for the replicas to agree: DDP broadcasts rank 0's buffers when it wraps the model (and
+    before every forward by default), otherwise call :func:`normkit.distributed.broadcast_norm_buffers`
+    once. A registered batch-dependent layer with no ``process_group`` option gets a warning naming it.
     """
     group = check_process_group("world" if process_group is None else process_group)
     report = replace_modules(model, lambda _, m: type(m) in _TORCH_BN, lambda _, m: _from_torch(m, group))
