@@ -423,15 +423,8 @@ def evonorm_b0_backward(
     training: bool, want_w: bool, want_b: bool, want_v: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """``(∂x, ∂w, ∂b, ∂v)`` of :func:`evonorm_b0_forward` (None where not wanted)."""
-    g, x = g.contiguous(), x.contiguous()
-    n, c = x.shape[:2]
-    dx = torch.empty_like(x)
-    dw, db, dv = (torch.empty(c, dtype=x.dtype) if want else None for want in (want_w, want_b, want_v))
-    _call(
-        "evo_b0_bwd", x.dtype, g, x, _or_full(weight, c, x, 1.0), v.contiguous(), mean_i, std_i, mean_b, a,
-        dx, dw, db, dv, n, c, x.numel() // (n * c), int(training), _threads(x.numel()),
-    )
-    return dx, dw, db, dv
+    return _evonorm_backward("evo_b0_bwd", g, x, weight, v, (mean_i, std_i, mean_b, a), int(training),
+                             (want_w, want_b, want_v))
 
 
 def evonorm_s0_forward(
@@ -454,12 +447,21 @@ def evonorm_s0_backward(
     want_w: bool, want_b: bool, want_v: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """``(∂x, ∂w, ∂b, ∂v)`` of :func:`evonorm_s0_forward` (None where not wanted)."""
+    return _evonorm_backward("evo_s0_bwd", g, x, weight, v, (mean, rstd), groups, (want_w, want_b, want_v))
+
+
+def _evonorm_backward(
+    name: str, g: Tensor, x: Tensor, weight: Tensor | None, v: Tensor, stats: tuple[Tensor, ...], flag: int,
+    wants: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Both EvoNorm backward kernels take ``(g, x, w, v, *stats, dx, dw, db, dv, N, C, L, flag, threads)``
+    (``flag``: B0's training, S0's group count)."""
     g, x = g.contiguous(), x.contiguous()
     n, c = x.shape[:2]
     dx = torch.empty_like(x)
-    dw, db, dv = (torch.empty(c, dtype=x.dtype) if want else None for want in (want_w, want_b, want_v))
+    dw, db, dv = (torch.empty(c, dtype=x.dtype) if want else None for want in wants)
     _call(
-        "evo_s0_bwd", x.dtype, g, x, _or_full(weight, c, x, 1.0), v.contiguous(), mean, rstd, dx, dw, db, dv,
-        n, c, x.numel() // (n * c), groups, _threads(x.numel()),
+        name, x.dtype, g, x, _or_full(weight, c, x, 1.0), v.contiguous(), *stats, dx, dw, db, dv,
+        n, c, x.numel() // (n * c), flag, _threads(x.numel()),
     )
     return dx, dw, db, dv
