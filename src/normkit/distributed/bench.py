@@ -3,7 +3,8 @@
 Spawns ``--nproc`` gloo processes on this machine (or runs inside ``torchrun``) and reports, from rank 0:
 
 * one BatchNorm2d / PowerNorm layer call (forward + backward) synchronized vs per-process;
-* the values and bytes each synchronized call sends (forward; the backward sends as many again);
+* the values and bytes each synchronized call sends in steady state (forward; the backward sends as many
+  again; a layer's first call sends one more ``(n, Σx)`` to start its shift, ``normkit.stats.synced_sums``);
 * the DDP step time (forward, backward, SGD) of a small ResNet (BatchNorm) and a small transformer
   (PowerNorm in place of LayerNorm) with every norm synchronized vs per-process.
 
@@ -115,9 +116,11 @@ def _layer_rows(iters: int) -> list[str]:
             sent.extend([t.numel() * t.element_size()] * (2 if t.requires_grad else 1))
             return orig(t, group)
 
+        warm = build("world").train()
+        warm(x).backward(g)  # the first call also computes the exact global mean its shift starts from
         sync.all_reduce_sum = counting
         try:
-            build("world").train()(x).backward(g)
+            warm(x).backward(g)
         finally:
             sync.all_reduce_sum = orig
         c = shape[1] if "Batch" in name else shape[-1]
