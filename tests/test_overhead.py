@@ -199,6 +199,10 @@ def test_plan_survives_pickling_and_copies():
     old = pickle.loads(pickle.dumps(m))
     del old.__dict__["_nk_below"]  # a module pickled before the plan existed: planned again on load
     assert pickle.loads(pickle.dumps(old))._nk_below == m._nk_below
+    older = normkit.LayerNorm(16)
+    for name in ("_nk_below", "reduction_dims"):  # pickled before reduction_dims existed: loads, full path
+        del older.__dict__[name]
+    assert pickle.loads(pickle.dumps(older))._nk_below == 0
 
 
 def test_global_backend_and_record_disable_the_fast_path():

@@ -114,7 +114,10 @@ class FastPath:
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
         self.__dict__["_nk_ready"] = True
-        self._replan()
+        try:
+            self._replan()
+        except AttributeError:  # pickled before an option existed: no fast path (the class default), still loads
+            pass
 
     def _plan_ready(self) -> None:
         """End of ``__init__``: compute the plan; from now on option changes re-plan."""
