@@ -138,9 +138,10 @@ def _batch_stats(
     check = x2d.is_cpu
     n = x2d.shape[0]
     with torch.no_grad():
-        sq, total = column_sums(x2d, x2d)
-        mean = total / n
-        var = sq / n - mean * mean
+        if check:  # elsewhere the check would be a host synchronization: Welford always
+            sq, total = column_sums(x2d, x2d)
+            mean = total / n
+            var = sq / n - mean * mean
         if not (check and bool((torch.isfinite(var) & (var * _WELL_CONDITIONED >= mean * mean)).all())):
             tracked = running_mean is not None and running_var is not None
             old = (running_mean.clone(), running_var.clone()) if check and tracked else None
