@@ -156,6 +156,52 @@ def test_region_norm_gradcheck_and_double_backward():
     assert torch.autograd.gradcheck(lambda x_, *a: region_norm_l(x_, a[0], a[1], a[3], a[2], a[4], 0.5), (x, *w, *b))
 
 
+def _plain_rn_l(x, w_sa, w_g, b_g, w_b, b_b, threshold=0.5):
+    pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+    s = torch.sigmoid(TF.conv2d(pooled, w_sa, padding=1))
+    m = (s.detach() >= threshold).to(x.dtype)
+    return plain_rn(x, m) * (1 + TF.conv2d(s, w_g, b_g, padding=1)) + TF.conv2d(s, w_b, b_b, padding=1)
+
+
+@pytest.mark.parametrize("three_d", [False, True])
+def test_region_norm_fast_gradients_equal_plain_autograd(three_d):
+    """RN-L's ∂x is formed in one buffer shared by RN and the pooling (one-write backward), its map convs
+    have their own backward, RN-B's official scale/shift fold into region tables: all equal the plain
+    formula's autograd gradients, for every input and parameter and for each alone."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, 1 if three_d else 5, dtype=D, requires_grad=True)
+    w = [(torch.randn(1, k, 3, 3, dtype=D) * 0.5).requires_grad_() for k in (2, 1, 1)]
+    b = [torch.randn(1, dtype=D, requires_grad=True) for _ in range(2)]
+    g = torch.randn_like(x)
+    xs = x.squeeze(-1) if three_d else x
+    got = torch.autograd.grad(region_norm_l(xs, w[0], w[1], b[0], w[2], b[1], 0.5), (x, *w, *b), g.reshape(xs.shape))
+    want = torch.autograd.grad(_plain_rn_l(x, w[0], w[1], b[0], w[2], b[1]), (x, *w, *b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    for i, t in enumerate((x, w[1], b[1])):  # one input at a time: the linked ∂x must not be lost or doubled
+        (one,) = torch.autograd.grad(region_norm_l(xs, w[0], w[1], b[0], w[2], b[1], 0.5), t, g.reshape(xs.shape))
+        torch.testing.assert_close(one, want[(0, 2, 5)[i]], rtol=1e-12, atol=1e-12)
+    m = _mask(3, 6, 5)
+    xb = torch.randn(3, 4, 6, 5, dtype=D, requires_grad=True)
+    p = [(torch.randn(4, dtype=D) * 0.5).requires_grad_() for _ in range(4)]
+    c = lambda t: t[None, :, None, None]  # noqa: E731
+    for ps in (False, True):
+        want_y = plain_rn(xb, m, per_sample=ps) * (m * (1 + c(p[0])) + (1 - m) * (1 + c(p[2]))) + c(p[1]) + c(p[3])
+        gb = torch.randn_like(xb)
+        got = torch.autograd.grad(region_norm_b(xb, m, *p, per_sample=ps), (xb, *p), gb)
+        for a, e in zip(got, torch.autograd.grad(want_y, (xb, *p), gb)):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_region_norm_l_double_backward():
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 3, 3, dtype=D, requires_grad=True)
+    w = [torch.randn(1, k, 3, 3, dtype=D) * 0.5 for k in (2, 1, 1)]
+    w_g = w[1].clone().requires_grad_()  # one map-conv weight is enough to cross its backward
+    b = [torch.randn(1, dtype=D) for _ in range(2)]
+    assert torch.autograd.gradgradcheck(lambda x_, wg: region_norm_l(x_, w[0], wg, b[0], w[2], b[1], 0.5), (x, w_g))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_loan_gradcheck_train_eval_and_double_backward(training):
     x = torch.randn(2, 2, 2, 3, 3, dtype=D, requires_grad=True)

@@ -86,19 +86,21 @@ def region_normalize(x: Tensor, mask: Tensor, eps: float = 1e-5, *, per_sample: 
 
 def _region_affine(
     x: Tensor, m: Tensor, g1: Tensor, g0: Tensor | None, b1: Tensor, b0: Tensor | None, eps: float,
-    per_sample: bool, reducer: Reducer | None = None,
+    per_sample: bool, reducer: Reducer | None = None, link: _DxLink | None = None, binary: bool = False,
 ) -> Tensor:
     """``y = rn·G + B`` with ``rn = region_normalize(x, m)`` and the scale/shift chosen per region:
     ``G = m·g1 + (1 − m)·g0`` (``g0`` None: ``g1`` everywhere), ``B`` likewise; ``g*``/``b*`` broadcast to
     x, per channel ``(1, C, 1, …)`` or a spatial map ``(N, 1, *spatial)``. Returns the accumulation dtype.
 
-    Binary masks in eager code without a reducer take :class:`_RegionNormFn` (two passes of statistics,
-    one output pass, closed-form backward, saves only x and the mask); soft masks, ``torch.compile``
-    and synchronized statistics take the official formula (:func:`_reference`)."""
+    Binary masks in eager code without a reducer take :class:`_RegionNormFn` (two reads for the
+    statistics, one output pass, closed-form backward, saves x, the centred x and the mask); soft masks,
+    ``torch.compile`` and synchronized statistics take the official formula (:func:`_reference`).
+    ``binary=True``: the caller knows the mask is binary (RN-L's threshold), so it is not checked;
+    ``link``: RN-L's shared ∂x buffer (:class:`_DxLink`)."""
     xf = x.to(m.dtype)
     n, c = x.shape[:2]
     if (reducer is None and not torch.compiler.is_compiling() and xf.numel() > 0
-            and bool(((m == 0) | (m == 1)).all())):
+            and (binary or bool(((m == 0) | (m == 1)).all()))):
         length = xf[0, 0].numel()
 
         def flat(t: Tensor | None) -> Tensor | None:
@@ -109,7 +111,7 @@ def _region_affine(
 
         y = _RegionNormFn.apply(
             xf.reshape(n, c, length), m.reshape(n, m.shape[1], length), flat(g1), flat(g0), flat(b1), flat(b0),
-            eps, per_sample, ref,
+            eps, per_sample, ref, link,
         )
         return y.reshape(x.shape)
     return _reference(xf, m, g1, g0, b1, b0, eps, per_sample, reducer)
@@ -271,18 +273,22 @@ def region_norm_l(
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"region_norm_l: threshold must be in [0, 1] (it splits a sigmoid map), got {threshold!r}")
     x4 = x.unsqueeze(-1) if x.dim() == 3 else x
-    pooled = _MeanMax.apply(x4)
+    # RN's ∂x and the pooling's ∂x are formed in one buffer (see _DxLink); not under a compiler
+    fused = x4.requires_grad and x4.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    link = _DxLink() if fused else None
+    pooled = _MeanMax.apply(x4, link)
     s = torch.sigmoid(_MapConv.apply(pooled, sa_weight, None))
-    if gamma_weight.shape == beta_weight.shape:  # γ and β from ONE 1→2 convolution of the map
-        bias = None
-        if gamma_bias is not None or beta_bias is not None:
-            bias = torch.cat([gamma_weight.new_zeros(1) if t is None else t.reshape(1) for t in (gamma_bias, beta_bias)])
-        gamma, beta = _MapConv.apply(s, torch.cat([gamma_weight, beta_weight]), bias).split(1, 1)
+    if gamma_weight.shape == beta_weight.shape:  # 1 + γ and β from ONE 1→2 convolution of the map (the 1 in its bias)
+        zero = gamma_weight.new_zeros(1)
+        bias = torch.cat([1 + (zero if gamma_bias is None else gamma_bias.reshape(1)),
+                          zero if beta_bias is None else beta_bias.reshape(1)])
+        scale, beta = _MapConv.apply(s, torch.cat([gamma_weight, beta_weight]), bias).split(1, 1)
     else:
-        gamma, beta = _MapConv.apply(s, gamma_weight, gamma_bias), _MapConv.apply(s, beta_weight, beta_bias)
+        scale = 1 + _MapConv.apply(s, gamma_weight, gamma_bias)
+        beta = _MapConv.apply(s, beta_weight, beta_bias)
     sd = accumulation_dtype(x.dtype)
     m = (s.detach() >= threshold).to(sd)
-    y = _region_affine(x4, m, 1 + gamma.to(sd), None, beta.to(sd), None, eps, per_sample, reducer)
+    y = _region_affine(x4, m, scale.to(sd), None, beta.to(sd), None, eps, per_sample, reducer, link, binary=True)
     return (y.squeeze(-1) if x.dim() == 3 else y).to(x.dtype)
 
 
@@ -332,24 +338,42 @@ class _Regions:
         return y.addcmul_(tab[..., 1:], self.m0).addcmul_(tab[..., :1], self.m)
 
 
+class _DxLink:
+    """RN-L's two contributions to ∂L/∂x in one buffer: :class:`_RegionNormFn`'s backward (which autograd
+    runs first: the pooling feeds its γ/β) leaves its ∂x here and returns none; :class:`_MeanMax`'s backward
+    adds the pooling's share in place and returns the sum — one pass where autograd would write the
+    pooling's full-size ∂x and then add the two (measured: that add alone was 14% of RN-L's fwd+bwd)."""
+
+    __slots__ = ("dx",)
+
+    def __init__(self) -> None:
+        self.dx: Tensor | None = None
+
+
 class _MeanMax(torch.autograd.Function):
     """``[mean_c(x), max_c(x)]`` ``(N, 2, *spatial)``, RN-L's pooled input (official ``torch.mean`` and
     ``torch.max(x, dim=1)``, whose gradient goes to the arg-max channel). Backward writes ∂x once (the
     mean's share broadcast, the max's added at the saved indices) instead of autograd's chain of
-    full-size temporaries for ``mean`` and ``amax``; saves only the (N, 1, *spatial) indices."""
+    full-size temporaries for ``mean`` and ``amax`` — into RN's ∂x when a :class:`_DxLink` holds it;
+    saves only the (N, 1, *spatial) indices."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, link: _DxLink | None = None) -> Tensor:  # type: ignore[override]
         mx, idx = x.max(1, keepdim=True)
         ctx.save_for_backward(idx)
         ctx.shape = x.shape
+        ctx.link = link
         return torch.cat([x.mean(1, keepdim=True), mx], 1)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (idx,) = ctx.saved_tensors
-        dx = (g[:, :1] / ctx.shape[1]).expand(ctx.shape).contiguous()
-        return dx.scatter_add(1, idx, g[:, 1:]) if torch.is_grad_enabled() else dx.scatter_add_(1, idx, g[:, 1:])
+        link, share = ctx.link, g[:, :1] / ctx.shape[1]
+        if link is not None and link.dx is not None and not torch.is_grad_enabled():
+            dx, link.dx = link.dx.view(ctx.shape), None
+            return dx.add_(share).scatter_add_(1, idx, g[:, 1:]), None
+        dx = share.expand(ctx.shape).contiguous()
+        return (dx.scatter_add(1, idx, g[:, 1:]) if torch.is_grad_enabled() else dx.scatter_add_(1, idx, g[:, 1:])), None
 
 
 class _RegionStats:
@@ -398,40 +422,49 @@ class _RegionNormFn(torch.autograd.Function):
 
     ``g1``/``g0`` (scale inside / outside the region) and ``b1``/``b0`` broadcast to x ``(N, C, L)``: per
     channel ``(1, C, 1)`` for RN-B, a spatial map ``(N, 1, L)`` for RN-L; ``g0``/``b0`` None means the
-    same tensor as ``g1``/``b1``. Per-channel parameters fold into the region tables
-    (``y = d·sel(ρG) + sel(B)``: two passes after the statistics). Closed-form backward per region
-    (BatchNorm's, with the region's means):
+    same tensor as ``g1``/``b1``. Per-channel parameters fold into the region tables: the official
+    RN-B's output is ``addcmul(B, d, sel(ρG))``, one pass after the statistics. Closed-form backward
+    per region (BatchNorm's, with the region's means):
 
         ∂x = ρ_r·(ĝ − mean_r(ĝ) − rn·mean_r(ĝ·rn)),   ĝ = ∂y·G_r
 
-    written as ``sel(ρG)·∂y − sel(ρ²·mean_r(ĝ·rn)/… )·d + sel(−ρ·mean_r(ĝ))``, whose region sums come
-    from two batched products (``Σ_r ∂y`` and ``Σ_r ∂y·d``; a map G weights the products' mask
-    matrix instead of forming ĝ). Saves only x, the mask and the O(C) statistics (plus G, B when
-    they are maps); ``d`` is recomputed. Double backward recomputes through the reference formula.
+    written as ``sel(−ρ²·mean_r(ĝ·rn))·d + sel(ρG)·∂y + sel(−ρ·mean_r(ĝ))``, whose region sums come from two
+    batched products (``Σ_r ∂y`` and ``Σ_r ∂y·d``; a map G weights the products' mask matrix instead of
+    forming ĝ). Saves x, the centred ``d = x − μ_r`` (two input-sized tensors: recomputing d would
+    cost backward two more passes), the mask and O(C) statistics (plus G, B when they are maps).
+    Double backward recomputes through the reference formula.
+
+    Each full-size op here is one pass over memory and, on a loaded machine, one more wait for the
+    thread pool: the op count is the cost (7 in forward, 8 in backward for RN-B; GroupNorm's ATen
+    kernels make 3).
     """
 
     @staticmethod
-    def forward(ctx, x, m, g1, g0, b1, b0, eps, per_sample, reference):  # noqa: ANN001, ANN205
+    def forward(ctx, x, m, g1, g0, b1, b0, eps, per_sample, reference, link=None):  # noqa: ANN001, ANN205
         rg = _Regions(m)
         st = _RegionStats(x, rg, eps, per_sample)
-        ctx.save_for_backward(x, m, g1, g0, b1, b0)
         ctx.cfg = (eps, per_sample, reference)
+        ctx.link = link
         if not st.finite:  # NaN or inf in x: the official formula (a NaN stays in its own region)
+            ctx.save_for_backward(x, m, g1, g0, b1, b0, None)
             ctx.st = None
             with torch.no_grad():
                 return reference(x, m, g1, g0, b1, b0)
         d, buf = st.d, st.buf
-        del st.d, st.buf  # the statistics kept for backward are O(C)
+        del st.d, st.buf  # the statistics kept on ctx are O(C); d goes through save_for_backward
+        ctx.save_for_backward(x, m, g1, g0, b1, b0, d)
         ctx.st = st
         if g1.shape[2] > 1:  # RN-L: maps G, B (N, 1, L), one channel mask
-            y = d.mul_(rg.sel(st.rho, out=buf))
-            return torch.addcmul(b1, y, g1, out=buf)
-        y = d.mul_(rg.sel(st.rho * _pair(g1, g0), out=buf))
-        return y.add_(b1) if b0 is None else rg.add_sel_(y, _pair(b1, b0))
+            rn = rg.sel(st.rho, out=buf).mul_(d)
+            return torch.addcmul(b1, rn, g1, out=buf)
+        a = rg.sel(st.rho * _pair(g1, g0), out=buf)
+        if b0 is None:  # official RN-B: one shift for both regions
+            return torch.addcmul(b1, d, a, out=buf)
+        return rg.add_sel_(a.mul_(d), _pair(b1, b0))
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x, m, g1, g0, b1, b0 = ctx.saved_tensors
+        x, m, g1, g0, b1, b0, d = ctx.saved_tensors
         eps, per_sample, reference = ctx.cfg
         need = ctx.needs_input_grad
         st: _RegionStats | None = ctx.st
@@ -447,11 +480,9 @@ class _RegionNormFn(torch.autograd.Function):
                 live = [a for a, w in zip(args, wants) if a is not None and w]
                 got = iter(torch.autograd.grad(y, live, gy, create_graph=create, allow_unused=True))
             out = [next(got) if (a is not None and w) else None for a, w in zip(args, wants)]
-            return out[0], None, out[1], out[2], out[3], out[4], None, None, None
+            return out[0], None, out[1], out[2], out[3], out[4], None, None, None, None
         rg, s, rho = st.rg, st.s, st.rho
-        gy = gy.contiguous()
         maps = g1.shape[2] > 1  # RN-L: G, B (N, 1, L)
-        d = st.centred(x)
         gd = gy * d
         w = g1 if maps else None
         gsum, qd = st.pool(rg.sums(gy, w)), st.pool(rg.sums(gd, w))  # Σ_r ∂y·G, Σ_r ∂y·G·d
@@ -475,12 +506,13 @@ class _RegionNormFn(torch.autograd.Function):
             pg = rho * g
         dx = None
         if need[0]:
-            c2, c3 = h / s, k / s
-            dx = d.mul_(rg.sel(-rho * rho * c3, out=gd))  # −ρ²·mean_r(ĝ·rn)·d
-            p = rg.sel(pg, out=gd)
+            dx = rg.sel(-rho * rho * k / s, out=gd).mul_(d)  # −ρ²·mean_r(ĝ·rn)·d
+            p = rg.sel(pg)
             dx.addcmul_(gy, p if not maps else p.mul_(g1))  # + ρ·G·∂y
-            rg.add_sel_(dx, -rho * c2)  # − ρ·mean_r(ĝ)
-        return dx, None, dg1, dg0, db1, db0, None, None, None
+            rg.add_sel_(dx, -rho * h / s)  # − ρ·mean_r(ĝ)
+            if ctx.link is not None and need[2]:  # the pooling's backward (it runs next) adds its share and returns it
+                ctx.link.dx, dx = dx, None
+        return dx, None, dg1, dg0, db1, db0, None, None, None, None
 
 
 def _pair(a1: Tensor, a0: Tensor | None) -> Tensor:
