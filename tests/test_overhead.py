@@ -273,3 +273,29 @@ def test_batch_renorm_takes_the_closed_form_from_the_threshold():
         g = torch.randn_like(x)
         for a, b in zip(torch.autograd.grad(got, [x, m.weight], g), torch.autograd.grad(want, [x, m.weight], g)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm2d", "rmsnorm2d"])
+def test_channels_first_fast_path_computes_the_formula(center):
+    """From the table's size (16K elements) LayerNorm2d / RMSNorm2d go straight to the kernels: the per-position
+    norm over C written out, gradients included; a wrong channel count still raises normkit's error."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 32, 16, 16, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    m = normkit.LayerNorm2d(32, eps=1e-6) if center else normkit.RMSNorm2d(32, eps=1e-6)
+    m = m.double()
+    assert x.numel() >= m._nk_cf_from
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+    xc = x - x.mean(1, keepdim=True) if center else x
+    want = xc / torch.sqrt(xc.pow(2).mean(1, keepdim=True) + 1e-6) * m.weight.reshape(1, -1, 1, 1)
+    if center:
+        want = want + m.bias.reshape(1, -1, 1, 1)
+    got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(x)
+    for a, b in zip(torch.autograd.grad(got, [x, m.weight], g), torch.autograd.grad(want, [x, m.weight], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="expects 32 channels"):
+        m(torch.randn(2, 31, 16, 16, dtype=torch.float64))
+    m.weight_offset = 0.5  # a normkit-only option: the full path
+    assert m._nk_cf_from == B.UNBOUNDED

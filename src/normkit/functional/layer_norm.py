@@ -240,6 +240,15 @@ def _channels_first_norm(
     return y.reshape(x.shape)
 
 
+def channels_first_kernels(x: Tensor, c: int, weight: Tensor | None, bias: Tensor | None, eps: float, center: bool) -> Tensor:
+    """LayerNorm2d / RMSNorm2d of a channels-first ``(N, C, *)`` input (C = ``c``, validated by the caller)
+    on normkit's C++ kernels: what :func:`layer_norm2d` / :func:`rms_norm2d` run on ``"auto"`` once
+    :func:`normkit.backend.kernels_apply` holds from the table's size, without their checks and
+    resolution (the modules' fast path; inside ``torch.compile`` the kernels' torch operators)."""
+    view = (x.shape[0], 1, c, trailing_numel(x))
+    return normalize_view(x.reshape(view), weight, bias, (2,), center=center, eps=eps, backend="kernels")[0].reshape(x.shape)
+
+
 def layer_norm2d(
     x: Tensor,
     weight: Tensor | None = None,

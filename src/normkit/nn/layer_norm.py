@@ -13,11 +13,12 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normkit import functional as F
-from normkit.backend import native_below, resolve, thread_state
+from normkit.backend import AUTO_RULES, UNBOUNDED, kernels_apply, native_below, resolve, thread_state
 from normkit.functional._core import check_channels_first
 from normkit.functional.aten import ATEN_CHECK_MIN_NUMEL
 from normkit.functional.aten import layer_norm as aten_layer_norm
 from normkit.functional.aten import rms_norm as aten_rms_norm
+from normkit.functional.layer_norm import channels_first_kernels
 from normkit.nn import papers
 from normkit.nn._base import FastPath, options_repr, set_options
 from normkit.registry import register_norm
@@ -69,6 +70,15 @@ def _replan_token(self: nn.Module, op: str, native: bool) -> None:
         _nk_below=min(native_below(op, self.backend), ATEN_CHECK_MIN_NUMEL) if ok else 0,
         _nk_add_below=min(native_below("add_norm", self.backend), ATEN_CHECK_MIN_NUMEL) if ok else 0,
     )
+
+
+def _replan_channels_first(self: nn.Module, op: str) -> None:
+    """``_nk_cf_from``: from this many input elements (default backend, no mask, an input the kernels take)
+    a LayerNorm2d / RMSNorm2d runs normkit's kernels directly — where ``"auto"``'s table sends ``op`` to
+    them on CPU (``kernels_apply`` tests the device); never (:data:`~normkit.backend.UNBOUNDED`) with a
+    normkit-only option set or a backend other than ``"auto"``."""
+    ok = self._nk_plain and self.backend in (None, "auto") and AUTO_RULES[op].cpu == "kernels"
+    self._plan_set(_nk_cf_from=AUTO_RULES[op].min_numel if ok else UNBOUNDED)
 
 
 def _forward_add(self: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -359,7 +369,16 @@ class LayerNorm2d(LayerNorm):
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, **kwargs) -> None:  # noqa: ANN003
         super().__init__(num_channels, eps, affine, bias, **kwargs)
 
+    _nk_cf_from = UNBOUNDED  # (class default: no fast path until planned)
+
+    def _replan(self) -> None:
+        super()._replan()
+        _replan_channels_first(self, "layer_norm2d")
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if (mask is None and x.numel() >= self._nk_cf_from and thread_state.plain and kernels_apply(x)
+                and x.dim() > 1 and x.shape[1] == self.normalized_shape[0]):  # the hot path: "auto"'s kernels
+            return channels_first_kernels(x, x.shape[1], self.weight, self.bias, self.eps, True)
         check_channels_first(x, self.normalized_shape[0], type(self).__name__)
         return F.layer_norm2d(
             x, self.weight, self.bias, self.eps,
@@ -383,7 +402,17 @@ class RMSNorm2d(RMSNorm):
     def __init__(self, num_channels: int, eps: float | None = None, affine: bool = True, **kwargs) -> None:  # noqa: ANN003
         super().__init__(num_channels, eps, affine, **kwargs)
 
+    _nk_cf_from = UNBOUNDED  # (class default: no fast path until planned)
+
+    def _replan(self) -> None:
+        super()._replan()
+        _replan_channels_first(self, "rms_norm2d")
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if (mask is None and x.numel() >= self._nk_cf_from and thread_state.plain and kernels_apply(x)
+                and x.dim() > 1 and x.shape[1] == self.normalized_shape[0]):  # the hot path: "auto"'s kernels
+            eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+            return channels_first_kernels(x, x.shape[1], self.weight, self.bias, eps, False)
         check_channels_first(x, self.normalized_shape[0], type(self).__name__)
         return F.rms_norm2d(
             x, self.weight, self.eps, bias=self.bias,
