@@ -41,8 +41,23 @@ class _SelfAwareAffine(nn.Module):
         self.beta_conv = nn.Conv2d(1, 1, kernel_size, padding=pad, **kw)
 
 
-def _options(per_sample: bool) -> str:
-    return ", per_sample=True" if per_sample else ""
+class _RegionNorm(nn.Module):
+    """What RN-B and RN-L share: the channel count, BatchNorm's eps, the BN-/IN-style switch and the
+    process group whose batches the statistics cover; :meth:`_rn_options` hands the last two to the
+    functional call. Holds no parameters or buffers (the subclasses' state-dict keys are the official ones)."""
+
+    def __init__(self, num_features: int, eps: float, per_sample: bool, process_group: ProcessGroupLike) -> None:
+        super().__init__()
+        set_options(self, eps, process_group=process_group)
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.per_sample = bool(per_sample)
+
+    def _rn_options(self) -> dict[str, object]:
+        return {"per_sample": self.per_sample, "reducer": sync_reducer(self)}
+
+    def _repr_options(self) -> str:
+        return ", per_sample=True" if self.per_sample else ""
 
 
 @register_norm(
@@ -58,7 +73,7 @@ def _options(per_sample: bool) -> str:
     extra_inputs=("mask",),
     sample_inputs=lambda x: {"mask": _random_mask(x)},
 )
-class RegionNormB(nn.Module):
+class RegionNormB(_RegionNorm):
     """Basic Region Normalization (RN-B), ``forward(x, mask)``.
 
     Yu et al., "Region Normalization for Image Inpainting", AAAI 2020, arXiv:1911.10375; follows the
@@ -84,9 +99,10 @@ class RegionNormB(nn.Module):
     ``mask``: ``(N, 1, *spatial)`` (bool or float, 1 = hole), resized with ``mode='nearest'`` when its
     spatial size differs from x's, as the official code.
 
-    Speed: a binary mask takes one autograd Function (two statistics passes, closed-form backward that
-    saves only x and the mask); soft masks, ``torch.compile`` and ``process_group`` (one packed
-    collective per call) take the official formula. See :func:`normkit.functional.region_norm._region_affine`.
+    Speed: a binary mask takes one autograd Function (region sums and the per-region coefficients as
+    batched products with the mask matrix, closed-form backward that saves x, the centred x and the
+    mask); soft masks, ``torch.compile`` and ``process_group`` (one packed collective per call) take the
+    official formula. See :func:`normkit.functional.region_norm._region_affine`.
     """
 
     def __init__(
@@ -100,11 +116,7 @@ class RegionNormB(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        set_options(self, eps, process_group=process_group)
-        self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.per_sample = bool(per_sample)
+        super().__init__(num_features, eps, per_sample, process_group)
         self.masked_bias = bool(masked_bias)
         kw = {"device": device, "dtype": dtype}
         self.foreground_gamma = nn.Parameter(torch.empty(num_features, **kw))
@@ -131,15 +143,14 @@ class RegionNormB(nn.Module):
             self.background_gamma,
             self.background_beta,
             self.eps,
-            per_sample=self.per_sample,
-            reducer=sync_reducer(self),
             masked_bias=self.masked_bias,
+            **self._rn_options(),
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}"
-            + _options(self.per_sample)
+            + self._repr_options()
             + (", masked_bias=True" if self.masked_bias else "")
         )
 
@@ -154,7 +165,7 @@ class RegionNormB(nn.Module):
     description="region norm with the region split and a spatial affine predicted from the features",
     aliases=("rn_l", "rn-l"),
 )
-class RegionNormL(nn.Module):
+class RegionNormL(_RegionNorm):
     """Learnable Region Normalization (RN-L), a drop-in ``forward(x)``.
 
     Yu et al., "Region Normalization for Image Inpainting", AAAI 2020, arXiv:1911.10375; follows the
@@ -191,17 +202,13 @@ class RegionNormL(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        set_options(self, eps, process_group=process_group)
+        super().__init__(num_features, eps, per_sample, process_group)
         if kernel_size not in (3, 7):
             raise ValueError(f"RegionNormL: kernel_size must be 3 or 7 (as the official SelfAware_Affine), got {kernel_size!r}")
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"RegionNormL: threshold must be in [0, 1], got {threshold!r}")
-        self.num_features = int(num_features)
         self.threshold = float(threshold)
-        self.eps = float(eps)
         self.kernel_size = int(kernel_size)
-        self.per_sample = bool(per_sample)
         self.official_init = bool(official_init)
         kw = {"device": device, "dtype": dtype}
         pad = kernel_size // 2
@@ -235,12 +242,11 @@ class RegionNormL(nn.Module):
             self.sa.beta_conv.bias,
             self.threshold,
             self.eps,
-            per_sample=self.per_sample,
-            reducer=sync_reducer(self),
+            **self._rn_options(),
         )
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, threshold={self.threshold}, eps={self.eps}"
         if self.kernel_size != 7:
             s += f", kernel_size={self.kernel_size}"
-        return s + _options(self.per_sample) + (", official_init=True" if self.official_init else "")
+        return s + self._repr_options() + (", official_init=True" if self.official_init else "")
