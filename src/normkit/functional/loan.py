@@ -99,7 +99,9 @@ def loan(
         )
     a = TF.relu(cn)
     a4 = (a.unsqueeze(-1) if a.dim() == 3 else a).to(gamma_weight.dtype)  # bf16 input, fp32 convs: as every norm
-    gamma = TF.conv2d(a4, gamma_weight, gamma_bias, padding=gamma_weight.shape[-1] // 2)
+    # the scale 1 + γ straight from the γ conv (the 1 added to its bias: C values, not a full-size pass)
+    one = torch.ones(c, dtype=gamma_weight.dtype, device=gamma_weight.device)
+    gamma = TF.conv2d(a4, gamma_weight, one if gamma_bias is None else gamma_bias + 1, padding=gamma_weight.shape[-1] // 2)
     beta = TF.conv2d(a4, beta_weight, beta_bias, padding=beta_weight.shape[-1] // 2)
     if x.dim() == 3:
         gamma, beta = gamma.squeeze(-1), beta.squeeze(-1)
@@ -112,7 +114,7 @@ def loan(
         backend = "eager" if backend in (None, "auto") else backend  # ATen's statistics overflowed
     if xn is None:
         xn = _free(x, running_mean, running_var, use_batch, momentum, eps, free_norm, _safe(x, backend))
-    return xn * (1 + gamma.to(xn.dtype)) + beta.to(xn.dtype)
+    return xn * gamma.to(xn.dtype) + beta.to(xn.dtype)  # gamma holds 1 + γ
 
 
 def _safe(t: Tensor, backend: str | None) -> str | None:
@@ -151,10 +153,11 @@ def _bn_modulate(
     x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     use_batch: bool, momentum: float, eps: float,
 ) -> Tensor | None:
-    """``BN(x)·(1 + γ) + β`` as one autograd Function: ATen's BN statistics (and running-statistics
-    update), the modulation written in place into the normalized tensor, and a closed-form backward
-    that saves x and γ only (x̂ is recomputed). None where ATen's statistics overflowed (the running
-    buffers are then restored and the caller takes normkit's overflow-safe path)."""
+    """``BN(x)·scale + β`` (``scale = 1 + γ``) as one autograd Function: ATen's BN statistics (and
+    running-statistics update), the modulation written in place into the normalized tensor (one
+    ``addcmul``), and a closed-form backward that saves x and the scale only (x̂ is recomputed). None
+    where ATen's statistics overflowed (the running buffers are then restored and the caller takes
+    normkit's overflow-safe path)."""
     c = x.shape[1]
     if use_batch:
         old = None if running_mean is None or running_var is None else (running_mean.clone(), running_var.clone())
@@ -176,54 +179,57 @@ def _bn_modulate(
 
 
 class _BNModulateFn(torch.autograd.Function):
-    """``y = x̂·(1 + γ) + β`` with ``x̂ = (x − μ)·r`` (batch or running statistics, given).
+    """``y = x̂·scale + β`` with ``x̂ = (x − μ)·r`` (batch or running statistics, given) and ``scale = 1 + γ``.
 
     Backward (batch statistics; means over N and the positions per channel)::
 
-        ĝ = ∂y·(1 + γ),   ∂x = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))     (eval: ∂x = r·ĝ)
-        ∂γ = ∂y·x̂,        ∂β = ∂y                                  (summed over D for 5-D x)
+        ĝ = ∂y·scale,   ∂x = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))     (eval: ∂x = r·ĝ)
+        ∂scale = ∂y·x̂,  ∂β = ∂y                                  (summed over D for 5-D x)
 
-    Saves x and γ (γ is needed for ĝ; x̂ is recomputed). A double backward recomputes through the
-    plain formula.
+    in six input-sized passes: x̂, ∂scale, ĝ, ĝ·x̂ (summed, with ĝ), then ∂x as
+    ``addcmul(−r·mean(ĝ), x̂, −r·mean(ĝ·x̂))`` plus ``ĝ·r`` in place. Saves x and the scale (x̂ is
+    recomputed). A double backward recomputes through the plain formula.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, xn, mean, rstd, use_batch, eps):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, gamma, mean, rstd)
+    def forward(ctx, x, scale, beta, xn, mean, rstd, use_batch, eps):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, scale, mean, rstd)
         ctx.cfg = (use_batch, eps)
-        return xn.addcmul_(xn, gamma).add_(beta)
+        return torch.addcmul(beta, xn, scale, out=xn)
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        x, gamma, mean, rstd = ctx.saved_tensors
+        x, scale, mean, rstd = ctx.saved_tensors
         use_batch, eps = ctx.cfg
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         dims = (0, *range(2, x.dim()))
+        need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: the plain formula, differentiable
             if use_batch:
                 var, mu = torch.var_mean(x, dims, correction=0, keepdim=True)
                 xh = (x - mu) * torch.rsqrt(var + eps)
             else:
                 xh = (x - mean.reshape(shape)) * rstd.reshape(shape)
-            g = gy * (1 + gamma)
-            dx = torch.autograd.grad(xh, x, g, create_graph=True)[0] if ctx.needs_input_grad[0] else None
-            dgamma = (gy * xh).sum_to_size(gamma.shape) if ctx.needs_input_grad[1] else None
-            dbeta = gy.sum_to_size(gamma.shape) if ctx.needs_input_grad[2] else None
-            return dx, dgamma, dbeta, None, None, None, None, None
+            g = gy * scale
+            dx = torch.autograd.grad(xh, x, g, create_graph=True)[0] if need[0] else None
+            dscale = (gy * xh).sum_to_size(scale.shape) if need[1] else None
+            dbeta = gy.sum_to_size(scale.shape) if need[2] else None
+            return dx, dscale, dbeta, None, None, None, None, None
         m, r = mean.reshape(shape), rstd.reshape(shape)
-        xh = torch.sub(x, m).mul_(r)
-        dgamma = (gy * xh).sum_to_size(gamma.shape) if ctx.needs_input_grad[1] else None
-        dbeta = gy.sum_to_size(gamma.shape) if ctx.needs_input_grad[2] else None
+        xh = torch.addcmul(-m * r, x, r)  # (x − μ)·r in one pass
+        dscale = (gy * xh).sum_to_size(scale.shape) if need[1] else None
+        dbeta = gy.sum_to_size(scale.shape) if need[2] else None
         dx = None
-        if ctx.needs_input_grad[0]:
-            g = torch.addcmul(gy, gy, gamma)  # ĝ = ∂y·(1 + γ)
+        if need[0]:
+            g = gy * scale  # ĝ
             if use_batch:
                 n = x.numel() // x.shape[1]
-                proj = (g * xh).sum(dims)
-                gm = g.sum(dims)
-                g.sub_((gm / n).reshape(shape)).addcmul_(xh, (proj / n).reshape(shape), value=-1.0)
-            dx = g.mul_(r)
-        return dx, dgamma, dbeta, None, None, None, None, None
+                gm = g.sum(dims, keepdim=True) / n
+                proj = torch.mul(g, xh).sum(dims, keepdim=True) / n
+                dx = torch.addcmul(-r * gm, xh, -r * proj, out=xh).addcmul_(g, r)
+            else:
+                dx = g.mul_(r)
+        return dx, dscale, dbeta, None, None, None, None, None
 
 
 def _synced_bns(
