@@ -101,7 +101,10 @@ class EvoNormB0(_EvoNormBase):
     * timm stores the *unbiased* batch variance in ``running_var`` (``unbiased_running_var=True``);
     * timm only accepts 4-D input; here any (N, C, *spatial) with at least one spatial dim.
 
-    ``process_group`` synchronizes ``Var_B`` over the processes in training (:mod:`normkit.sync`).
+    ``process_group`` synchronizes ``Var_B`` over the processes in training (:mod:`normkit.sync`): one
+    collective of ``(n, Σ(x−K), Σ(x−K)²)`` per call about ``K`` = the previous synced batch mean (equal on every
+    rank; the first call computes the exact global mean first), so no ``E[x²] − E[x]²`` cancellation
+    (:func:`normkit.stats.synced_sums`).
 
     TF → normkit keys: ``gamma → weight``, ``beta → bias``, ``v → v``,
     ``moving_variance → running_var`` (reshape (1, C, 1, 1) → (C,)).

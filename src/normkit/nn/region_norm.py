@@ -101,8 +101,9 @@ class RegionNormB(_RegionNorm):
 
     Speed: a binary mask takes one autograd Function (region sums and the per-region coefficients as
     batched products with the mask matrix, closed-form backward that saves x, the centred x and the
-    mask); soft masks, ``torch.compile`` and ``process_group`` (one packed collective per call) take the
-    official formula. See :func:`normkit.functional.region_norm._region_affine`.
+    mask); soft masks, ``torch.compile`` and ``process_group`` (one packed collective per call of both
+    regions' sums about their previous synced means, no cancellation: :func:`normkit.stats.synced_sums`)
+    take the official formula. See :func:`normkit.functional.region_norm._region_affine`.
     """
 
     def __init__(
