@@ -96,3 +96,18 @@ def test_bench_loaders_split_and_standardize():
     assert s.x_train.shape == (200, 3, 32, 32) and s.x_test.shape == (50, 3, 32, 32)
     torch.testing.assert_close(s.x_train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(s.x_train.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2, rtol=0)
+
+
+def test_unigram_entropy_of_the_text_corpus():
+    """The LM's "learned nothing" level: −Σ p log p over the training split's byte frequencies, written out."""
+    import math
+    from collections import Counter
+
+    from normkit.data.text import load_text
+
+    corpus = load_text()
+    counts = Counter(corpus.train.tolist())
+    total = sum(counts.values())
+    expected = -sum(c / total * math.log(c / total) for c in counts.values())
+    assert corpus.unigram_nats() == pytest.approx(expected, rel=1e-9)
+    assert 0 < expected < math.log(256)

@@ -11,6 +11,7 @@ from normkit.bench.verdict import (
     combine,
     format_claim,
     label_of,
+    not_learned,
     paired_differences,
     paired_verdict,
     per_seed,
@@ -164,3 +165,19 @@ def test_claim_lines():
     assert label_of(claim_line("S", "c", "o", False)) == "contradicted"
     assert label_of(claim_line("S", "c", "o", None)) == "inconclusive"
     assert label_of("    note: something") is None
+
+
+def test_an_untrained_arm_makes_the_claim_undecided():
+    level = math.log(10)  # a 10-class classifier that learned nothing
+    rows = [
+        {"norm": n, "seed": s, "status": "ok", "train_loss": loss}
+        for n, losses in {"bn": [2.30, 2.28, 0.4], "gn": [0.5, 0.6, 0.55]}.items()
+        for s, loss in enumerate(losses)
+    ]
+    notes = not_learned(rows, {"BN": {"norm": "bn"}, "GN": {"norm": "gn"}}, level=level, name="chance")
+    # threshold 0.95 · ln 10 = 2.187: two BN seeds are above it, no GN seed
+    assert notes == [f"BN (2/3 seeds at the chance level, train loss 2.30 ≥ 0.95 × {level:.2f})"]
+    assert not_learned(rows, {"GN": {"norm": "gn"}}, level=level, name="chance") == []
+    line = format_claim("S", "c", paired_verdict([0.03, 0.04, 0.05]), paper="p", ours="o", untrained=notes)
+    assert label_of(line) == "inconclusive" and line.endswith("| not decided: did not learn: " + notes[0])
+    assert "+4.0 pt [+1.5, +6.5]" in line  # the interval is still shown

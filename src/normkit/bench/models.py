@@ -8,7 +8,10 @@ cores while still separating good and bad normalization choices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,33 +20,87 @@ from torch import Tensor, nn
 
 from normkit.registry import sample_norm
 
-#: Per-norm keyword arguments the bench passes to ``create_norm(name, C, **kwargs)``, as a
-#: function of the channel count, on top of the registry's ``sample_kwargs`` (which make
-#: e.g. GroupNorm's group count divide the bench's 16 channels). Defaults of some methods do
-#: not suit a comparison (InstanceNorm is not affine by default, which would handicap it
+
+@dataclass(frozen=True)
+class RunLength:
+    """Length of the training run a model is built for: its optimizer ``steps`` and learning-rate
+    warm-up steps. Norms with schedules (PowerNorm's and UN's warm-up, PRepBN's LN → RepBN
+    transition, Batch Renorm's clipping ramps) get them as fractions of it, so a schedule never
+    outlasts a short run (a PRepBN evaluated mid-transition) and never ends in its first steps."""
+
+    steps: int
+    warmup: int
+
+
+#: Run length assumed when a model is built outside a bench run (tests, direct use): the digits
+#: ViT's ~660 steps with 10% warm-up.
+DEFAULT_RUN = RunLength(660, 66)
+_RUN: ContextVar[RunLength] = ContextVar("normkit_bench_run_length", default=DEFAULT_RUN)
+
+
+@contextmanager
+def run_length(steps: int, warmup: int) -> Iterator[RunLength]:
+    """Build models inside this block for a run of ``steps`` optimizer steps with ``warmup`` warm-up steps."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"run length needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    run = RunLength(int(steps), int(warmup))
+    token = _RUN.set(run)
+    try:
+        yield run
+    finally:
+        _RUN.reset(token)
+
+
+def current_run() -> RunLength:
+    """The :class:`RunLength` models are being built for (:data:`DEFAULT_RUN` outside :func:`run_length`)."""
+    return _RUN.get()
+
+
+#: PRepBN's LN → RepBN transition as a fraction of the run: the official SLAB configs (slab_deit,
+#: slab_swin) decay λ over 60 000 training forward calls of a 300-epoch ImageNet run at global batch
+#: 1024 (~375 000 steps), about 16%; training then continues on RepBN alone, as eval uses it.
+PREPBN_FRACTION = 60_000 / 375_000
+#: UN's warm-up (batch statistics, no smoothing) as a fraction of the run: the official IWSLT14 recipe
+#: runs ``--un-warmup 4000`` of ``--max-update 100000``; its gradient compensation starts with it.
+UN_WARMUP_FRACTION = 4_000 / 100_000
+
+#: Per-norm keyword arguments the bench passes to ``create_norm(name, C, **kwargs)``, as a function
+#: of the channel count and the :class:`RunLength`, on top of the registry's ``sample_kwargs``
+#: (which make e.g. GroupNorm's group count divide the bench's 16 channels). Defaults of some
+#: methods do not suit a comparison (InstanceNorm is not affine by default, which would handicap it
 #: against the others). Register an entry here when a new method needs one.
-#: Methods with long warm-ups or schedules (counted in steps for ImageNet/WMT-scale runs) get
-#: them shortened to the bench's few hundred steps, or they would never leave the warm-up.
-NORM_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "instancenorm": lambda channels: {"affine": True},
-    "ghostbn": lambda channels: {"virtual_batch_size": 16},
-    "batchrenorm": lambda channels: {"warmup_steps": 50, "r_max_end_step": 400, "d_max_end_step": 250},
+#: Schedules counted in steps for ImageNet/WMT-scale runs are expressed as fractions of the run
+#: (never absolute step counts), with the official recipe's ratio where it has one:
+#: PowerNorm's warm-up is the learning-rate warm-up (the official ``NormSelect`` passes
+#: ``--warmup-updates``), UN's 4% of the run (above), PRepBN's transition 16% (above); Batch Renorm's
+#: ramps keep the fractions the bench used for a 660-step run (BN warm-up 50, r_max 400, d_max 250 steps).
+NORM_KWARGS: dict[str, Callable[[int, RunLength], dict[str, Any]]] = {
+    "instancenorm": lambda channels, run: {"affine": True},
+    "ghostbn": lambda channels, run: {"virtual_batch_size": 16},
+    "batchrenorm": lambda channels, run: {
+        "warmup_steps": max(1, round(50 / 660 * run.steps)),
+        "r_max_end_step": max(1, round(400 / 660 * run.steps)),
+        "d_max_end_step": max(1, round(250 / 660 * run.steps)),
+    },
     # num_groups=4 = the ViT's heads, as the official code wires GroupScaling (its group_num)
-    "powernorm": lambda channels: {"warmup_iters": 100, "num_groups": 4 if channels % 4 == 0 else 1},
-    "unifiednorm": lambda channels: {"warmup_iters": 100, "compensation_iters": 100},
-    "prepbn": lambda channels: {"total_step": 500},  # LN → RepBN over the first 500 of ~660 steps
+    "powernorm": lambda channels, run: {"warmup_iters": max(1, run.warmup), "num_groups": 4 if channels % 4 == 0 else 1},
+    "unifiednorm": lambda channels, run: {
+        "warmup_iters": max(1, round(UN_WARMUP_FRACTION * run.steps)),
+        "compensation_iters": max(1, round(UN_WARMUP_FRACTION * run.steps)),
+    },
+    "prepbn": lambda channels, run: {"total_step": max(1, round(PREPBN_FRACTION * run.steps))},
 }
 
 
 def make_norm(name: str | Callable[[int], nn.Module], num_features: int) -> nn.Module:
-    """``sample_norm(name, num_features)`` with the bench's per-method keyword arguments.
+    """``sample_norm(name, num_features)`` with the bench's per-method keyword arguments for the current run.
 
     ``name`` may also be a factory ``C -> module`` (e.g. ``partial(BatchNorm, channels_last=True)``).
     """
     if callable(name):
         return name(num_features)
     extra = NORM_KWARGS.get(name.lower())
-    return sample_norm(name, num_features, **(extra(num_features) if extra else {}))
+    return sample_norm(name, num_features, **(extra(num_features, current_run()) if extra else {}))
 
 
 NormSpec = str | Callable[[int], nn.Module]

@@ -73,6 +73,14 @@ class ByteLM(nn.Module):
 
     ``forward(ids, valid=None) -> logits (B, T, 256)``. Right padding never leaks into real tokens'
     predictions (causal attention); ``valid`` keeps it out of batch statistics.
+
+    The embedding (std 1/√dim, so that the tied head's logits start at unit scale) is multiplied by
+    ``embed_scale`` (default √dim) on the way in, as in Vaswani et al. 2017 (arXiv:1706.03762, §3.4):
+    the residual stream then starts at unit scale for every norm. Statistics norms do not care, but a
+    norm without statistics does: with the raw 0.125-std embeddings DyT (α₀ = 0.5) saw inputs 8× too
+    small and stayed at the unigram level (train loss 3.3 nats at lr 1e-3 and 3e-3, with or without
+    clipping, 2026-12-03); the DyT paper adds the same √d factor, as a learnable scalar, for LLaMA.
+    ``embed_scale=1`` restores the earlier model.
     """
 
     def __init__(
@@ -85,8 +93,10 @@ class ByteLM(nn.Module):
         max_len: int = 128,
         vocab: int = 256,
         mask_padding: bool = True,
+        embed_scale: float | None = None,
     ) -> None:
         super().__init__()
+        self.embed_scale = math.sqrt(dim) if embed_scale is None else float(embed_scale)
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, norm, causal=True, mask_padding=mask_padding) for _ in range(depth))
@@ -97,7 +107,7 @@ class ByteLM(nn.Module):
     def forward(self, ids: Tensor, valid: Tensor | None = None) -> Tensor:
         if ids.shape[1] > self.pos.shape[1]:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_len {self.pos.shape[1]}")
-        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        x = self.embed(ids) * self.embed_scale + self.pos[:, : ids.shape[1]]
         for block in self.blocks:
             x = block(x, valid)
         x = apply_norm(self.norm, x, valid, self._kind)
@@ -172,5 +182,3 @@ class SceneCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
-
-

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normkit.bench.models import run_length
 from normkit.bench.report import downsample
 from normkit.bench.suites import Job
 from normkit.data import DataSplit
@@ -151,11 +152,12 @@ def train_run(
     A non-finite loss stops training and sets ``status="diverged"``.
     """
     data = job.data()
+    steps = total_steps(job, data, scale)
     seed_everything(seed)
-    model = job.build(job.norm)
+    with run_length(steps, int(job.warmup * steps)):  # norms' schedules as fractions of this run
+        model = job.build(job.norm)
     params = sum(p.numel() for p in model.parameters())
     opt = _optimizer(model, job)
-    steps = total_steps(job, data, scale)
     spe = steps_per_epoch(job, data)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(data.x_train), generator=gen)
@@ -223,11 +225,12 @@ def train_lm_run(job: Job, seed: int, *, scale: float = 1.0, on_step: Callable[[
     from normkit.data.text import load_text, padded_batches
 
     corpus = load_text()
+    steps = planned_steps(job, scale)
     seed_everything(seed)
-    model = job.build(job.norm)
+    with run_length(steps, int(job.warmup * steps)):  # norms' schedules as fractions of this run
+        model = job.build(job.norm)
     params = sum(p.numel() for p in model.parameters())
     opt = _optimizer(model, job)
-    steps = planned_steps(job, scale)
     batches = iter(padded_batches(corpus, job.batch_size, LM_MIN_LEN, LM_MAX_LEN, num_batches=steps, seed=seed))
 
     def batch_loss(step: int) -> Tensor:

@@ -210,6 +210,28 @@ def combine(verdicts: Iterable[Verdict]) -> Label:
     return "supported" if all(label == "supported" for label in labels) else "inconclusive"
 
 
+def not_learned(
+    results: Iterable[Mapping[str, Any]], arms: Mapping[str, Match], *, level: float, name: str, factor: float = 0.95
+) -> list[str]:
+    """The arms of a claim that did not clearly learn: some seed's ``train_loss`` ≥ ``factor · level``.
+
+    ``level`` is the loss of a model that learned nothing useful (``ln(classes)`` for a classifier, the
+    unigram entropy for a language model); ``name`` says which (for the message). A comparison with an
+    untrained arm says nothing about the paper's claim, whatever its interval, so :func:`format_claim`
+    reads it as ``inconclusive`` with these notes. Returns ``"label (k/n seeds at the <name> level,
+    train loss x)"`` per such arm; empty when every arm learned (or has no rows).
+    """
+    rows = list(results)
+    notes = []
+    for label, match in arms.items():
+        losses = per_seed(rows, "train_loss", **match)
+        stuck = [v for v in losses.values() if not v < factor * level]
+        if stuck:
+            notes.append(f"{label} ({len(stuck)}/{len(losses)} seeds at the {name} level, train loss {max(stuck):.2f} ≥ "
+                         f"{factor:g} × {level:.2f})")  # fmt: skip
+    return notes
+
+
 def format_claim(
     source: str,
     claim: str,
@@ -220,18 +242,25 @@ def format_claim(
     scale: float = 100.0,
     unit: str = " pt",
     digits: int = 1,
+    untrained: Sequence[str] = (),
 ) -> str:
     """One claim line: ``[supported] source: claim | paper: setting | ours: setting, numbers | Δ …``.
 
     ``paper`` quotes the paper's setting (data, model, batch) and ``ours`` ours with the measured
     numbers, side by side, so a reader sees what the verdict is and is not about. A mapping
     ``{part name: verdict}`` is a claim of several parts, labelled by :func:`combine`, each part's
-    interval shown under its name.
+    interval shown under its name. ``untrained`` (from :func:`not_learned`) names arms that did not
+    learn: the line is then ``inconclusive`` whatever the interval says, with a ``not decided`` note.
     """
     if isinstance(verdict, Verdict):
-        return f"[{verdict.label}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {verdict.interval(scale, unit, digits)}"
-    parts = "; ".join(f"{name} {v.interval(scale, unit, digits)} ({v.label})" for name, v in verdict.items())
-    return f"[{combine(verdict.values())}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {parts}"
+        label, delta = verdict.label, verdict.interval(scale, unit, digits)
+    else:
+        label = combine(verdict.values())
+        delta = "; ".join(f"{name} {v.interval(scale, unit, digits)} ({v.label})" for name, v in verdict.items())
+    note = ""
+    if untrained:
+        label, note = "inconclusive", " | not decided: did not learn: " + "; ".join(untrained)
+    return f"[{label}] {source}: {claim} | paper: {paper} | ours: {ours} | Δ {delta}{note}"
 
 
 def claim_line(source: str, claim: str, ours: str, holds: bool | None) -> str:

@@ -99,6 +99,13 @@ class TextCorpus:
             raise ValueError(f"split must be 'train' or 'val', got {name!r}")
         return self.train if name == "train" else self.val
 
+    def unigram_nats(self) -> float:
+        """Entropy (nats/byte) of the training split's byte frequencies: the loss of a model that predicts
+        every next byte from its overall frequency alone, i.e. one that learned no context."""
+        counts = torch.bincount(self.train.long(), minlength=self.vocab_size).double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log()).sum())
+
     def decode(self, ids: Tensor) -> str:
         """Bytes back to text (invalid UTF-8 sequences, e.g. a window cut mid-character, replaced)."""
         return bytes(ids.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
