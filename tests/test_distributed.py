@@ -144,3 +144,50 @@ def test_without_a_process_group_training_raises_a_clear_error():
         nk.PowerNorm(4, process_group=3)
     with pytest.raises(TypeError, match="ProcessGroup, 'world' or None"):
         nk.BatchNorm2d(4, process_group="everyone")
+
+
+class _CountingSum:
+    """A one-process stand-in for a layer's reducer: identity sum, counts its calls, carries a ShiftMemory."""
+
+    def __init__(self, memory) -> None:
+        self.memory, self._slot, self.calls = memory, 0, 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return t.clone()
+
+    def next_slot(self) -> int:
+        self._slot += 1
+        return self._slot - 1
+
+
+def test_synced_sums_shift_memory_and_gram_against_plain_formulas():
+    """stats.synced_sums: first call = exact two-pass start (2 reductions), then 1; the kept shift is the last
+    mean; moments and GDWCT's cross products equal torch's var / cov at offset 1e6; NaN means are not kept."""
+    from normkit.stats import SumSpec, moments_from_sums, synced_sums
+    from normkit.sync import ShiftMemory
+
+    g = torch.Generator().manual_seed(0)
+    memory = ShiftMemory()
+    for step in range(3):
+        x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64) + 1e6
+        v = torch.randn(3, 2, 2, 7, generator=g, dtype=torch.float64) * 2 + 1e6  # (N, G, n, L)
+        red = _CountingSum(memory)
+        a, b = synced_sums([SumSpec(x, (0, 2)), SumSpec(v, (0, 3), gram=True)], red)
+        assert red.calls == (2 if step == 0 else 1)
+        r = moments_from_sums(a)
+        torch.testing.assert_close(r.mean.reshape(-1), x.mean((0, 2)), rtol=0, atol=1e-9)
+        torch.testing.assert_close(r.var.reshape(-1), x.permute(1, 0, 2).reshape(4, -1).var(1, correction=0),
+                                   rtol=1e-10, atol=0)
+        n = b.count.reshape(())
+        d = (b.s1 / n).reshape(2, 2, 1)
+        cov = (b.s2 - n * d @ d.transpose(-1, -2)) / (n - 1)
+        for grp in range(2):
+            want = torch.cov(v[:, grp].permute(1, 0, 2).reshape(2, -1))  # (n, M), unbiased
+            torch.testing.assert_close(cov[grp], want, rtol=1e-9, atol=0)
+        torch.testing.assert_close(memory.means[0].reshape(-1), x.mean((0, 2)), rtol=0, atol=1e-9)
+    # a NaN batch: its mean is not kept (the previous shift stays), later calls are unaffected
+    kept = memory.means[0].clone()
+    nan_x = torch.full((2, 4, 3), float("nan"), dtype=torch.float64)
+    synced_sums([SumSpec(nan_x, (0, 2))], _CountingSum(memory))
+    assert torch.equal(memory.means[0], kept)
