@@ -213,6 +213,10 @@ def test_text_progress_prints_the_remaining_time(capsys):
     bar.finish(0, 4, "toy", {"status": "error", "error": "x"})
     line = capsys.readouterr().out
     assert line.startswith("[1/4] toy: ERROR x") and "25% of steps" in line and "s left]" in line
+    # a job's own run function may leave fields out (the convert suite has no training loss): "-", no crash
+    row = {"status": "ok", "error": "", "test_acc": 1.0, "train_loss": None, "ms_per_step": None, "train_time_s": 2.0}
+    bar.finish(1, 4, "convert", row)
+    assert capsys.readouterr().out.startswith("[2/4] convert: acc 100.0%  loss -  - ms/step  (2.0s)")
 
 
 def test_parallelism_defaults_to_one_worker_per_core(monkeypatch):

@@ -54,9 +54,14 @@ def _summary(row: dict[str, Any]) -> str:
     if row["status"] == "error":
         return f"ERROR {row['error']}"
     extra = "" if row["status"] == "ok" else f" [{row['status']}: {row['error']}]"
+
+    def f(key: str, spec: str) -> str:  # a job's own run function may leave a field out (None): "-"
+        v = row.get(key)
+        return "-" if v is None else format(v, spec)
+
     return (
-        f"acc {row['test_acc']:.1%}  loss {row['train_loss']:.4f}  {row['ms_per_step']:.2f} ms/step  "
-        f"({row['train_time_s']:.1f}s){extra}"
+        f"acc {f('test_acc', '.1%')}  loss {f('train_loss', '.4f')}  {f('ms_per_step', '.2f')} ms/step  "
+        f"({f('train_time_s', '.1f')}s){extra}"
     )
 
 
