@@ -317,18 +317,22 @@ class _Regions:
         else:
             self.m0 = 1 - m
 
-    def sums(self, t: Tensor, weight: Tensor | None = None) -> Tensor:
-        """``Σ_l t[n, c, l]·w_r[n, l]`` for both regions r, ``(N, C, 2)``; ``weight`` ``(N, 1, L)`` multiplies the
-        region indicators (one-channel masks only)."""
+    def sums(self, t: Tensor, mt: Tensor | None = None) -> Tensor:
+        """``Σ_l t[n, c, l]·w_r[n, l]`` for both regions r, ``(N, C, 2)``; ``mt`` (one-channel masks only): the
+        region indicators times a map, ``self.mt·G`` (:meth:`weighted`)."""
         if self.one:
-            mt = self.mt if weight is None else self.mt * weight
-            return torch.bmm(mt, t.transpose(1, 2)).transpose(1, 2)
+            return torch.bmm(self.mt if mt is None else mt, t.transpose(1, 2)).transpose(1, 2)
         return torch.stack([(t * self.m).sum(2), (t * self.m0).sum(2)], -1)
 
-    def sel(self, tab: Tensor, out: Tensor | None = None) -> Tensor:
+    def weighted(self, g: Tensor) -> Tensor:
+        """``[m, 1 − m]·G`` ``(N, 2, L)`` for a map ``G`` ``(N, 1, L)``: ``sel(T, mt=…)`` is then ``T_r·G`` in one
+        write and ``sums(t, mt=…)`` the region sums of ``t·G`` in one read."""
+        return self.mt * g
+
+    def sel(self, tab: Tensor, out: Tensor | None = None, mt: Tensor | None = None) -> Tensor:
         n = self.m.shape[0]
         if self.one:
-            return torch.bmm(tab.expand(n, -1, -1), self.mt, out=out)
+            return torch.bmm(tab.expand(n, -1, -1), self.mt if mt is None else mt, out=out)
         r = torch.mul(tab[..., 1:], self.m0, out=out)
         return r.addcmul_(tab[..., :1], self.m)
 
@@ -454,9 +458,8 @@ class _RegionNormFn(torch.autograd.Function):
         del st.d, st.buf  # the statistics kept on ctx are O(C); d goes through save_for_backward
         ctx.save_for_backward(x, m, g1, g0, b1, b0, d)
         ctx.st = st
-        if g1.shape[2] > 1:  # RN-L: maps G, B (N, 1, L), one channel mask
-            rn = rg.sel(st.rho, out=buf).mul_(d)
-            return torch.addcmul(b1, rn, g1, out=buf)
+        if g1.shape[2] > 1:  # RN-L: maps G, B (N, 1, L), one channel mask: y = d·(ρ_r·G) + B
+            return torch.addcmul(b1, d, rg.sel(st.rho, out=buf, mt=rg.weighted(g1)), out=buf)
         a = rg.sel(st.rho * _pair(g1, g0), out=buf)
         if b0 is None:  # official RN-B: one shift for both regions
             return torch.addcmul(b1, d, a, out=buf)
@@ -484,7 +487,7 @@ class _RegionNormFn(torch.autograd.Function):
         rg, s, rho = st.rg, st.s, st.rho
         maps = g1.shape[2] > 1  # RN-L: G, B (N, 1, L)
         gd = gy * d
-        w = g1 if maps else None
+        w = rg.weighted(g1) if maps else None
         gsum, qd = st.pool(rg.sums(gy, w)), st.pool(rg.sums(gd, w))  # Σ_r ∂y·G, Σ_r ∂y·G·d
         dg1 = dg0 = db1 = db0 = None
         if maps:
@@ -507,8 +510,7 @@ class _RegionNormFn(torch.autograd.Function):
         dx = None
         if need[0]:
             dx = rg.sel(-rho * rho * k / s, out=gd).mul_(d)  # −ρ²·mean_r(ĝ·rn)·d
-            p = rg.sel(pg)
-            dx.addcmul_(gy, p if not maps else p.mul_(g1))  # + ρ·G·∂y
+            dx.addcmul_(gy, rg.sel(pg, mt=w))  # + ρ·G·∂y (a map G in the mask matrix)
             rg.add_sel_(dx, -rho * h / s)  # − ρ·mean_r(ĝ)
             if ctx.link is not None and need[2]:  # the pooling's backward (it runs next) adds its share and returns it
                 ctx.link.dx, dx = dx, None
