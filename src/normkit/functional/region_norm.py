@@ -549,7 +549,9 @@ class _MapConv(torch.autograd.Function):
         pad = w.shape[-1] // 2
         ds = TF.conv2d(g, w.flip(-1, -2).transpose(0, 1), padding=pad) if ctx.needs_input_grad[0] else None
         dw = None
-        if ctx.needs_input_grad[1]:  # (Ci, N, H, W) ⋆ (Co, N, H, W) → (Ci, Co, k, k)
+        if ctx.needs_input_grad[1] and s.shape[0] == 0:  # an empty batch (a rank with no samples)
+            dw = torch.zeros_like(w)
+        elif ctx.needs_input_grad[1]:  # (Ci, N, H, W) ⋆ (Co, N, H, W) → (Ci, Co, k, k)
             dw = TF.conv2d(s.transpose(0, 1), g.transpose(0, 1), padding=pad).transpose(0, 1)
         db = g.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return ds, dw, db

@@ -416,8 +416,9 @@ class AdaB2N(_BatchNorm):
         """The global batch's plain and task-balanced statistics from ONE packed all_reduce.
 
         Each process sums, per task t, ``n_t``, ``S1_t = Σ_{i∈t} (m_i − K)`` and ``S2_t = Σ_{i∈t} (v_i + (m_i − K)²)``
-        over its samples' per-sample moments ``(m_i, v_i)``, about ``K`` = the running mean (equal on every
-        process). After the sum, with per-task weights ``u_t = π_t / n_t`` from the *global* counts,
+        over its samples' per-sample moments ``(m_i, v_i)``, about a shift ``K`` equal on every process: the
+        previous call's synced mean (the reducer's ``ShiftMemory``; a first call computes the exact global
+        mean first, one extra collective), or the running mean for a reducer without memory. After the sum, with per-task weights ``u_t = π_t / n_t`` from the *global* counts,
         ``W = Σ u_t n_t``, ``e = Σ u_t S1_t``::
 
             μ = K·W + e,     σ² = Σ u_t S2_t − 2 e (μ − K) + (μ − K)² W
@@ -427,7 +428,19 @@ class AdaB2N(_BatchNorm):
         (the collective is differentiable).
         """
         big = torch.float64 if sm.device.type != "mps" else sm.dtype
-        k = snapshot(self.running_mean.detach().to(big))  # read before the in-place update (see snapshot)
+        # K: the previous synced mean from the reducer's ShiftMemory (equal on every process; close to this
+        # batch's mean, so no digits are lost to the shift), else on a first call the exact global mean from
+        # one extra no-grad collective; a reducer without memory uses the running mean (equal under DDP)
+        memory = getattr(reducer, "memory", None)
+        slot = reducer.next_slot() if memory is not None else -1  # type: ignore[attr-defined]
+        k = memory.get(slot, sm.new_empty(sm.shape[1], dtype=big)) if memory is not None else None
+        if k is None and memory is not None:
+            with torch.no_grad():
+                n, total_m = reduce_packed([sm.new_full((1,), sm.shape[0], dtype=big), sm.detach().to(big).sum(0)], reducer)
+                k = total_m / n
+                k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
+        elif k is None:
+            k = snapshot(self.running_mean.detach().to(big))  # read before the in-place update (see snapshot)
         d = sm.to(big) - k
         q = sv.to(big) + d.square()
         num_tasks = self.task_weight.numel() if ids is not None else 1
@@ -446,6 +459,8 @@ class AdaB2N(_BatchNorm):
             w_var = (u @ s2 - 2 * e * dm + dm.square() * w_total).clamp_min(0)
             balanced = self.cur_tasks > 0
             mean, var = torch.where(balanced, w_mean, mean), torch.where(balanced, w_var, var)
+        if memory is not None:
+            memory.put(slot, k + e_plain, k)  # the plain synced mean: the next call's shift
         return mean, var
 
     # ------------------------------------------------------------------ state
