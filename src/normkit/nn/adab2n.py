@@ -418,7 +418,8 @@ class AdaB2N(_BatchNorm):
         Each process sums, per task t, ``n_t``, ``S1_t = Σ_{i∈t} (m_i − K)`` and ``S2_t = Σ_{i∈t} (v_i + (m_i − K)²)``
         over its samples' per-sample moments ``(m_i, v_i)``, about a shift ``K`` equal on every process: the
         previous call's synced mean (the reducer's ``ShiftMemory``; a first call computes the exact global
-        mean first, one extra collective), or the running mean for a reducer without memory. After the sum, with per-task weights ``u_t = π_t / n_t`` from the *global* counts,
+        mean first, one extra collective), or the running mean for a reducer without memory. After the sum,
+        with per-task weights ``u_t = π_t / n_t`` from the *global* counts,
         ``W = Σ u_t n_t``, ``e = Σ u_t S1_t``::
 
             μ = K·W + e,     σ² = Σ u_t S2_t − 2 e (μ − K) + (μ − K)² W
