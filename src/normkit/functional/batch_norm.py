@@ -71,9 +71,11 @@ def batch_norm(
 
     ``mask`` (bool, broadcastable to ``x``) keeps padded positions out of the statistics;
     ``reducer`` sums the statistics across processes (see :mod:`normkit.stats`): one collective of
-    ``(n, Σ(x−K), Σ(x−K)²)`` per call, taken about the running mean ``K`` (equal on every process),
-    and the running buffers get the global batch's moments with the global count — every process
-    updates them identically. Without running buffers the exact two-pass form runs (two collectives).
+    ``(n, Σ(x−K), Σ(x−K)²)`` per call, taken about a shift ``K`` equal on every process: the layer's
+    previous synced mean when the reducer carries a ``ShiftMemory`` (modules' ``process_group``), else
+    the running mean (see :func:`normkit.stats.synced_sums`); the running buffers get the global
+    batch's moments with the global count — every process updates them identically. With neither
+    (a first call) the exact two-pass form runs (two collectives).
     """
     eps = check_eps(eps)
     c = check_channels_first(x, None if running_mean is None else running_mean.numel(), "batch_norm")
@@ -101,7 +103,7 @@ def batch_norm(
             x.reshape(view), weight, bias, (0, 2, 3), center=True, eps=eps, stats_dtype=stats_dtype, backend=backend,
         )
         count: Tensor | float = float(per_channel)
-    else:  # the engine's sums: (n, Σ(x−K), Σ(x−K)²) about the running mean K, one collective with a reducer
+    else:  # the engine's sums: (n, Σ(x−K), Σ(x−K)²) about a common shift K, one collective with a reducer
         y, mean, var, count = normalize_view(
             x.reshape(view), weight, bias, (0, 2, 3), center=True, eps=eps, mask=m4, reducer=reducer,
             stats_dtype=stats_dtype, backend=backend, shift=running_mean, with_count=True,
