@@ -104,7 +104,6 @@ _log = logging.getLogger("normkit")
 BACKENDS = ("auto", "native", "eager", "kernels", "compiled", "inductor", "triton")
 
 
-
 class _ThreadState(threading.local):
     """This thread's settings. The class attributes are what a thread that never set them reads: a
     missing attribute would make every ``getattr(_state, name, default)`` raise and catch an

@@ -94,8 +94,9 @@ class FastPath:
 
     _PLAN_ATTRS: frozenset[str] = frozenset()
 
-    def _replan(self) -> None:  # pragma: no cover - every shell overrides it
-        raise NotImplementedError
+    def _replan(self) -> None:
+        """Recompute the plan's ``_nk_*`` attributes from the current options; each shell overrides it.
+        The base plans nothing, so a shell's class defaults (no fast path) stay in force."""
 
     def _plan_set(self, **attrs: Any) -> None:
         """Store plan values in the instance dict directly (no ``nn.Module.__setattr__``, no re-plan)."""
