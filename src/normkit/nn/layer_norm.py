@@ -159,12 +159,6 @@ def _cast_ordered_rms(m: nn.Module, x: Tensor) -> Tensor:
     aliases=("ln", "layer_norm"),
 )
 class LayerNorm(FastPath, nn.LayerNorm):
-    _plain = _plain
-    _PLAN_ATTRS = _TOKEN_PLAN_ATTRS
-    _nk_below = _nk_add_below = 0  # (class defaults: no fast path until planned, e.g. an old pickle)
-    _nk_plain = False
-    _nk_center = True
-
     """LayerNorm over the trailing ``normalized_shape`` dims (drop-in for ``torch.nn.LayerNorm``).
 
     ``y = (x − E[x]) / sqrt(Var[x] + eps) · (weight_offset + w) + b`` (Ba et al. 2016, arXiv:1607.06450).
@@ -181,6 +175,11 @@ class LayerNorm(FastPath, nn.LayerNorm):
         stats_dtype: accumulation dtype (default float32 for half inputs).
         backend: kernel backend for this layer (``None`` follows :func:`normkit.set_backend`).
     """
+    _plain = _plain
+    _PLAN_ATTRS = _TOKEN_PLAN_ATTRS
+    _nk_below = _nk_add_below = 0  # (class defaults: no fast path until planned, e.g. an old pickle)
+    _nk_plain = False
+    _nk_center = True
 
     def __init__(
         self,
@@ -248,13 +247,6 @@ class LayerNorm(FastPath, nn.LayerNorm):
     aliases=("rms", "rms_norm"),
 )
 class RMSNorm(FastPath, nn.RMSNorm):
-    _plain = _plain
-    _PLAN_ATTRS = _TOKEN_PLAN_ATTRS
-    _nk_below = _nk_add_below = 0  # (class defaults: no fast path until planned, e.g. an old pickle)
-    _nk_plain = False
-    _nk_center = False
-    casting: str | None = None  # (class default: modules pickled before the option existed)
-
     """RMSNorm over the trailing dims (drop-in for ``torch.nn.RMSNorm``).
 
     ``y = x / sqrt(mean(x²) + eps) · (weight_offset + w) [+ b]`` (Zhang & Sennrich 2019, arXiv:1910.07467).
@@ -273,6 +265,12 @@ class RMSNorm(FastPath, nn.RMSNorm):
     rounding, keep the fast path. ``None`` (default): normkit's order (float32 statistics and affine,
     one rounding at the end).
     """
+    _plain = _plain
+    _PLAN_ATTRS = _TOKEN_PLAN_ATTRS
+    _nk_below = _nk_add_below = 0  # (class defaults: no fast path until planned, e.g. an old pickle)
+    _nk_plain = False
+    _nk_center = False
+    casting: str | None = None  # (class default: modules pickled before the option existed)
 
     def __init__(
         self,
