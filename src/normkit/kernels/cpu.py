@@ -51,6 +51,8 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
 # every source linked into the library: cpu_norms.cpp (which holds the ISA dispatcher) first, then the
 # EvoNorm kernels (csrc/evonorm.cpp, whose entry points ask cpu_norms.cpp's nk_isa() for the copy to run)
 SOURCES = (SOURCE, SOURCE.with_name("evonorm.cpp"))
+# headers the sources include (part of the build's cache key, not compiled on their own)
+HEADERS = (SOURCE.with_name("nk_isa.h"),)
 # Compile flags of every variant. No -ffast-math: NaN must propagate. -fno-trapping-math lets the
 # compiler vectorize floor and the selects of DyT's exp. -fvisibility=hidden: only nk_* is exported.
 FLAGS = (
@@ -111,7 +113,7 @@ def _cache_key(cxx: str, version: str) -> str:
     """What the library depends on: source, flags, compiler, architecture — not this CPU's model
     or feature flags (every copy is for a fixed ISA, chosen at run time), so a cache directory
     shared between machines holds one build per architecture and compiler."""
-    sources = tuple(src.read_text() for src in SOURCES)
+    sources = tuple(src.read_text() for src in (*SOURCES, *HEADERS))
     parts = (*sources, " ".join(FLAGS), " ".join(LINK_FLAGS), repr(ISA_FLAGS), cxx, version, _MACHINE)
     return hashlib.sha256(b"\0".join(s.encode() for s in parts)).hexdigest()[:20]
 

@@ -46,6 +46,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "nk_isa.h"
+
 #ifndef NK_ISA  // a plain compile of this file alone: the baseline library with its entry points
 #define NK_ISA nk_baseline
 #define NK_DISPATCH
@@ -685,27 +687,13 @@ void dyt_backward(const T* g, const T* x, T alpha, const T* w, T* dx, double* da
     (g, x, alpha, w, dx, dalpha, dw, db, N, C, L, nt))
 #define NK_ENTRY_POINTS(X) NK_ENTRY_POINTS_OF(X, float, f32) NK_ENTRY_POINTS_OF(X, double, f64)
 
-// This variant's entry points: NK_ISA::seg_fwd_f32 etc., plain C++ functions (external linkage).
-#define NK_DEFINE(name, kernel, params, args) \
-  void name params { kernel args; }
+// This variant's entry points: NK_ISA::seg_fwd_f32 etc. (NK_DEFINE: nk_isa.h).
 NK_ENTRY_POINTS(NK_DEFINE)
 
 }  // namespace NK_ISA
 
 #ifdef NK_DISPATCH
-#define NK_DECLARE(name, kernel, params, args) void name params;
-
-#ifdef NK_X86_VARIANTS
-#if !defined(__x86_64__)
-#error "NK_X86_VARIANTS is for x86-64 builds"
-#endif
-namespace nk_avx2 {
-NK_ENTRY_POINTS(NK_DECLARE)
-}
-namespace nk_avx512 {
-NK_ENTRY_POINTS(NK_DECLARE)
-}
-#endif
+NK_DECLARE_VARIANTS(NK_ENTRY_POINTS)
 
 namespace {
 
@@ -749,9 +737,6 @@ int g_isa = best_isa();  // resolved once, when the library is loaded
 
 }  // namespace
 
-// cpu.py compiles with -fvisibility=hidden: the library exports these nk_* functions only.
-#define NK_API extern "C" __attribute__((visibility("default")))
-
 NK_API int nk_isa_count() { return kIsaCount; }
 NK_API const char* nk_isa_name(int isa) { return isa >= 0 && isa < kIsaCount ? kIsaNames[isa] : nullptr; }
 NK_API int nk_isa_supported(int isa) { return isa >= 0 && isa < kIsaCount && isa_supported(isa); }
@@ -763,19 +748,8 @@ NK_API int nk_set_isa(int isa) {
   return 1;
 }
 
-#ifdef NK_X86_VARIANTS
 #define NK_EXPORT(name, kernel, params, args) \
-  NK_API void nk_##name params {              \
-    switch (g_isa) {                          \
-      case 2: return nk_avx512::name args;    \
-      case 1: return nk_avx2::name args;      \
-      default: return nk_baseline::name args; \
-    }                                         \
-  }
-#else
-#define NK_EXPORT(name, kernel, params, args) \
-  NK_API void nk_##name params { nk_baseline::name args; }
-#endif
+  NK_API void nk_##name params { NK_CALL_VARIANT(g_isa, name, args) }
 NK_ENTRY_POINTS(NK_EXPORT)
 
 #endif  // NK_DISPATCH

@@ -41,6 +41,8 @@
 #include <memory>
 #include <type_traits>
 
+#include "nk_isa.h"
+
 #ifndef NK_ISA
 #define NK_ISA nk_baseline
 #define NK_DISPATCH
@@ -393,39 +395,17 @@ void s0_backward(const T* g, const T* x, const T* w, const T* v, const T* mean, 
     (g, x, w, v, mean, rstd, dx, dw, db, dv, N, C, L, G, nt))
 #define NK_EVO_ENTRY_POINTS(X) NK_EVO_ENTRY_POINTS_OF(X, float, f32) NK_EVO_ENTRY_POINTS_OF(X, double, f64)
 
-#define NK_EVO_DEFINE(name, kernel, params, args) \
-  void name params { kernel args; }
-NK_EVO_ENTRY_POINTS(NK_EVO_DEFINE)
+NK_EVO_ENTRY_POINTS(NK_DEFINE)
 
 }  // namespace NK_ISA
 
 #ifdef NK_DISPATCH
-#define NK_EVO_DECLARE(name, kernel, params, args) void name params;
-#ifdef NK_X86_VARIANTS
-namespace nk_avx2 {
-NK_EVO_ENTRY_POINTS(NK_EVO_DECLARE)
-}
-namespace nk_avx512 {
-NK_EVO_ENTRY_POINTS(NK_EVO_DECLARE)
-}
-#endif
+NK_DECLARE_VARIANTS(NK_EVO_ENTRY_POINTS)
 
 extern "C" int nk_isa();  // cpu_norms.cpp: the copy chosen when the library was loaded
-#define NK_EVO_API extern "C" __attribute__((visibility("default")))
 
-#ifdef NK_X86_VARIANTS
 #define NK_EVO_EXPORT(name, kernel, params, args) \
-  NK_EVO_API void nk_##name params {              \
-    switch (nk_isa()) {                           \
-      case 2: return nk_avx512::name args;        \
-      case 1: return nk_avx2::name args;          \
-      default: return nk_baseline::name args;     \
-    }                                             \
-  }
-#else
-#define NK_EVO_EXPORT(name, kernel, params, args) \
-  NK_EVO_API void nk_##name params { nk_baseline::name args; }
-#endif
+  NK_API void nk_##name params { NK_CALL_VARIANT(nk_isa(), name, args) }
 NK_EVO_ENTRY_POINTS(NK_EVO_EXPORT)
 
 #endif  // NK_DISPATCH
