@@ -46,12 +46,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "nk_isa.h"
-
-#ifndef NK_ISA  // a plain compile of this file alone: the baseline library with its entry points
-#define NK_ISA nk_baseline
-#define NK_DISPATCH
-#endif
+#include "nk_isa.h"  // NK_ISA (default nk_baseline + NK_DISPATCH), the entry-point macros
 
 namespace NK_ISA {
 namespace {

@@ -41,12 +41,7 @@
 #include <memory>
 #include <type_traits>
 
-#include "nk_isa.h"
-
-#ifndef NK_ISA
-#define NK_ISA nk_baseline
-#define NK_DISPATCH
-#endif
+#include "nk_isa.h"  // NK_ISA (default nk_baseline + NK_DISPATCH), the entry-point macros
 
 namespace NK_ISA {
 namespace {

@@ -5,6 +5,11 @@
 // copy chosen when the library was loaded (cpu_norms.cpp's nk_isa()).
 #pragma once
 
+#ifndef NK_ISA  // a plain compile of a source alone: the baseline copy with the exported entry points
+#define NK_ISA nk_baseline
+#define NK_DISPATCH
+#endif
+
 // cpu.py compiles with -fvisibility=hidden: the library exports these nk_* functions only.
 #define NK_API extern "C" __attribute__((visibility("default")))
 
