@@ -237,6 +237,33 @@ def test_gdwct_gradcheck_and_double_backward(one_thread):
     assert torch.autograd.gradgradcheck(lambda x_: gdwct(x_, s, mu, alpha, 2, with_cov=False)[0], (x,))
 
 
+def test_gdwct_per_sample_and_float_alpha_gradients(one_thread):
+    """The in-Function centring (mean taken inside, its gradient folded into ∂L/∂v): per-sample statistics
+    and a plain-float alpha, against autograd through the plain formula written here, and gradcheck."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 2, 3, dtype=D, requires_grad=True)
+    s = torch.randn(2, 8, dtype=D, requires_grad=True)
+    mu = torch.randn(2, 4, dtype=D, requires_grad=True)
+
+    def plain_per_sample(x_, s_, mu_, a):
+        b, c = x_.shape[:2]
+        sm = s_.reshape(b, 2, 2, 2)
+        xmat = sm @ (sm / torch.sqrt((sm**2).sum(-2, keepdim=True))).transpose(-1, -2)
+        xc = x_ - x_.mean((2, 3), keepdim=True)
+        return a * ((xmat @ xc.reshape(b, 2, 2, -1)).reshape(x_.shape) + mu_[:, :, None, None]) + (1 - a) * x_
+
+    y = gdwct(x, s, mu, 0.3, 2, per_sample=True, with_cov=False)[0]
+    want = plain_per_sample(x, s, mu, 0.3)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, s, mu), gy)
+    ref = torch.autograd.grad(want, (x, s, mu), gy)
+    for g_, r_ in zip(got, ref):
+        torch.testing.assert_close(g_, r_, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: gdwct(*a, 0.3, 2, per_sample=True, with_cov=False)[0], (x, s, mu))
+    assert torch.autograd.gradgradcheck(lambda x_: gdwct(x_, s, mu, 0.3, 2, per_sample=True, with_cov=False)[0], (x,))
+
+
 # ---- saved activations -------------------------------------------------------------------------------
 
 
