@@ -224,6 +224,9 @@ def gdwct(
         y = _GroupAffine.apply(v, xp.expand(b, num_groups, n, n), bp.expand(b, num_groups, n, 1))
     else:
         dims = (3,) if per_sample else (0, 3)
+        count = length if per_sample else b * length
+        if count < 2 and v.numel():  # the check group_moments makes (not called here)
+            raise ValueError(f"group_whitening needs at least 2 positions per group to estimate a covariance, got M = {count}")
         y = _CentredGroupAffine.apply(v, xp.expand(b, num_groups, n, n), (a * m).expand(b, num_groups, n, n),
                                       (a * mu_s).expand(b, num_groups, n, 1), dims)
     return y.reshape(x.shape).to(x.dtype), cov, u
