@@ -4,11 +4,11 @@ Like :mod:`normkit.bench.models`, every normalization layer is built by name thr
 :func:`normkit.bench.models.make_norm`, so any registered norm (or a factory ``C -> module``) drops in.
 
 Padding: the LM trains on variable-length, right-padded batches (:func:`normkit.data.text.padded_batches`).
-Norms that compute statistics over the batch get the padding mask, as in the official PowerNorm and
-UnifiedNorm code (fairseq's ``pad_mask``, True = padding) and as normkit's ``BatchNorm``/``RepBN``
-take it (``mask``, True = a real token): padded positions then never enter batch statistics.
-Per-token norms (LN, RMSNorm, DyT, …) need no mask. ``mask_padding=False`` switches this off
-(padded tokens counted in batch statistics: the naive transformer BN the PowerNorm paper criticises).
+Norms that compute statistics over the batch see only the real tokens (gathered to ``(N, C)``, see
+:func:`apply_norm`): padded positions never enter their batch statistics nor, for PowerNorm and UN,
+the statistics and gradients of their approximate backwards. Per-token norms (LN, RMSNorm, DyT, …)
+see the whole padded batch. ``mask_padding=False`` switches this off (padded tokens counted in
+batch statistics: the naive transformer BN the PowerNorm paper criticises).
 """
 
 from __future__ import annotations
@@ -36,12 +36,24 @@ def _mask_kind(norm: nn.Module) -> str | None:
 
 
 def apply_norm(norm: nn.Module, x: Tensor, valid: Tensor | None, kind: str | None) -> Tensor:
-    """``norm(x)``, passing ``valid`` (``(B, T)`` bool, True = real token) in the norm's own convention."""
+    """``norm(x)``; a statistics norm (``kind`` not None) sees only the real tokens of ``valid``.
+
+    ``valid`` is ``(B, T)`` bool, True = real token. The real tokens are gathered into ``(N, C)``,
+    normalized without a mask, and scattered back (padded positions get 0; they never reach a real
+    token's prediction, as attention is causal and padding is on the right). For BN/RepBN/PRepBN this
+    equals passing the mask. For PowerNorm and UN it does not: their approximate backwards (official
+    code) average the gradient statistic (``ema_gz``/``gz``) over *all* positions and send
+    ``−ν·z/ψ`` into padded ones as well, where the true gradient is 0. With the bench's ~45% padding
+    that spurious gradient flowed back through attention into the weights: PowerNorm diverged (also
+    at lr 1e-3 and 5e-4) and UN stayed above the unigram level (issue 17, 2026-12-03); on the real
+    tokens alone both train like LN. The papers' fairseq batches are length-bucketed, with little
+    padding. ``kind`` (:func:`_mask_kind`: how the norm would take a mask) marks a statistics norm.
+    """
     if valid is None or kind is None:
         return norm(x)
-    if kind == "pad_mask":
-        return norm(x, pad_mask=~valid)
-    return norm(x, mask=valid.unsqueeze(-1))
+    out = x.new_zeros(x.shape)
+    out[valid] = norm(x[valid])
+    return out
 
 
 class CausalBlock(nn.Module):
