@@ -230,7 +230,9 @@ def transformer(cfg: SuiteConfig) -> list[Job]:
     """Token norms in the same byte-level causal LM (4 pre-norm blocks, dim 64) on the stdlib text corpus.
 
     Variable-length padded batches, the setting of the PowerNorm and UN papers; batch-statistics norms
-    get the padding mask (see :mod:`normkit.bench.models_tasks`). Metric: val bits per byte.
+    see only the real tokens (gathered, then scattered back: PowerNorm's and UN's approximate backwards
+    would otherwise send gradient into padded positions; see :mod:`normkit.bench.models_tasks`).
+    Metric: val bits per byte.
     """
     from normkit.bench.train import train_lm_run
 
