@@ -252,14 +252,8 @@ def synced_sums(specs: Sequence[SumSpec], reducer: Reducer | None) -> list[Sums]
         shifts.append(k)
     missing = [i for i, k in enumerate(shifts) if k is None]
     if missing:  # the exact global means first (two-pass): no cancellation on a layer's first call either
-        with torch.no_grad():
-            parts: list[Tensor] = []
-            for i in missing:
-                parts += [counts[i].detach(), _wsum(specs[i].x.detach(), specs[i].dims, specs[i].weight)]
-            summed = _reduce(parts, reducer)
-        for j, i in enumerate(missing):
-            mean = summed[2 * j + 1] / summed[2 * j]
-            shifts[i] = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))  # empty: any K will do
+        for i, k in zip(missing, global_means([specs[i] for i in missing], reducer)):
+            shifts[i] = k
     parts = []
     for spec, count, k in zip(specs, counts, shifts):
         d = spec.x - k
@@ -272,6 +266,20 @@ def synced_sums(specs: Sequence[SumSpec], reducer: Reducer | None) -> list[Sums]
             for slot, s in zip(slots, out):
                 memory.put(slot, s.shift + s.s1 / s.count, s.shift)
     return out
+
+
+def global_means(specs: Sequence[SumSpec], reducer: Reducer | None) -> list[Tensor]:
+    """The exact global (weighted) means of ``specs`` over all processes, without gradient, in one
+    collective: the shift of a layer's first synchronized call (:func:`synced_sums`; AdaB2N's per-task
+    sums). 0 where a mean is not finite (no samples anywhere: any common shift will do)."""
+    with torch.no_grad():
+        parts: list[Tensor] = []
+        for spec in specs:
+            x = spec.x.detach()
+            parts += [_count(x, spec.dims, spec.weight), _wsum(x, spec.dims, spec.weight)]
+        summed = _reduce(parts, reducer)
+    means = [summed[2 * j + 1] / summed[2 * j] for j in range(len(specs))]
+    return [torch.where(torch.isfinite(m), m, torch.zeros_like(m)) for m in means]
 
 
 def moments_from_sums(s: Sums) -> Reduced:

@@ -127,7 +127,8 @@ def _grads(need: tuple[bool, ...], gy: Tensor, inputs: tuple, plain, kernel_bwd,
         return aten()
     want = (weight is not None and need[2], bias is not None and need[3], need[4])
     dx, *rest = kernel_bwd(gy, x, weight, v, *kernel_args, *want)
-    dw, db, dv = (param_grad(t, p, w) for t, p, w in zip(rest, (weight, bias, v), want))  # drops the empty placeholders
+    # the kernel returns an empty tensor for a gradient not asked for; param_grad makes it None
+    dw, db, dv = (param_grad(t, p, w) for t, p, w in zip(rest, (weight, bias, v), want))
     return dx if need[0] else None, None, dw, db, dv
 
 

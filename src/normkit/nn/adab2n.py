@@ -42,7 +42,7 @@ from normkit.functional.batch_variants import (
 from normkit.nn._base import sync_reducer
 from normkit.nn.replace import replace_modules
 from normkit.registry import Paper, register_norm
-from normkit.stats import Reducer, accumulation_dtype, moments
+from normkit.stats import Reducer, SumSpec, accumulation_dtype, global_means, moments
 from normkit.sync import ProcessGroupLike, check_process_group, reduce_packed
 
 ADAB2N = Paper(
@@ -436,10 +436,7 @@ class AdaB2N(_BatchNorm):
         slot = reducer.next_slot() if memory is not None else -1  # type: ignore[attr-defined]
         k = memory.get(slot, sm.new_empty(sm.shape[1], dtype=big)) if memory is not None else None
         if k is None and memory is not None:
-            with torch.no_grad():
-                n, total_m = reduce_packed([sm.new_full((1,), sm.shape[0], dtype=big), sm.detach().to(big).sum(0)], reducer)
-                k = total_m / n
-                k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
+            k = global_means([SumSpec(sm.to(big), (0,))], reducer)[0].reshape(-1)
         elif k is None:
             k = snapshot(self.running_mean.detach().to(big))  # read before the in-place update (see snapshot)
         d = sm.to(big) - k
