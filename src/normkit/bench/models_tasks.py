@@ -13,7 +13,6 @@ batch statistics: the naive transformer BN the PowerNorm paper criticises).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
@@ -24,19 +23,13 @@ from torch import Tensor, nn
 from normkit.bench.models import NormSpec, make_norm
 
 
-def _mask_kind(norm: nn.Module) -> str | None:
-    """How a norm takes a padding mask: ``"pad_mask"`` (True = padding), ``"mask"`` (True = token) or None.
-
-    Only norms with batch statistics (a ``running_*`` buffer in the module or its children) get one.
-    """
-    if not any(name.rsplit(".", 1)[-1].startswith("running_") for name, _ in norm.named_buffers()):
-        return None
-    params = inspect.signature(norm.forward).parameters
-    return "pad_mask" if "pad_mask" in params else "mask" if "mask" in params else None
+def _batch_statistics(norm: nn.Module) -> bool:
+    """Whether a norm computes statistics over the batch (a ``running_*`` buffer in it or its children)."""
+    return any(name.rsplit(".", 1)[-1].startswith("running_") for name, _ in norm.named_buffers())
 
 
-def apply_norm(norm: nn.Module, x: Tensor, valid: Tensor | None, kind: str | None) -> Tensor:
-    """``norm(x)``; a statistics norm (``kind`` not None) sees only the real tokens of ``valid``.
+def apply_norm(norm: nn.Module, x: Tensor, valid: Tensor | None, gather: bool) -> Tensor:
+    """``norm(x)``; with ``gather`` (a statistics norm) only the real tokens of ``valid`` are normalized.
 
     ``valid`` is ``(B, T)`` bool, True = real token. The real tokens are gathered into ``(N, C)``,
     normalized without a mask, and scattered back (padded positions get 0; they never reach a real
@@ -47,9 +40,9 @@ def apply_norm(norm: nn.Module, x: Tensor, valid: Tensor | None, kind: str | Non
     that spurious gradient flowed back through attention into the weights: PowerNorm diverged (also
     at lr 1e-3 and 5e-4) and UN stayed above the unigram level (issue 17, 2026-12-03); on the real
     tokens alone both train like LN. The papers' fairseq batches are length-bucketed, with little
-    padding. ``kind`` (:func:`_mask_kind`: how the norm would take a mask) marks a statistics norm.
+    padding. ``gather``: :func:`_batch_statistics` of the norm, unless ``mask_padding=False``.
     """
-    if valid is None or kind is None:
+    if valid is None or not gather:
         return norm(x)
     out = x.new_zeros(x.shape)
     out[valid] = norm(x[valid])
@@ -69,15 +62,15 @@ class CausalBlock(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2 = make_norm(norm, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-        self._kinds = (_mask_kind(self.norm1), _mask_kind(self.norm2)) if mask_padding else (None, None)
+        self._gather = (_batch_statistics(self.norm1), _batch_statistics(self.norm2)) if mask_padding else (False, False)
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         n, t, d = x.shape
-        h = apply_norm(self.norm1, x, valid, self._kinds[0])
+        h = apply_norm(self.norm1, x, valid, self._gather[0])
         q, k, v = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.proj(y.transpose(1, 2).reshape(n, t, d))
-        return x + self.mlp(apply_norm(self.norm2, x, valid, self._kinds[1]))
+        return x + self.mlp(apply_norm(self.norm2, x, valid, self._gather[1]))
 
 
 class ByteLM(nn.Module):
@@ -113,7 +106,7 @@ class ByteLM(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, norm, causal=True, mask_padding=mask_padding) for _ in range(depth))
         self.norm = make_norm(norm, dim)
-        self._kind = _mask_kind(self.norm) if mask_padding else None
+        self._gather = _batch_statistics(self.norm) and mask_padding
         nn.init.normal_(self.embed.weight, std=1 / math.sqrt(dim))
 
     def forward(self, ids: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -122,7 +115,7 @@ class ByteLM(nn.Module):
         x = self.embed(ids) * self.embed_scale + self.pos[:, : ids.shape[1]]
         for block in self.blocks:
             x = block(x, valid)
-        x = apply_norm(self.norm, x, valid, self._kind)
+        x = apply_norm(self.norm, x, valid, self._gather)
         return x @ self.embed.weight.t()  # tied output layer
 
 
