@@ -77,6 +77,16 @@ def group_whitening(
     return out.reshape(x.shape).to(x.dtype), cov
 
 
+def _check_positions(v: Tensor, per_sample: bool) -> int:
+    """M, the positions per group (per sample: L; batch: N·L), checked ≥ 2 as a covariance needs (an empty
+    batch gives an empty output)."""
+    b, _, _, length = v.shape
+    m = length if per_sample else b * length
+    if m < 2 and v.numel():
+        raise ValueError(f"group_whitening needs at least 2 positions per group to estimate a covariance, got M = {m}")
+    return m
+
+
 def group_moments(
     v: Tensor,
     eps: float,
@@ -104,11 +114,7 @@ def group_moments(
     dims = (3,) if per_sample else (0, 3)
     if per_sample or reducer is None:
         mean = v.mean(dims, keepdim=True)
-        m = length if per_sample else b * length
-        if m < 2 and v.numel():  # an empty batch gives an empty output
-            raise ValueError(
-                f"group_whitening needs at least 2 positions per group to estimate a covariance, got M = {m}"
-            )
+        m = _check_positions(v, per_sample)
         if not with_cov:
             return mean, None, None
         centred = v - mean
@@ -224,9 +230,7 @@ def gdwct(
         y = _GroupAffine.apply(v, xp.expand(b, num_groups, n, n), bp.expand(b, num_groups, n, 1))
     else:
         dims = (3,) if per_sample else (0, 3)
-        count = length if per_sample else b * length
-        if count < 2 and v.numel():  # the check group_moments makes (not called here)
-            raise ValueError(f"group_whitening needs at least 2 positions per group to estimate a covariance, got M = {count}")
+        _check_positions(v, per_sample)
         y = _CentredGroupAffine.apply(v, xp.expand(b, num_groups, n, n), (a * m).expand(b, num_groups, n, n),
                                       (a * mu_s).expand(b, num_groups, n, 1), dims)
     return y.reshape(x.shape).to(x.dtype), cov, u
