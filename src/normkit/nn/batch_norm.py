@@ -120,13 +120,7 @@ class BatchNorm(FastPath, _BatchNorm):
             # the hot path: torch's BatchNorm.forward, calling ATen's op directly (more than one value
             # per channel: F.batch_norm's error for one, the registry's guard for none, on the path below)
             self._check_input_dim(x)
-            training = self.training
-            factor = 0.0 if self.momentum is None else self.momentum
-            count = self.num_batches_tracked if training and self.track_running_stats else None
-            if count is not None and self.momentum is None:
-                factor = 1.0 / (float(count) + 1)
-            use_batch = training or (self.running_mean is None and self.running_var is None)
-            keep = not training or self.track_running_stats
+            factor, use_batch, keep, count = self._step_args()
             try:
                 y = torch.batch_norm(
                     x, self.weight, self.bias, self.running_mean if keep else None,
@@ -140,6 +134,19 @@ class BatchNorm(FastPath, _BatchNorm):
                 return y
         return self._forward_any(x, mask)
 
+    def _step_args(self) -> tuple[float, bool, bool, Tensor | None]:
+        """torch's BatchNorm bookkeeping for one call: the running-average factor (``momentum``, or the
+        cumulative 1/(calls + 1) when it is None), whether batch statistics are used, whether the running
+        buffers are passed, and the ``num_batches_tracked`` counter this call advances (None: none)."""
+        count = (self.num_batches_tracked if self.training and self.track_running_stats
+                 and self.num_batches_tracked is not None else None)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if count is not None and self.momentum is None:
+            factor = 1.0 / (float(count) + 1)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return factor, use_batch, keep, count
+
     def _forward_any(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.channels_last:
             if x.dim() < 2 or x.shape[-1] != self.num_features:
@@ -152,12 +159,9 @@ class BatchNorm(FastPath, _BatchNorm):
     def _forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         self._check_input_dim(x)
         check_channels_first(x, self.num_features, type(self).__name__)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
+        factor, use_batch, keep, count = self._step_args()
+        if count is not None:
+            count.add_(1)
         reducer = sync_reducer(self)
         if (mask is None and reducer is None and self.stats_dtype is None
                 and resolve(self.backend, x, "batch_norm", True) == "native"):
