@@ -50,7 +50,8 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
 # every source linked into the library: cpu_norms.cpp (which holds the ISA dispatcher) first, then the
 # EvoNorm kernels (csrc/evonorm.cpp, whose entry points ask cpu_norms.cpp's nk_isa() for the copy to run)
-SOURCES = (SOURCE, SOURCE.with_name("evonorm.cpp"))
+SOURCES = (SOURCE, SOURCE.with_name("evonorm.cpp"), SOURCE.with_name("region_norm.cpp"),
+           SOURCE.with_name("power_norm.cpp"))
 # headers the sources include (part of the build's cache key, not compiled on their own)
 HEADERS = (SOURCE.with_name("nk_isa.h"),)
 # Compile flags of every variant. No -ffast-math: NaN must propagate. -fno-trapping-math lets the
@@ -88,6 +89,10 @@ _SIGNATURES = {
     "evo_b0_bwd": [_ptr] * 12 + [_i64] * 3 + [_int, _int],
     "evo_s0_fwd": [_ptr] * 7 + [_i64] * 4 + [_dbl, _int],
     "evo_s0_bwd": [_ptr] * 10 + [_i64] * 4 + [_int],
+    "rn_fwd": [_ptr] * 9 + [_i64] * 3 + [_int, _dbl, _int],
+    "rn_bwd": [_ptr] * 12 + [_i64] * 3 + [_int, _int],
+    "pn_fwd": [_ptr] * 8 + [_i64] * 4 + [_int, _dbl, _dbl, _int],
+    "pn_bwd": [_ptr] * 6 + [_dbl] + [_ptr] * 3 + [_i64] * 3 + [_int],
 }
 
 build_seconds: float | None = None  # compile time of this process's build (None: loaded from cache)
@@ -467,3 +472,77 @@ def _evonorm_backward(
         n, c, x.numel() // (n * c), flag, _threads(x.numel()),
     )
     return dx, dw, db, dv
+
+
+def region_norm_forward(
+    x: Tensor, m: Tensor, gc: Tensor, bc: Tensor, gmap: Tensor | None, bmap: Tensor | None, per_sample: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Region Normalization of contiguous ``(N, C, *spatial)`` ``x`` under a binary one-channel mask ``m``
+    ``(N, 1, *spatial)`` (``csrc/region_norm.cpp``): ``y = (x − μ_r)·ρ_r·gc_r·gmap + bc_r + bmap``.
+
+    ``gc``, ``bc``: ``(C, 2)`` per-(channel, region) scale and shift (region ``m = 1`` first); ``gmap``,
+    ``bmap``: ``(N, 1, *spatial)`` maps or None (both or neither). Returns ``(y, mu, rho)``, the statistics
+    ``(N, C, 2)`` with ``per_sample`` else ``(C, 2)``."""
+    n, c = x.shape[:2]
+    y = torch.empty_like(x)
+    stats = (n, c, 2) if per_sample else (c, 2)
+    mu, rho = torch.empty(stats, dtype=x.dtype), torch.empty(stats, dtype=x.dtype)
+    _call(
+        "rn_fwd", x.dtype, x, m.contiguous(), gc.contiguous(), bc.contiguous(),
+        None if gmap is None else gmap.contiguous(), None if bmap is None else bmap.contiguous(), y, mu, rho,
+        n, c, x.numel() // (n * c), int(per_sample), float(eps), _threads(x.numel()),
+    )
+    return y, mu, rho
+
+
+def region_norm_backward(
+    g: Tensor, x: Tensor, m: Tensor, gc: Tensor, gmap: Tensor | None, mu: Tensor, rho: Tensor, per_sample: bool,
+    wants: tuple[bool, bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂gc, ∂bc, ∂gmap, ∂bmap)`` of :func:`region_norm_forward` (None where ``wants`` says not wanted)."""
+    g, x = g.contiguous(), x.contiguous()
+    n, c = x.shape[:2]
+    shapes = (x.shape, (c, 2), (c, 2), m.shape, m.shape)
+    dx, dgc, dbc, dgm, dbm = (torch.empty(s, dtype=x.dtype) if w else None for s, w in zip(shapes, wants))
+    _call(
+        "rn_bwd", x.dtype, g, x, m.contiguous(), gc.contiguous(), None if gmap is None else gmap.contiguous(),
+        mu, rho, dx, dgc, dbc, dgm, dbm, n, c, x.numel() // (n * c), int(per_sample), _threads(x.numel()),
+    )
+    return dx, dgc, dbc, dgm, dbm
+
+
+def power_norm_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_phi: Tensor, iters: Tensor,
+    groups: int, warmup: int, paper_exact: bool, eps: float, group_eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PowerNorm's training forward over contiguous ``(N, C)`` token rows (``csrc/power_norm.cpp``):
+    GroupScaling in ``groups`` groups (0: none), the ψ-normalization (batch statistics while
+    ``iters + 1 ≤ warmup``, else ``running_phi``) and the affine. Reads ``running_phi`` and ``iters``,
+    updates neither. Returns ``(y, rrow, stats)``: the (row, group) GroupScaling factors (N·groups)
+    and ``stats`` = ``[inv_f, inv_bwd, Σ_rows z², ψ²_B]`` (C each)."""
+    n, c = x.shape
+    y = torch.empty_like(x)
+    rrow = torch.empty(n * groups, dtype=x.dtype)
+    stats = torch.empty(4 * c, dtype=x.dtype)
+    _call(
+        "pn_fwd", x.dtype, x, _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0),
+        running_phi.to(x.dtype).contiguous(), iters.contiguous(), y, rrow if groups else None, stats,
+        n, c, groups, warmup, int(paper_exact), float(eps), float(group_eps), _threads(x.numel()),
+    )
+    return y, rrow, stats
+
+
+def power_norm_backward(
+    g: Tensor, x: Tensor, weight: Tensor | None, rrow: Tensor, stats: Tensor, ema_gz: Tensor, keep: float, groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PowerNorm's approximate backward (``csrc/power_norm.cpp``) from :func:`power_norm_forward`'s
+    ``rrow`` and ``stats``, with ``keep`` = 1 − α_bkw: ``(∂x, Σ_rows ∂L/∂y·xs, Σ_rows ∂L/∂y)``
+    (xs the GroupScaled input; the caller forms ∂w, ∂b and the ``ema_gz`` update from the sums)."""
+    n, c = x.shape
+    dx = torch.empty_like(x)
+    colsum, gsum = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
+    _call(
+        "pn_bwd", x.dtype, g.contiguous(), x, _or_full(weight, c, x, 1.0), rrow if groups else None, stats,
+        ema_gz.to(x.dtype).contiguous(), float(keep), dx, colsum, gsum, n, c, groups, _threads(x.numel()),
+    )
+    return dx, colsum, gsum
