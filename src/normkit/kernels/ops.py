@@ -17,6 +17,7 @@ operator                       computes
 ``dyt`` / ``dyt_backward``     Dynamic Tanh and its backward
 ``evonorm_b0[_backward]``      EvoNorm-B0 (``csrc/evonorm.cpp``) and its closed-form backward
 ``evonorm_s0[_backward]``      EvoNorm-S0 and its closed-form backward
+``region_norm[_backward]``     Region Normalization (RN-B/RN-L, ``csrc/region_norm.cpp``) and its backward
 =============================  ==========================================================
 
 Why ``custom_op`` over a ``TORCH_LIBRARY`` C++ extension: the kernels are plain C entry points
@@ -355,3 +356,43 @@ def evonorm_s0_backward(
 def _(g, x, weight, v, mean, rstd, groups, want_w, want_b, want_v):  # noqa: ANN001, ANN202
     c = x.shape[1]
     return torch.empty_like(x), *(x.new_empty(c if want else 0) for want in (want_w, want_b, want_v))
+
+
+# ---------------------------------------------------------------- Region Normalization (RN-B / RN-L)
+# Its autograd formula is registered in normkit.functional.region_norm, beside the official formula
+# its double backward differentiates through.
+
+
+@torch.library.custom_op("normkit::region_norm", mutates_args=(), device_types="cpu")
+def region_norm(
+    x: Tensor, mask: Tensor, gc: Tensor, bc: Tensor, gmap: Tensor | None, bmap: Tensor | None,
+    per_sample: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Region normalization of ``(N, C, *spatial)`` ``x`` under a binary ``(N, 1, *spatial)`` mask with
+    per-(channel, region) tables ``gc``, ``bc`` ``(C, 2)`` and optional maps: ``(y, mu, rho)``, the
+    statistics ``(N, C, 2)`` (per_sample) or ``(C, 2)``."""
+    return _cpu.region_norm_forward(x.contiguous(), mask, gc, bc, gmap, bmap, per_sample, eps)
+
+
+@region_norm.register_fake
+def _(x, mask, gc, bc, gmap, bmap, per_sample, eps):  # noqa: ANN001, ANN202
+    stats = (x.shape[0], x.shape[1], 2) if per_sample else (x.shape[1], 2)
+    return torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)
+
+
+@torch.library.custom_op("normkit::region_norm_backward", mutates_args=(), device_types="cpu")
+def region_norm_backward(
+    g: Tensor, x: Tensor, mask: Tensor, gc: Tensor, gmap: Tensor | None, mu: Tensor, rho: Tensor, per_sample: bool,
+    want_x: bool, want_gc: bool, want_bc: bool, want_gmap: bool, want_bmap: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(∂x, ∂gc, ∂bc, ∂gmap, ∂bmap)`` of :func:`region_norm`; each is empty unless asked for."""
+    wants = (want_x, want_gc, want_bc, want_gmap, want_bmap)
+    got = _cpu.region_norm_backward(g, x, mask, gc, gmap, mu, rho, per_sample, wants)
+    return tuple(_empty(x) if t is None else t for t in got)  # type: ignore[return-value]
+
+
+@region_norm_backward.register_fake
+def _(g, x, mask, gc, gmap, mu, rho, per_sample, want_x, want_gc, want_bc, want_gmap, want_bmap):  # noqa: ANN001, ANN202
+    shapes = (x.shape, gc.shape, gc.shape, mask.shape, mask.shape)
+    wants = (want_x, want_gc, want_bc, want_gmap, want_bmap)
+    return tuple(x.new_empty(s) if w else x.new_empty(0) for s, w in zip(shapes, wants))
