@@ -396,3 +396,40 @@ def _(g, x, mask, gc, gmap, mu, rho, per_sample, want_x, want_gc, want_bc, want_
     shapes = (x.shape, gc.shape, gc.shape, mask.shape, mask.shape)
     wants = (want_x, want_gc, want_bc, want_gmap, want_bmap)
     return tuple(x.new_empty(s) if w else x.new_empty(0) for s, w in zip(shapes, wants))
+
+
+# ---------------------------------------------------------------- PowerNorm
+# Its autograd formula (the approximate backward, which also updates the ema_gz buffer) is registered in
+# normkit.functional.power_norm, beside the ATen statement its double backward differentiates.
+
+
+@torch.library.custom_op("normkit::power_norm", mutates_args=(), device_types="cpu")
+def power_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_phi: Tensor, iters: Tensor, ema_gz: Tensor,
+    groups: int, warmup_iters: int, paper_exact: bool, eps: float, group_eps: float, alpha_bkw: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PowerNorm's training forward of ``(N, C)`` token rows (``csrc/power_norm.cpp``): ``(y, rrow, stats)``,
+    the GroupScaling factor per (row, group) (``groups`` 0: none, empty) and ``[inv_f, inv_bwd, Σ z², ψ²_B]``
+    (C each). Reads ``running_phi`` and ``iters`` (updates neither); ``ema_gz`` and ``alpha_bkw`` are
+    for the backward only."""
+    return _cpu.power_norm_forward(
+        x.contiguous(), weight, bias, running_phi, iters, groups, warmup_iters, paper_exact, eps, group_eps
+    )
+
+
+@power_norm.register_fake
+def _(x, weight, bias, running_phi, iters, ema_gz, groups, warmup_iters, paper_exact, eps, group_eps, alpha_bkw):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), x.new_empty(x.shape[0] * groups), x.new_empty(4 * x.shape[1])
+
+
+@torch.library.custom_op("normkit::power_norm_backward", mutates_args=(), device_types="cpu")
+def power_norm_backward(
+    g: Tensor, x: Tensor, weight: Tensor | None, rrow: Tensor, stats: Tensor, ema_gz: Tensor, keep: float, groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(∂x, Σ_rows g·xs, Σ_rows g)`` of :func:`power_norm` with ``keep`` = 1 − α_bkw (reads ``ema_gz``)."""
+    return _cpu.power_norm_backward(g, x.contiguous(), weight, rrow, stats, ema_gz, keep, groups)
+
+
+@power_norm_backward.register_fake
+def _(g, x, weight, rrow, stats, ema_gz, keep, groups):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
