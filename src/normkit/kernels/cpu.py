@@ -91,6 +91,9 @@ _SIGNATURES = {
     "evo_s0_bwd": [_ptr] * 10 + [_i64] * 4 + [_int],
     "rn_fwd": [_ptr] * 9 + [_i64] * 3 + [_int, _dbl, _int],
     "rn_bwd": [_ptr] * 12 + [_i64] * 3 + [_int, _int],
+    "rn_pool": [_ptr] * 3 + [_i64] * 3 + [_int],
+    "rn_conv": [_ptr] * 4 + [_i64] * 6 + [_int],
+    "rn_conv_dw": [_ptr] * 3 + [_i64] * 6 + [_int],
     "pn_fwd": [_ptr] * 8 + [_i64] * 4 + [_int, _dbl, _dbl, _int],
     "pn_bwd": [_ptr] * 6 + [_dbl] + [_ptr] * 3 + [_i64] * 3 + [_int],
 }
@@ -509,6 +512,37 @@ def region_norm_backward(
         mu, rho, dx, dgc, dbc, dgm, dbm, n, c, x.numel() // (n * c), int(per_sample), _threads(x.numel()),
     )
     return dx, dgc, dbc, dgm, dbm
+
+
+def region_pool(x: Tensor) -> tuple[Tensor, Tensor]:
+    """RN-L's pooled input ``[mean_c x, max_c x]`` ``(N, 2, *spatial)`` of contiguous ``(N, C, *spatial)`` ``x``
+    and the arg-max channel ``(N, 1, *spatial)`` (int64; ties: the first channel), in one read of x."""
+    n, c = x.shape[:2]
+    out = x.new_empty((n, 2, *x.shape[2:]))
+    idx = torch.empty((n, 1, *x.shape[2:]), dtype=torch.int64)
+    _call("rn_pool", x.dtype, x, out, idx, n, c, x.numel() // max(n * c, 1), _threads(x.numel()))
+    return out, idx
+
+
+def map_conv(s: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``conv2d(s, w, b, padding=k // 2)`` for few-channel ``(N, Ci, H, W)`` maps (direct, per output plane)."""
+    s, w = s.contiguous(), w.contiguous()
+    n, ci, h, wd = s.shape
+    co, k = w.shape[0], w.shape[-1]
+    y = s.new_empty((n, co, h, wd))
+    _call("rn_conv", s.dtype, s, w, None if b is None else b.contiguous(), y, n, ci, co, h, wd, k,
+          _threads(y.numel() * ci * k * k // 8))
+    return y
+
+
+def map_conv_weight_grad(s: Tensor, g: Tensor, k: int) -> Tensor:
+    """The weight gradient ``(Co, Ci, k, k)`` of :func:`map_conv` for its input ``s`` and output gradient ``g``."""
+    s, g = s.contiguous(), g.contiguous()
+    n, ci, h, wd = s.shape
+    co = g.shape[1]
+    dw = s.new_empty((co, ci, k, k))
+    _call("rn_conv_dw", s.dtype, s, g, dw, n, ci, co, h, wd, k, _threads(g.numel() * ci * k * k // 8))
+    return dw
 
 
 def power_norm_forward(
