@@ -21,6 +21,7 @@ from normkit.functional._replay import replay_grads
 from normkit.functional.batch_norm import batch_norm
 from normkit.functional.layer_norm import layer_norm
 from normkit.kernels import cpu as _cpu
+from normkit.kernels import ops as _ops
 from normkit.stats import Reducer, accumulation_dtype
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -153,18 +154,27 @@ def _batch_stats(
                 return None
             return mean, var
         var.clamp_(min=0.0)
-        if running_mean is not None:
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var * (n / (n - 1)) if n > 1 else var
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        _update_running(running_mean, running_var, mean, var, n, momentum)
     return mean, var
 
 
+@torch.no_grad()
+def _update_running(
+    running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, n: int, momentum: float
+) -> None:
+    """torch's BatchNorm update: momentum weights the batch, running_var gets the unbiased variance."""
+    if running_mean is not None:
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
 def _fast_ok(x: Tensor, params: tuple[Tensor | None, ...], mask: Tensor | None, reducer: Reducer | None,
-             stats_dtype: torch.dtype | None, backend: str | None) -> bool:
-    """Whether :class:`_RepBNFn` computes this call exactly: what ATen's BN takes (no mask, no
-    reducer, no statistics dtype override, untracked buffers), float32/float64 throughout, eager code."""
+             stats_dtype: torch.dtype | None, backend: str | None = None, *, resolve: bool = True) -> bool:
+    """Whether :class:`_RepBNFn` (and, ``resolve=False``: :class:`_RepBNKernelFn`) computes this call exactly:
+    what ATen's BN takes (no mask, no reducer, no statistics dtype override, untracked buffers),
+    float32/float64 throughout, eager code; with ``resolve``, also the backend resolves to ATen's op."""
     if mask is not None or reducer is not None or (stats_dtype is not None and stats_dtype != x.dtype):
         return False
     if x.dtype not in _NATIVE_DTYPES or torch.compiler.is_compiling():
@@ -173,7 +183,7 @@ def _fast_ok(x: Tensor, params: tuple[Tensor | None, ...], mask: Tensor | None, 
         p is not None and p.requires_grad for p in params[3:]
     ):
         return False
-    return _backend.resolve(backend, x, "batch_norm", True) == "native"
+    return not resolve or _backend.resolve(backend, x, "batch_norm", True) == "native"
 
 
 def rep_batch_norm(
@@ -224,13 +234,23 @@ def rep_batch_norm(
     x2d = x.reshape(-1, c)
     if training and x2d.shape[0] <= 1 and reducer is None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x2d.shape)}")
-    if (training or running_mean is not None) and _fast_ok(
-        x, (weight, bias, alpha, running_mean, running_var), mask, reducer, stats_dtype, backend
-    ):
+    params = (weight, bias, alpha, running_mean, running_var)
+    if (training or running_mean is not None) and _fast_ok(x, params, mask, reducer, stats_dtype, resolve=False):
         x2d = x2d.contiguous()
-        stats = _batch_stats(x2d, running_mean, running_var, momentum) if training else (running_mean, running_var)
-        if stats is not None:
-            return _RepBNFn.apply(x2d, weight, bias, alpha, *stats, training, eps).view(x.shape)
+        if _kernels_take(x2d, backend, *params):  # the C++ kernels; Welford statistics where they decline
+            stats = (
+                (_kernel_stats(x2d, False, 0.0, running_mean, running_var, momentum)
+                 or _batch_stats(x2d, running_mean, running_var, momentum))
+                if training else (running_mean, running_var)
+            )
+            if stats is not None:
+                return _RepBNKernelFn.apply(
+                    x2d, None, None, weight, bias, alpha, 0.0, stats[0], stats[1], None, None, training, 0.0, eps
+                ).view(x.shape)
+        elif _backend.resolve(backend, x, "batch_norm", True) == "native":
+            stats = _batch_stats(x2d, running_mean, running_var, momentum) if training else (running_mean, running_var)
+            if stats is not None:
+                return _RepBNFn.apply(x2d, weight, bias, alpha, *stats, training, eps).view(x.shape)
     y = batch_norm(
         x2d,
         running_mean,
@@ -332,18 +352,129 @@ class _PRepBNMixFn(Function):
         )
 
 
+def _vec(p: Tensor | None, c: int, fill: float) -> Tensor:
+    """``p`` in float64, or ``c`` copies of ``fill`` (a missing weight is 1, a missing bias 0)."""
+    return torch.full((c,), fill, dtype=torch.float64) if p is None else p.detach().reshape(-1).double()
+
+
+class _RepBNKernelFn(Function):
+    """RepBN (``lam = 0``, no row statistics) or PRepBN's mix ``λ·LN(x) + (1 − λ)·RepBN(x)`` on a
+    contiguous ``(rows, C)`` input in one node, as ``csrc/rep_batch_norm.cpp``'s kernels.
+
+    Given the per-channel statistics μ, σ² (the batch's in training, the running ones in eval; float64)
+    and, with LayerNorm, the per-row mean and rstd of pass 1, with s = 1 − λ, r = (σ² + eps)^−½::
+
+        y = x̂_LN·(λ·γ_ln) + (x − μ)·(s·γ·r) + x·(s·α) + (λ·β_ln + s·β)        (one pass, one write)
+
+    Backward (training: μ, σ² functions of x as in BatchNorm), with S = Σ_rows ∂L/∂y,
+    P = Σ_rows ∂L/∂y·(x − μ)·r, Q = Σ_rows ∂L/∂y·x̂_LN from the kernel's first sweep (which also takes
+    LayerNorm's per-row sums) and ∂L/∂x from its second::
+
+        ∂L/∂γ_ln = λ·Q,  ∂L/∂β_ln = λ·S,  ∂L/∂γ = s·P,  ∂L/∂β = s·S,  ∂L/∂α = s·Σ_c (P/r + μ·S)
+
+    Saves x and O(rows + C) statistics. A double backward (grad mode on in backward) replays autograd
+    on the plain formula (:func:`_prepbn_math` / :func:`_rep_math`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, var, row_mean, row_rstd, training, ln_eps, bn_eps):  # type: ignore[override]
+        c, dt = x.shape[-1], x.dtype
+        s = 1.0 - lam
+        r = torch.rsqrt(var.double() + bn_eps)
+        mu = mean.to(dt)
+        bb = s * _vec(bn_b, c, 0.0)
+        w1 = None
+        if row_mean is not None:
+            w1 = (lam * _vec(ln_w, c, 1.0)).to(dt)
+            bb = bb + lam * _vec(ln_b, c, 0.0)
+        sa = s * float(alpha)
+        y = _cpu.prepbn_out(x, row_mean, row_rstd, w1, (s * _vec(bn_w, c, 1.0) * r).to(dt), mu, bb.to(dt), sa)
+        ctx.cfg = (lam, training, ln_eps, bn_eps, sa)
+        ctx.save_for_backward(x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd, w1, mu, r.to(dt))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd, w1, mu, r = ctx.saved_tensors
+        lam, training, ln_eps, bn_eps, sa = ctx.cfg
+        needs = ctx.needs_input_grad
+        none8 = (None,) * 8
+        if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formula
+            if row_mean is not None:
+                grads = replay_grads(
+                    lambda *t: _prepbn_math(*t, lam, ln_eps, bn_eps), (x, ln_w, ln_b, bn_w, bn_b, alpha), needs[:6], gy
+                )
+                return (*grads, *none8)
+            stats = (None, None) if training else (mean.to(x.dtype), var.to(x.dtype))
+            dx, dw, db, da = replay_grads(
+                lambda x, w, b, a: _rep_math(x, w, b, a, *stats, training, bn_eps), (x, bn_w, bn_b, alpha),
+                (needs[0], *needs[3:6]), gy,
+            )
+            return dx, None, None, dw, db, da, *none8
+        s = 1.0 - lam
+        gb = (s * _vec(bn_w, x.shape[-1], 1.0)).to(x.dtype)
+        dx, sums = _cpu.prepbn_backward(gy, x, row_mean, row_rstd, w1, gb, mu, r, sa, training)
+        sg, p, q = sums
+
+        def cast(t: Tensor, like: Tensor | None) -> Tensor:
+            return t.to(x.dtype if like is None else like.dtype)
+
+        has_ln = row_mean is not None  # at λ = 0 PRepBN's LayerNorm parameters get 0 (as the plain mix)
+        return (
+            dx if needs[0] else None,
+            (cast(lam * q, ln_w) if has_ln else torch.zeros_like(ln_w)) if needs[1] else None,
+            (cast(lam * sg, ln_b) if has_ln else torch.zeros_like(ln_b)) if needs[2] else None,
+            cast(s * p, bn_w) if needs[3] else None,
+            cast(s * sg, bn_b) if needs[4] else None,
+            cast(s * (p / r.double() + mu.double() * sg).sum(), alpha).reshape(alpha.shape) if needs[5] else None,
+            *none8,
+        )
+
+
+def _kernels_take(x2d: Tensor, backend: str | None, *params: Tensor | None) -> bool:
+    """Whether :class:`_RepBNKernelFn` (``csrc/rep_batch_norm.cpp``) runs this call: backend ``"auto"`` or
+    ``"kernels"`` (``"native"`` keeps the ATen path), eager code, a CPU input the kernels take."""
+    name = _backend.get_backend() if backend is None else backend
+    if name not in ("auto", "kernels") or torch.compiler.is_compiling() or not _ops.accepts(x2d, *params):
+        return False
+    _backend.note("rep_batch_norm", "kernels")  # for backend.record() (the `runs` column of `normkit kernels`)
+    return True
+
+
+def _kernel_stats(
+    x2d: Tensor, has_ln: bool, ln_eps: float, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
+    """The kernel's pass 1: per-channel batch mean and variance (float64) and, with ``has_ln``, the per-row
+    LayerNorm statistics, then torch's running-statistics update. None, with the running statistics as
+    before, where a variance is not finite or a channel is ill-conditioned for the one-read variance."""
+    row_mean, row_rstd, col, ok = _cpu.prepbn_stats(x2d, has_ln, ln_eps)
+    if not ok:
+        return None
+    _update_running(running_mean, running_var, col[0], col[1], x2d.shape[0], momentum)
+    return col[0], col[1], row_mean, row_rstd
+
+
 def prepbn_mix_fused(
     x: Tensor, ln_w: Tensor, ln_b: Tensor, bn_w: Tensor, bn_b: Tensor, alpha: Tensor, lam: Tensor,
     running_mean: Tensor, running_var: Tensor, momentum: float, ln_eps: float, bn_eps: float,
+    backend: str | None = None,
 ) -> Tensor | None:
-    """PRepBN's training mix in one node (:class:`_PRepBNMixFn`) for eager float32/float64 input with
-    all four affine parameters; the batch statistics and the running-statistics update (torch's
-    convention) come from ATen's ``batch_norm_update_stats`` (Welford, no input-sized temporary).
+    """PRepBN's training mix in one node for eager float32/float64 input with all four affine parameters.
+
+    With backend ``"auto"``/``"kernels"`` and normkit's C++ kernels: :class:`_RepBNKernelFn` (two reads of x
+    forward, two of ∂L/∂y and x backward; at λ = 0 without the LayerNorm terms). Otherwise, or where the
+    kernels' one-read statistics decline (a non-finite or ill-conditioned variance): :class:`_PRepBNMixFn`,
+    the batch statistics from :func:`_batch_stats`. The running statistics follow torch's convention.
     Returns None, with the running statistics as before, where a channel's variance overflows, for
     the caller's general path.
     """
     c = x.shape[-1]
     x2d = x.reshape(-1, c).contiguous()
+    if _kernels_take(x2d, backend, ln_w, ln_b, bn_w, bn_b, alpha, running_mean, running_var):
+        lam_f = float(lam)
+        st = _kernel_stats(x2d, lam_f != 0.0, ln_eps, running_mean, running_var, momentum)
+        if st is not None:
+            return _RepBNKernelFn.apply(x2d, ln_w, ln_b, bn_w, bn_b, alpha, lam_f, *st, True, ln_eps, bn_eps).view(x.shape)
     stats = _batch_stats(x2d, running_mean, running_var, momentum)
     if stats is None:
         return None

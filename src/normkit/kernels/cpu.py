@@ -51,7 +51,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_norms.cpp"
 # every source linked into the library: cpu_norms.cpp (which holds the ISA dispatcher) first, then the
 # EvoNorm kernels (csrc/evonorm.cpp, whose entry points ask cpu_norms.cpp's nk_isa() for the copy to run)
 SOURCES = (SOURCE, SOURCE.with_name("evonorm.cpp"), SOURCE.with_name("region_norm.cpp"),
-           SOURCE.with_name("power_norm.cpp"))
+           SOURCE.with_name("power_norm.cpp"), SOURCE.with_name("rep_batch_norm.cpp"))
 # headers the sources include (part of the build's cache key, not compiled on their own)
 HEADERS = (SOURCE.with_name("nk_isa.h"),)
 # Compile flags of every variant. No -ffast-math: NaN must propagate. -fno-trapping-math lets the
@@ -96,6 +96,9 @@ _SIGNATURES = {
     "rn_conv_dw": [_ptr] * 3 + [_i64] * 6 + [_int],
     "pn_fwd": [_ptr] * 8 + [_i64] * 4 + [_int, _dbl, _dbl, _int],
     "pn_bwd": [_ptr] * 6 + [_dbl] + [_ptr] * 3 + [_i64] * 3 + [_int],
+    "prepbn_stats": [_ptr] * 5 + [_i64] * 2 + [_int, _dbl, _int],
+    "prepbn_out": [_ptr] * 7 + [_dbl, _ptr] + [_i64] * 2 + [_int, _int],
+    "prepbn_bwd": [_ptr] * 8 + [_dbl] + [_ptr] * 2 + [_i64] * 2 + [_int] * 3,
 }
 
 build_seconds: float | None = None  # compile time of this process's build (None: loaded from cache)
@@ -580,3 +583,51 @@ def power_norm_backward(
         ema_gz.to(x.dtype).contiguous(), float(keep), dx, colsum, gsum, n, c, groups, _threads(x.numel()),
     )
     return dx, colsum, gsum
+
+
+def prepbn_stats(x: Tensor, has_ln: bool, ln_eps: float) -> tuple[Tensor | None, Tensor | None, Tensor, bool]:
+    """Pass 1 of RepBN / PRepBN's mix over contiguous ``(R, C)`` tokens (``csrc/rep_batch_norm.cpp``): per-row
+    LayerNorm mean and rstd (``has_ln``; else None) and the per-channel batch mean and biased variance in
+    float64 (``(2, C)``), in one read of ``x``. The flag is False where a variance is not finite or a channel
+    is ill-conditioned for the one-read variance (see the source): the caller's Welford path."""
+    r, c = x.shape
+    row_mean = torch.empty(r, dtype=x.dtype) if has_ln else None
+    row_rstd = torch.empty(r, dtype=x.dtype) if has_ln else None
+    col = torch.empty(2, c, dtype=torch.float64)
+    ok = ctypes.c_double(0.0)
+    _call(
+        "prepbn_stats", x.dtype, x, row_mean, row_rstd, col, ctypes.addressof(ok), r, c, int(has_ln), float(ln_eps),
+        _threads(x.numel()),
+    )
+    return row_mean, row_rstd, col, ok.value == 1.0
+
+
+def prepbn_out(
+    x: Tensor, row_mean: Tensor | None, row_rstd: Tensor | None, w1: Tensor | None, rg: Tensor, mu: Tensor,
+    bb: Tensor, sa: float,
+) -> Tensor:
+    """Pass 2: ``y = x̂_LN·w1 + (x − mu)·rg + x·sa + bb`` (no LN terms when ``row_mean`` is None)."""
+    r, c = x.shape
+    y = torch.empty_like(x)
+    _call(
+        "prepbn_out", x.dtype, x, row_mean, row_rstd, w1, rg, mu, bb, float(sa), y, r, c, int(row_mean is not None),
+        _threads(x.numel()),
+    )
+    return y
+
+
+def prepbn_backward(
+    g: Tensor, x: Tensor, row_mean: Tensor | None, row_rstd: Tensor | None, w1: Tensor | None, gb: Tensor,
+    mu: Tensor, r: Tensor, sa: float, training: bool,
+) -> tuple[Tensor, Tensor]:
+    """∂L/∂x of :func:`prepbn_out` (``rg = gb·r``; in training with ``mu``, ``r`` the batch statistics of ``x``)
+    and the float64 per-channel sums ``(3, C)``: Σ g, Σ g·(x − mu)·r, Σ g·x̂_LN (0 without LN)."""
+    g = g.contiguous()
+    rows, c = x.shape
+    dx = torch.empty_like(x)
+    sums = torch.empty(3, c, dtype=torch.float64)
+    _call(
+        "prepbn_bwd", x.dtype, g, x, row_mean, row_rstd, w1, gb, mu, r, float(sa), dx, sums, rows, c,
+        int(row_mean is not None), int(training), _threads(x.numel()),
+    )
+    return dx, sums

@@ -379,7 +379,7 @@ class PRepBN(nn.Module):
         if self.training and self._fusable(x, mask):
             y = prepbn_mix_fused(
                 x, ln.weight, ln.bias, rep_bn.weight, rep_bn.bias, self.norm2.alpha, lam,
-                rep_bn.running_mean, rep_bn.running_var, rep_bn.momentum, ln.eps, rep_bn.eps,
+                rep_bn.running_mean, rep_bn.running_var, rep_bn.momentum, ln.eps, rep_bn.eps, backend=rep_bn.backend,
             )
             if y is not None:
                 with torch.no_grad():

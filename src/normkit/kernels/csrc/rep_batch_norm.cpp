@@ -1,0 +1,271 @@
+// normkit's CPU kernels for SLAB's RepBN and PRepBN's mix (Guo et al., ICML 2024, arXiv:2405.11582),
+// for a contiguous float32 / float64 (R, C) token matrix (channels last: a row is one token).
+//
+//   PRepBN while mixing (0 < λ < 1, s = 1 − λ):  y = λ·LN(x) + s·(BN(x) + α·x)
+//   written per element as  y = x̂_LN·w1 + (x − μ_c)·rg_c + x·sa + bb_c   with
+//     x̂_LN = (x − m_i)·rs_i (per-row LayerNorm statistics), w1 = λ·γ_ln, rg = s·γ_bn·r_c,
+//     r_c = (σ_c² + eps)^−½ (per-channel batch or running statistics), sa = s·α, bb = λ·β_ln + s·β_bn.
+//   RepBN alone is the same with has_ln = 0 (no LN terms, s = 1).
+//
+// Why fused: ATen's ops read x four times in the forward (batch sums, LayerNorm, the RepBN affine
+// added in place) and g, x six times in the backward. Here:
+//   forward  pass 1 (prepbn_stats): per-row LN statistics and per-channel sums of (x − K) and
+//            (x − K)² (K: the mean of the first 16 rows, so no cancellation where |μ| ≫ σ) in one sweep;
+//            pass 2 (prepbn_out): the mixed output in one write.
+//   backward pass 1: per-row sums A_i = Σ_c g·w1, B_i = Σ_c g·w1·x̂_LN and per-channel sums
+//            S = Σ_rows g, P = Σ_rows g·x̂_BN, Q = Σ_rows g·x̂_LN (x̂_BN = (x − μ)·r) in one sweep;
+//            pass 2: ∂L/∂x = rs_i·(g·w1 − A_i/C − x̂_LN·B_i/C) + g·a_c − x̂_BN·k1_c + k0_c,
+//            a = gb·r + sa, k1 = gb·r·P/n, k0 = −gb·r·S/n (training; 0 in eval), gb = s·γ_bn.
+//            In eval without LN ∂L/∂x = g·a needs no sums: one pass.
+// Per-channel sums go to kColBlocks fixed row blocks (double partials) added in block order, so the
+// result does not depend on the thread count. The x̂ forms keep float input at 1e±30 in range
+// (never x·r², which underflows). Row statistics: the mean, then the mean squared deviation from the
+// row in cache, both in double with every term scaled by 1/C first. NaN propagates.
+//
+// Portable build, runtime dispatch: as csrc/evonorm.cpp (per-ISA copies from nk_isa.h, the baseline
+// unit's extern "C" entry points run the copy cpu_norms.cpp's nk_isa() chose).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+
+#include "nk_isa.h"
+
+namespace NK_ISA {
+namespace {
+
+constexpr int64_t kColBlocks = 32;  // fixed row blocks of the per-channel sums (deterministic order)
+constexpr int64_t kShiftRows = 16;  // rows whose mean shifts the one-read batch variance
+
+std::unique_ptr<double[]> dzeros(int64_t n) { return std::unique_ptr<double[]>(new double[n]()); }
+
+inline int64_t block_start(int64_t R, int64_t nb, int64_t b) { return R * b / nb; }
+
+// col: 2·C doubles out (mean, biased variance per channel); ok: 1 when every row's and channel's
+// variance is finite and every channel has m² ≤ kCond·var, m the mean of x − K (K: the mean of the
+// first kShiftRows rows), else 0 (the caller's Welford / overflow-safe path). The one-read variance
+// Σd²/n − m² in double loses log2(1 + m²/var) of double's 52 bits: float64 input keeps the bound 4
+// (≤ 2.3 bits, as the unshifted test it replaces); float32 input allows 2^20 (≥ 31 bits left, more than
+// float's 24).
+template <typename T>
+void prep_stats(const T* x, T* row_mean, T* row_rstd, double* col, double* ok, int64_t R, int64_t C, int has_ln,
+                double eps, int nt) {
+  const int64_t nb = std::min<int64_t>(R, kColBlocks);
+  auto part = dzeros(nb * 2 * C);
+  const int64_t k_rows = std::min<int64_t>(R, kShiftRows);
+  auto K = dzeros(C);  // the shift: mean of the first rows, close to μ for any stationary batch
+  for (int64_t i = 0; i < k_rows; ++i)
+    for (int64_t c = 0; c < C; ++c) K[c] += static_cast<double>(x[i * C + c]);
+  for (int64_t c = 0; c < C; ++c) K[c] /= static_cast<double>(k_rows);
+  const double cond = sizeof(T) == 4 ? 1048576.0 : 4.0;
+  const double inv_c = 1.0 / static_cast<double>(C);
+  int bad_rows = 0;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(| : bad_rows)
+  for (int64_t b = 0; b < nb; ++b) {
+    double* c1 = part.get() + b * 2 * C;
+    double* c2 = c1 + C;
+    for (int64_t i = block_start(R, nb, b); i < block_start(R, nb, b + 1); ++i) {
+      const T* xr = x + i * C;
+      if (has_ln) {
+        double s1 = 0;
+#pragma omp simd reduction(+ : s1)
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = static_cast<double>(xr[c]);
+          const double d = v - K[c];
+          s1 += v * inv_c;
+          c1[c] += d;
+          c2[c] += d * d;
+        }
+        double s2 = 0;
+#pragma omp simd reduction(+ : s2)
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = static_cast<double>(xr[c]) - s1;
+          s2 += d * (d * inv_c);
+        }
+        if (std::isinf(s2) || std::isinf(s1)) bad_rows = 1;
+        row_mean[i] = static_cast<T>(s1);
+        row_rstd[i] = static_cast<T>(1.0 / std::sqrt(s2 + eps));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = static_cast<double>(xr[c]) - K[c];
+          c1[c] += d;
+          c2[c] += d * d;
+        }
+      }
+    }
+  }
+  const double inv_r = 1.0 / static_cast<double>(R);
+  bool good = bad_rows == 0;
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      s1 += part[b * 2 * C + c];
+      s2 += part[b * 2 * C + C + c];
+    }
+    const double ms = s1 * inv_r;
+    double var = s2 * inv_r - ms * ms;
+    var = var < 0 ? 0 : var;  // rounding; NaN compares false and stays
+    good = good && std::isfinite(var) && var * cond >= ms * ms;
+    col[c] = K[c] + ms;
+    col[C + c] = var;
+  }
+  *ok = good ? 1.0 : 0.0;
+}
+
+template <typename T>
+void prep_out(const T* x, const T* row_mean, const T* row_rstd, const T* w1, const T* rg, const T* mu, const T* bb,
+              double sa_d, T* y, int64_t R, int64_t C, int has_ln, int nt) {
+  const T sa = static_cast<T>(sa_d);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < R; ++i) {
+    const T* xr = x + i * C;
+    T* yr = y + i * C;
+    if (has_ln) {
+      const T m = row_mean[i], rs = row_rstd[i];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = xr[c];
+        yr[c] = ((v - m) * rs) * w1[c] + (v - mu[c]) * rg[c] + v * sa + bb[c];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = xr[c];
+        yr[c] = (v - mu[c]) * rg[c] + v * sa + bb[c];
+      }
+    }
+  }
+}
+
+// sums: 3·C doubles out: S = Σ g, P = Σ g·x̂_BN, Q = Σ g·x̂_LN (Q only with has_ln).
+template <typename T>
+void prep_bwd(const T* g, const T* x, const T* row_mean, const T* row_rstd, const T* w1, const T* gb, const T* mu,
+              const T* r, double sa, T* dx, double* sums, int64_t R, int64_t C, int has_ln, int training, int nt) {
+  const int64_t nb = std::min<int64_t>(R, kColBlocks);
+  auto part = dzeros(nb * 3 * C);
+  auto rows = has_ln ? dzeros(2 * R) : nullptr;
+  std::unique_ptr<T[]> coef(new T[3 * C]);  // a, k1, k0
+  T* a = coef.get();
+  T* k1 = a + C;
+  T* k0 = k1 + C;
+  for (int64_t c = 0; c < C; ++c) a[c] = static_cast<T>(static_cast<double>(gb[c]) * r[c] + sa);
+  const bool one_pass = !has_ln && !training;  // ∂L/∂x = g·a: written with the sums
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t b = 0; b < nb; ++b) {
+    double* ps = part.get() + b * 3 * C;
+    double* pp = ps + C;
+    double* pq = pp + C;
+    for (int64_t i = block_start(R, nb, b); i < block_start(R, nb, b + 1); ++i) {
+      const T* gr = g + i * C;
+      const T* xr = x + i * C;
+      if (has_ln) {
+        const T m = row_mean[i], rs = row_rstd[i];
+        double sa_ = 0, sb_ = 0;
+#pragma omp simd reduction(+ : sa_, sb_)
+        for (int64_t c = 0; c < C; ++c) {
+          const T gv = gr[c], v = xr[c];
+          const T xl = (v - m) * rs;
+          const T xb = (v - mu[c]) * r[c];
+          const T gw = gv * w1[c];
+          sa_ += gw;
+          sb_ += gw * xl;
+          ps[c] += gv;
+          pp[c] += gv * xb;
+          pq[c] += gv * xl;
+        }
+        rows[2 * i] = sa_;
+        rows[2 * i + 1] = sb_;
+      } else if (one_pass) {
+        T* dr = dx + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T gv = gr[c];
+          ps[c] += gv;
+          pp[c] += gv * ((xr[c] - mu[c]) * r[c]);
+          dr[c] = gv * a[c];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T gv = gr[c];
+          ps[c] += gv;
+          pp[c] += gv * ((xr[c] - mu[c]) * r[c]);
+        }
+      }
+    }
+  }
+  const double inv_r = 1.0 / static_cast<double>(R);
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0, p = 0, q = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      s += part[b * 3 * C + c];
+      p += part[b * 3 * C + C + c];
+      q += part[b * 3 * C + 2 * C + c];
+    }
+    sums[c] = s, sums[C + c] = p, sums[2 * C + c] = q;
+    const double gr = static_cast<double>(gb[c]) * r[c];
+    k1[c] = training ? static_cast<T>(gr * p * inv_r) : T(0);
+    k0[c] = training ? static_cast<T>(-gr * s * inv_r) : T(0);
+  }
+  if (one_pass) return;
+  const double inv_c = 1.0 / static_cast<double>(C);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < R; ++i) {
+    const T* gr = g + i * C;
+    const T* xr = x + i * C;
+    T* dr = dx + i * C;
+    if (has_ln) {
+      const T m = row_mean[i], rs = row_rstd[i];
+      const double rsd = static_cast<double>(rs);
+      const T ca = static_cast<T>(rsd * rows[2 * i] * inv_c), cb = static_cast<T>(rsd * rows[2 * i + 1] * inv_c);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T gv = gr[c], v = xr[c];
+        const T xl = (v - m) * rs;
+        dr[c] = gv * (rs * w1[c] + a[c]) - xl * cb - ca - ((v - mu[c]) * r[c]) * k1[c] + k0[c];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T gv = gr[c];
+        dr[c] = gv * a[c] - ((xr[c] - mu[c]) * r[c]) * k1[c] + k0[c];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ C entry points --
+#define NK_PREPBN_ENTRY_POINTS_OF(X, T, SUF)                                                                       \
+  X(prepbn_stats_##SUF, prep_stats<T>,                                                                             \
+    (const T* x, T* row_mean, T* row_rstd, double* col, double* ok, int64_t R, int64_t C, int has_ln, double eps, \
+     int nt),                                                                                                      \
+    (x, row_mean, row_rstd, col, ok, R, C, has_ln, eps, nt))                                                       \
+  X(prepbn_out_##SUF, prep_out<T>,                                                                                 \
+    (const T* x, const T* row_mean, const T* row_rstd, const T* w1, const T* rg, const T* mu, const T* bb,         \
+     double sa, T* y, int64_t R, int64_t C, int has_ln, int nt),                                                   \
+    (x, row_mean, row_rstd, w1, rg, mu, bb, sa, y, R, C, has_ln, nt))                                              \
+  X(prepbn_bwd_##SUF, prep_bwd<T>,                                                                                 \
+    (const T* g, const T* x, const T* row_mean, const T* row_rstd, const T* w1, const T* gb, const T* mu,          \
+     const T* r, double sa, T* dx, double* sums, int64_t R, int64_t C, int has_ln, int training, int nt),          \
+    (g, x, row_mean, row_rstd, w1, gb, mu, r, sa, dx, sums, R, C, has_ln, training, nt))
+#define NK_PREPBN_ENTRY_POINTS(X) NK_PREPBN_ENTRY_POINTS_OF(X, float, f32) NK_PREPBN_ENTRY_POINTS_OF(X, double, f64)
+
+NK_PREPBN_ENTRY_POINTS(NK_DEFINE)
+
+}  // namespace NK_ISA
+
+#ifdef NK_DISPATCH
+NK_DECLARE_VARIANTS(NK_PREPBN_ENTRY_POINTS)
+
+extern "C" int nk_isa();  // cpu_norms.cpp: the copy chosen when the library was loaded
+
+#define NK_PREPBN_EXPORT(name, kernel, params, args) \
+  NK_API void nk_##name params { NK_CALL_VARIANT(nk_isa(), name, args) }
+NK_PREPBN_ENTRY_POINTS(NK_PREPBN_EXPORT)
+
+#endif  // NK_DISPATCH
