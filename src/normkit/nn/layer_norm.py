@@ -85,12 +85,13 @@ def _forward_add(self: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, 
     """Fused pre-norm step: ``(norm(x + residual), x + residual)`` (LayerNorm or RMSNorm, by class)."""
     if x.numel() < self._nk_add_below and x.is_cpu and thread_state.plain and residual.shape == x.shape:
         s = x + residual  # small input, default backend: the sum and ATen's op (as functional.add_norm's native path)
+        p = self._parameters  # (parameters read as in LayerNorm.forward)
         try:
             if self._nk_center:
-                return torch.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps, False), s
-            return torch.rms_norm(s, self.normalized_shape, self.weight, self.eps), s
-        except RuntimeError:
-            pass  # rejected: normkit's path below raises its own, clearer error
+                return torch.layer_norm(s, self.normalized_shape, p["weight"], p["bias"], self.eps, False), s
+            return torch.rms_norm(s, self.normalized_shape, p["weight"], self.eps), s
+        except (RuntimeError, KeyError):
+            pass  # rejected, or a parameter moved out of _parameters: normkit's path below (its own errors)
     return F.add_norm(
         x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
         norm="rmsnorm" if isinstance(self, nn.RMSNorm) else "layernorm",
@@ -210,10 +211,11 @@ class LayerNorm(FastPath, nn.LayerNorm):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None and x.numel() < self._nk_below and x.is_cpu and thread_state.plain:
+            p = self._parameters  # (not self.weight: a failed lookup, then Module.__getattr__, ~0.8 µs each)
             try:  # the hot path: ATen's op, no wrapper (F.layer_norm's cudnn flag is ignored by ATen's op)
-                return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, False)
-            except RuntimeError:
-                pass  # rejected: normkit's path below raises its own, clearer error
+                return torch.layer_norm(x, self.normalized_shape, p["weight"], p["bias"], self.eps, False)
+            except (RuntimeError, KeyError):
+                pass  # rejected, or a parameter moved out of _parameters: normkit's path below (its own errors)
         if mask is None and self._nk_plain and resolve(self.backend, x, "layer_norm", True) == "native":
             try:  # ATen's op (checked for overflow from ATEN_CHECK_MIN_NUMEL elements)
                 if x.numel() < ATEN_CHECK_MIN_NUMEL:
@@ -311,10 +313,10 @@ class RMSNorm(FastPath, nn.RMSNorm):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None and x.numel() < self._nk_below and x.is_cpu and thread_state.plain:
-            try:  # the hot path: ATen's op, no wrapper
-                return torch.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-            except RuntimeError:
-                pass  # rejected: normkit's path below raises its own, clearer error
+            try:  # the hot path: ATen's op, no wrapper; the weight read as in LayerNorm.forward
+                return torch.rms_norm(x, self.normalized_shape, self._parameters["weight"], self.eps)
+            except (RuntimeError, KeyError):
+                pass  # rejected, or the weight moved out of _parameters: normkit's path below (its own errors)
         if self.casting is not None and (x.dtype in (torch.float16, torch.bfloat16) or (
                 self.weight is not None and self.weight.dtype != x.dtype)):
             if mask is not None:
