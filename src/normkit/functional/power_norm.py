@@ -14,10 +14,13 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from normkit import backend as _backend
 from normkit._compat import MISSING, renamed_argument
 from normkit.functional._closed_form import _FAST_DTYPES, column_sums
 from normkit.functional._core import check_eps, check_float, check_param, snapshot
 from normkit.functional.normalize import normalize
+from normkit.kernels import cpu as _cpu
+from normkit.kernels import ops as _ops
 from normkit.kernels.canonical import safe_rstd
 from normkit.stats import Reducer, accumulation_dtype, mean_square
 from normkit.sync import reduce_packed
@@ -205,6 +208,114 @@ class _PowerNormFn(Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+def _update_running(
+    running_phi: Tensor, iters: Tensor, var: Tensor, warmup_iters: int, alpha_fwd: float, sd: torch.dtype
+) -> None:
+    """One step of the state machine after ψ²_B = ``var`` is known: ``iters`` += 1 (t is the new value),
+    ``running_phi`` ← its cumulative mean while t < warmup, then the EMA with ``alpha_fwd`` (in place)."""
+    t = iters + 1
+    phi = running_phi.to(sd)
+    tf = t.to(sd)
+    phi = torch.where(t < warmup_iters, phi * (tf - 1) / tf + var / tf, phi)
+    running_phi.copy_((alpha_fwd * phi + (1.0 - alpha_fwd) * var).to(running_phi.dtype))
+    iters.copy_(t)
+
+
+def _kernel_route(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, iters: Tensor | None, pad_mask: Tensor | None,
+    reducer: Reducer | None, stats_dtype: torch.dtype | None,
+) -> bool:
+    """Whether a training call runs on ``csrc/power_norm.cpp`` (:class:`_PowerNormKernelFn`): eager,
+    backend ``"auto"`` or ``"kernels"``, a contiguous float32/float64 CPU input the built kernels take
+    with same-dtype parameters, and the plain configuration — no ``pad_mask``, no synchronization, no
+    ``stats_dtype`` override, a long step counter; under ``torch.compile`` the same kernels run as the
+    operator ``torch.ops.normkit.power_norm`` (an opaque graph node). Anything else keeps the ATen path."""
+    if pad_mask is not None or reducer is not None:
+        return False
+    if _backend.get_backend() not in ("auto", "kernels") or stats_dtype not in (None, x.dtype):
+        return False
+    if not isinstance(iters, Tensor) or iters.dtype != torch.long or not _ops.accepts(x, weight, bias):
+        return False
+    _backend.note("power_norm", "kernels")  # for backend.record() (the `runs` column of `normkit kernels`)
+    return True
+
+
+class _PowerNormKernelFn(Function):
+    """PowerNorm's training step on ``csrc/power_norm.cpp``: forward (GroupScaling, ψ-normalization,
+    affine, and the running-statistic update) and the approximate backward with GroupScaling's exact
+    one, the same math as the ATen path (:func:`group_scaling` + :class:`_PowerNormFn`).
+
+    Saves the input ``(N, C)`` rows, one GroupScaling factor per (row, group) and 4·C statistics
+    (``[inv_fwd, inv_bwd, Σ_rows z², ψ²_B]``); the GroupScaled input is recomputed in the backward.
+    ``ema_gz`` is kept on ctx (read and updated by the backward, as :class:`_PowerNormFn`).
+    A double backward (``create_graph=True``) differentiates the ATen statement of the same backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_phi, iters, ema_gz, cfg):  # type: ignore[override]
+        groups, warmup_iters, paper_exact, eps, group_eps, alpha_fwd, alpha_bkw = cfg
+        y, rrow, stats = _cpu.power_norm_forward(
+            x, weight, bias, running_phi, iters, groups, warmup_iters, paper_exact, eps, group_eps
+        )
+        c = x.shape[-1]
+        _update_running(running_phi, iters, stats[3 * c :], warmup_iters, alpha_fwd, x.dtype)
+        ctx.ema_gz, ctx.cfg = ema_gz, (groups, group_eps, alpha_bkw)
+        ctx.save_for_backward(x, weight, bias, rrow, stats)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        return *_kernel_grads(ctx, grad_y, _cpu.power_norm_backward), None, None, None, None
+
+
+def _kernel_grads(ctx, grad_y: Tensor, kernel_bwd: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> tuple:  # type: ignore[no-untyped-def]
+    """``(∂x, ∂w, ∂b)`` of the kernel forward, updating ``ctx.ema_gz``: ``kernel_bwd`` (the
+    :mod:`normkit.kernels.cpu` wrapper in eager, the operator in a compiled graph) gives ∂x and the column
+    sums ``S = Σ_rows ∂L/∂y·xs``, ``Σ_rows ∂L/∂y``; then ``∂w = inv_f·S`` and, as :class:`_PowerNormFn`,
+    ``ema_gz += (w·inv_f·S − k·Σ z²)/rows`` with ``k = (1 − α_bkw)·ema_gz``. With grad mode on
+    (``create_graph=True``) the same backward is stated in differentiable ATen ops instead."""
+    x, weight, bias, rrow, stats = ctx.saved_tensors
+    groups, group_eps, alpha_bkw = ctx.cfg
+    ema_gz, (n, c) = ctx.ema_gz, x.shape
+    inv_f, inv_b, gam = stats[:c], stats[c : 2 * c], stats[2 * c : 3 * c]
+    w = torch.ones_like(inv_f) if weight is None else weight
+    k = (1.0 - alpha_bkw) * ema_gz.to(x.dtype)
+    grad_y = grad_y.to(x.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: the same backward as differentiable ATen ops
+        xs = group_scaling(x, groups, group_eps) if groups else x
+        gyx, gsum = (grad_y * xs).sum(0), grad_y.sum(0)
+        dxs = grad_y * (w * inv_b) - xs * (k * inv_f * inv_b)
+        if not ctx.needs_input_grad[0]:
+            gx = None
+        elif groups:
+            (gx,) = torch.autograd.grad(xs, x, dxs, create_graph=True)
+        else:
+            gx = dxs
+    else:
+        gx, gyx, gsum = kernel_bwd(grad_y, x, weight, rrow, stats, ema_gz, 1.0 - alpha_bkw, groups)
+    with torch.no_grad():
+        ema_gz.add_(((w * inv_f * gyx.detach() - k * gam) / n).to(ema_gz.dtype))
+    gw = inv_f * gyx if weight is not None and ctx.needs_input_grad[1] else None
+    gb = gsum if bias is not None and ctx.needs_input_grad[2] else None
+    return gx if ctx.needs_input_grad[0] else None, gw, gb
+
+
+# torch.ops.normkit.power_norm (normkit.kernels.ops), the kernels as one node of a compiled graph: the
+# same backward as _PowerNormKernelFn, with the backward operator
+def _op_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, bias, _phi, _iters, ema_gz, groups, _warmup, _exact, _eps, group_eps, alpha_bkw = inputs
+    _, rrow, stats = output
+    ctx.ema_gz, ctx.cfg = ema_gz, (groups, group_eps, alpha_bkw)
+    ctx.save_for_backward(x, weight, bias, rrow, stats)
+
+
+def _op_backward(ctx, grad_y, _grrow, _gstats) -> tuple:  # type: ignore[no-untyped-def]
+    return *_kernel_grads(ctx, grad_y, torch.ops.normkit.power_norm_backward), *(None,) * 9
+
+
+_ops.power_norm.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def power_norm(
     x: Tensor,
     running_phi: Tensor,
@@ -277,6 +388,21 @@ def power_norm(
     c = _check_common(x, running_phi, "running_phi", weight, bias, pad_mask, what)
     alpha_fwd, alpha_bkw = _check_unit(alpha_fwd, "alpha_fwd"), _check_unit(alpha_bkw, "alpha_bkw")
     warmup_iters = _check_count(warmup_iters, "warmup_iters")
+    if training and _kernel_route(x, weight, bias, iters, pad_mask, reducer, stats_dtype):
+        ema_gz = _check_buffer(ema_gz, (c,), "ema_gz", what)
+        iters = _check_buffer(iters, (1,), "iters", what, integer=True)
+        groups = num_groups or 0
+        if torch.compiler.is_compiling():
+            y, _, stats = torch.ops.normkit.power_norm(
+                x.reshape(-1, c), weight, bias, running_phi, iters, ema_gz, groups, warmup_iters, paper_exact, eps,
+                group_eps, alpha_bkw,
+            )
+            with torch.no_grad():
+                _update_running(running_phi, iters, stats[3 * c :], warmup_iters, alpha_fwd, x.dtype)
+        else:
+            cfg = (groups, warmup_iters, paper_exact, eps, group_eps, alpha_fwd, alpha_bkw)
+            y = _PowerNormKernelFn.apply(x.reshape(-1, c), weight, bias, running_phi, iters, ema_gz, cfg)
+        return y.reshape(x.shape)
     sd = accumulation_dtype(x.dtype, stats_dtype)
     xs = x.to(sd)
     if num_groups is not None:
@@ -298,9 +424,6 @@ def power_norm(
         # Σ_rows x² over every local row (the backward's mean(ĝ·z) runs over padded rows too)
         sq = var * x2d.shape[0] if keep is None and reducer is None else xd.square().sum(0)
         stats = snapshot(inv_fwd, inv_fwd if paper_exact else inv_b, sq)
-        tf = t.to(sd)
-        phi = torch.where(t < warmup_iters, phi * (tf - 1) / tf + var / tf, phi)
-        running_phi.copy_((alpha_fwd * phi + (1.0 - alpha_fwd) * var).to(running_phi.dtype))
-        iters.copy_(t)
+        _update_running(running_phi, iters, var, warmup_iters, alpha_fwd, sd)
     y = _PowerNormFn.apply(x2d, weight, bias, stats, ema_gz, alpha_bkw, reducer, scratch)
     return y.reshape(x.shape).to(x.dtype)
