@@ -90,7 +90,8 @@ _SIGNATURES = {
     "evo_s0_fwd": [_ptr] * 7 + [_i64] * 4 + [_dbl, _int],
     "evo_s0_bwd": [_ptr] * 10 + [_i64] * 4 + [_int],
     "rn_fwd": [_ptr] * 9 + [_i64] * 3 + [_int, _dbl, _int],
-    "rn_bwd": [_ptr] * 12 + [_i64] * 3 + [_int, _int],
+    "rn_bwd_sums": [_ptr] * 12 + [_i64] * 3 + [_int, _int],
+    "rn_bwd_dx": [_ptr] * 11 + [_i64] * 3 + [_int, _int],
     "rn_pool": [_ptr] * 3 + [_i64] * 3 + [_int],
     "rn_conv": [_ptr] * 4 + [_i64] * 6 + [_int],
     "rn_conv_dw": [_ptr] * 3 + [_i64] * 6 + [_int],
@@ -506,15 +507,44 @@ def region_norm_backward(
     wants: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """``(∂x, ∂gc, ∂bc, ∂gmap, ∂bmap)`` of :func:`region_norm_forward` (None where ``wants`` says not wanted)."""
+    sums, dgc, dbc, dgm, dbm = region_norm_backward_sums(g, x, m, gc, gmap, mu, rho, per_sample, wants[1:])
+    dx = region_norm_backward_dx(g, x, m, gc, gmap, mu, rho, per_sample, sums) if wants[0] else None
+    return dx, dgc, dbc, dgm, dbm
+
+
+def region_norm_backward_sums(
+    g: Tensor, x: Tensor, m: Tensor, gc: Tensor, gmap: Tensor | None, mu: Tensor, rho: Tensor, per_sample: bool,
+    wants: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The first half of the backward: ``(sums, ∂gc, ∂bc, ∂gmap, ∂bmap)``, ``sums`` the per-row region sums
+    (float64, for :func:`region_norm_backward_dx`); one read of ``g`` and ``x``."""
     g, x = g.contiguous(), x.contiguous()
     n, c = x.shape[:2]
-    shapes = (x.shape, (c, 2), (c, 2), m.shape, m.shape)
-    dx, dgc, dbc, dgm, dbm = (torch.empty(s, dtype=x.dtype) if w else None for s, w in zip(shapes, wants))
+    sums = torch.empty(6 * n * c, dtype=torch.float64)
+    shapes = ((c, 2), (c, 2), m.shape, m.shape)
+    dgc, dbc, dgm, dbm = (torch.empty(s, dtype=x.dtype) if w else None for s, w in zip(shapes, wants))
     _call(
-        "rn_bwd", x.dtype, g, x, m.contiguous(), gc.contiguous(), None if gmap is None else gmap.contiguous(),
-        mu, rho, dx, dgc, dbc, dgm, dbm, n, c, x.numel() // (n * c), int(per_sample), _threads(x.numel()),
+        "rn_bwd_sums", x.dtype, g, x, m.contiguous(), gc.contiguous(), None if gmap is None else gmap.contiguous(),
+        mu, rho, sums, dgc, dbc, dgm, dbm, n, c, x.numel() // (n * c), int(per_sample), _threads(x.numel()),
     )
-    return dx, dgc, dbc, dgm, dbm
+    return sums, dgc, dbc, dgm, dbm
+
+
+def region_norm_backward_dx(
+    g: Tensor, x: Tensor, m: Tensor, gc: Tensor, gmap: Tensor | None, mu: Tensor, rho: Tensor, per_sample: bool,
+    sums: Tensor, pool_grad: Tensor | None = None, idx: Tensor | None = None,
+) -> Tensor:
+    """The second half: ∂x in one write, plus RN-L's pooling gradient when ``pool_grad`` (the gradient of
+    :func:`region_pool`'s output) and its arg-max ``idx`` are given."""
+    g, x = g.contiguous(), x.contiguous()
+    n, c = x.shape[:2]
+    dx = torch.empty_like(x)
+    _call(
+        "rn_bwd_dx", x.dtype, g, x, m.contiguous(), gc.contiguous(), None if gmap is None else gmap.contiguous(),
+        mu, rho, sums, None if pool_grad is None else pool_grad.contiguous(), None if idx is None else idx.contiguous(),
+        dx, n, c, x.numel() // (n * c), int(per_sample), _threads(x.numel()),
+    )
+    return dx
 
 
 def region_pool(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -187,15 +187,18 @@ void rn_forward(const T* x, const T* m, const T* gc, const T* bc, const T* gmap,
   }
 }
 
-// One row's backward sums: o = {A_1, D_1, E_1, A_0, D_0, E_0} (see the header), T within blocks, double across.
+// One row's backward sums: o = {A_1, D_1, E_1, A_0, D_0, E_0} (see the header), T within blocks, double
+// across. With maps (gm), also adds this row's share of ∂gmap (∂y·(x − μ_r)·w_r, w_r = ρ_r·gc_r) and
+// ∂bmap (∂y) to the sample's per-position sums dgm / dbm (either may be null), in the same loop.
 template <typename T>
-inline void row_bwd_sums(const T* gr, const T* xr, const T* mr, const T* gm, int64_t L, T mu1, T mu0, double o[6]) {
+inline void row_bwd_sums(const T* gr, const T* xr, const T* mr, const T* gm, int64_t L, T mu1, T mu0, T w1, T w0,
+                         T* dgm, T* dbm, double o[6]) {
   double t[6] = {0, 0, 0, 0, 0, 0};
   for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
     const int64_t e = std::min(kBlock, L - l0);
     T a1 = 0, d1 = 0, e1 = 0, a0 = 0, d0 = 0, e0 = 0;
     if (gm == nullptr) {
-#pragma omp simd reduction(+ : a1, d1, e1, a0, d0, e0)
+#pragma omp simd reduction(+ : a1, d1, a0, d0)
       for (int64_t l = l0; l < l0 + e; ++l) {
         const bool in = mr[l] != T(0);
         const T gv = gr[l];
@@ -206,18 +209,33 @@ inline void row_bwd_sums(const T* gr, const T* xr, const T* mr, const T* gm, int
         d0 += in ? T(0) : gd;
       }
       e1 = a1, e0 = a0;
-    } else {
+    } else if (dgm != nullptr && dbm != nullptr) {
 #pragma omp simd reduction(+ : a1, d1, e1, a0, d0, e0)
       for (int64_t l = l0; l < l0 + e; ++l) {
         const bool in = mr[l] != T(0);
-        const T gv = gr[l], gg = gv * gm[l];
-        const T gd = gg * (xr[l] - (in ? mu1 : mu0));
-        a1 += in ? gg : T(0);
-        a0 += in ? T(0) : gg;
+        const T gv = gr[l], gx = gv * (xr[l] - (in ? mu1 : mu0)), gd = gx * gm[l];
+        a1 += in ? gv * gm[l] : T(0);
+        a0 += in ? T(0) : gv * gm[l];
         d1 += in ? gd : T(0);
         d0 += in ? T(0) : gd;
         e1 += in ? gv : T(0);
         e0 += in ? T(0) : gv;
+        dgm[l] += gx * (in ? w1 : w0);
+        dbm[l] += gv;
+      }
+    } else {
+#pragma omp simd reduction(+ : a1, d1, e1, a0, d0, e0)
+      for (int64_t l = l0; l < l0 + e; ++l) {
+        const bool in = mr[l] != T(0);
+        const T gv = gr[l], gx = gv * (xr[l] - (in ? mu1 : mu0)), gd = gx * gm[l];
+        a1 += in ? gv * gm[l] : T(0);
+        a0 += in ? T(0) : gv * gm[l];
+        d1 += in ? gd : T(0);
+        d0 += in ? T(0) : gd;
+        e1 += in ? gv : T(0);
+        e0 += in ? T(0) : gv;
+        if (dgm != nullptr) dgm[l] += gx * (in ? w1 : w0);
+        if (dbm != nullptr) dbm[l] += gv;
       }
     }
     t[0] += a1, t[1] += d1, t[2] += e1, t[3] += a0, t[4] += d0, t[5] += e0;
@@ -225,10 +243,12 @@ inline void row_bwd_sums(const T* gr, const T* xr, const T* mr, const T* gm, int
   for (int k = 0; k < 6; ++k) o[k] = t[k];
 }
 
-// ∂x of one row: ρgc·(∂y·gmap − A/S − rn·q), rn = (x − μ)·ρ, q = ρ·D/S (coefficients per region).
+// ∂x of one row: ρgc·(∂y·gmap − A/S − rn·q), rn = (x − μ)·ρ, q = ρ·D/S (coefficients per region), plus
+// RN-L's pooling gradient when pm (∂ of the channel mean, already divided by C) is given: pm[l], and
+// px[l] where this row's channel c is the arg-max ix[l].
 template <typename T>
 inline void row_dx(const T* gr, const T* xr, const T* mr, const T* gm, T* dr, int64_t L, T mu1, T mu0, T r1, T r0,
-                   T p1, T p0, T h1, T h0, T q1, T q0) {
+                   T p1, T p0, T h1, T h0, T q1, T q0, const T* pm, const T* px, const int64_t* ix, int64_t c) {
   if (gm == nullptr) {
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
@@ -236,12 +256,20 @@ inline void row_dx(const T* gr, const T* xr, const T* mr, const T* gm, T* dr, in
       const T rn = (xr[l] - (in ? mu1 : mu0)) * (in ? r1 : r0);
       dr[l] = (in ? p1 : p0) * (gr[l] - (in ? h1 : h0) - rn * (in ? q1 : q0));
     }
-  } else {
+  } else if (pm == nullptr) {
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
       const bool in = mr[l] != T(0);
       const T rn = (xr[l] - (in ? mu1 : mu0)) * (in ? r1 : r0);
       dr[l] = (in ? p1 : p0) * (gr[l] * gm[l] - (in ? h1 : h0) - rn * (in ? q1 : q0));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      const bool in = mr[l] != T(0);
+      const T rn = (xr[l] - (in ? mu1 : mu0)) * (in ? r1 : r0);
+      const T v = (in ? p1 : p0) * (gr[l] * gm[l] - (in ? h1 : h0) - rn * (in ? q1 : q0)) + pm[l];
+      dr[l] = ix[l] == c ? v + px[l] : v;
     }
   }
 }
@@ -251,21 +279,20 @@ template <typename T>
 inline void dx_coefs(const double* sums, double s1, double s0, T r1, T r0, T g1, T g0, T out[6]) {
   const double s[2] = {s1, s0}, r[2] = {r1, r0}, g[2] = {g1, g0};
   for (int k = 0; k < 2; ++k) {
-    out[k] = static_cast<T>(r[k] * g[k]);                    // p = ρ·gc
-    out[2 + k] = static_cast<T>(sums[3 * k] / s[k]);         // h = A/S
+    out[k] = static_cast<T>(r[k] * g[k]);                        // p = ρ·gc
+    out[2 + k] = static_cast<T>(sums[3 * k] / s[k]);             // h = A/S
     out[4 + k] = static_cast<T>(r[k] * sums[3 * k + 1] / s[k]);  // q = ρ·D/S
   }
 }
 
+// Backward, first half: the per-row region sums into `sums` (6·N·C doubles, kept by the caller for
+// rn_bwd_dx) and the parameter gradients (each output may be null).
 template <typename T>
-void rn_backward(const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho, T* dx,
-                 T* dgc, T* dbc, T* dgmap, T* dbmap, int64_t N, int64_t C, int64_t L, int per_sample, int nt) {
-  auto cnt = zeros(N);
-  region_counts(m, cnt.get(), N, L, nt);
-  const double Ld = static_cast<double>(L);
-  auto sums = zeros(6 * N * C);
+void rn_bwd_sums(const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho,
+                 double* sums, T* dgc, T* dbc, T* dgmap, T* dbmap, int64_t N, int64_t C, int64_t L, int per_sample,
+                 int nt) {
   auto stat = [&](int64_t n, int64_t c) { return per_sample ? n * C + c : c; };
-  if (dgmap != nullptr || dbmap != nullptr) {  // per-position sums over channels: one sample per thread
+  if (gmap != nullptr) {  // per-position sums over channels: one sample per thread
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t n = 0; n < N; ++n) {
       T* dgm = dgmap == nullptr ? nullptr : dgmap + n * L;
@@ -274,41 +301,26 @@ void rn_backward(const T* g, const T* x, const T* m, const T* gc, const T* gmap,
         if (dgm != nullptr) dgm[l] = T(0);
         if (dbm != nullptr) dbm[l] = T(0);
       }
-      const T* mr = m + n * L;
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = n * C + c, k = stat(n, c);
-        const T* gr = g + i * L;
-        const T* xr = x + i * L;
-        const T mu1 = mu[2 * k], mu0 = mu[2 * k + 1];
-        row_bwd_sums(gr, xr, mr, gmap == nullptr ? nullptr : gmap + n * L, L, mu1, mu0, sums.get() + 6 * i);
         const T w1 = static_cast<T>(static_cast<double>(rho[2 * k]) * gc[2 * c]);
         const T w0 = static_cast<T>(static_cast<double>(rho[2 * k + 1]) * gc[2 * c + 1]);
-        if (dgm != nullptr) {
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            const bool in = mr[l] != T(0);
-            dgm[l] += gr[l] * ((xr[l] - (in ? mu1 : mu0)) * (in ? w1 : w0));
-          }
-        }
-        if (dbm != nullptr) {
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) dbm[l] += gr[l];
-        }
+        row_bwd_sums(g + i * L, x + i * L, m + n * L, gmap + n * L, L, mu[2 * k], mu[2 * k + 1], w1, w0, dgm, dbm,
+                     sums + 6 * i);
       }
     }
   } else {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t i = 0; i < N * C; ++i) {
       const int64_t n = i / C, k = stat(n, i % C);
-      row_bwd_sums(g + i * L, x + i * L, m + n * L, gmap == nullptr ? nullptr : gmap + n * L, L, mu[2 * k],
-                   mu[2 * k + 1], sums.get() + 6 * i);
+      row_bwd_sums<T>(g + i * L, x + i * L, m + n * L, nullptr, L, mu[2 * k], mu[2 * k + 1], T(0), T(0), nullptr,
+                      nullptr, sums + 6 * i);
     }
   }
-  // parameter gradients of the per-(channel, region) tables, in double
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < C; ++c) {  // the per-(channel, region) tables' gradients, in double
     double sg[2] = {0, 0}, sb[2] = {0, 0};
     for (int64_t n = 0; n < N; ++n) {
-      const double* o = sums.get() + 6 * (n * C + c);
+      const double* o = sums + 6 * (n * C + c);
       const int64_t k = stat(n, c);
       for (int r = 0; r < 2; ++r) {
         sg[r] += static_cast<double>(rho[2 * k + r]) * o[3 * r + 1];
@@ -320,35 +332,50 @@ void rn_backward(const T* g, const T* x, const T* m, const T* gc, const T* gmap,
       if (dbc != nullptr) dbc[2 * c + r] = static_cast<T>(sb[r]);
     }
   }
-  if (dx == nullptr) return;
+}
+
+// Backward, second half: ∂x from rn_bwd_sums' sums, one write; with RN-L's pooling gradient pg (N, 2, L)
+// and arg-max channels idx (N, L) (both or neither) added in the same write.
+template <typename T>
+void rn_bwd_dx(const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho,
+               const double* sums, const T* pg, const int64_t* idx, T* dx, int64_t N, int64_t C, int64_t L,
+               int per_sample, int nt) {
+  auto cnt = zeros(N);
+  region_counts(m, cnt.get(), N, L, nt);
+  const double Ld = static_cast<double>(L);
+  std::unique_ptr<T[]> pm;
+  if (pg != nullptr) {  // the channel mean's share ∂/C, once per position
+    pm.reset(new T[N * L]);
+    const T inv = T(1) / static_cast<T>(C);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t l = 0; l < L; ++l) pm[n * L + l] = pg[2 * n * L + l] * inv;
+  }
+  auto coefs = std::unique_ptr<T[]>(new T[6 * (per_sample ? N * C : C)]);
   if (per_sample) {
-#pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t i = 0; i < N * C; ++i) {
       const int64_t n = i / C, c = i % C;
-      const double s1 = std::max(cnt[n], 1.0), s0 = std::max(Ld - cnt[n], 1.0);
-      T k[6];
-      dx_coefs(sums.get() + 6 * i, s1, s0, rho[2 * i], rho[2 * i + 1], gc[2 * c], gc[2 * c + 1], k);
-      row_dx(g + i * L, x + i * L, m + n * L, gmap == nullptr ? nullptr : gmap + n * L, dx + i * L, L, mu[2 * i],
-             mu[2 * i + 1], rho[2 * i], rho[2 * i + 1], k[0], k[1], k[2], k[3], k[4], k[5]);
+      dx_coefs(sums + 6 * i, std::max(cnt[n], 1.0), std::max(Ld - cnt[n], 1.0), rho[2 * i], rho[2 * i + 1],
+               gc[2 * c], gc[2 * c + 1], coefs.get() + 6 * i);
     }
-    return;
-  }
-  double tot1 = 0;
-  for (int64_t n = 0; n < N; ++n) tot1 += cnt[n];
-  const double s1 = std::max(tot1, 1.0), s0 = std::max(static_cast<double>(N) * Ld - tot1, 1.0);
-  auto coefs = std::unique_ptr<T[]>(new T[6 * C]);
-  for (int64_t c = 0; c < C; ++c) {
-    double tot[6] = {0, 0, 0, 0, 0, 0};
-    for (int64_t n = 0; n < N; ++n)
-      for (int j = 0; j < 6; ++j) tot[j] += sums[6 * (n * C + c) + j];
-    dx_coefs(tot, s1, s0, rho[2 * c], rho[2 * c + 1], gc[2 * c], gc[2 * c + 1], coefs.get() + 6 * c);
+  } else {
+    double tot1 = 0;
+    for (int64_t n = 0; n < N; ++n) tot1 += cnt[n];
+    const double s1 = std::max(tot1, 1.0), s0 = std::max(static_cast<double>(N) * Ld - tot1, 1.0);
+    for (int64_t c = 0; c < C; ++c) {
+      double tot[6] = {0, 0, 0, 0, 0, 0};
+      for (int64_t n = 0; n < N; ++n)
+        for (int j = 0; j < 6; ++j) tot[j] += sums[6 * (n * C + c) + j];
+      dx_coefs(tot, s1, s0, rho[2 * c], rho[2 * c + 1], gc[2 * c], gc[2 * c + 1], coefs.get() + 6 * c);
+    }
   }
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t i = 0; i < N * C; ++i) {
-    const int64_t n = i / C, c = i % C;
-    const T* k = coefs.get() + 6 * c;
-    row_dx(g + i * L, x + i * L, m + n * L, gmap == nullptr ? nullptr : gmap + n * L, dx + i * L, L, mu[2 * c],
-           mu[2 * c + 1], rho[2 * c], rho[2 * c + 1], k[0], k[1], k[2], k[3], k[4], k[5]);
+    const int64_t n = i / C, c = i % C, k = per_sample ? i : c;
+    const T* kc = coefs.get() + 6 * k;
+    row_dx(g + i * L, x + i * L, m + n * L, gmap == nullptr ? nullptr : gmap + n * L, dx + i * L, L, mu[2 * k],
+           mu[2 * k + 1], rho[2 * k], rho[2 * k + 1], kc[0], kc[1], kc[2], kc[3], kc[4], kc[5],
+           pg == nullptr ? nullptr : pm.get() + n * L, pg == nullptr ? nullptr : pg + (2 * n + 1) * L,
+           idx == nullptr ? nullptr : idx + n * L, c);
   }
 }
 
@@ -461,10 +488,14 @@ void rn_conv_dw(const T* s, const T* g, T* dw, int64_t N, int64_t Ci, int64_t Co
     (const T* x, const T* m, const T* gc, const T* bc, const T* gmap, const T* bmap, T* y, T* mu, T* rho,          \
      int64_t N, int64_t C, int64_t L, int per_sample, double eps, int nt),                                         \
     (x, m, gc, bc, gmap, bmap, y, mu, rho, N, C, L, per_sample, eps, nt))                                          \
-  X(rn_bwd_##SUF, rn_backward<T>,                                                                                  \
-    (const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho, T* dx, T* dgc,     \
-     T* dbc, T* dgmap, T* dbmap, int64_t N, int64_t C, int64_t L, int per_sample, int nt),                         \
-    (g, x, m, gc, gmap, mu, rho, dx, dgc, dbc, dgmap, dbmap, N, C, L, per_sample, nt))                             \
+  X(rn_bwd_sums_##SUF, rn_bwd_sums<T>,                                                                             \
+    (const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho, double* sums,      \
+     T* dgc, T* dbc, T* dgmap, T* dbmap, int64_t N, int64_t C, int64_t L, int per_sample, int nt),                 \
+    (g, x, m, gc, gmap, mu, rho, sums, dgc, dbc, dgmap, dbmap, N, C, L, per_sample, nt))                           \
+  X(rn_bwd_dx_##SUF, rn_bwd_dx<T>,                                                                                 \
+    (const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho, const double* sums, \
+     const T* pg, const int64_t* idx, T* dx, int64_t N, int64_t C, int64_t L, int per_sample, int nt),            \
+    (g, x, m, gc, gmap, mu, rho, sums, pg, idx, dx, N, C, L, per_sample, nt))                             \
   X(rn_pool_##SUF, rn_pool<T>, (const T* x, T* out, int64_t* idx, int64_t N, int64_t C, int64_t L, int nt),        \
     (x, out, idx, N, C, L, nt))                                                                                    \
   X(rn_conv_##SUF, rn_conv<T>,                                                                                     \
