@@ -19,13 +19,18 @@ outside. An empty region (S = 0) gives ``μ = 0``, ``z = 0`` and an output of 0 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
+from normkit import backend as _backend
 from normkit.functional._core import check_channels_first, check_eps, check_float, check_param
+from normkit.kernels import cpu as _cpu
+from normkit.kernels import ops as _ops
 from normkit.stats import Reducer, SumSpec, accumulation_dtype, moments, rescue_scale, synced_sums
 
 
@@ -92,13 +97,25 @@ def _region_affine(
     ``G = m·g1 + (1 − m)·g0`` (``g0`` None: ``g1`` everywhere), ``B`` likewise; ``g*``/``b*`` broadcast to
     x, per channel ``(1, C, 1, …)`` or a spatial map ``(N, 1, *spatial)``. Returns the accumulation dtype.
 
-    Binary masks in eager code without a reducer take :class:`_RegionNormFn` (two reads for the
-    statistics, one output pass, closed-form backward, saves x, the centred x and the mask); soft masks,
-    ``torch.compile`` and synchronized statistics take the official formula (:func:`_reference`).
-    ``binary=True``: the caller knows the mask is binary (RN-L's threshold), so it is not checked;
-    ``link``: RN-L's shared ∂x buffer (:class:`_DxLink`)."""
+    Binary masks without a reducer: with backends ``"auto"``/``"kernels"`` on a CPU float32/float64
+    contiguous input and a one-channel mask, the fused C++ kernels of ``csrc/region_norm.cpp``
+    (:class:`_RegionKernelFn`: one memory read of x for the statistics, one write of y; backward one
+    read of ∂y and x for the sums, one write of ∂x; saves x, the mask and O(N·C) statistics); under
+    ``torch.compile`` with ``backend="kernels"`` their operator ``torch.ops.normkit.region_norm``.
+    Otherwise, in eager code, :class:`_RegionNormFn` (batched products with the mask matrix, saves x,
+    the centred x and the mask); soft masks, ``torch.compile`` with other backends and synchronized
+    statistics take the official formula (:func:`_reference`). ``binary=True``: the caller knows the
+    mask is binary (RN-L's threshold), so it is not checked; ``link``: RN-L's shared ∂x buffer
+    (:class:`_DxLink`)."""
     xf = x.to(m.dtype)
     n, c = x.shape[:2]
+    kernel = _kernel_route(xf, m, reducer)
+    if kernel is not None and (binary or bool(((m == 0) | (m == 1)).all())):
+        gc, bc, gmap, bmap = _kernel_tables(c, g1, g0, b1, b0)
+        if kernel == "op":
+            y = torch.ops.normkit.region_norm(xf, m, gc, bc, gmap, bmap, per_sample, eps)[0]
+            return y
+        return _RegionKernelFn.apply(xf, m, g1, g0, b1, b0, eps, per_sample, link)
     if (reducer is None and not torch.compiler.is_compiling() and xf.numel() > 0
             and (binary or bool(((m == 0) | (m == 1)).all()))):
         length = xf[0, 0].numel()
@@ -276,16 +293,20 @@ def region_norm_l(
     # RN's ∂x and the pooling's ∂x are formed in one buffer (see _DxLink); not under a compiler
     fused = x4.requires_grad and x4.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
     link = _DxLink() if fused else None
-    pooled = _MeanMax.apply(x4, link)
-    s = torch.sigmoid(_MapConv.apply(pooled, sa_weight, None))
+    # the pooling and the few-channel convolutions on csrc/region_norm.cpp's kernels where RN's are used
+    kern = reducer is None and _kernels_on(x4) and all(
+        w is None or (w.dtype == x4.dtype and w.device == x4.device)
+        for w in (sa_weight, gamma_weight, gamma_bias, beta_weight, beta_bias))
+    pooled = _MeanMax.apply(x4, link, kern)
+    s = torch.sigmoid(_MapConv.apply(pooled, sa_weight, None, kern))
     if gamma_weight.shape == beta_weight.shape:  # 1 + γ and β from ONE 1→2 convolution of the map (the 1 in its bias)
         zero = gamma_weight.new_zeros(1)
         bias = torch.cat([1 + (zero if gamma_bias is None else gamma_bias.reshape(1)),
                           zero if beta_bias is None else beta_bias.reshape(1)])
-        scale, beta = _MapConv.apply(s, torch.cat([gamma_weight, beta_weight]), bias).split(1, 1)
+        scale, beta = _MapConv.apply(s, torch.cat([gamma_weight, beta_weight]), bias, kern).split(1, 1)
     else:
-        scale = 1 + _MapConv.apply(s, gamma_weight, gamma_bias)
-        beta = _MapConv.apply(s, beta_weight, beta_bias)
+        scale = 1 + _MapConv.apply(s, gamma_weight, gamma_bias, kern)
+        beta = _MapConv.apply(s, beta_weight, beta_bias, kern)
     sd = accumulation_dtype(x.dtype)
     m = (s.detach() >= threshold).to(sd)
     y = _region_affine(x4, m, scale.to(sd), None, beta.to(sd), None, eps, per_sample, reducer, link, binary=True)
@@ -348,10 +369,13 @@ class _DxLink:
     adds the pooling's share in place and returns the sum — one pass where autograd would write the
     pooling's full-size ∂x and then add the two (measured: that add alone was 14% of RN-L's fwd+bwd)."""
 
-    __slots__ = ("dx",)
+    __slots__ = ("dx", "finish")
 
     def __init__(self) -> None:
         self.dx: Tensor | None = None
+        # the C++ path (:class:`_RegionKernelFn`) leaves ∂x unwritten: ``finish(pool_grad, idx)`` writes it
+        # once, the pooling's gradient included (csrc/region_norm.cpp's rn_bwd_dx)
+        self.finish: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 class _MeanMax(torch.autograd.Function):
@@ -362,22 +386,29 @@ class _MeanMax(torch.autograd.Function):
     saves only the (N, 1, *spatial) indices."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, link: _DxLink | None = None) -> Tensor:  # type: ignore[override]
-        mx, idx = x.max(1, keepdim=True)
-        ctx.save_for_backward(idx)
+    def forward(ctx, x: Tensor, link: _DxLink | None = None, kern: bool = False) -> Tensor:  # type: ignore[override]
         ctx.shape = x.shape
         ctx.link = link
+        if kern:  # one read of x (ATen's max with indices over dim 1 measured 10× a read)
+            out, idx = _cpu.region_pool(x)
+            ctx.save_for_backward(idx)
+            return out
+        mx, idx = x.max(1, keepdim=True)
+        ctx.save_for_backward(idx)
         return torch.cat([x.mean(1, keepdim=True), mx], 1)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (idx,) = ctx.saved_tensors
         link, share = ctx.link, g[:, :1] / ctx.shape[1]
+        if link is not None and link.finish is not None and not torch.is_grad_enabled():
+            finish, link.finish = link.finish, None
+            return finish(g, idx).view(ctx.shape), None, None
         if link is not None and link.dx is not None and not torch.is_grad_enabled():
             dx, link.dx = link.dx.view(ctx.shape), None
-            return dx.add_(share).scatter_add_(1, idx, g[:, 1:]), None
+            return dx.add_(share).scatter_add_(1, idx, g[:, 1:]), None, None
         dx = share.expand(ctx.shape).contiguous()
-        return (dx.scatter_add(1, idx, g[:, 1:]) if torch.is_grad_enabled() else dx.scatter_add_(1, idx, g[:, 1:])), None
+        return (dx.scatter_add(1, idx, g[:, 1:]) if torch.is_grad_enabled() else dx.scatter_add_(1, idx, g[:, 1:])), None, None
 
 
 class _RegionStats:
@@ -471,18 +502,8 @@ class _RegionNormFn(torch.autograd.Function):
         eps, per_sample, reference = ctx.cfg
         need = ctx.needs_input_grad
         st: _RegionStats | None = ctx.st
-        if st is None or torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            wants = (need[0], *need[2:6])
-            create = torch.is_grad_enabled()
-            with torch.enable_grad():
-                # double backward differentiates through the saved inputs themselves (connected to the
-                # outer graph); a plain backward (non-finite input) through detached copies
-                args = [None if t is None else t if create else t.detach().requires_grad_(w)
-                        for t, w in zip((x, g1, g0, b1, b0), wants)]
-                y = reference(args[0], m, *args[1:])
-                live = [a for a, w in zip(args, wants) if a is not None and w]
-                got = iter(torch.autograd.grad(y, live, gy, create_graph=create, allow_unused=True))
-            out = [next(got) if (a is not None and w) else None for a, w in zip(args, wants)]
+        if st is None or torch.is_grad_enabled():  # create_graph=True or non-finite input: the official formula
+            out = _replay((need[0], *need[2:6]), gy, x, m, (g1, g0, b1, b0), eps, per_sample)
             return out[0], None, out[1], out[2], out[3], out[4], None, None, None, None
         rg, s, rho = st.rg, st.s, st.rho
         maps = g1.shape[2] > 1  # RN-L: G, B (N, 1, L)
@@ -517,6 +538,151 @@ class _RegionNormFn(torch.autograd.Function):
         return dx, None, dg1, dg0, db1, db0, None, None, None, None
 
 
+# ---------------------------------------------------------------- C++ kernels (csrc/region_norm.cpp)
+
+
+def _kernels_on(x: Tensor) -> bool:
+    """Whether csrc/region_norm.cpp's kernels run in eager code for ``x``: backend ``"auto"`` or
+    ``"kernels"``, not under a compiler, a contiguous float32/float64 CPU input, the kernels built."""
+    return (x.numel() > 0 and _backend.get_backend() in ("auto", "kernels")
+            and not torch.compiler.is_compiling() and _ops.accepts(x))
+
+
+def _kernel_route(xf: Tensor, m: Tensor, reducer: Reducer | None) -> str | None:
+    """``"fn"`` (eager: :class:`_RegionKernelFn`), ``"op"`` (compiled graph with ``backend="kernels"``:
+    the operator) or None (the kernels do not apply: a reducer, a per-channel mask, another backend,
+    device or dtype, an empty input, no kernels built)."""
+    if reducer is not None or m.shape[1] != 1 or xf.numel() == 0:
+        return None
+    name = _backend.get_backend()
+    compiling = torch.compiler.is_compiling()
+    if name not in ("auto", "kernels") or (compiling and name != "kernels") or not _ops.accepts(xf):
+        return None
+    if compiling:
+        return "op"
+    _backend.note("regionnorm", "kernels")  # for backend.record() (the `runs` column of `normkit kernels`)
+    return "fn"
+
+
+def _kernel_tables(
+    c: int, g1: Tensor, g0: Tensor | None, b1: Tensor, b0: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The kernels' arguments: per-(channel, region) tables ``gc``, ``bc`` ``(C, 2)`` (region 1 first) and
+    the maps ``gmap``, ``bmap`` ``(N, 1, *spatial)`` (RN-L; None for per-channel parameters)."""
+    if g1.shape[1] != c or g1.numel() != c:  # RN-L: spatial maps (N, 1, *spatial), no per-channel parameters
+        return g1.new_ones(c, 2), b1.new_zeros(c, 2), g1, b1
+    return _pair(g1.reshape(1, c, 1), g0 if g0 is None else g0.reshape(1, c, 1))[0], \
+        _pair(b1.reshape(1, c, 1), b0 if b0 is None else b0.reshape(1, c, 1))[0], None, None
+
+
+def _table_grads(
+    t: Tensor | None, a1: Tensor, a0: Tensor | None, need1: bool, need0: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of per-channel parameters ``a1``/``a0`` behind a ``(C, 2)`` table gradient ``t``
+    (``a0`` None: ``a1`` stood in both columns)."""
+    if t is None:
+        return None, None
+    if a0 is None:
+        return (t.sum(1).reshape(a1.shape) if need1 else None), None
+    return (t[:, 0].reshape(a1.shape) if need1 else None), (t[:, 1].reshape(a0.shape) if need0 else None)
+
+
+def _replay(
+    need: tuple[bool, ...], gy: Tensor, x: Tensor, m: Tensor, params: tuple[Tensor | None, ...], eps: float,
+    per_sample: bool,
+) -> tuple[Tensor | None, ...]:
+    """``(∂x, ∂g1, ∂g0, ∂b1, ∂b0)`` by autograd through the official formula (:func:`_reference`), for a
+    double backward (grad mode on: through the saved inputs themselves, connected to the outer graph)
+    or a first backward the closed form does not cover. ``need``: which of (x, g1, g0, b1, b0) want one."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        args = [None if t is None else t if create else t.detach().requires_grad_(w)
+                for t, w in zip((x, *params), need)]
+        y = _reference(args[0], m, *args[1:], eps, per_sample)
+        live = [a for a, w in zip(args, need) if a is not None and w]
+        got = iter(torch.autograd.grad(y, live, gy, create_graph=create, allow_unused=True))
+    return tuple(next(got) if (a is not None and w) else None for a, w in zip(args, need))
+
+
+class _RegionKernelFn(torch.autograd.Function):
+    """``y = rn·G_r + B_r`` (see :class:`_RegionNormFn`) on the C++ kernels of ``csrc/region_norm.cpp``,
+    for a one-channel binary mask: forward reads x once from memory for both regions' statistics and
+    writes y once; backward reads ∂y and x once for the region sums and writes ∂x once (closed form,
+    as :class:`_RegionNormFn`'s). Saves x, the mask, the parameters (O(C) or RN-L's (N, 1, L) maps) and
+    the ``(N|1, C, 2)`` statistics — one input-sized tensor. A double backward replays the official
+    formula (:func:`_replay`). ``link``: RN-L's shared ∂x buffer (:class:`_DxLink`)."""
+
+    @staticmethod
+    def forward(ctx, x, m, g1, g0, b1, b0, eps, per_sample, link=None):  # noqa: ANN001, ANN205
+        gc, bc, gmap, bmap = _kernel_tables(x.shape[1], g1, g0, b1, b0)
+        y, mu, rho = _cpu.region_norm_forward(x, m, gc, bc, gmap, bmap, per_sample, eps)
+        ctx.save_for_backward(x, m, g1, g0, b1, b0, gc, mu, rho)
+        ctx.cfg = (eps, per_sample, gmap is not None)
+        ctx.link = link
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, m, g1, g0, b1, b0, gc, mu, rho = ctx.saved_tensors
+        eps, per_sample, maps = ctx.cfg
+        need = ctx.needs_input_grad
+        want = (need[0], *need[2:6])
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            dx, dg1, dg0, db1, db0 = _replay(want, gy, x, m, (g1, g0, b1, b0), eps, per_sample)
+            return dx, None, dg1, dg0, db1, db0, None, None, None
+        wants = (not maps and (need[2] or need[3]), not maps and (need[4] or need[5]), maps and need[2], maps and need[4])
+        gmap = g1 if maps else None
+        sums, dgc, dbc, dgm, dbm = _cpu.region_norm_backward_sums(gy, x, m, gc, gmap, mu, rho, per_sample, wants)
+        dx = None
+        if need[0] and ctx.link is not None and need[2]:  # the pooling's backward (next) writes ∂x with its share
+            ctx.link.finish = functools.partial(_cpu.region_norm_backward_dx, gy, x, m, gc, gmap, mu, rho, per_sample, sums)
+        elif need[0]:
+            dx = _cpu.region_norm_backward_dx(gy, x, m, gc, gmap, mu, rho, per_sample, sums)
+        if maps:
+            dg1, dg0, db1, db0 = dgm, None, dbm, None
+        else:
+            dg1, dg0 = _table_grads(dgc, g1, g0, need[2], need[3])
+            db1, db0 = _table_grads(dbc, b1, b0, need[4], need[5])
+        return dx, None, dg1, dg0, db1, db0, None, None, None
+
+
+def _op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, m, gc, bc, gmap, bmap, per_sample, eps = inputs
+    _, mu, rho = output
+    ctx.save_for_backward(x, m, gc, bc, gmap, bmap, mu, rho)
+    ctx.cfg = (per_sample, eps)
+
+
+def _op_backward(ctx, gy, *_unused):  # noqa: ANN001, ANN202
+    """Autograd of ``torch.ops.normkit.region_norm``: the backward operator; a double backward
+    differentiates the official formula with ``G = m·gc₁ + (1 − m)·gc₀`` (times gmap) and ``B`` alike."""
+    x, m, gc, bc, gmap, bmap, mu, rho = ctx.saved_tensors
+    per_sample, eps = ctx.cfg
+    need = ctx.needs_input_grad  # (x, mask, gc, bc, gmap, bmap, per_sample, eps)
+    if torch.is_grad_enabled():
+        wants = (need[0], need[2], need[3], need[4], need[5])
+        with torch.enable_grad():
+            args = [None if t is None else t if t.requires_grad else t.detach().requires_grad_(w)
+                    for t, w in zip((x, gc, bc, gmap, bmap), wants)]
+            shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            g = m * args[1][:, 0].reshape(shape) + (1 - m) * args[1][:, 1].reshape(shape)
+            b = m * args[2][:, 0].reshape(shape) + (1 - m) * args[2][:, 1].reshape(shape)
+            g = g if args[3] is None else g * args[3]
+            b = b if args[4] is None else b + args[4]
+            y = _reference(args[0], m, g, None, b, None, eps, per_sample)
+            live = [a for a, w in zip(args, wants) if a is not None and w]
+            got = iter(torch.autograd.grad(y, live, gy, create_graph=True, allow_unused=True))
+        dx, dgc, dbc, dgm, dbm = (next(got) if (a is not None and w) else None for a, w in zip(args, wants))
+        return dx, None, dgc, dbc, dgm, dbm, None, None
+    wants = (need[0], need[2], need[3], gmap is not None and need[4], bmap is not None and need[5])
+    got = torch.ops.normkit.region_norm_backward(gy, x, m, gc, gmap, mu, rho, per_sample, *wants)
+    dx, dgc, dbc, dgm, dbm = (t if w else None for t, w in zip(got, wants))
+    return dx, None, dgc, dbc, dgm, dbm, None, None
+
+
+_ops.region_norm.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def _pair(a1: Tensor, a0: Tensor | None) -> Tensor:
     """Per-channel region-1 / region-0 values ``(1, C, 1)`` as one ``(1, C, 2)`` table."""
     return torch.cat([a1, a1 if a0 is None else a0], 2)
@@ -538,20 +704,27 @@ class _MapConv(torch.autograd.Function):
     ops, so a double backward works."""
 
     @staticmethod
-    def forward(ctx, s: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, s: Tensor, w: Tensor, b: Tensor | None, kern: bool = False) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(s, w)
         ctx.has_bias = b is not None
+        ctx.kern = kern and s.shape[0] > 0
+        if ctx.kern:
+            return _cpu.map_conv(s, w, b)
         return TF.conv2d(s, w, b, padding=w.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         s, w = ctx.saved_tensors
         pad = w.shape[-1] // 2
+        db = g.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if ctx.kern and not torch.is_grad_enabled():  # csrc/region_norm.cpp's direct convolutions
+            ds = _cpu.map_conv(g, w.flip(-1, -2).transpose(0, 1), None) if ctx.needs_input_grad[0] else None
+            dw = _cpu.map_conv_weight_grad(s, g, w.shape[-1]) if ctx.needs_input_grad[1] else None
+            return ds, dw, db, None
         ds = TF.conv2d(g, w.flip(-1, -2).transpose(0, 1), padding=pad) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1] and s.shape[0] == 0:  # an empty batch (a rank with no samples)
             dw = torch.zeros_like(w)
         elif ctx.needs_input_grad[1]:  # (Ci, N, H, W) ⋆ (Co, N, H, W) → (Ci, Co, k, k)
             dw = TF.conv2d(s.transpose(0, 1), g.transpose(0, 1), padding=pad).transpose(0, 1)
-        db = g.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return ds, dw, db
+        return ds, dw, db, None
