@@ -271,3 +271,63 @@ def test_native_backend_and_masks_keep_their_paths():
     mask[1, 3:] = False
     y = RepBN(6, dtype=D)(x, mask)
     assert node(y) != KERNEL_NODE
+
+
+# ---- the operators (torch.ops.normkit.rep_batch_norm_*) ----------------------------------------------
+
+
+def _op_mix(x, ln_w, ln_b, bn_w, bn_b, alpha, lam=0.4):
+    rm, rr, col, ok = torch.ops.normkit.rep_batch_norm_stats(x.detach(), True, 1e-6)
+    return torch.ops.normkit.rep_batch_norm_mix(
+        x, ln_w, ln_b, bn_w, bn_b, alpha, lam, col[0], col[1], rm, rr, True, 1e-6, 1e-5
+    )
+
+
+def _op_inputs(c=6, rows=10):
+    torch.manual_seed(6)
+    x = (torch.randn(rows, c, dtype=D) + 2).requires_grad_()
+    return x, *(torch.randn(c, dtype=D, requires_grad=True) for _ in range(4)), torch.tensor([0.3], dtype=D,
+                                                                                            requires_grad=True)
+
+
+def test_operators_equal_plain_formula_and_pass_opcheck():
+    inputs = _op_inputs()
+    x, ln_w, ln_b, bn_w, bn_b, alpha = inputs
+    y = _op_mix(*inputs)
+    ref = 0.4 * ref_ln(x, ln_w, ln_b, 1e-6) + 0.6 * ref_repbn(x, bn_w, bn_b, alpha)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(ref, inputs, gy)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    rm, rr, col, ok = torch.ops.normkit.rep_batch_norm_stats(x.detach(), True, 1e-6)
+    assert float(ok) == 1.0
+    torch.library.opcheck(torch.ops.normkit.rep_batch_norm_stats, (x.detach(), True, 1e-6))
+    torch.library.opcheck(torch.ops.normkit.rep_batch_norm_stats, (x.detach(), False, 0.0))
+    torch.library.opcheck(
+        torch.ops.normkit.rep_batch_norm_mix, (x, ln_w, ln_b, bn_w, bn_b, alpha, 0.4, col[0], col[1], rm, rr, True,
+                                               1e-6, 1e-5))
+    torch.library.opcheck(  # RepBN alone in eval: running statistics, no LayerNorm terms
+        torch.ops.normkit.rep_batch_norm_mix, (x, None, None, bn_w, bn_b, alpha, 0.0, col[0], col[1] + 0.5, None,
+                                               None, False, 0.0, 1e-5))
+    torch.library.opcheck(
+        torch.ops.normkit.rep_batch_norm_mix_backward, (gy, x.detach(), ln_w.detach(), bn_w.detach(), alpha.detach(),
+                                                        0.4, col[0], col[1], rm, rr, True, 1e-5))
+
+
+def test_operators_compile_fullgraph_without_graph_breaks():
+    inputs = _op_inputs()
+    explain = torch._dynamo.explain(_op_mix)(*inputs)
+    assert explain.graph_break_count == 0
+    compiled = torch.compile(_op_mix, fullgraph=True, backend="aot_eager")
+    y, want = compiled(*inputs), _op_mix(*inputs)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    for got, ref in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(want, inputs, gy)):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_layers_compile_fullgraph_without_graph_breaks():
+    """Under torch.compile the layers keep their traced formula (the kernels run in eager code only)."""
+    x = torch.randn(2, 5, 8)
+    for m in (RepBN(8), mixing_prepbn(8, dtype=torch.float32)):
+        assert torch._dynamo.explain(m)(x).graph_break_count == 0

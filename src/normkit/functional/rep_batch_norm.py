@@ -352,11 +352,6 @@ class _PRepBNMixFn(Function):
         )
 
 
-def _vec(p: Tensor | None, c: int, fill: float) -> Tensor:
-    """``p`` in float64, or ``c`` copies of ``fill`` (a missing weight is 1, a missing bias 0)."""
-    return torch.full((c,), fill, dtype=torch.float64) if p is None else p.detach().reshape(-1).double()
-
-
 class _RepBNKernelFn(Function):
     """RepBN (``lam = 0``, no row statistics) or PRepBN's mix ``λ·LN(x) + (1 − λ)·RepBN(x)`` on a
     contiguous ``(rows, C)`` input in one node, as ``csrc/rep_batch_norm.cpp``'s kernels.
@@ -372,63 +367,78 @@ class _RepBNKernelFn(Function):
 
         ∂L/∂γ_ln = λ·Q,  ∂L/∂β_ln = λ·S,  ∂L/∂γ = s·P,  ∂L/∂β = s·S,  ∂L/∂α = s·Σ_c (P/r + μ·S)
 
-    Saves x and O(rows + C) statistics. A double backward (grad mode on in backward) replays autograd
-    on the plain formula (:func:`_prepbn_math` / :func:`_rep_math`).
+    (the C-sized factors and sums: :func:`normkit.kernels.ops.rep_mix_coefficients` /
+    :func:`~normkit.kernels.ops.rep_mix_param_grads`, shared with the operator
+    ``torch.ops.normkit.rep_batch_norm_mix``). Saves x and O(rows + C) statistics. A double backward
+    (grad mode on in backward) replays autograd on the plain formula (:func:`_prepbn_math` / :func:`_rep_math`).
+    Called directly in eager code: an operator call costs ~30-70 µs more dispatch (see :mod:`normkit.kernels.ops`).
     """
 
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, var, row_mean, row_rstd, training, ln_eps, bn_eps):  # type: ignore[override]
-        c, dt = x.shape[-1], x.dtype
-        s = 1.0 - lam
-        r = torch.rsqrt(var.double() + bn_eps)
-        mu = mean.to(dt)
-        bb = s * _vec(bn_b, c, 0.0)
-        w1 = None
-        if row_mean is not None:
-            w1 = (lam * _vec(ln_w, c, 1.0)).to(dt)
-            bb = bb + lam * _vec(ln_b, c, 0.0)
-        sa = s * float(alpha)
-        y = _cpu.prepbn_out(x, row_mean, row_rstd, w1, (s * _vec(bn_w, c, 1.0) * r).to(dt), mu, bb.to(dt), sa)
+        has_ln = row_mean is not None
+        w1, gb, r, rg, bb, sa = _ops.rep_mix_coefficients(x, ln_w, ln_b, bn_w, bn_b, alpha, lam, var, bn_eps, has_ln)
+        mu = mean.to(x.dtype)
+        y = _cpu.prepbn_out(x, row_mean, row_rstd, w1, rg, mu, bb, sa)
         ctx.cfg = (lam, training, ln_eps, bn_eps, sa)
-        ctx.save_for_backward(x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd, w1, mu, r.to(dt))
+        ctx.save_for_backward(x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd, w1, gb, mu, r)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd, w1, mu, r = ctx.saved_tensors
+        x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd, w1, gb, mu, r = ctx.saved_tensors
         lam, training, ln_eps, bn_eps, sa = ctx.cfg
-        needs = ctx.needs_input_grad
-        none8 = (None,) * 8
-        if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formula
-            if row_mean is not None:
-                grads = replay_grads(
-                    lambda *t: _prepbn_math(*t, lam, ln_eps, bn_eps), (x, ln_w, ln_b, bn_w, bn_b, alpha), needs[:6], gy
-                )
-                return (*grads, *none8)
-            stats = (None, None) if training else (mean.to(x.dtype), var.to(x.dtype))
-            dx, dw, db, da = replay_grads(
-                lambda x, w, b, a: _rep_math(x, w, b, a, *stats, training, bn_eps), (x, bn_w, bn_b, alpha),
-                (needs[0], *needs[3:6]), gy,
-            )
-            return dx, None, None, dw, db, da, *none8
-        s = 1.0 - lam
-        gb = (s * _vec(bn_w, x.shape[-1], 1.0)).to(x.dtype)
-        dx, sums = _cpu.prepbn_backward(gy, x, row_mean, row_rstd, w1, gb, mu, r, sa, training)
-        sg, p, q = sums
-
-        def cast(t: Tensor, like: Tensor | None) -> Tensor:
-            return t.to(x.dtype if like is None else like.dtype)
-
-        has_ln = row_mean is not None  # at λ = 0 PRepBN's LayerNorm parameters get 0 (as the plain mix)
-        return (
-            dx if needs[0] else None,
-            (cast(lam * q, ln_w) if has_ln else torch.zeros_like(ln_w)) if needs[1] else None,
-            (cast(lam * sg, ln_b) if has_ln else torch.zeros_like(ln_b)) if needs[2] else None,
-            cast(s * p, bn_w) if needs[3] else None,
-            cast(s * sg, bn_b) if needs[4] else None,
-            cast(s * (p / r.double() + mu.double() * sg).sum(), alpha).reshape(alpha.shape) if needs[5] else None,
-            *none8,
+        grads = _mix_grads(
+            ctx.needs_input_grad, gy, (x, ln_w, ln_b, bn_w, bn_b, alpha), lam, mean, var, row_mean, training,
+            ln_eps, bn_eps,
+            lambda: _cpu.prepbn_backward(gy, x, row_mean, row_rstd, w1, gb, mu, r, sa, training), mu, r,
         )
+        return (*grads, *([None] * 8))
+
+
+def _mix_grads(needs, gy, inputs, lam, mean, var, row_mean, training, ln_eps, bn_eps, kernel, mu, r):  # type: ignore[no-untyped-def]
+    """``(∂x, ∂γ_ln, ∂β_ln, ∂γ, ∂β, ∂α)`` of the kernels' mix, ``inputs`` = (x, γ_ln, β_ln, γ, β, α): from
+    ``kernel()`` = (∂x, sums), or, in a double backward (grad mode on), autograd replayed on the plain formula."""
+    x = inputs[0]
+    if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formula
+        if row_mean is not None:
+            return replay_grads(lambda *t: _prepbn_math(*t, lam, ln_eps, bn_eps), inputs, needs[:6], gy)
+        stats = (None, None) if training else (mean.to(x.dtype), var.to(x.dtype))
+        dx, dw, db, da = replay_grads(
+            lambda x, w, b, a: _rep_math(x, w, b, a, *stats, training, bn_eps), (x, *inputs[3:]),
+            (needs[0], *needs[3:6]), gy,
+        )
+        zero_ln = [torch.zeros_like(t) if need and t is not None else None for t, need in zip(inputs[1:3], needs[1:3])]
+        return [dx, *zero_ln, dw, db, da]  # (λ = 0: PRepBN's LayerNorm parameters get 0, as the plain mix)
+    dx, sums = kernel()
+    return [dx if needs[0] else None,
+            *_ops.rep_mix_param_grads(sums, lam, row_mean is not None, mu, r, inputs[1:], needs[1:6], x.dtype)]
+
+
+def _op_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, var, row_mean, row_rstd, training, ln_eps, bn_eps = inputs
+    ctx.save_for_backward(x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd)
+    ctx.cfg = (lam, training, ln_eps, bn_eps)
+
+
+def _op_backward(ctx, gy):  # noqa: ANN001, ANN202
+    """The autograd formula of ``torch.ops.normkit.rep_batch_norm_mix``: :func:`_mix_grads` with the backward operator."""
+    x, ln_w, ln_b, bn_w, bn_b, alpha, mean, var, row_mean, row_rstd = ctx.saved_tensors
+    lam, training, ln_eps, bn_eps = ctx.cfg
+    mu = mean.to(x.dtype)
+    r = torch.rsqrt(var.double() + bn_eps).to(x.dtype)
+    grads = _mix_grads(
+        ctx.needs_input_grad, gy, (x, ln_w, ln_b, bn_w, bn_b, alpha), lam, mean, var, row_mean, training, ln_eps,
+        bn_eps,
+        lambda: torch.ops.normkit.rep_batch_norm_mix_backward(
+            gy, x, ln_w, bn_w, alpha, lam, mean, var, row_mean, row_rstd, training, bn_eps
+        ),
+        mu, r,
+    )
+    return (*grads, *([None] * 8))
+
+
+_ops.rep_batch_norm_mix.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def _kernels_take(x2d: Tensor, backend: str | None, *params: Tensor | None) -> bool:

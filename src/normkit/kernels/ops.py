@@ -18,6 +18,8 @@ operator                       computes
 ``evonorm_b0[_backward]``      EvoNorm-B0 (``csrc/evonorm.cpp``) and its closed-form backward
 ``evonorm_s0[_backward]``      EvoNorm-S0 and its closed-form backward
 ``region_norm[_backward]``     Region Normalization (RN-B/RN-L, ``csrc/region_norm.cpp``) and its backward
+``rep_batch_norm_stats``       RepBN / PRepBN pass 1: row LN statistics + batch statistics (``csrc/rep_batch_norm.cpp``)
+``rep_batch_norm_mix[_bwd]``   RepBN or PRepBN's λ-mix from those statistics, and its closed-form backward
 =============================  ==========================================================
 
 Why ``custom_op`` over a ``TORCH_LIBRARY`` C++ extension: the kernels are plain C entry points
@@ -433,3 +435,114 @@ def power_norm_backward(
 @power_norm_backward.register_fake
 def _(g, x, weight, rrow, stats, ema_gz, keep, groups):  # noqa: ANN001, ANN202
     return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+
+# ---------------------------------------------------------------- RepBN / PRepBN's mix (csrc/rep_batch_norm.cpp)
+# The autograd formula of rep_batch_norm_mix is registered in normkit.functional.rep_batch_norm, beside the
+# plain formulas its double backward differentiates through; the C-sized math below is shared with the
+# eager autograd Function there.
+
+
+def _vec(p: Tensor | None, c: int, fill: float) -> Tensor:
+    """``p`` in float64, or ``c`` copies of ``fill`` (a missing weight is 1, a missing bias 0)."""
+    return torch.full((c,), fill, dtype=torch.float64) if p is None else p.detach().reshape(-1).double()
+
+
+def rep_mix_coefficients(
+    x: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, bn_w: Tensor | None, bn_b: Tensor | None, alpha: Tensor,
+    lam: float, var: Tensor, bn_eps: float, has_ln: bool,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor, float]:
+    """The per-channel factors of ``y = x̂_LN·w1 + (x − μ)·gb·r + x·sa + bb`` (λ·LN + (1 − λ)·RepBN, s = 1 − λ):
+    ``(w1 = λ·γ_ln, gb = s·γ, r = (σ² + eps)^−½, gb·r, bb = λ·β_ln + s·β, sa = s·α)``, formed in float64 and
+    stored in x's dtype (w1 None without LayerNorm)."""
+    c, dt = x.shape[-1], x.dtype
+    s = 1.0 - lam
+    r = torch.rsqrt(var.double() + bn_eps)
+    gb = s * _vec(bn_w, c, 1.0)
+    bb = s * _vec(bn_b, c, 0.0)
+    w1 = None
+    if has_ln:
+        w1 = (lam * _vec(ln_w, c, 1.0)).to(dt)
+        bb = bb + lam * _vec(ln_b, c, 0.0)
+    return w1, gb.to(dt), r.to(dt), (gb * r).to(dt), bb.to(dt), s * float(alpha)
+
+
+def rep_mix_param_grads(
+    sums: Tensor, lam: float, has_ln: bool, mu: Tensor, r: Tensor, params: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...], dt: torch.dtype,
+) -> list[Tensor | None]:
+    """``(∂γ_ln, ∂β_ln, ∂γ, ∂β, ∂α)`` from the backward kernel's float64 sums ``(S, P, Q)`` = per channel
+    ``Σ ∂L/∂y``, ``Σ ∂L/∂y·(x − μ)·r``, ``Σ ∂L/∂y·x̂_LN``: ``λ·Q, λ·S, s·P, s·S, s·Σ_c (P/r + μ·S)``.
+    ``params`` = (ln_w, ln_b, bn_w, bn_b, alpha); without LayerNorm (λ = 0) its parameters get 0."""
+    sg, p, q = sums
+    s = 1.0 - lam
+    ln_w, ln_b, bn_w, bn_b, alpha = params
+
+    def cast(t: Tensor, like: Tensor | None) -> Tensor:
+        return t.to(dt if like is None else like.dtype)
+
+    d_alpha = None
+    if needs[4]:
+        d_alpha = cast(s * (p / r.double() + mu.double() * sg).sum(), alpha).reshape(alpha.shape)
+    return [
+        ((cast(lam * q, ln_w) if has_ln else torch.zeros_like(ln_w)) if needs[0] else None),
+        ((cast(lam * sg, ln_b) if has_ln else torch.zeros_like(ln_b)) if needs[1] else None),
+        cast(s * p, bn_w) if needs[2] else None,
+        cast(s * sg, bn_b) if needs[3] else None,
+        d_alpha,
+    ]
+
+
+@torch.library.custom_op("normkit::rep_batch_norm_stats", mutates_args=(), device_types="cpu")
+def rep_batch_norm_stats(x: Tensor, has_ln: bool, ln_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1 over ``(R, C)`` tokens: ``(row_mean, row_rstd, col, ok)``, the per-row LayerNorm statistics
+    (empty unless ``has_ln``), ``col`` = (batch mean, biased variance) ``(2, C)`` float64, and ``ok`` (float64
+    0-dim) 1 where those one-read statistics are exact (finite, well-conditioned), else 0."""
+    rm, rr, col, ok = _cpu.prepbn_stats(x.contiguous(), has_ln, ln_eps)
+    rm, rr = (_empty(x) if t is None else t for t in (rm, rr))
+    return rm, rr, col, torch.tensor(1.0 if ok else 0.0, dtype=torch.float64)
+
+
+@rep_batch_norm_stats.register_fake
+def _(x, has_ln, ln_eps):  # noqa: ANN001, ANN202
+    rows = x.shape[0] if has_ln else 0
+    f64 = torch.float64
+    return x.new_empty(rows), x.new_empty(rows), x.new_empty((2, x.shape[1]), dtype=f64), x.new_empty((), dtype=f64)
+
+
+@torch.library.custom_op("normkit::rep_batch_norm_mix", mutates_args=(), device_types="cpu")
+def rep_batch_norm_mix(
+    x: Tensor, ln_w: Tensor | None, ln_b: Tensor | None, bn_w: Tensor | None, bn_b: Tensor | None, alpha: Tensor,
+    lam: float, mean: Tensor, var: Tensor, row_mean: Tensor | None, row_rstd: Tensor | None,
+    training: bool, ln_eps: float, bn_eps: float,
+) -> Tensor:
+    """``λ·LN(x) + (1 − λ)·(BN(x) + α·x)`` over ``(R, C)`` tokens given the statistics of
+    :func:`rep_batch_norm_stats` (LayerNorm terms only with ``row_mean``; RepBN alone: λ = 0, no row
+    statistics) or, in eval, the running ones. ``training``: ``mean``/``var`` are the batch's, which the
+    registered backward differentiates through as BatchNorm's does. ``ln_eps``: the LayerNorm eps the row
+    statistics were made with (for a double backward, which recomputes them)."""
+    has_ln = row_mean is not None
+    w1, _, r, rg, bb, sa = rep_mix_coefficients(x, ln_w, ln_b, bn_w, bn_b, alpha, lam, var, bn_eps, has_ln)
+    return _cpu.prepbn_out(x.contiguous(), row_mean, row_rstd, w1, rg, mean.to(x.dtype), bb, sa)
+
+
+@rep_batch_norm_mix.register_fake
+def _(x, ln_w, ln_b, bn_w, bn_b, alpha, lam, mean, var, row_mean, row_rstd, training, ln_eps, bn_eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normkit::rep_batch_norm_mix_backward", mutates_args=(), device_types="cpu")
+def rep_batch_norm_mix_backward(
+    g: Tensor, x: Tensor, ln_w: Tensor | None, bn_w: Tensor | None, alpha: Tensor, lam: float, mean: Tensor,
+    var: Tensor, row_mean: Tensor | None, row_rstd: Tensor | None, training: bool, bn_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``(∂x, sums)`` of :func:`rep_batch_norm_mix`: ``sums`` (3, C) float64 as :func:`rep_mix_param_grads` takes."""
+    has_ln = row_mean is not None
+    w1, gb, r, _, _, sa = rep_mix_coefficients(x, ln_w, None, bn_w, None, alpha, lam, var, bn_eps, has_ln)
+    dx, sums = _cpu.prepbn_backward(g, x.contiguous(), row_mean, row_rstd, w1, gb, mean.to(x.dtype), r, sa, training)
+    return dx.view(x.shape), sums
+
+
+@rep_batch_norm_mix_backward.register_fake
+def _(g, x, ln_w, bn_w, alpha, lam, mean, var, row_mean, row_rstd, training, bn_eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64)
