@@ -222,9 +222,12 @@ def rep_batch_norm(
     them at ``(1 + α)·x``; they carry no signal either way).
 
     Where ATen's BatchNorm computes the call exactly (no mask or reducer, float32/float64, eager)
-    it runs as one autograd node (:class:`_RepBNFn`: statistics from ATen's Welford kernel, the
-    per-channel affine in one pass, closed-form backward); otherwise normkit's ``batch_norm`` on
-    the ``(rows, C)`` view plus ``α·x``.
+    it runs as one autograd node: with backend ``"auto"``/``"kernels"`` and normkit's C++ kernels
+    :class:`_RepBNKernelFn` (``csrc/rep_batch_norm.cpp``: one read of x for the batch statistics, one
+    pass for the output; backward one read of ∂L/∂y and x for the sums, one pass for ∂L/∂x; Welford
+    statistics where the one-read variance is ill-conditioned), else :class:`_RepBNFn` (statistics
+    from :func:`_batch_stats`, the per-channel affine in one pass, closed-form backward); otherwise
+    normkit's ``batch_norm`` on the ``(rows, C)`` view plus ``α·x``.
     """
     c = _check_tokens(x, None if running_mean is None else running_mean.numel(), "rep_batch_norm")
     if not isinstance(alpha, Tensor) or alpha.numel() != 1:

@@ -254,9 +254,10 @@ class PRepBN(nn.Module):
     * Eager mode follows the official control flow exactly (one host read of ``warm > 0`` per
       training call, and one of λ after warm-up; RepBN is not run during warm-up). After warm-up the
       mix is computed with λ and 1 − λ folded into each branch's affine parameters (C-sized products;
-      in training, float32/float64 without mask or sync: one autograd node, ATen's LayerNorm with the
-      RepBN branch folded into its bias, see
-      :class:`~normkit.functional.rep_batch_norm._PRepBNMixFn`); same values and gradients as the
+      in training, float32/float64 without mask or sync: one autograd node — with backend ``"auto"`` and
+      normkit's C++ kernels :class:`~normkit.functional.rep_batch_norm._RepBNKernelFn`, two reads of x
+      forward and two of ∂L/∂y and x backward, else ATen's LayerNorm with the RepBN branch folded into its
+      bias, :class:`~normkit.functional.rep_batch_norm._PRepBNMixFn`); same values and gradients as the
       formula, at the cost of about one LayerNorm plus one pass. Under ``torch.compile`` both branches are
       computed and selected with ``torch.where``: outputs, counters and running statistics are
       identical, but during warm-up RepBN's parameters receive zero gradients instead of
