@@ -101,7 +101,8 @@ def _region_affine(
     contiguous input and a one-channel mask, the fused C++ kernels of ``csrc/region_norm.cpp``
     (:class:`_RegionKernelFn`: one memory read of x for the statistics, one write of y; backward one
     read of ∂y and x for the sums, one write of ∂x; saves x, the mask and O(N·C) statistics); under
-    ``torch.compile`` with ``backend="kernels"`` their operator ``torch.ops.normkit.region_norm``.
+    ``torch.compile`` with ``backend="kernels"`` their operator ``torch.ops.normkit.region_norm`` where
+    the mask is known to be binary (RN-L's threshold: a graph cannot check an input mask's values).
     Otherwise, in eager code, :class:`_RegionNormFn` (batched products with the mask matrix, saves x,
     the centred x and the mask); soft masks, ``torch.compile`` with other backends and synchronized
     statistics take the official formula (:func:`_reference`). ``binary=True``: the caller knows the
@@ -110,6 +111,8 @@ def _region_affine(
     xf = x.to(m.dtype)
     n, c = x.shape[:2]
     kernel = _kernel_route(xf, m, reducer)
+    if kernel == "op" and not binary:  # a mask of unknown values cannot be checked inside a graph
+        kernel = None
     if kernel is not None and (binary or bool(((m == 0) | (m == 1)).all())):
         gc, bc, gmap, bmap = _kernel_tables(c, g1, g0, b1, b0)
         if kernel == "op":
