@@ -23,9 +23,10 @@
 // One pass: each row's dxs is written to dx, its group sums taken, and dx finished from cache.
 //
 // Column sums: the rows are cut into a fixed number of blocks (a function of N only), each block
-// sums its rows into its own double buffer, and the buffers are added in block order — the same
-// result for any thread count. Row sums in double (a float's square is exact in double: no
-// overflow for float input at any scale), with kLanes partial sums. NaN propagates.
+// sums its rows into its own double buffer (GroupScaled squares, bounded by C/G, first in T over
+// kFlush rows), and the buffers are added in block order — the same result for any thread count.
+// Row sums in double (a float's square is exact in double: no overflow for float input at any
+// scale), with kLanes partial sums. NaN propagates.
 //
 // Portable build, runtime dispatch: as evonorm.cpp (nk_isa.h's per-ISA copies; the baseline unit
 // exports the extern "C" entry points, which run the copy cpu_norms.cpp's nk_isa() chose).
@@ -46,6 +47,7 @@ namespace {
 
 constexpr int kLanes = 16;       // independent partial sums of a row reduction (not latency-bound)
 constexpr int64_t kMaxBlocks = 64;  // row blocks of the column sums
+constexpr int64_t kFlush = 16;      // rows of GroupScaled squares summed in T before they go to double
 
 // Σ_{i<m} f(i) in double with kLanes partial sums.
 template <typename F>
@@ -64,6 +66,11 @@ NK_PN_INLINE double lane_sum(int64_t m, F f) {
 
 int64_t n_blocks(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, N / 16)); }
 
+// This thread's row blocks [first_block, end_block) of nb, inside a parallel region: the same
+// contiguous share in every pass of a call (with the same thread count).
+int64_t first_block(int64_t nb) { return nb * omp_get_thread_num() / omp_get_num_threads(); }
+int64_t end_block(int64_t nb) { return nb * (omp_get_thread_num() + 1) / omp_get_num_threads(); }
+
 std::unique_ptr<double[]> zeros(int64_t n) { return std::unique_ptr<double[]>(new double[n]()); }
 
 // 1/sqrt(mean(x²) + geps) of m values (the RMS of a channel group; a float's square is exact in double).
@@ -74,6 +81,26 @@ NK_PN_INLINE T group_rstd(const T* p, int64_t m, double geps) {
     return v * v;
   });
   return static_cast<T>(1.0 / std::sqrt(ss / static_cast<double>(m) + geps));
+}
+
+// Σ (x·r)² of m values added to ag (in A), and y = (x·r)·scale + b where yg is not null.
+template <typename T, typename A>
+NK_PN_INLINE void square_sums(const T* xg, T r, A* ag, T* yg, const T* sg, const T* bg, int64_t m) {
+  if (yg == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const A s = static_cast<A>(xg[j] * r);
+      ag[j] += s * s;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const T xs = xg[j] * r;
+      const A s = static_cast<A>(xs);
+      ag[j] += s * s;
+      yg[j] = xs * sg[j] + bg[j];
+    }
+  }
 }
 
 template <typename T>
@@ -93,33 +120,32 @@ void pn_forward(const T* x, const T* w, const T* b, const T* phi, const int64_t*
     }
   }
   auto part = zeros(nb * C);  // per block: Σ xs²
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t k = 0; k < nb; ++k) {
-    double* acc = part.get() + k * C;
-    const int64_t r0 = N * k / nb, r1 = N * (k + 1) / nb;
-    for (int64_t i = r0; i < r1; ++i) {
-      const T* xr = x + i * C;
-      for (int64_t gi = 0; gi < ng; ++gi) {
-        const T* xg = xr + gi * cg;
-        double* ag = acc + gi * cg;
-        T r = T(1);
-        if (G > 0) rrow[i * G + gi] = r = group_rstd(xg, cg, geps);
-        if (batch) {
-#pragma omp simd
-          for (int64_t j = 0; j < cg; ++j) {
-            const double s = static_cast<double>(xg[j] * r);
-            ag[j] += s * s;
+#pragma omp parallel num_threads(nt)
+  {
+    // GroupScaled values are at most sqrt(C/G) in size: their squares are summed in T over kFlush rows,
+    // then added to the block's double sums (no conversion in the row loop). Without GroupScaling x
+    // may have any size, and its squares go to double directly.
+    std::unique_ptr<T[]> rows_acc(new T[G > 0 ? C : 0]());
+    for (int64_t k = first_block(nb); k < end_block(nb); ++k) {
+      double* acc = part.get() + k * C;
+      const int64_t r0 = N * k / nb, r1 = N * (k + 1) / nb;
+      for (int64_t i = r0; i < r1; ++i) {
+        for (int64_t gi = 0; gi < ng; ++gi) {
+          const int64_t o = gi * cg;
+          const T* xg = x + i * C + o;
+          T* yg = batch ? nullptr : y + i * C + o;  // after warmup the scale is known: y in this pass
+          if (G > 0) {
+            const T r = rrow[i * G + gi] = group_rstd(xg, cg, geps);
+            square_sums(xg, r, rows_acc.get() + o, yg, scale.get() + o, b + o, cg);
+          } else {
+            square_sums(xg, T(1), acc + o, yg, scale.get() + o, b + o, cg);
           }
-        } else {  // the scale is known: y in the same pass
-          T* yg = y + i * C + gi * cg;
-          const T* sg = scale.get() + gi * cg;
-          const T* bg = b + gi * cg;
+        }
+        if (G > 0 && ((i - r0) % kFlush == kFlush - 1 || i == r1 - 1)) {
 #pragma omp simd
-          for (int64_t j = 0; j < cg; ++j) {
-            const T xs = xg[j] * r;
-            const double s = static_cast<double>(xs);
-            ag[j] += s * s;
-            yg[j] = xs * sg[j] + bg[j];
+          for (int64_t j = 0; j < C; ++j) {
+            acc[j] += static_cast<double>(rows_acc[j]);
+            rows_acc[j] = T(0);
           }
         }
       }
@@ -142,8 +168,9 @@ void pn_forward(const T* x, const T* w, const T* b, const T* phi, const int64_t*
     var[c] = static_cast<T>(v);  // inf only where the true value exceeds T's range
   }
   if (!batch) return;
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t i = 0; i < N; ++i) {
+  // each thread takes its pass-1 rows backwards: the rows it read last may still be in cache
+#pragma omp parallel num_threads(nt)
+  for (int64_t i = N * end_block(nb) / nb - 1; i >= N * first_block(nb) / nb; --i) {
     for (int64_t gi = 0; gi < ng; ++gi) {
       const T* xg = x + i * C + gi * cg;
       T* yg = y + i * C + gi * cg;
