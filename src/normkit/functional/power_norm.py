@@ -381,6 +381,13 @@ def power_norm(
     process's non-padded tokens (one collective of ``(n, Σx²)``) and the backward's ``mean(ĝ·z)``
     runs over every process's tokens (one collective), so ``running_phi``, ``ema_gz``, ``iters`` and
     the input gradients equal a single process's on the concatenated batch. GroupScaling is per token.
+
+    Implementation: in training on a contiguous float32/float64 CPU input with no ``pad_mask``, no
+    ``reducer`` and no ``stats_dtype`` override, backends ``"auto"`` and ``"kernels"`` run the step on
+    ``kernels/csrc/power_norm.cpp`` (GroupScaling, statistics and output in two reads of x — one after
+    warmup — and the backward in one read of x and ∂L/∂y; it saves x and O(N·G + C) statistics), as
+    ``torch.ops.normkit.power_norm`` under ``torch.compile``. Everything else, and ``backend="eager"``,
+    takes the ATen path (:func:`group_scaling` + :class:`_PowerNormFn`); both state the same equations.
     """
     what = "power_norm"
     num_groups = renamed_argument(num_groups, group_num, new="num_groups", old="group_num", where="power_norm()", default=1)
