@@ -38,6 +38,7 @@ namespace {
 
 constexpr int64_t kColBlocks = 32;  // fixed row blocks of the per-channel sums (deterministic order)
 constexpr int64_t kShiftRows = 16;  // rows whose mean shifts the one-read batch variance
+constexpr int64_t kBlock = 4096;    // values of a row summed in T before the block sum is added in double
 
 std::unique_ptr<double[]> dzeros(int64_t n) { return std::unique_ptr<double[]>(new double[n]()); }
 
@@ -49,52 +50,96 @@ inline int64_t block_start(int64_t R, int64_t nb, int64_t b) { return R * b / nb
 // Σd²/n − m² in double loses log2(1 + m²/var) of double's 52 bits: float64 input keeps the bound 4
 // (≤ 2.3 bits, as the unshifted test it replaces); float32 input allows 2^20 (≥ 31 bits left, more than
 // float's 24).
+// Per-row mean and rstd from a row in cache. float rows: Σx and Σx² in double in one loop (a float's
+// square is exact in double and cannot overflow it), as cpu_norms.cpp's rows; float64 rows: the mean,
+// then the mean squared deviation, every term scaled by 1/C first (no overflow up to ~1e154·√C). Sets
+// bad on an infinite variance.
+template <typename T>
+inline void row_stats(const T* xr, int64_t C, double eps, T& mean, T& rstd, int& bad) {
+  const double inv_c = 1.0 / static_cast<double>(C);
+  if constexpr (sizeof(T) == 4) {
+    double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t c = 0; c < C; ++c) {
+      const double v = static_cast<double>(xr[c]);
+      s1 += v;
+      s2 += v * v;
+    }
+    const double mu = s1 * inv_c;
+    double var = s2 * inv_c - mu * mu;
+    var = var < 0 ? 0 : var;  // rounding; NaN compares false and stays
+    mean = static_cast<T>(mu);
+    rstd = static_cast<T>(1.0 / std::sqrt(var + eps));
+    return;
+  }
+  double s1 = 0;
+#pragma omp simd reduction(+ : s1)
+  for (int64_t c = 0; c < C; ++c) s1 += static_cast<double>(xr[c]) * inv_c;
+  double s2 = 0;
+#pragma omp simd reduction(+ : s2)
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = static_cast<double>(xr[c]) - s1;
+    s2 += d * (d * inv_c);
+  }
+  if (std::isinf(s2) || std::isinf(s1)) bad = 1;
+  mean = static_cast<T>(s1);
+  rstd = static_cast<T>(1.0 / std::sqrt(s2 + eps));
+}
+
+// The per-channel sums of `rows` (1 or kGroup) consecutive rows into the block's double partials: one
+// load and store of each partial per group, not per row (per row they cost more than reading x).
+constexpr int64_t kGroup = 4;
+
+template <typename T, int G>
+inline void col_moments(const T* x, int64_t C, const double* K, double* c1, double* c2) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int j = 0; j < G; ++j) {
+      const double d = static_cast<double>(x[j * C + c]) - K[c];
+      a += d;
+      b += d * d;
+    }
+    c1[c] += a;
+    c2[c] += b;
+  }
+}
+
+// col: 2·C doubles out (mean, biased variance per channel); ok: 1 when every row's and channel's
+// variance is finite and every channel has m² ≤ kCond·var, m the mean of x − K (K: the mean of the
+// first kShiftRows rows), else 0 (the caller's Welford / overflow-safe path). The one-read variance
+// Σd²/n − m² in double loses log2(1 + m²/var) of double's 52 bits: float64 input keeps the bound 4
+// (≤ 2.3 bits, as the unshifted test it replaces); float32 input allows 2^20 (≥ 31 bits left, more than
+// float's 24).
 template <typename T>
 void prep_stats(const T* x, T* row_mean, T* row_rstd, double* col, double* ok, int64_t R, int64_t C, int has_ln,
                 double eps, int nt) {
   const int64_t nb = std::min<int64_t>(R, kColBlocks);
-  auto part = dzeros(nb * 2 * C);
+  const int64_t stride = 2 * C + 16;  // (the pad keeps a block's two partials off the same 4 KiB offsets)
+  auto part = dzeros(nb * stride);
   const int64_t k_rows = std::min<int64_t>(R, kShiftRows);
   auto K = dzeros(C);  // the shift: mean of the first rows, close to μ for any stationary batch
   for (int64_t i = 0; i < k_rows; ++i)
     for (int64_t c = 0; c < C; ++c) K[c] += static_cast<double>(x[i * C + c]);
   for (int64_t c = 0; c < C; ++c) K[c] /= static_cast<double>(k_rows);
   const double cond = sizeof(T) == 4 ? 1048576.0 : 4.0;
-  const double inv_c = 1.0 / static_cast<double>(C);
   int bad_rows = 0;
 #pragma omp parallel for schedule(static) num_threads(nt) reduction(| : bad_rows)
   for (int64_t b = 0; b < nb; ++b) {
-    double* c1 = part.get() + b * 2 * C;
-    double* c2 = c1 + C;
-    for (int64_t i = block_start(R, nb, b); i < block_start(R, nb, b + 1); ++i) {
-      const T* xr = x + i * C;
-      if (has_ln) {
-        double s1 = 0;
-#pragma omp simd reduction(+ : s1)
-        for (int64_t c = 0; c < C; ++c) {
-          const double v = static_cast<double>(xr[c]);
-          const double d = v - K[c];
-          s1 += v * inv_c;
-          c1[c] += d;
-          c2[c] += d * d;
-        }
-        double s2 = 0;
-#pragma omp simd reduction(+ : s2)
-        for (int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(xr[c]) - s1;
-          s2 += d * (d * inv_c);
-        }
-        if (std::isinf(s2) || std::isinf(s1)) bad_rows = 1;
-        row_mean[i] = static_cast<T>(s1);
-        row_rstd[i] = static_cast<T>(1.0 / std::sqrt(s2 + eps));
+    double* c1 = part.get() + b * stride;
+    double* c2 = c1 + C + 8;
+    const int64_t i1 = block_start(R, nb, b + 1);
+    for (int64_t i = block_start(R, nb, b); i < i1;) {
+      const int64_t k = i + kGroup <= i1 ? kGroup : 1;
+      if (k == kGroup) {
+        col_moments<T, kGroup>(x + i * C, C, K.get(), c1, c2);
       } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(xr[c]) - K[c];
-          c1[c] += d;
-          c2[c] += d * d;
-        }
+        col_moments<T, 1>(x + i * C, C, K.get(), c1, c2);
       }
+      if (has_ln) {  // the group's rows are in cache
+        for (int64_t j = i; j < i + k; ++j) row_stats(x + j * C, C, eps, row_mean[j], row_rstd[j], bad_rows);
+      }
+      i += k;
     }
   }
   const double inv_r = 1.0 / static_cast<double>(R);
@@ -102,8 +147,8 @@ void prep_stats(const T* x, T* row_mean, T* row_rstd, double* col, double* ok, i
   for (int64_t c = 0; c < C; ++c) {
     double s1 = 0, s2 = 0;
     for (int64_t b = 0; b < nb; ++b) {
-      s1 += part[b * 2 * C + c];
-      s2 += part[b * 2 * C + C + c];
+      s1 += part[b * stride + c];
+      s2 += part[b * stride + C + 8 + c];
     }
     const double ms = s1 * inv_r;
     double var = s2 * inv_r - ms * ms;
@@ -140,12 +185,45 @@ void prep_out(const T* x, const T* row_mean, const T* row_rstd, const T* w1, con
   }
 }
 
+// The backward's per-channel sums over G consecutive rows (S += Σ g, P += Σ g·x̂_BN, Q += Σ g·x̂_LN with
+// the rows' LayerNorm statistics m, rs when LN), and with DX (eval RepBN) ∂L/∂x = g·a written as well.
+// The G terms are O(|g|) (x̂ is O(1) at any input scale): summed in T, the group's sum added in double.
+template <typename T, int G, bool LN, bool DX>
+inline void col_grads(const T* g, const T* x, const T* m, const T* rs, const T* mu, const T* r, const T* a, T* dx,
+                      int64_t C, double* ps, double* pp, double* pq) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    T s = 0, p = 0, q = 0;
+    for (int j = 0; j < G; ++j) {
+      const T gv = g[j * C + c], v = x[j * C + c];
+      s += gv;
+      p += gv * ((v - mu[c]) * r[c]);
+      if constexpr (LN) q += gv * ((v - m[j]) * rs[j]);
+      if constexpr (DX) dx[j * C + c] = gv * a[c];
+    }
+    ps[c] += s;
+    pp[c] += p;
+    if constexpr (LN) pq[c] += q;
+  }
+}
+
+template <typename T, bool LN, bool DX>
+inline void col_grads_rows(const T* g, const T* x, const T* m, const T* rs, const T* mu, const T* r, const T* a,
+                           T* dx, int64_t C, int64_t k, double* ps, double* pp, double* pq) {
+  if (k == kGroup) {
+    col_grads<T, kGroup, LN, DX>(g, x, m, rs, mu, r, a, dx, C, ps, pp, pq);
+  } else {
+    col_grads<T, 1, LN, DX>(g, x, m, rs, mu, r, a, dx, C, ps, pp, pq);
+  }
+}
+
 // sums: 3·C doubles out: S = Σ g, P = Σ g·x̂_BN, Q = Σ g·x̂_LN (Q only with has_ln).
 template <typename T>
 void prep_bwd(const T* g, const T* x, const T* row_mean, const T* row_rstd, const T* w1, const T* gb, const T* mu,
               const T* r, double sa, T* dx, double* sums, int64_t R, int64_t C, int has_ln, int training, int nt) {
   const int64_t nb = std::min<int64_t>(R, kColBlocks);
-  auto part = dzeros(nb * 3 * C);
+  const int64_t stride = 3 * C + 24;  // (padded as in prep_stats)
+  auto part = dzeros(nb * stride);
   auto rows = has_ln ? dzeros(2 * R) : nullptr;
   std::unique_ptr<T[]> coef(new T[3 * C]);  // a, k1, k0
   T* a = coef.get();
@@ -155,55 +233,50 @@ void prep_bwd(const T* g, const T* x, const T* row_mean, const T* row_rstd, cons
   const bool one_pass = !has_ln && !training;  // ∂L/∂x = g·a: written with the sums
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t b = 0; b < nb; ++b) {
-    double* ps = part.get() + b * 3 * C;
-    double* pp = ps + C;
-    double* pq = pp + C;
-    for (int64_t i = block_start(R, nb, b); i < block_start(R, nb, b + 1); ++i) {
-      const T* gr = g + i * C;
-      const T* xr = x + i * C;
+    double* ps = part.get() + b * stride;
+    double* pp = ps + C + 8;
+    double* pq = pp + C + 8;
+    const int64_t i1 = block_start(R, nb, b + 1);
+    for (int64_t i = block_start(R, nb, b); i < i1;) {
+      const int64_t k = i + kGroup <= i1 ? kGroup : 1;
+      const T* gi = g + i * C;
+      const T* xi = x + i * C;
       if (has_ln) {
-        const T m = row_mean[i], rs = row_rstd[i];
-        double sa_ = 0, sb_ = 0;
-#pragma omp simd reduction(+ : sa_, sb_)
-        for (int64_t c = 0; c < C; ++c) {
-          const T gv = gr[c], v = xr[c];
-          const T xl = (v - m) * rs;
-          const T xb = (v - mu[c]) * r[c];
-          const T gw = gv * w1[c];
-          sa_ += gw;
-          sb_ += gw * xl;
-          ps[c] += gv;
-          pp[c] += gv * xb;
-          pq[c] += gv * xl;
+        col_grads_rows<T, true, false>(gi, xi, row_mean + i, row_rstd + i, mu, r, a, nullptr, C, k, ps, pp, pq);
+        for (int64_t j = 0; j < k; ++j) {  // LayerNorm's row sums, the rows in cache
+          const T* gr = gi + j * C;
+          const T* xr = xi + j * C;
+          const T m = row_mean[i + j], rs = row_rstd[i + j];
+          double sa_ = 0, sb_ = 0;
+          for (int64_t c0 = 0; c0 < C; c0 += kBlock) {  // in T over blocks, the block sums in double
+            const int64_t c1 = std::min(C, c0 + kBlock);
+            T ta = 0, tb = 0;
+#pragma omp simd reduction(+ : ta, tb)
+            for (int64_t c = c0; c < c1; ++c) {
+              const T gw = gr[c] * w1[c];
+              ta += gw;
+              tb += gw * ((xr[c] - m) * rs);
+            }
+            sa_ += ta, sb_ += tb;
+          }
+          rows[2 * (i + j)] = sa_;
+          rows[2 * (i + j) + 1] = sb_;
         }
-        rows[2 * i] = sa_;
-        rows[2 * i + 1] = sb_;
       } else if (one_pass) {
-        T* dr = dx + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T gv = gr[c];
-          ps[c] += gv;
-          pp[c] += gv * ((xr[c] - mu[c]) * r[c]);
-          dr[c] = gv * a[c];
-        }
+        col_grads_rows<T, false, true>(gi, xi, nullptr, nullptr, mu, r, a, dx + i * C, C, k, ps, pp, pq);
       } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T gv = gr[c];
-          ps[c] += gv;
-          pp[c] += gv * ((xr[c] - mu[c]) * r[c]);
-        }
+        col_grads_rows<T, false, false>(gi, xi, nullptr, nullptr, mu, r, a, nullptr, C, k, ps, pp, pq);
       }
+      i += k;
     }
   }
   const double inv_r = 1.0 / static_cast<double>(R);
   for (int64_t c = 0; c < C; ++c) {
     double s = 0, p = 0, q = 0;
     for (int64_t b = 0; b < nb; ++b) {
-      s += part[b * 3 * C + c];
-      p += part[b * 3 * C + C + c];
-      q += part[b * 3 * C + 2 * C + c];
+      s += part[b * stride + c];
+      p += part[b * stride + C + 8 + c];
+      q += part[b * stride + 2 * C + 16 + c];
     }
     sums[c] = s, sums[C + c] = p, sums[2 * C + c] = q;
     const double gr = static_cast<double>(gb[c]) * r[c];
