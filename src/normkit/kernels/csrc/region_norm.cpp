@@ -46,10 +46,10 @@ constexpr int64_t kBlock = 4096;  // values summed in T before the block sum is 
 
 std::unique_ptr<double[]> zeros(int64_t n) { return std::unique_ptr<double[]>(new double[n]()); }
 
-// Per-sample count of region 1 (Σ m), in double.
+// Per-sample count of region 1 (Σ m), in double. One thread: N·L is 1/C of the input, less work than
+// waking the pool for it costs on a busy machine.
 template <typename T>
-void region_counts(const T* m, double* cnt, int64_t N, int64_t L, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
+void region_counts(const T* m, double* cnt, int64_t N, int64_t L) {
   for (int64_t n = 0; n < N; ++n) {
     const T* mr = m + n * L;
     int64_t s = 0;
@@ -76,17 +76,45 @@ inline void row_region_moments(const T* xr, const T* mr, int64_t L, double n1, d
     }
     s1 += a1, s0 += a0;
   }
-  const double mu1 = n1 > 0 ? s1 / n1 : 0.0, mu0 = n0 > 0 ? s0 / n0 : 0.0;
+  double mu1 = n1 > 0 ? s1 / n1 : 0.0, mu0 = n0 > 0 ? s0 / n0 : 0.0;
   double q1 = 0, q0 = 0;
   if constexpr (std::is_same_v<T, float>) {
-#pragma omp simd reduction(+ : q1, q0)
-    for (int64_t l = 0; l < L; ++l) {
-      const bool in = mr[l] != T(0);
-      const double d = static_cast<double>(xr[l]) - (in ? mu1 : mu0);
-      const double d2 = d * d;
-      q1 += in ? d2 : 0.0;
-      q0 += in ? 0.0 : d2;
+    // float lanes about the rounded means c: the mean c + Σ(x − c)/n and M2 = Σ(x − c)² − (Σ(x − c))²/n
+    // (exact for any c; the float sums of x alone lose the digits that combining rows needs), in blocks
+    const float c1 = static_cast<float>(mu1), c0 = static_cast<float>(mu0);
+    double t1 = 0, t0 = 0;
+    for (int64_t l0 = 0; l0 < L; l0 += kBlock) {
+      const int64_t e = std::min(kBlock, L - l0);
+      float a1 = 0, a0 = 0, b1 = 0, b0 = 0;
+#pragma omp simd reduction(+ : a1, a0, b1, b0)
+      for (int64_t l = l0; l < l0 + e; ++l) {
+        const bool in = mr[l] != T(0);
+        const float d = xr[l] - (in ? c1 : c0), d2 = d * d;
+        a1 += in ? d2 : 0.0f;
+        a0 += in ? 0.0f : d2;
+        b1 += in ? d : 0.0f;
+        b0 += in ? 0.0f : d;
+      }
+      q1 += a1, q0 += a0, t1 += b1, t0 += b0;
     }
+    q1 = n1 > 0 ? q1 - t1 * t1 / n1 : 0.0, q0 = n0 > 0 ? q0 - t0 * t0 / n0 : 0.0;
+    if (std::isfinite(t1) && n1 > 0) mu1 = c1 + t1 / n1;
+    if (std::isfinite(t0) && n0 > 0) mu0 = c0 + t0 / n0;
+    // the squares overflow float (|x − μ| ≳ 1e19) or may have lost values below its normal range
+    // (a sum under 1e-20): that row again in double (NaN input too: NaN either way)
+    const bool redo = !(q1 < 1e37 && q0 < 1e37) || (n1 > 0 && q1 < 1e-20) || (n0 > 0 && q0 < 1e-20);
+    if (redo) {
+      q1 = q0 = 0;
+#pragma omp simd reduction(+ : q1, q0)
+      for (int64_t l = 0; l < L; ++l) {
+        const bool in = mr[l] != T(0);
+        const double d = static_cast<double>(xr[l]) - (in ? mu1 : mu0);
+        const double d2 = d * d;
+        q1 += in ? d2 : 0.0;
+        q0 += in ? 0.0 : d2;
+      }
+    }
+    q1 = q1 < 0 ? 0 : q1, q0 = q0 < 0 ? 0 : q0;  // rounding of the correction; NaN stays
   } else {  // float64: each square scaled by 1/L first (no overflow below |x| ~ 1e154·sqrt(L))
     const double inv = 1.0 / static_cast<double>(L);
 #pragma omp simd reduction(+ : q1, q0)
@@ -127,7 +155,7 @@ template <typename T>
 void rn_forward(const T* x, const T* m, const T* gc, const T* bc, const T* gmap, const T* bmap, T* y, T* mu, T* rho,
                 int64_t N, int64_t C, int64_t L, int per_sample, double eps, int nt) {
   auto cnt = zeros(N);
-  region_counts(m, cnt.get(), N, L, nt);
+  region_counts(m, cnt.get(), N, L);
   const double Ld = static_cast<double>(L);
   if (per_sample) {
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -341,7 +369,7 @@ void rn_bwd_dx(const T* g, const T* x, const T* m, const T* gc, const T* gmap, c
                const double* sums, const T* pg, const int64_t* idx, T* dx, int64_t N, int64_t C, int64_t L,
                int per_sample, int nt) {
   auto cnt = zeros(N);
-  region_counts(m, cnt.get(), N, L, nt);
+  region_counts(m, cnt.get(), N, L);
   const double Ld = static_cast<double>(L);
   std::unique_ptr<T[]> pm;
   if (pg != nullptr) {  // the channel mean's share ∂/C, once per position
