@@ -1,6 +1,7 @@
 """`normkit models`: the norm swap of the end-to-end benchmark is exact, and the command prints every model."""
 
 import copy
+import re
 import sys
 
 import pytest
@@ -86,6 +87,18 @@ def test_models_command_quick_prints_every_model(capsys):
         rows = [line.split() for line in out.splitlines() if line.startswith(name + " ")]
         assert len(rows) == 1 and rows[0][2] == "eager"
         assert float(rows[0][3]) > 0 and float(rows[0][4]) > 0 and float(rows[0][5]) > 0
+        assert re.fullmatch(r"[a-z_0-9]+:(native|kernels|eager)×\d+", rows[0][-1]), rows[0]  # the runs column
+
+
+def test_runs_names_one_implementation_per_swapped_norm_call():
+    spec = e2e.build("resnet", quick=True)
+    n = sum(isinstance(m, nn.BatchNorm2d) for m in spec.model.modules())
+    assert e2e.implementations(spec) == f"batch_norm:native×{n}"  # small batches: ATen's op, as torch's module
+    model = e2e.swapped(spec)
+    for m in model.modules():
+        if isinstance(m, normkit.BatchNorm2d):
+            m.backend = "eager"
+    assert e2e.implementations(spec, model) == f"batch_norm:eager×{n}"
 
 
 def test_llama_is_skipped_with_a_reason_without_transformers(monkeypatch, capsys):

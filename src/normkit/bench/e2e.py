@@ -34,6 +34,10 @@ reported as ``warm-up s``. Then ``reps`` rounds; in each round both candidates r
 order alternating between rounds; the table shows the medians. Both candidates start from the
 same weights.
 
+``runs`` names what the swapped norms ran in one eager train step, ``op:implementation×calls``
+(:func:`implementations`): ``native`` is ATen's op (what torch's module runs), ``kernels`` normkit's
+C++ CPU kernels — so a ratio can be read against the path it measures.
+
 Memory — ``saved MiB``: the bytes autograd keeps for backward in one train-mode forward, measured
 with :func:`torch.autograd.graph.saved_tensors_hooks` (every saved tensor's storage counted
 once, parameters excluded). Works the same in eager and compiled mode (Inductor's compiled
@@ -64,7 +68,7 @@ MODES = ("eager", "compiled")
 
 HEADER = (
     f"{'model':<10}{'batch':<14}{'mode':<10}{'torch ms':>10}{'normkit ms':>12}{'ratio':>8}"
-    f"{'saved MiB torch/normkit':>26}{'warm-up s torch/normkit':>26}"
+    f"{'saved MiB torch/normkit':>26}{'warm-up s torch/normkit':>26}  runs"
 )
 
 
@@ -391,16 +395,52 @@ class Row:
     normkit_saved_mib: float
     torch_warmup_s: float
     normkit_warmup_s: float
+    runs: str = ""  # what the swapped norms ran (:func:`implementations`)
 
     def line(self) -> str:
         return (
             f"{self.model:<10}{self.batch:<14}{self.mode:<10}{self.torch_ms:>10.2f}{self.normkit_ms:>12.2f}{self.ratio:>8.3f}"
             f"{f'{self.torch_saved_mib:.2f} / {self.normkit_saved_mib:.2f}':>26}"
-            f"{f'{self.torch_warmup_s:.1f} / {self.normkit_warmup_s:.1f}':>26}"
-        )
+            f"{f'{self.torch_warmup_s:.1f} / {self.normkit_warmup_s:.1f}':>26}  {self.runs}"
+        ).rstrip()
 
 
-def time_model(spec: Spec, mode: str, reps: int, warmup: int) -> Row:
+def implementations(spec: Spec, model: nn.Module | None = None) -> str:
+    """What normkit's default backend ran for the swapped norms in one fp32 train-mode forward of ``model``
+    (default: :func:`swapped`), as ``op:impl×calls`` — e.g. ``rms_norm:kernels×5``, one count per norm call.
+
+    Recorded with :class:`normkit.backend.record`, which sends each call through
+    :func:`normkit.backend.resolve` instead of the modules' fast paths; those paths take exactly the
+    implementation ``"auto"`` resolves to (``native``: ATen's op; ``kernels``: normkit's C++ kernels;
+    ``eager``: normkit's autograd math), so the record names what the timed step ran. A norm call's
+    entry is the first resolution inside it (the functional layer below resolves again, and the
+    backward too). A compiled model traces the same choice (ATen's op into Inductor's graph, the
+    kernels as an opaque custom op).
+    """
+    from collections import Counter
+
+    from normkit.backend import record
+
+    model = copy.deepcopy(model if model is not None else swapped(spec))
+    orig = dict(spec.model.named_modules())
+    ran: Counter[str] = Counter()
+    with record() as calls:
+        def pre(m: nn.Module, args: object) -> None:
+            m._nk_record_start = len(calls)  # (a deep copy, dropped after this step)
+
+        def post(m: nn.Module, args: object, out: object) -> None:
+            first = calls[m._nk_record_start:m._nk_record_start + 1]
+            ran[f"{first[0][0]}:{first[0][1]}" if first else f"{type(m).__name__}:eager"] += 1
+
+        for name, m in model.named_modules():
+            if type(orig.get(name)) in spec.mapping:  # a swapped norm (the swap keeps the names)
+                m.register_forward_pre_hook(pre)
+                m.register_forward_hook(post)
+        _one_step(model, spec, torch.float32)
+    return " ".join(f"{k}×{n}" for k, n in sorted(ran.items()))
+
+
+def time_model(spec: Spec, mode: str, reps: int, warmup: int, runs: str = "") -> Row:
     """Interleaved train-step timing of the torch and the normkit version of ``spec`` in ``mode``."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -419,7 +459,8 @@ def time_model(spec: Spec, mode: str, reps: int, warmup: int) -> Row:
     ms = [statistics.median(c.times) * 1e3 for c in cands]
     mib = [saved_bytes(c.run, spec.x) / 2**20 for c in cands]
     batch = "x".join(map(str, spec.x.shape))
-    return Row(spec.name, batch, mode, ms[0], ms[1], ms[1] / ms[0], mib[0], mib[1], cands[0].warmup_s, cands[1].warmup_s)
+    return Row(spec.name, batch, mode, ms[0], ms[1], ms[1] / ms[0], mib[0], mib[1], cands[0].warmup_s, cands[1].warmup_s,
+               runs)
 
 
 def run(
@@ -451,11 +492,11 @@ def run(
             f"check {name}: {n} norms swapped ({kinds}); outputs equal to fp32 tolerance (max |Δout| {diff:.1e}), "
             f"grads and buffers to {dt} tolerance"
         )
-        specs.append(spec)
+        specs.append((spec, implementations(spec)))
     say(HEADER)
     for mode in modes:
-        for spec in specs:
-            row = time_model(spec, mode, reps, warmup)
+        for spec, runs in specs:
+            row = time_model(spec, mode, reps, warmup, runs)
             rows.append(row)
             say(row.line())
     return rows
@@ -475,7 +516,11 @@ def run_cli(args) -> int:  # noqa: ANN001 - argparse.Namespace
     )
     t = time.perf_counter()
     run(models, modes, reps=reps, warmup=warmup, quick=args.quick)
-    print(f"ratio = normkit / torch step time; saved MiB = activations kept for backward; total {time.perf_counter() - t:.0f} s")
+    print(
+        "ratio = normkit / torch step time; saved MiB = activations kept for backward; runs = what the swapped norms "
+        f"ran, op:implementation×calls per step (native: ATen's op; kernels: normkit's C++ kernels); "
+        f"total {time.perf_counter() - t:.0f} s"
+    )
     return 0
 
 
