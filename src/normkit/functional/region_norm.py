@@ -15,6 +15,11 @@ with biased ``mean``/``var`` over all ``count`` reduced positions (``BatchNorm2d
 track_running_stats=False)`` in the official code). For a binary mask this equals, inside the region,
 ``(x − μ_r) / sqrt(σ_r² + eps·count/S)`` (σ_r² the biased variance of the region's values), and 0
 outside. An empty region (S = 0) gives ``μ = 0``, ``z = 0`` and an output of 0 — never NaN.
+
+Speed (binary masks, no process group): backends ``"auto"``/``"kernels"`` on a contiguous CPU
+float32/float64 input run ``kernels/csrc/region_norm.cpp`` (:class:`_RegionKernelFn`; RN-L's pooling and
+map convolutions too); ``backend="eager"`` and everything else the ATen closed form
+(:class:`_RegionNormFn`) or the official formula (:func:`_reference`).
 """
 
 from __future__ import annotations
