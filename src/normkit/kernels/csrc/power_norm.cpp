@@ -71,6 +71,17 @@ int64_t n_blocks(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(kMax
 int64_t first_block(int64_t nb) { return nb * omp_get_thread_num() / omp_get_num_threads(); }
 int64_t end_block(int64_t nb) { return nb * (omp_get_thread_num() + 1) / omp_get_num_threads(); }
 
+// part[0:m] = Σ_k part[k·m : (k+1)·m], the nb blocks' sums added in block order (the same result for
+// any thread count); on the calling thread: O(nb·m) work is not worth another parallel region's
+// start and barrier, which cost most when the cores are shared.
+void add_blocks(double* part, int64_t nb, int64_t m) {
+  for (int64_t k = 1; k < nb; ++k) {
+    const double* pk = part + k * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) part[j] += pk[j];
+  }
+}
+
 std::unique_ptr<double[]> zeros(int64_t n) { return std::unique_ptr<double[]>(new double[n]()); }
 
 // 1/sqrt(mean(x²) + geps) of m values (the RMS of a channel group; a float's square is exact in double).
@@ -152,10 +163,9 @@ void pn_forward(const T* x, const T* w, const T* b, const T* phi, const int64_t*
     }
   }
   const double dn = static_cast<double>(N);
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t c = 0; c < C; ++c) {  // blocks added in order: independent of the thread count
-    double sq = 0;
-    for (int64_t k = 0; k < nb; ++k) sq += part[k * C + c];
+  add_blocks(part.get(), nb, C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double sq = part[c];
     const double v = sq / dn;
     const double ib = 1.0 / std::sqrt(v + eps);
     if (batch) {
@@ -230,15 +240,10 @@ void pn_backward(const T* g, const T* x, const T* w, const T* rrow, const T* sta
       }
     }
   }
-#pragma omp parallel for schedule(static) num_threads(nt)
+  add_blocks(part.get(), nb, 2 * C);
   for (int64_t c = 0; c < C; ++c) {
-    double s = 0, t = 0;
-    for (int64_t k = 0; k < nb; ++k) {
-      s += part[2 * k * C + c];
-      t += part[(2 * k + 1) * C + c];
-    }
-    colsum[c] = static_cast<T>(s);
-    gsum[c] = static_cast<T>(t);
+    colsum[c] = static_cast<T>(part[c]);
+    gsum[c] = static_cast<T>(part[C + c]);
   }
 }
 
