@@ -65,7 +65,48 @@ def test_suite_norm_lists():
 def test_tiny_microbatch_runs(tmp_path):
     rows = run("microbatch", scale=0.002, seeds=1, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m",
                progress=False, workers=1)  # fmt: skip
-    assert [r["status"] for r in rows] == ["ok"] * 4 and {r["task"] for r in rows} == {"digits"}
+    assert [r["status"] for r in rows] == ["ok"] * 4 and {r["task"] for r in rows} == {"scenes"}
+    assert sorted(r["batch_size"] for r in rows) == [2, 2, 64, 64]
+
+
+def test_scene_cnn_is_deterministic_and_max_pools():
+    """Same seed → same weights and logits; the head reads each channel's maximum over the final 4×4 map."""
+    from normkit.bench.models_tasks import SceneCNN
+
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(5)
+    a = SceneCNN("groupnorm").eval()
+    torch.manual_seed(5)
+    b = SceneCNN("groupnorm").eval()
+    assert torch.equal(a(x), b(x))
+    feats = a.features(x)
+    assert feats.shape == (3, 64, 4, 4)  # three 2×2 max-pools: 32 → 4
+    top = torch.stack([feats[n, c].max() for n in range(3) for c in range(64)]).reshape(3, 64)
+    torch.testing.assert_close(a(x), top @ a.head.weight.T + a.head.bias)
+
+
+def test_foreach_adamw_matches_the_per_tensor_loop():
+    """train._optimizer's ``foreach=True`` is a speed-up only: the same parameters, bit for bit, after 20 steps."""
+    from normkit.bench.models_tasks import SceneCNN
+    from normkit.bench.suites import Job
+    from normkit.bench.train import _optimizer
+
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    params = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = SceneCNN("batchnorm")
+        opt = _optimizer(model, Job("scenes", "cnn", "batchnorm", SceneCNN, 2, 1.0, 1e-3, weight_decay=0.01))
+        if not foreach:
+            for group in opt.param_groups:
+                group["foreach"] = False
+        for _ in range(20):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        params.append([p.detach() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*params, strict=True))
 
 
 def test_tiny_transformer_runs(tmp_path, capsys):

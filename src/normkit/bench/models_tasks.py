@@ -160,11 +160,15 @@ class SeqCNN(nn.Module):
 
 
 class SceneCNN(nn.Module):
-    """CNN for 32×32 scenes: four conv3×3 → norm → ReLU layers (16/2, 32, 32/2, 64), GAP, linear.
+    """CNN for 32×32 scenes: conv3×3 → norm → ReLU at widths 16, 32, 64, 64, a 2×2 max-pool after
+    each of the first three, a global **max** pool, linear (~3.4 M multiply-adds per image).
 
-    A stride-2 stem keeps it cheap on a CPU (~3 M multiply-adds per image); two stride-2 stages give a
-    19-pixel receptive field, enough to see a whole object (radius ≤ 11 px), where the digits
-    ``SmallCNN`` (9 px) sees only parts of one. ``conv``/``act`` as in ``SmallCNN``.
+    Why this shape (BN, batch 64, Adam 3e-3, seed 0, 2026-12-03): the earlier version (stride-2
+    convolutions instead of the pools, a global *average* pool) stayed near chance for two epochs and
+    reached 25% after four; the pools alone reach 57%, the global max pool on top 78%. The max pools
+    give a 38-pixel receptive field (a whole object has radius ≤ 11 px), and a global max pool reads
+    "is this shape anywhere": the object covers 10–40% of the image, and an average dilutes its
+    evidence with the background and clutter. ``conv``/``act`` as in ``SmallCNN``.
     """
 
     def __init__(
@@ -178,12 +182,16 @@ class SceneCNN(nn.Module):
         act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True),
     ) -> None:
         super().__init__()
-        plan = [(in_channels, width, 2), (width, 2 * width, 1), (2 * width, 2 * width, 2), (2 * width, 4 * width, 1)]
+        widths = [width, 2 * width, 4 * width, 4 * width]
         layers: list[nn.Module] = []
-        for c_in, c_out, stride in plan:
-            layers += [conv(c_in, c_out, 3, stride=stride, padding=1, bias=False), make_norm(norm, c_out), act()]
+        c_in = in_channels
+        for i, c_out in enumerate(widths):
+            layers += [conv(c_in, c_out, 3, padding=1, bias=False), make_norm(norm, c_out), act()]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(4 * width, num_classes)
+        self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.features(x).amax(dim=(2, 3)))
