@@ -123,6 +123,8 @@ def _region_affine(
         if kernel == "op":
             y = torch.ops.normkit.region_norm(xf, m, gc, bc, gmap, bmap, per_sample, eps)[0]
             return y
+        if gmap is not None:  # RN-L's maps (views of one 2-channel conv output): copied once, here
+            g1, b1 = g1.contiguous(), b1.contiguous()
         return _RegionKernelFn.apply(xf, m, g1, g0, b1, b0, eps, per_sample, link)
     if (reducer is None and not torch.compiler.is_compiling() and xf.numel() > 0
             and (binary or bool(((m == 0) | (m == 1)).all()))):

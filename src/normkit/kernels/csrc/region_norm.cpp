@@ -412,28 +412,34 @@ void rn_bwd_dx(const T* g, const T* x, const T* m, const T* gc, const T* gmap, c
 // with indices measured 10x slower than the read). Ties go to the first channel; a NaN wins and stays.
 template <typename T>
 void rn_pool(const T* x, T* out, int64_t* idx, int64_t N, int64_t C, int64_t L, int nt) {
+  constexpr int64_t kTile = 512;  // positions per tile: the running sums, maxima and indices stay in L1
+  const int64_t tiles = (L + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t n = 0; n < N; ++n) {
-    T* sm = out + 2 * n * L;
-    T* mx = sm + L;
-    int64_t* ix = idx + n * L;
-    const T* x0 = x + n * C * L;
+  for (int64_t t = 0; t < N * tiles; ++t) {
+    const int64_t n = t / tiles, l0 = (t % tiles) * kTile, e = std::min(kTile, L - l0);
+    T sm[kTile], mx[kTile];
+    int32_t ix[kTile];
+    const T* x0 = x + n * C * L + l0;
 #pragma omp simd
-    for (int64_t l = 0; l < L; ++l) sm[l] = x0[l], mx[l] = x0[l], ix[l] = 0;
+    for (int64_t l = 0; l < e; ++l) sm[l] = x0[l], mx[l] = x0[l], ix[l] = 0;
     for (int64_t c = 1; c < C; ++c) {
       const T* xr = x0 + c * L;
+      const int32_t ci = static_cast<int32_t>(c);
 #pragma omp simd
-      for (int64_t l = 0; l < L; ++l) {
+      for (int64_t l = 0; l < e; ++l) {
         const T v = xr[l], m = mx[l];
         const bool up = v > m || (v != v && m == m);
         sm[l] += v;
         mx[l] = up ? v : m;
-        ix[l] = up ? c : ix[l];
+        ix[l] = up ? ci : ix[l];
       }
     }
     const T inv = T(1) / static_cast<T>(C);
+    T* om = out + 2 * n * L + l0;
+    T* ox = om + L;
+    int64_t* oi = idx + n * L + l0;
 #pragma omp simd
-    for (int64_t l = 0; l < L; ++l) sm[l] *= inv;
+    for (int64_t l = 0; l < e; ++l) om[l] = sm[l] * inv, ox[l] = mx[l], oi[l] = ix[l];
   }
 }
 
