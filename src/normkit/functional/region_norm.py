@@ -409,15 +409,15 @@ class _MeanMax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (idx,) = ctx.saved_tensors
+        (idx,) = ctx.saved_tensors  # int32 from the C++ pooling, int64 from ATen's
         link, share = ctx.link, g[:, :1] / ctx.shape[1]
         if link is not None and link.finish is not None and not torch.is_grad_enabled():
             finish, link.finish = link.finish, None
-            return finish(g, idx).view(ctx.shape), None, None
+            return finish(g, idx.to(torch.int32)).view(ctx.shape), None, None
         if link is not None and link.dx is not None and not torch.is_grad_enabled():
             dx, link.dx = link.dx.view(ctx.shape), None
-            return dx.add_(share).scatter_add_(1, idx, g[:, 1:]), None, None
-        dx = share.expand(ctx.shape).contiguous()
+            return dx.add_(share).scatter_add_(1, idx.long(), g[:, 1:]), None, None
+        dx, idx = share.expand(ctx.shape).contiguous(), idx.long()
         return (dx.scatter_add(1, idx, g[:, 1:]) if torch.is_grad_enabled() else dx.scatter_add_(1, idx, g[:, 1:])), None, None
 
 

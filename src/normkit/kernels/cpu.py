@@ -535,7 +535,7 @@ def region_norm_backward_dx(
     sums: Tensor, pool_grad: Tensor | None = None, idx: Tensor | None = None,
 ) -> Tensor:
     """The second half: ∂x in one write, plus RN-L's pooling gradient when ``pool_grad`` (the gradient of
-    :func:`region_pool`'s output) and its arg-max ``idx`` are given."""
+    :func:`region_pool`'s output) and its arg-max ``idx`` (int32) are given."""
     g, x = g.contiguous(), x.contiguous()
     n, c = x.shape[:2]
     dx = torch.empty_like(x)
@@ -549,10 +549,10 @@ def region_norm_backward_dx(
 
 def region_pool(x: Tensor) -> tuple[Tensor, Tensor]:
     """RN-L's pooled input ``[mean_c x, max_c x]`` ``(N, 2, *spatial)`` of contiguous ``(N, C, *spatial)`` ``x``
-    and the arg-max channel ``(N, 1, *spatial)`` (int64; ties: the first channel), in one read of x."""
+    and the arg-max channel ``(N, 1, *spatial)`` (int32; ties: the first channel), in one read of x."""
     n, c = x.shape[:2]
     out = x.new_empty((n, 2, *x.shape[2:]))
-    idx = torch.empty((n, 1, *x.shape[2:]), dtype=torch.int64)
+    idx = torch.empty((n, 1, *x.shape[2:]), dtype=torch.int32)
     _call("rn_pool", x.dtype, x, out, idx, n, c, x.numel() // max(n * c, 1), _threads(x.numel()))
     return out, idx
 

@@ -276,7 +276,7 @@ inline void row_bwd_sums(const T* gr, const T* xr, const T* mr, const T* gm, int
 // px[l] where this row's channel c is the arg-max ix[l].
 template <typename T>
 inline void row_dx(const T* gr, const T* xr, const T* mr, const T* gm, T* dr, int64_t L, T mu1, T mu0, T r1, T r0,
-                   T p1, T p0, T h1, T h0, T q1, T q0, const T* pm, const T* px, const int64_t* ix, int64_t c) {
+                   T p1, T p0, T h1, T h0, T q1, T q0, const T* pm, const T* px, const int32_t* ix, int32_t c) {
   if (gm == nullptr) {
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
@@ -366,7 +366,7 @@ void rn_bwd_sums(const T* g, const T* x, const T* m, const T* gc, const T* gmap,
 // and arg-max channels idx (N, L) (both or neither) added in the same write.
 template <typename T>
 void rn_bwd_dx(const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho,
-               const double* sums, const T* pg, const int64_t* idx, T* dx, int64_t N, int64_t C, int64_t L,
+               const double* sums, const T* pg, const int32_t* idx, T* dx, int64_t N, int64_t C, int64_t L,
                int per_sample, int nt) {
   auto cnt = zeros(N);
   region_counts(m, cnt.get(), N, L);
@@ -403,15 +403,15 @@ void rn_bwd_dx(const T* g, const T* x, const T* m, const T* gc, const T* gmap, c
     row_dx(g + i * L, x + i * L, m + n * L, gmap == nullptr ? nullptr : gmap + n * L, dx + i * L, L, mu[2 * k],
            mu[2 * k + 1], rho[2 * k], rho[2 * k + 1], kc[0], kc[1], kc[2], kc[3], kc[4], kc[5],
            pg == nullptr ? nullptr : pm.get() + n * L, pg == nullptr ? nullptr : pg + (2 * n + 1) * L,
-           idx == nullptr ? nullptr : idx + n * L, c);
+           idx == nullptr ? nullptr : idx + n * L, static_cast<int32_t>(c));
   }
 }
 
 // ----------------------------------------------------------------------------- RN-L's maps --
-// [mean_c x, max_c x] (N, 2, L) and the arg-max channel (N, L) in one read of x (ATen's max(dim=1)
+// [mean_c x, max_c x] (N, 2, L) and the arg-max channel (N, L; int32) in one read of x (ATen's max(dim=1)
 // with indices measured 10x slower than the read). Ties go to the first channel; a NaN wins and stays.
 template <typename T>
-void rn_pool(const T* x, T* out, int64_t* idx, int64_t N, int64_t C, int64_t L, int nt) {
+void rn_pool(const T* x, T* out, int32_t* idx, int64_t N, int64_t C, int64_t L, int nt) {
   constexpr int64_t kTile = 512;  // positions per tile: the running sums, maxima and indices stay in L1
   const int64_t tiles = (L + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -437,7 +437,7 @@ void rn_pool(const T* x, T* out, int64_t* idx, int64_t N, int64_t C, int64_t L, 
     const T inv = T(1) / static_cast<T>(C);
     T* om = out + 2 * n * L + l0;
     T* ox = om + L;
-    int64_t* oi = idx + n * L + l0;
+    int32_t* oi = idx + n * L + l0;
 #pragma omp simd
     for (int64_t l = 0; l < e; ++l) om[l] = sm[l] * inv, ox[l] = mx[l], oi[l] = ix[l];
   }
@@ -536,9 +536,9 @@ void rn_conv_dw(const T* s, const T* g, T* dw, int64_t N, int64_t Ci, int64_t Co
     (g, x, m, gc, gmap, mu, rho, sums, dgc, dbc, dgmap, dbmap, N, C, L, per_sample, nt))                           \
   X(rn_bwd_dx_##SUF, rn_bwd_dx<T>,                                                                                 \
     (const T* g, const T* x, const T* m, const T* gc, const T* gmap, const T* mu, const T* rho, const double* sums, \
-     const T* pg, const int64_t* idx, T* dx, int64_t N, int64_t C, int64_t L, int per_sample, int nt),            \
+     const T* pg, const int32_t* idx, T* dx, int64_t N, int64_t C, int64_t L, int per_sample, int nt),            \
     (g, x, m, gc, gmap, mu, rho, sums, pg, idx, dx, N, C, L, per_sample, nt))                             \
-  X(rn_pool_##SUF, rn_pool<T>, (const T* x, T* out, int64_t* idx, int64_t N, int64_t C, int64_t L, int nt),        \
+  X(rn_pool_##SUF, rn_pool<T>, (const T* x, T* out, int32_t* idx, int64_t N, int64_t C, int64_t L, int nt),        \
     (x, out, idx, N, C, L, nt))                                                                                    \
   X(rn_conv_##SUF, rn_conv<T>,                                                                                     \
     (const T* s, const T* w, const T* b, T* y, int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W, int64_t k, \
