@@ -91,6 +91,7 @@ class _Double(nn.Module):
         return 2 * w
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")  # the old hook API is the case
 @pytest.mark.parametrize("cls", [normkit.DyT, normkit.RMSNorm, normkit.LayerNorm])
 def test_parametrized_and_weight_normed_parameters_take_the_full_path(cls):
     x = torch.randn(4, 8)
