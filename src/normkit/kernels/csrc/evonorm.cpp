@@ -395,12 +395,5 @@ NK_EVO_ENTRY_POINTS(NK_DEFINE)
 }  // namespace NK_ISA
 
 #ifdef NK_DISPATCH
-NK_DECLARE_VARIANTS(NK_EVO_ENTRY_POINTS)
-
-extern "C" int nk_isa();  // cpu_norms.cpp: the copy chosen when the library was loaded
-
-#define NK_EVO_EXPORT(name, kernel, params, args) \
-  NK_API void nk_##name params { NK_CALL_VARIANT(nk_isa(), name, args) }
-NK_EVO_ENTRY_POINTS(NK_EVO_EXPORT)
-
+NK_EXPORT_ENTRY_POINTS(NK_EVO_ENTRY_POINTS)
 #endif  // NK_DISPATCH

@@ -1,5 +1,5 @@
 // The per-ISA plumbing shared by every kernel source linked into the CPU library (cpu_norms.cpp,
-// evonorm.cpp). Each source lists its entry points once as an X-macro, X(name, kernel, params, args);
+// evonorm.cpp, power_norm.cpp, region_norm.cpp, rep_batch_norm.cpp). Each source lists its entry points once as an X-macro, X(name, kernel, params, args);
 // it is compiled once per ISA copy (namespace NK_ISA: nk_baseline, nk_avx2, nk_avx512), and the
 // baseline translation unit (NK_DISPATCH) also exports extern "C" nk_<name> functions that call the
 // copy chosen when the library was loaded (cpu_norms.cpp's nk_isa()).
@@ -41,3 +41,12 @@
 #define NK_DECLARE_VARIANTS(ENTRY_POINTS)
 #define NK_CALL_VARIANT(isa, name, args) return nk_baseline::name args;
 #endif
+
+// In the baseline unit of a source other than cpu_norms.cpp: export one X-macro list's extern "C"
+// nk_<name> entry points, each running the copy cpu_norms.cpp's dispatcher chose (nk_isa()).
+#define NK_EXPORT_ONE(name, kernel, params, args) \
+  NK_API void nk_##name params { NK_CALL_VARIANT(nk_isa(), name, args) }
+#define NK_EXPORT_ENTRY_POINTS(ENTRY_POINTS)                                           \
+  NK_DECLARE_VARIANTS(ENTRY_POINTS)                                                    \
+  extern "C" int nk_isa(); /* cpu_norms.cpp: the copy chosen when the library was loaded */ \
+  ENTRY_POINTS(NK_EXPORT_ONE)
