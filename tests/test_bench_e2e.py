@@ -105,3 +105,13 @@ def test_llama_is_skipped_with_a_reason_without_transformers(monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     assert e2e.run(["llama"], modes=("eager",), reps=1, warmup=1) == []
     assert "skip llama: transformers is not importable" in capsys.readouterr().out
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # round 2 ran on a machine twice as slow for both models: per-round ratios stay 1.1, 1.1, 1.2
+    base = [10.0, 20.0, 10.0]
+    other = [11.0, 22.0, 12.0]
+    assert e2e.paired_ratio(base, other) == pytest.approx(1.1)
+    # the ratio of the medians would read 12 / 10 = 1.2
+    with pytest.raises(ValueError, match="equally many rounds"):
+        e2e.paired_ratio([1.0], [1.0, 2.0])

@@ -459,8 +459,18 @@ def time_model(spec: Spec, mode: str, reps: int, warmup: int, runs: str = "") ->
     ms = [statistics.median(c.times) * 1e3 for c in cands]
     mib = [saved_bytes(c.run, spec.x) / 2**20 for c in cands]
     batch = "x".join(map(str, spec.x.shape))
-    return Row(spec.name, batch, mode, ms[0], ms[1], ms[1] / ms[0], mib[0], mib[1], cands[0].warmup_s, cands[1].warmup_s,
-               runs)
+    return Row(spec.name, batch, mode, ms[0], ms[1], paired_ratio(cands[0].times, cands[1].times), mib[0], mib[1],
+               cands[0].warmup_s, cands[1].warmup_s, runs)
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of ``other[r] / base[r]``: the two steps of a round run back to back, so a
+    machine-speed drift between rounds (other jobs, frequency) cancels in each round's ratio, where a
+    ratio of the two medians would keep it (measured: the same ATen BatchNorm in both models read
+    0.99–1.11 as a ratio of medians on the shared machine)."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"paired_ratio needs equally many rounds, got {len(base)} and {len(other)}")
+    return statistics.median(o / b for b, o in zip(base, other))
 
 
 def run(
@@ -517,7 +527,8 @@ def run_cli(args) -> int:  # noqa: ANN001 - argparse.Namespace
     t = time.perf_counter()
     run(models, modes, reps=reps, warmup=warmup, quick=args.quick)
     print(
-        "ratio = normkit / torch step time; saved MiB = activations kept for backward; runs = what the swapped norms "
+        "ratio = median over rounds of normkit / torch step time (each round runs both back to back); "
+        "saved MiB = activations kept for backward; runs = what the swapped norms "
         f"ran, op:implementation×calls per step (native: ATen's op; kernels: normkit's C++ kernels); "
         f"total {time.perf_counter() - t:.0f} s"
     )
