@@ -154,6 +154,26 @@ def test_double_backward_equals_the_aten_path():
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("be", ["auto", "eager"])
+def test_float32_past_the_square_range_keeps_ema_gz_finite(be):
+    """|x| ~ 1e30 in float32 (ψ² overflows float32): two steps on either path; ema_gz equals float64's —
+    inv_fwd²·Σx² = N·ψ²/(ψ² + eps), not inf·0 = NaN (which then made every later ∂x NaN). The second
+    step's ∂x is only checked finite: its term x·(k·inv_fwd·inv_bwd) needs a factor ~1e-60, below float32."""
+    torch.manual_seed(8)
+    xs = [torch.randn(64, C) * 1e30 for _ in range(2)]
+    gys = [torch.randn(64, C) for _ in range(2)]
+    got, _ = _runs(be, _module(torch.float32, num_groups=None, warmup_iters=4), xs, gys)
+    want, _ = _runs(be, _module(torch.float32, num_groups=None, warmup_iters=4).double(),
+                    [x.double() for x in xs], [g.double() for g in gys])
+    for step, (a, b) in enumerate(zip(got, want)):
+        for i, (u, v) in enumerate(zip(a, b)):
+            if u.is_floating_point() and torch.isfinite(v.float()).all():  # (running_phi ~1e60: inf in float32)
+                assert torch.isfinite(u).all()
+                if step == 1 and i == 1:
+                    continue
+                assert torch.allclose(u.double(), v, rtol=1e-4, atol=1e-4 * v.abs().max().item())
+
+
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
 def test_float32_at_extreme_scales_matches_float64(scale):
     """No GroupScaling: ψ² of |x| ~ 1e30 leaves float32, yet y and ∂x are right (double statistics)."""
@@ -163,6 +183,27 @@ def test_float32_at_extreme_scales_matches_float64(scale):
     want = _step(_module(torch.float32, num_groups=None).double(), x.double() * scale, gy.double())
     for u, v in zip(got, want):
         assert torch.allclose(u.double(), v, rtol=1e-5, atol=1e-5 * v.abs().max().item())
+
+
+def test_float64_past_the_square_range_matches_the_aten_path():
+    """No GroupScaling, float64, |x| ~ 1e160: Σx² leaves double's range; the kernel rescales that column
+    (as the ATen path's safe_rstd does) instead of dividing by an infinite ψ² (y = b, ∂x = 0)."""
+    torch.manual_seed(7)
+    x, gy = torch.randn(64, C, dtype=torch.float64), torch.randn(64, C, dtype=torch.float64)
+    x[:, : C // 2] *= 1e160  # half the columns overflow, half do not
+    fast, calls = _runs("auto", _module(torch.float64, num_groups=None), [x], [gy])
+    assert ("power_norm", "kernels") in calls
+    plain, _ = _runs("eager", _module(torch.float64, num_groups=None), [x], [gy])
+    y = fast[0][0]
+    assert y[:, : C // 2].abs().amax() > 0.5  # a unit-scale output, not the bias alone
+    for u, v in zip(fast[0], plain[0]):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    # the plain formula x / sqrt(mean(x²) + eps) per column, times w, plus b, stated with x / max|x|
+    m = _module(torch.float64, num_groups=None)
+    top = x.abs().amax(0)
+    xs = x / top
+    want = xs / (xs.square().mean(0) + m.eps / top.square()).sqrt() * m.weight + m.bias
+    torch.testing.assert_close(y, want.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_opcheck():

@@ -176,12 +176,12 @@ def group_scaling(x: Tensor, num_groups: int = MISSING, eps: float = 1e-5, *, gr
 class _PowerNormFn(Function):
     """``y = w·x·inv_fwd + b`` with PowerNorm's approximate backward; saves x and the C-sized stats.
 
-    ``stats`` = ``cat([inv_fwd, inv_bwd, Σ_rows x²])`` (C each). The backward reads and updates the
+    ``stats`` = ``cat([inv_fwd, inv_bwd, inv_fwd²·Σ_rows x²])`` (C each). The backward reads and updates the
     buffer ``ema_gz`` (kept on ctx, not saved, so two forwards before one backward work):
     ``ĝ = g − (1 − α_bkw)·ema_gz·z``, ``ema_gz += mean(ĝ·z)``, ``dx = ĝ·inv_bwd`` with z = x·inv_fwd,
     g = ∂L/∂y·w. Per channel with k = (1 − α_bkw)·ema_gz and S = Σ_rows ∂L/∂y·x this is
     ``dx = ∂L/∂y·(w·inv_bwd) − x·(k·inv_fwd·inv_bwd)``, ``mean(ĝ·z) = (w·inv_fwd·S − k·inv_fwd²·Σx²)/rows``
-    (``sq`` = Σ_rows x² over all local rows, padded ones included, from the forward).
+    (``inv_fwd²·Σx²`` over all local rows, padded ones included, from the forward).
     """
 
     @staticmethod
@@ -194,13 +194,13 @@ class _PowerNormFn(Function):
     def backward(ctx, grad_y):  # type: ignore[override]
         x, weight, bias, stats = ctx.saved_tensors
         ema_gz, c = ctx.ema_gz, x.shape[-1]
-        inv_f, inv_b, sq = stats[:c], stats[c : 2 * c], stats[2 * c :]
+        inv_f, inv_b, gam = stats[:c], stats[c : 2 * c], stats[2 * c :]
         w = torch.ones_like(inv_f) if weight is None else weight.to(x.dtype)
         k = (1.0 - ctx.alpha_bkw) * ema_gz.to(x.dtype)
 
         def x_factor(gyx: Tensor) -> Tensor:
             with torch.no_grad():
-                total = w * inv_f * gyx - k * inv_f * inv_f * sq
+                total = w * inv_f * gyx - k * gam
                 ema_gz.add_(token_sum_mean(total, x.shape[0], ctx.reducer).to(ema_gz.dtype))
             return k * inv_f * inv_b
 
@@ -428,9 +428,18 @@ def power_norm(
         inv_b = safe_rstd(xd, (0,), var.reshape(1, c), eps, mask=keep, reducer=reducer).reshape(c)
         phi = running_phi.to(sd)
         inv_fwd = torch.where(t <= warmup_iters, inv_b, torch.rsqrt(phi + eps))
-        # Σ_rows x² over every local row (the backward's mean(ĝ·z) runs over padded rows too)
-        sq = var * x2d.shape[0] if keep is None and reducer is None else xd.square().sum(0)
-        stats = snapshot(inv_fwd, inv_fwd if paper_exact else inv_b, sq)
+        # inv_fwd²·Σ_rows x² over every local row (the backward's mean(ĝ·z) runs over padded rows too)
+        if keep is None and reducer is None:
+            n = x2d.shape[0]
+            # where ψ²_B overflowed (inf) state it through inv_b = 1/sqrt(ψ² + eps), which safe_rstd keeps
+            # right: inv_fwd²·ψ² = (inv_fwd/inv_b)²·(1 − eps·inv_b²) (no cancellation: there ψ² ≫ eps);
+            # inv_fwd²·inf would be inf, or NaN once inv_fwd² underflows, and poison ema_gz
+            gam = torch.where(
+                torch.isinf(var), n * (inv_fwd / inv_b).square() * (1 - eps * inv_b.square()), inv_fwd.square() * (var * n)
+            )
+        else:
+            gam = inv_fwd.square() * xd.square().sum(0)
+        stats = snapshot(inv_fwd, inv_fwd if paper_exact else inv_b, gam)
         _update_running(running_phi, iters, var, warmup_iters, alpha_fwd, sd)
     y = _PowerNormFn.apply(x2d, weight, bias, stats, ema_gz, alpha_bkw, reducer, scratch)
     return y.reshape(x.shape).to(x.dtype)

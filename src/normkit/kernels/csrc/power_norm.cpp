@@ -166,15 +166,28 @@ void pn_forward(const T* x, const T* w, const T* b, const T* phi, const int64_t*
   add_blocks(part.get(), nb, C);
   for (int64_t c = 0; c < C; ++c) {
     const double sq = part[c];
-    const double v = sq / dn;
-    const double ib = 1.0 / std::sqrt(v + eps);
+    double v = sq / dn, ib = 1.0 / std::sqrt(v + eps);
+    // float64 without GroupScaling: Σx² overflows double for |x| past ~1e154. Redo the column scaled by
+    // its largest |x| (only then): ψ² = m²·s/N with s = Σ(x/m)², 1/sqrt(ψ² + eps) = 1/(m·sqrt(s/N + eps/m²)).
+    double m = 1.0, s = sq;
+    if (G == 0 && std::isinf(sq)) {
+      m = 0;
+      for (int64_t i = 0; i < N; ++i) m = std::max(m, std::abs(static_cast<double>(x[i * C + c])));
+      s = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        const double t = static_cast<double>(x[i * C + c]) / m;
+        s += t * t;
+      }
+      v = m * m * (s / dn);  // inf only where the true value exceeds double's range
+      ib = 1.0 / (m * std::sqrt(s / dn + eps / (m * m)));
+    }
     if (batch) {
       inv_f[c] = static_cast<T>(ib);
       scale[c] = inv_f[c] * w[c];
     }
     const double f = batch ? ib : 1.0 / std::sqrt(static_cast<double>(phi[c]) + eps);
     inv_bwd[c] = paper_exact ? inv_f[c] : static_cast<T>(ib);
-    gam[c] = static_cast<T>(f * f * sq);
+    gam[c] = static_cast<T>((f * m) * (f * m) * s);  // f²·Σx²
     var[c] = static_cast<T>(v);  // inf only where the true value exceeds T's range
   }
   if (!batch) return;
