@@ -61,6 +61,22 @@ def test_suite_norm_lists():
     assert run_norms == set(MICROBATCH_RUN) == {"batchnorm", *MICROBATCH_CLAIMS} and run_norms <= set(MICROBATCH_NORMS)
 
 
+def test_microbatch_bcn_uses_its_micro_batch_form_at_batch_2():
+    """Qiao et al. train BCN at 1–2 images per GPU with estimated statistics (EstBN) in the BN stage: the batch-2
+    job builds that form, the batch-64 job the batch-statistics BN; every other norm is the same at both sizes."""
+    from normkit.nn.batch_channel_norm import BatchChannelNorm, EstBN
+    from normkit.nn.batch_norm import BatchNorm
+
+    jobs = {(j.norm, j.batch_size): j for j in SUITES["microbatch"].jobs(SuiteConfig(full=True))}
+    bcns = {bs: [m for m in jobs["bcn+ws", bs].build("bcn+ws").modules() if isinstance(m, BatchChannelNorm)]
+            for bs in (64, 2)}  # fmt: skip
+    assert bcns[64] and all(isinstance(m.pbn, BatchNorm) and not m.estimate for m in bcns[64])
+    assert bcns[2] and all(isinstance(m.pbn, EstBN) and m.estimate for m in bcns[2])
+    for norm in ("batchnorm", "groupnorm", "groupnorm+ws", "evonorm_s0"):
+        big, small = jobs[norm, 64].build(norm), jobs[norm, 2].build(norm)
+        assert [type(m) for m in big.modules()] == [type(m) for m in small.modules()]
+
+
 @pytest.mark.slow
 def test_tiny_microbatch_runs(tmp_path):
     rows = run("microbatch", scale=0.002, seeds=1, norms=["batchnorm", "groupnorm+ws"], out_dir=tmp_path / "m",

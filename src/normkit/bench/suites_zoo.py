@@ -41,12 +41,23 @@ MICROBATCH_NORMS: dict[str, tuple[str, bool, bool]] = {
 }
 
 
-def _cnn(label: str, *, scenes: bool = False) -> nn.Module:
-    """The micro-batch CNN for ``label``: the digits ``SmallCNN``, or the ``SceneCNN`` with ``scenes``."""
+def _bcn_micro(num_channels: int) -> nn.Module:
+    """BCN in its micro-batch form (``estimate=True``: the BN stage normalizes with running estimates, EstBN)."""
+    from normkit.registry import sample_norm
+
+    return sample_norm("bcn", num_channels, estimate=True)
+
+
+def _cnn(label: str, *, scenes: bool = False, micro: bool = False) -> nn.Module:
+    """The micro-batch CNN for ``label``: the digits ``SmallCNN``, or the ``SceneCNN`` with ``scenes``.
+
+    ``micro`` (the batch-2 jobs): a norm with a separate micro-batch form uses it — BCN's EstBN stage
+    (:data:`MICROBATCH_FORMS`), as Qiao et al. train BCN at 1–2 images per GPU."""
     from normkit.bench.models import SmallCNN
     from normkit.bench.models_tasks import SceneCNN
 
     norm, ws, has_act = MICROBATCH_NORMS[label]
+    norm = MICROBATCH_FORMS.get(norm, norm) if micro else norm
     kwargs: dict[str, Any] = {}
     if ws:
         kwargs["conv"] = _ws_conv()
@@ -55,20 +66,36 @@ def _cnn(label: str, *, scenes: bool = False) -> nn.Module:
     return SceneCNN(norm, **kwargs) if scenes else SmallCNN(norm, **kwargs)
 
 
+#: norm → its micro-batch form, used by the batch-2 jobs. BCN: Qiao et al. 2019 (arXiv:1903.10520) §5 train
+#: BCN at micro-batch sizes with *estimated* statistics in the BN stage (official README ``BCNorm(estimate=True)``,
+#: :class:`normkit.nn.EstBN`, here with moving speed 0.1 from the first step); at batch 64 BCN's BN stage uses
+#: batch statistics (the official large-batch code). The earlier suite ran the batch-statistics form at batch 2
+#: too, which inherits BN's micro-batch noise and does not test the paper's micro-batch method.
+MICROBATCH_FORMS: dict[str, Callable[[int], nn.Module] | str] = {"bcn": _bcn_micro}
+
+
 def _scene_cnn(label: str) -> nn.Module:
     return _cnn(label, scenes=True)
 
 
+def _scene_cnn_micro(label: str) -> nn.Module:
+    return _cnn(label, scenes=True, micro=True)
+
+
 def microbatch_scenes_jobs(cfg: SuiteConfig, epochs: float | None = None) -> list[Job]:
-    """The micro-batch jobs on scenes (:func:`normkit.bench.suites.scenes_jobs`) for the norms of ``MICROBATCH_RUN``."""
-    return scenes_jobs(cfg, list(MICROBATCH_RUN), build=_scene_cnn, epochs=epochs)
+    """The micro-batch jobs on scenes (:func:`normkit.bench.suites.scenes_jobs`) for the norms of ``MICROBATCH_RUN``;
+    the batch-2 jobs build each norm's micro-batch form (:data:`MICROBATCH_FORMS`)."""
+    return [
+        *scenes_jobs(cfg, list(MICROBATCH_RUN), build=_scene_cnn, batch_sizes=(64,), epochs=epochs),
+        *scenes_jobs(cfg, list(MICROBATCH_RUN), build=_scene_cnn_micro, batch_sizes=(2,), epochs=epochs),
+    ]
 
 
 #: alternative → (label, source) of the micro-batch claims: each is tested against BN on its own line.
 MICROBATCH_CLAIMS: dict[str, tuple[str, str]] = {
     "groupnorm": ("GN", "Wu & He 2018 (GroupNorm, arXiv:1803.08494)"),
     "groupnorm+ws": ("GN+WS", "Qiao et al. 2019 (WS, arXiv:1903.10520)"),
-    "bcn+ws": ("BCN+WS", "Qiao et al. 2019 (BCN, arXiv:1903.10520)"),
+    "bcn+ws": ("BCN+WS", "Qiao et al. 2019 (BCN, arXiv:1903.10520; EstBN stage at batch 2)"),
     "evonorm_s0": ("EvoNorm-S0", "Liu et al. 2020 (EvoNorm, arXiv:2004.02967)"),
 }
 
