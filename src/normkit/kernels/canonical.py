@@ -211,12 +211,13 @@ CpuLayout = tuple[str, int, int, int, int]
 
 def _cpu_layout(
     impl: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-    dims: Dims, stats_dtype: torch.dtype | None,
+    dims: Dims, stats_dtype: torch.dtype | None, nlc_out: bool = False,
 ) -> CpuLayout | None:
     """``(kind, n, c, length, groups)`` for normkit's CPU kernels (:mod:`normkit.kernels.cpu`), or
     None where the ``"kernels"`` backend runs the eager math and ``"compiled"`` Inductor
     (BatchNorm's axes, a ``stats_dtype`` override, and whatever :func:`normkit.kernels.cpu.supports`
-    turns down)."""
+    turns down). Kinds: ``"seg"`` (segments, rows), ``"cf"`` (channels-first) and ``"cf_nlc"``
+    (channels-first with ``nlc_out``: y written in ``(N, L, C)`` memory)."""
     if impl not in ("kernels", "compiled") or (stats_dtype is not None and stats_dtype != x.dtype):
         return None
     n, g, cg, length = x.shape
@@ -225,7 +226,7 @@ def _cpu_layout(
     elif dims == (2,) and g == 1 and length == 1:  # rows
         layout = ("seg", n, cg, 1, 1)
     elif dims == (2,) and g == 1 and residual is None:  # channels-first LayerNorm / RMSNorm
-        layout = ("cf", n, cg, length, 1)
+        layout = ("cf_nlc" if nlc_out else "cf", n, cg, length, 1)
     else:
         return None
     return layout if _ops.accepts(x, weight, bias, residual) else None
@@ -237,9 +238,9 @@ def _stats_shape(x: Tensor, dims: Dims) -> tuple[int, ...]:
 
 class _NormalizeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, residual, dims, center, eps, stats_dtype, impl, nlc_out):  # noqa: ANN001, ANN205
         key = (dims, center, eps, stats_dtype, x.dtype, weight is not None, bias is not None, residual is not None)
-        layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype)
+        layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype, nlc_out)
         if layout is None and impl == "kernels":
             _backend.note("normalize", "eager")  # a layout (BatchNorm's axes) or input the kernels lack
         if layout is not None:
@@ -248,7 +249,7 @@ class _NormalizeFn(torch.autograd.Function):
             if kind == "seg":
                 y, s, mean, var, rstd = _cpu.seg_forward(x, residual, weight, bias, n, c, length, groups, center, eps, shape)
             else:
-                y, s, mean, var, rstd = _cpu.cf_forward(x, weight, bias, n, c, length, center, eps, shape)
+                y, s, mean, var, rstd = _cpu.cf_forward(x, weight, bias, n, c, length, center, eps, shape, kind == "cf_nlc")
         else:
             y, s, mean, var, rstd = _backend.executor(impl, _forward_math, key)(
                 x, weight, bias, residual, dims, center, eps, stats_dtype
@@ -289,7 +290,7 @@ class _NormalizeFn(torch.autograd.Function):
             w = weight if has_w else None
             if kind == "seg":
                 dx, dw, db = _cpu.seg_backward(gy, gs, s, w, mean, rstd, n, c, length, groups, center, want_w, want_b)
-            else:
+            else:  # gy in (N, C, L) or (N, L, C) memory is read in place (the "cf_nlc" output's layout)
                 dx, dw, db = _cpu.cf_backward(gy, s, w, mean, rstd, n, c, length, center, want_w, want_b)
             dx = dx.view(s.shape)
         else:
@@ -302,7 +303,7 @@ class _NormalizeFn(torch.autograd.Function):
         if db is not None:
             db = db.reshape(bias_shape).to(gy.dtype)
         dr = dx if has_r and ctx.needs_input_grad[3] else None
-        return dx, dw, db, dr, None, None, None, None, None
+        return dx, dw, db, dr, None, None, None, None, None, None
 
 
 def normalize(
@@ -316,11 +317,19 @@ def normalize(
     residual: Tensor | None = None,
     stats_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    nlc_out: bool = False,
 ) -> tuple[Tensor, ...]:
     """Normalize a canonical ``(N, G, Cg, L)`` tensor over ``dims``.
 
     Returns ``(y, mean, var)`` — or ``(y, x + residual, mean, var)`` with ``residual`` — where
     mean/var (biased, accumulation dtype, reduced axes kept) carry no gradient.
+
+    ``nlc_out``: where the C++ kernels run the channels-first layout (G = 1, ``dims == (2,)``, no
+    residual; ``"kernels"``/``"compiled"``, eager or as the ``cf_norm`` operator under
+    ``torch.compile``), y's memory is ``(N, L, C)`` instead of x's: the layout timm's LayerNorm2d
+    returns (channels-last strides once reshaped to ``(N, C, H, W)``), which the convolutions after
+    it run in without a copy; the kernel writes it directly. The incoming gradient is read in either
+    layout. Other layouts and paths ignore it (their y is laid out as x). LayerNorm2d/RMSNorm2d pass it.
     """
     if x.dim() != 4:
         raise ValueError(f"normalize expects the canonical 4-D (N, G, Cg, L) view, got {x.dim()}-D")
@@ -331,10 +340,10 @@ def normalize(
         )
     dims = tuple(dims)
     if impl == "kernels" and torch.compiler.is_compiling():
-        layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype)
+        layout = _cpu_layout(impl, x, weight, bias, residual, dims, stats_dtype, nlc_out)
         if layout is not None:
             return _operator(x, weight, bias, residual, dims, layout, center, float(eps))
-    return _NormalizeFn.apply(x, weight, bias, residual, dims, center, float(eps), stats_dtype, impl)
+    return _NormalizeFn.apply(x, weight, bias, residual, dims, center, float(eps), stats_dtype, impl, nlc_out)
 
 
 def _operator(
@@ -347,7 +356,7 @@ def _operator(
     if kind == "seg":
         y, s, mean, var, _ = torch.ops.normkit.seg_norm(x, residual, weight, bias, n, c, length, groups, center, eps)
     else:
-        y, mean, var, _ = torch.ops.normkit.cf_norm(x, weight, bias, n, c, length, center, eps)
+        y, mean, var, _ = torch.ops.normkit.cf_norm(x, weight, bias, n, c, length, center, eps, kind == "cf_nlc")
     shape = _stats_shape(x, dims)
     mean, var = mean.view(shape), var.view(shape)
     return (y, mean, var) if residual is None else (y, s, mean, var)

@@ -81,8 +81,8 @@ _i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c
 _SIGNATURES = {
     "seg_fwd": [_ptr] * 9 + [_i64] * 4 + [_int, _dbl, _int],
     "seg_bwd": [_ptr] * 9 + [_i64] * 4 + [_int, _int],
-    "cf_fwd": [_ptr] * 7 + [_i64] * 3 + [_int, _dbl, _int],
-    "cf_bwd": [_ptr] * 8 + [_i64] * 3 + [_int, _int],
+    "cf_fwd": [_ptr] * 7 + [_i64] * 3 + [_int, _dbl, _int, _int],
+    "cf_bwd": [_ptr] * 8 + [_i64] * 3 + [_int, _int, _int],
     "dyt_fwd": [_ptr, _dbl] + [_ptr] * 3 + [_i64] * 3 + [_int],
     "dyt_bwd": [_ptr, _ptr, _dbl] + [_ptr] * 5 + [_i64] * 3 + [_int],
     "evo_b0_fwd": [_ptr] * 11 + [_i64] * 3 + [_int, _dbl, _int],
@@ -347,30 +347,54 @@ def seg_backward(
 
 def cf_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float,
-    stats_shape: tuple[int, ...] | None = None,
+    stats_shape: tuple[int, ...] | None = None, y_nlc: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Channels-first ``(n, c, length)`` normalized over c at every (n, l). Returns ``(y, x, mean, var, rstd)``
-    (statistics flat, or in ``stats_shape``)."""
-    y = torch.empty_like(x)
+    (statistics flat, or in ``stats_shape``). ``x`` must be contiguous. y has x's shape; its memory is x's
+    ``(n, c, length)`` order, or with ``y_nlc`` ``(n, length, c)``: :func:`nlc_empty`'s strides, those of
+    timm's LayerNorm2d output (channels-last strides for an ``(N, C, H, W)`` x)."""
+    y = nlc_empty(x, n, c, length) if y_nlc else torch.empty_like(x)
     mean, var, rstd = (torch.empty(stats_shape or (n * length,), dtype=x.dtype) for _ in range(3))
     _call(
         "cf_fwd", x.dtype, x, _or_full(weight, c, x, 1.0), _or_full(bias, c, x, 0.0), y, mean, var, rstd,
-        n, c, length, int(center), float(eps), _threads(x.numel()),
+        n, c, length, int(center), float(eps), int(y_nlc), _threads(x.numel()),
     )
     return y, x, mean, var, rstd
+
+
+def nlc_empty(like: Tensor, n: int, c: int, length: int) -> Tensor:
+    """An empty tensor of ``like``'s shape — ``(n, [1, ...], c, *spatial)``, spatial sizes multiplying to ``length`` —
+    whose memory is ``(n, length, c)``: element (i, k, l) at ``i·c·length + l·c + k``. For ``(N, C, H, W)``
+    these are channels_last strides (what ``x.movedim(1, -1).contiguous().movedim(-1, 1)`` has), for
+    the canonical ``(N, 1, C, L)`` view ``(C·L, C·L, 1, C)``; a fake tensor gets the same strides."""
+    return like.new_empty((n, length, c)).transpose(1, 2).view(like.shape)
+
+
+def _nlc_or_ncl(g: Tensor, n: int, c: int, length: int) -> tuple[Tensor, bool]:
+    """``g`` (n·c·length values shaped as the input) as ``(n, c, length)`` plus whether its memory is
+    ``(n, length, c)``; any other layout (expanded, sliced) is copied to contiguous ``(n, c, length)``."""
+    gv = g.reshape(n, c, length)  # a view for both layouts (it copies only an odd one, then contiguous)
+    if gv.is_contiguous():
+        return gv, False
+    if gv.transpose(1, 2).is_contiguous():
+        return gv, True
+    return gv.contiguous(), False
 
 
 def cf_backward(
     g: Tensor, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
     n: int, c: int, length: int, center: bool, want_w: bool, want_b: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    g, s = g.contiguous(), s.contiguous()
+    """``(∂x, ∂w, ∂b)`` of :func:`cf_forward`; ∂x in s's shape, contiguous. ``g`` is read in place when its
+    memory is ``(n, c, length)`` or ``(n, length, c)`` (:func:`cf_forward`'s ``y_nlc`` output), else copied."""
+    g, g_nlc = _nlc_or_ncl(g, n, c, length)
+    s = s.contiguous()
     dx = torch.empty_like(s)
     dw = torch.empty(c, dtype=s.dtype) if want_w else None
     db = torch.empty(c, dtype=s.dtype) if want_b else None
     _call(
         "cf_bwd", s.dtype, g, s, _or_full(weight, c, s, 1.0), mean, rstd,
-        dx, dw, db, n, c, length, int(center), _threads(s.numel()),
+        dx, dw, db, n, c, length, int(center), int(g_nlc), _threads(s.numel()),
     )
     return dx, dw, db
 

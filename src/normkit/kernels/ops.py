@@ -207,16 +207,20 @@ seg_norm.register_autograd(_seg_backward, setup_context=_seg_setup)
 
 @torch.library.custom_op("normkit::cf_norm", mutates_args=(), device_types="cpu")
 def cf_norm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, c: int, length: int, center: bool, eps: float,
+    y_nlc: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Channels-first ``(n, c, length)`` input normalized over c at every (n, l): ``(y, mean, var, rstd)``."""
-    y, _, mean, var, rstd = _cpu.cf_forward(x.contiguous(), weight, bias, n, c, length, center, eps)
+    """Channels-first ``(n, c, length)`` input normalized over c at every (n, l): ``(y, mean, var, rstd)``.
+    y has x's shape, contiguous, or with ``y_nlc`` in ``(n, length, c)`` memory
+    (:func:`normkit.kernels.cpu.nlc_empty`: timm's LayerNorm2d strides)."""
+    y, _, mean, var, rstd = _cpu.cf_forward(x.contiguous(), weight, bias, n, c, length, center, eps, y_nlc=y_nlc)
     return y.view(x.shape), mean, var, rstd
 
 
 @cf_norm.register_fake
-def _(x, weight, bias, n, c, length, center, eps):  # noqa: ANN001, ANN202
-    return torch.empty_like(x), *(x.new_empty(n * length) for _ in range(3))
+def _(x, weight, bias, n, c, length, center, eps, y_nlc=False):  # noqa: ANN001, ANN202
+    y = _cpu.nlc_empty(x, n, c, length) if y_nlc else x.new_empty(x.shape)  # the real op's strides
+    return y, *(x.new_empty(n * length) for _ in range(3))
 
 
 @torch.library.custom_op("normkit::cf_norm_backward", mutates_args=(), device_types="cpu")
@@ -224,18 +228,19 @@ def cf_norm_backward(
     g: Tensor, s: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
     n: int, c: int, length: int, center: bool, want_w: bool, want_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(∂x, ∂w, ∂b)`` of :func:`cf_norm`; ∂w/∂b are empty unless asked for."""
+    """``(∂x, ∂w, ∂b)`` of :func:`cf_norm`; ∂w/∂b are empty unless asked for. ``g`` in ``(n, c, length)``
+    or ``(n, length, c)`` memory is read in place (any other layout is copied); ∂x is contiguous."""
     dx, dw, db = _cpu.cf_backward(g, s, weight, mean, rstd, n, c, length, center, want_w, want_b)
     return dx.view(s.shape), (_empty(s) if dw is None else dw), (_empty(s) if db is None else db)
 
 
 @cf_norm_backward.register_fake
 def _(g, s, weight, mean, rstd, n, c, length, center, want_w, want_b):  # noqa: ANN001, ANN202
-    return torch.empty_like(s), s.new_empty(c if want_w else 0), s.new_empty(c if want_b else 0)
+    return s.new_empty(s.shape), s.new_empty(c if want_w else 0), s.new_empty(c if want_b else 0)
 
 
 def _cf_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, weight, bias, n, c, length, center, eps = inputs
+    x, weight, bias, n, c, length, center, eps, _ = inputs
     _, mean, _, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.cfg = (n, c, length, center, eps, None if bias is None else bias.shape)
@@ -255,7 +260,7 @@ def _cf_backward(ctx, gy, gmean, gvar, grstd):  # noqa: ANN001, ANN202
         dx, dw, db = torch.ops.normkit.cf_norm_backward(gy, s, weight, mean, rstd, n, c, length, center, want_w, want_b)
         dw = _maybe(dw).reshape(weight.shape) if want_w else None
         db = _maybe(db).reshape(bias_shape) if want_b else None
-    return dx, dw, db, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None
 
 
 cf_norm.register_autograd(_cf_backward, setup_context=_cf_setup)

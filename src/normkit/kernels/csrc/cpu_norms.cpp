@@ -46,6 +46,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "nk_isa.h"  // NK_ISA (default nk_baseline + NK_DISPATCH), the entry-point macros
 
 namespace NK_ISA {
@@ -374,81 +378,169 @@ void seg_backward(const T* g, const T* gs, const T* s, const T* w, const T* mean
 }
 
 // ------------------------------------------------------------------------------------ cf --
-// Task = (sample n, chunk of kCfChunk positions); the chunk's C×chunk values stay in L2 between
-// the passes, the per-position sums in L1.
+// Task = (sample n, chunk of positions); the chunk's C×chunk values stay in L2 between the
+// passes, the per-position sums in L1. x and dx are (N, C, L) memory. y (forward, y_nlc) and g
+// (backward, g_nlc) may instead be (N, L, C) memory: the output layout of timm's LayerNorm2d
+// (permute, layer_norm, permute back: channels-last strides for an NCHW input), in which the 1×1
+// convolutions of a ConvNeXt block run channels_last (oneDNN) without a copy either way. Those
+// variants take kCfChunkT positions per task and a per-thread C×chunk buffer in (C, chunk) order:
+// the forward computes y's chunk there exactly as in the (N, C, L) case and transposes it out, the
+// backward transposes g's chunk in and runs the (N, C, L) code on the buffer (transposes in vector
+// registers, below); same arithmetic, so
+// same values as the (N, C, L) kernels up to the chunk boundaries of ∂w/∂b's partial sums.
+constexpr int64_t kCfChunkT = 64;  // positions per task when y or g is (N, L, C) memory
+
+// One K×K block of the transpose below, in vector registers: dst[j·ds + i] = src[i·ss + j] for
+// i, j < K. K = 8 floats / 4 doubles with AVX (the AVX2 and AVX-512 copies), 4 / 2 with SSE2 (the x86-64
+// baseline); elsewhere K = 1 (plain loads and stores). The scalar loop measured ~4× slower (GCC does
+// not vectorize a transpose), a third of the kernel's time.
+#if defined(__AVX__)
+constexpr int64_t kTrF = 8, kTrD = 4;
+NK_INLINE void transpose_block(const float* s, int64_t ss, float* d, int64_t ds) {
+  __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ss), r2 = _mm256_loadu_ps(s + 2 * ss),
+         r3 = _mm256_loadu_ps(s + 3 * ss), r4 = _mm256_loadu_ps(s + 4 * ss), r5 = _mm256_loadu_ps(s + 5 * ss),
+         r6 = _mm256_loadu_ps(s + 6 * ss), r7 = _mm256_loadu_ps(s + 7 * ss);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(d + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(d + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(d + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(d + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(d + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(d + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(d + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+NK_INLINE void transpose_block(const double* s, int64_t ss, double* d, int64_t ds) {
+  const __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + ss), r2 = _mm256_loadu_pd(s + 2 * ss),
+                r3 = _mm256_loadu_pd(s + 3 * ss);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
+                t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(d + ds, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(d + 2 * ds, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(d + 3 * ds, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#elif defined(__SSE2__)
+constexpr int64_t kTrF = 4, kTrD = 2;
+NK_INLINE void transpose_block(const float* s, int64_t ss, float* d, int64_t ds) {
+  __m128 r0 = _mm_loadu_ps(s), r1 = _mm_loadu_ps(s + ss), r2 = _mm_loadu_ps(s + 2 * ss), r3 = _mm_loadu_ps(s + 3 * ss);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(d, r0), _mm_storeu_ps(d + ds, r1), _mm_storeu_ps(d + 2 * ds, r2), _mm_storeu_ps(d + 3 * ds, r3);
+}
+NK_INLINE void transpose_block(const double* s, int64_t ss, double* d, int64_t ds) {
+  const __m128d r0 = _mm_loadu_pd(s), r1 = _mm_loadu_pd(s + ss);
+  _mm_storeu_pd(d, _mm_unpacklo_pd(r0, r1)), _mm_storeu_pd(d + ds, _mm_unpackhi_pd(r0, r1));
+}
+#else
+constexpr int64_t kTrF = 1, kTrD = 1;
+template <typename T>
+NK_INLINE void transpose_block(const T* s, int64_t, T* d, int64_t) { *d = *s; }
+#endif
+
+// dst[j·ds + i] = src[i·ss + j] for i < rows, j < cols: K×K register blocks, the edges element by element.
+template <typename T>
+NK_INLINE void transpose(const T* src, int64_t ss, T* dst, int64_t ds, int64_t rows, int64_t cols) {
+  constexpr int64_t K = std::is_same_v<T, float> ? kTrF : kTrD;
+  const int64_t rk = rows - rows % K, ck = cols - cols % K;
+  for (int64_t i0 = 0; i0 < rk; i0 += K) {
+    for (int64_t j0 = 0; j0 < ck; j0 += K) transpose_block(src + i0 * ss + j0, ss, dst + j0 * ds + i0, ds);
+    for (int64_t j = ck; j < cols; ++j)
+      for (int64_t i = i0; i < i0 + K; ++i) dst[j * ds + i] = src[i * ss + j];
+  }
+  for (int64_t i = rk; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ds + i] = src[i * ss + j];
+}
+
 template <typename T>
 void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N, int64_t C, int64_t L,
-                bool center, double eps, int nt) {
-  const int64_t chunks = (L + kCfChunk - 1) / kCfChunk;
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t task = 0; task < N * chunks; ++task) {
-    const int64_t nn = task / chunks, l0 = (task % chunks) * kCfChunk, m = std::min(kCfChunk, L - l0);
-    const T* xn = x + nn * C * L + l0;
-    T* yn = y + nn * C * L + l0;
-    T mu[kCfChunk], r[kCfChunk], part[kCfChunk];
-    double total[kCfChunk];
-    const T inv_c = T(1) / static_cast<T>(C);
-    // Σ over c in blocks of kChanBlock channels summed in T, the block sums added in double
-    // (a plain float sum down thousands of channels loses digits: 5-15× torch's error at C = 2048-4096)
-    for (int64_t l = 0; l < m; ++l) mu[l] = 0, total[l] = 0;
-    if (center) {
+                bool center, double eps, bool y_nlc, int nt) {
+  const int64_t ck = y_nlc ? kCfChunkT : kCfChunk;
+  const int64_t chunks = (L + ck - 1) / ck;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<T> buf(y_nlc ? C * ck : 0);  // this thread's chunk of y in (C, chunk) order
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < N * chunks; ++task) {
+      const int64_t nn = task / chunks, l0 = (task % chunks) * ck, m = std::min(ck, L - l0);
+      const T* xn = x + nn * C * L + l0;
+      T* yn = y_nlc ? buf.data() : y + nn * C * L + l0;  // y's chunk, channel c at yn + c·ys
+      const int64_t ys = y_nlc ? ck : L;
+      T mu[kCfChunk], r[kCfChunk], part[kCfChunk];
+      double total[kCfChunk];
+      const T inv_c = T(1) / static_cast<T>(C);
+      // Σ over c in blocks of kChanBlock channels summed in T, the block sums added in double
+      // (a plain float sum down thousands of channels loses digits: 5-15× torch's error at C = 2048-4096)
+      for (int64_t l = 0; l < m; ++l) mu[l] = 0, total[l] = 0;
+      if (center) {
+        for (int64_t c0 = 0; c0 < C; c0 += kChanBlock) {
+          for (int64_t l = 0; l < m; ++l) part[l] = 0;
+          for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
+            const T* xc = xn + c * L;
+#pragma omp simd
+            for (int64_t l = 0; l < m; ++l) part[l] += xc[l] * inv_c;
+          }
+          for (int64_t l = 0; l < m; ++l) total[l] += part[l];
+        }
+        for (int64_t l = 0; l < m; ++l) mu[l] = static_cast<T>(total[l]), total[l] = 0;
+      }
       for (int64_t c0 = 0; c0 < C; c0 += kChanBlock) {
         for (int64_t l = 0; l < m; ++l) part[l] = 0;
         for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
           const T* xc = xn + c * L;
 #pragma omp simd
-          for (int64_t l = 0; l < m; ++l) part[l] += xc[l] * inv_c;
+          for (int64_t l = 0; l < m; ++l) {
+            const T d = xc[l] - mu[l];
+            part[l] += d * (d * inv_c);  // scaled before summing, as scaled_sqdev
+          }
         }
-        for (int64_t l = 0; l < m; ++l) total[l] += part[l];
+        // a block sum that left the float range (true variance past FLT_MAX) is redone in double
+        for (int64_t l = 0; l < m; ++l)
+          total[l] += std::isfinite(part[l]) ? static_cast<double>(part[l])
+                                             : sqdev_double(xn + c0 * L + l, std::min(C, c0 + kChanBlock) - c0, mu[l], inv_c, L);
       }
-      for (int64_t l = 0; l < m; ++l) mu[l] = static_cast<T>(total[l]), total[l] = 0;
-    }
-    for (int64_t c0 = 0; c0 < C; c0 += kChanBlock) {
-      for (int64_t l = 0; l < m; ++l) part[l] = 0;
-      for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
+      T* mo = mean + nn * L + l0;
+      T* vo = var + nn * L + l0;
+      T* ro = rstd + nn * L + l0;
+      for (int64_t l = 0; l < m; ++l) {
+        // r from the double sum: a variance past FLT_MAX is stored as inf (its true value) but r stays right
+        r[l] = static_cast<T>(1.0 / std::sqrt(total[l] + eps));
+        mo[l] = mu[l], vo[l] = static_cast<T>(total[l]), ro[l] = r[l];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const T wc = w[c], bc = b[c];
         const T* xc = xn + c * L;
+        T* yc = yn + c * ys;
 #pragma omp simd
-        for (int64_t l = 0; l < m; ++l) {
-          const T d = xc[l] - mu[l];
-          part[l] += d * (d * inv_c);  // scaled before summing, as scaled_sqdev
-        }
+        for (int64_t l = 0; l < m; ++l) yc[l] = (xc[l] - mu[l]) * r[l] * wc + bc;
       }
-      // a block sum that left the float range (true variance past FLT_MAX) is redone in double
-      for (int64_t l = 0; l < m; ++l)
-        total[l] += std::isfinite(part[l]) ? static_cast<double>(part[l])
-                                           : sqdev_double(xn + c0 * L + l, std::min(C, c0 + kChanBlock) - c0, mu[l], inv_c, L);
-    }
-    T* mo = mean + nn * L + l0;
-    T* vo = var + nn * L + l0;
-    T* ro = rstd + nn * L + l0;
-    for (int64_t l = 0; l < m; ++l) {
-      // r from the double sum: a variance past FLT_MAX is stored as inf (its true value) but r stays right
-      r[l] = static_cast<T>(1.0 / std::sqrt(total[l] + eps));
-      mo[l] = mu[l], vo[l] = static_cast<T>(total[l]), ro[l] = r[l];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const T wc = w[c], bc = b[c];
-      const T* xc = xn + c * L;
-      T* yc = yn + c * L;
-#pragma omp simd
-      for (int64_t l = 0; l < m; ++l) yc[l] = (xc[l] - mu[l]) * r[l] * wc + bc;
+      if (y_nlc) transpose(yn, ck, y + (nn * L + l0) * C, C, C, m);
     }
   }
 }
 
 template <typename T, bool kCols>
 void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, ColumnSums& cols,
-                      int64_t N, int64_t C, int64_t L, bool center, int nt) {
-  const int64_t chunks = (L + kCfChunk - 1) / kCfChunk;
+                      int64_t N, int64_t C, int64_t L, bool center, bool g_nlc, int nt) {
+  const int64_t ck = g_nlc ? kCfChunkT : kCfChunk;
+  const int64_t chunks = (L + ck - 1) / ck;
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
     double* cw = kCols ? cols.dw_of(t) : nullptr;
     double* cb = kCols ? cols.db_of(t) : nullptr;
+    std::vector<T> buf(g_nlc ? C * ck : 0);  // this thread's chunk of g in (C, chunk) order
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < N * chunks; ++task) {
-      const int64_t nn = task / chunks, l0 = (task % chunks) * kCfChunk, m = std::min(kCfChunk, L - l0);
-      const T* gn = g + nn * C * L + l0;
+      const int64_t nn = task / chunks, l0 = (task % chunks) * ck, m = std::min(ck, L - l0);
+      if (g_nlc) transpose(g + (nn * L + l0) * C, C, buf.data(), ck, m, C);
+      const T* gn = g_nlc ? buf.data() : g + nn * C * L + l0;  // g's chunk, channel c at gn + c·gs
+      const int64_t gs = g_nlc ? ck : L;
       const T* sn = s + nn * C * L + l0;
       T* dn = dx + nn * C * L + l0;
       const T* mu = mean + nn * L + l0;
@@ -460,7 +552,7 @@ void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T
         for (int64_t l = 0; l < m; ++l) a[l] = 0, bb[l] = 0;
         for (int64_t c = c0; c < std::min(C, c0 + kChanBlock); ++c) {
           const T wc = w[c];
-          const T* gc = gn + c * L;
+          const T* gc = gn + c * gs;
           const T* sc = sn + c * L;
           T tw = 0, tb = 0;
 #pragma omp simd reduction(+ : tw, tb)
@@ -488,7 +580,7 @@ void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T
       }
       for (int64_t c = 0; c < C; ++c) {
         const T wc = w[c];
-        const T* gc = gn + c * L;
+        const T* gc = gn + c * gs;
         const T* sc = sn + c * L;
         T* dc = dn + c * L;
 #pragma omp simd
@@ -500,9 +592,9 @@ void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T
 
 template <typename T>
 void cf_backward(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N,
-                 int64_t C, int64_t L, bool center, int nt) {
+                 int64_t C, int64_t L, bool center, bool g_nlc, int nt) {
   with_column_sums(nt, C, dw, db, [&](ColumnSums& cols, auto on) {
-    cf_backward_impl<T, decltype(on)::value>(g, s, w, mean, rstd, dx, cols, N, C, L, center, nt);
+    cf_backward_impl<T, decltype(on)::value>(g, s, w, mean, rstd, dx, cols, N, C, L, center, g_nlc, nt);
   });
 }
 
@@ -667,12 +759,12 @@ void dyt_backward(const T* g, const T* x, T alpha, const T* w, T* dx, double* da
     (g, gs, s, w, mean, rstd, dx, dw, db, N, C, L, G, center, nt))                                             \
   X(cf_fwd_##SUF, cf_forward<T>,                                                                                    \
     (const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N, int64_t C, int64_t L,           \
-     int center, double eps, int nt),                                                                               \
-    (x, w, b, y, mean, var, rstd, N, C, L, center, eps, nt))                                                   \
+     int center, double eps, int y_nlc, int nt),                                                                    \
+    (x, w, b, y, mean, var, rstd, N, C, L, center, eps, y_nlc, nt))                                            \
   X(cf_bwd_##SUF, cf_backward<T>,                                                                                   \
     (const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C,   \
-     int64_t L, int center, int nt),                                                                                \
-    (g, s, w, mean, rstd, dx, dw, db, N, C, L, center, nt))                                                    \
+     int64_t L, int center, int g_nlc, int nt),                                                                     \
+    (g, s, w, mean, rstd, dx, dw, db, N, C, L, center, g_nlc, nt))                                             \
   X(dyt_fwd_##SUF, dyt_forward<T>,                                                                                  \
     (const T* x, double alpha, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t L, int nt),              \
     (x, alpha, w, b, y, N, C, L, nt))                                                               \
