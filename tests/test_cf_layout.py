@@ -182,7 +182,7 @@ def test_thread_count_does_not_change_the_result():
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("c,length", [(1, 9), (3, 1), (3, 65), (130, 300), (17, 64), (9, 63)])
+@pytest.mark.parametrize("c,length", [(1, 9), (3, 1), (3, 65), (130, 300), (17, 64), (9, 63), (2050, 50)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kernel_layouts_agree(c, length, dtype):
     # same arithmetic in both layouts: equal y, statistics and ∂x; ∂w/∂b to rounding (other chunking)

@@ -383,12 +383,14 @@ void seg_backward(const T* g, const T* gs, const T* s, const T* w, const T* mean
 // (backward, g_nlc) may instead be (N, L, C) memory: the output layout of timm's LayerNorm2d
 // (permute, layer_norm, permute back: channels-last strides for an NCHW input), in which the 1×1
 // convolutions of a ConvNeXt block run channels_last (oneDNN) without a copy either way. Those
-// variants take kCfChunkT positions per task and a per-thread C×chunk buffer in (C, chunk) order:
+// variants take cf_chunk_nlc(C) positions per task and a per-thread C×chunk buffer in (C, chunk) order:
 // the forward computes y's chunk there exactly as in the (N, C, L) case and transposes it out, the
 // backward transposes g's chunk in and runs the (N, C, L) code on the buffer (transposes in vector
 // registers, below); same arithmetic, so
 // same values as the (N, C, L) kernels up to the chunk boundaries of ∂w/∂b's partial sums.
-constexpr int64_t kCfChunkT = 64;  // positions per task when y or g is (N, L, C) memory
+// Positions per task when y or g is (N, L, C) memory: 64 (of 32/64/128/256 the fastest at C = 64, 96,
+// 768, 1 thread), fewer past C = 1024 so that a task's x and buffer (2·C·chunk values) stay in L2.
+NK_INLINE int64_t cf_chunk_nlc(int64_t C) { return std::clamp<int64_t>((65536 / std::max<int64_t>(C, 1)) & ~int64_t(7), 16, 64); }
 
 // One K×K block of the transpose below, in vector registers: dst[j·ds + i] = src[i·ss + j] for
 // i, j < K. K = 8 floats / 4 doubles with AVX (the AVX2 and AVX-512 copies), 4 / 2 with SSE2 (the x86-64
@@ -460,7 +462,7 @@ NK_INLINE void transpose(const T* src, int64_t ss, T* dst, int64_t ds, int64_t r
 template <typename T>
 void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rstd, int64_t N, int64_t C, int64_t L,
                 bool center, double eps, bool y_nlc, int nt) {
-  const int64_t ck = y_nlc ? kCfChunkT : kCfChunk;
+  const int64_t ck = y_nlc ? cf_chunk_nlc(C) : kCfChunk;
   const int64_t chunks = (L + ck - 1) / ck;
 #pragma omp parallel num_threads(nt)
   {
@@ -527,7 +529,7 @@ void cf_forward(const T* x, const T* w, const T* b, T* y, T* mean, T* var, T* rs
 template <typename T, bool kCols>
 void cf_backward_impl(const T* g, const T* s, const T* w, const T* mean, const T* rstd, T* dx, ColumnSums& cols,
                       int64_t N, int64_t C, int64_t L, bool center, bool g_nlc, int nt) {
-  const int64_t ck = g_nlc ? kCfChunkT : kCfChunk;
+  const int64_t ck = g_nlc ? cf_chunk_nlc(C) : kCfChunk;
   const int64_t chunks = (L + ck - 1) / ck;
 #pragma omp parallel num_threads(nt)
   {
