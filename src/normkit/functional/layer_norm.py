@@ -262,10 +262,9 @@ def channels_first_kernels(x: Tensor, c: int, weight: Tensor | None, bias: Tenso
     resolution (the modules' fast path; inside ``torch.compile`` the kernels' torch operators).
 
     The output has timm's LayerNorm2d strides: ``(N, *, C)`` memory (channels_last for 4-D input),
-    written so by the kernel, so the 1×1 convolutions of a ConvNeXt block after it run channels_last
-    with no copy either way (a channels-last gradient is read in place as well); measured 1.33× →
-    ~1.0× torch's eager train step of a small ConvNeXt (``normkit models``), where an NCHW output
-    made them run NCHW.
+    written so by the kernel, so the convolutions of a ConvNeXt block after it run channels_last with
+    no copy either way (a channels-last gradient is read in place too). With an NCHW output they ran
+    NCHW: ``normkit models`` measured a small ConvNeXt's eager train step at 1.33× torch's; now ~1.0×.
     """
     view = (x.shape[0], 1, c, trailing_numel(x))
     return _normalize(x.reshape(view), weight, bias, (2,), center=center, eps=eps, backend="kernels",
@@ -285,7 +284,15 @@ def layer_norm2d(
 ) -> Tensor:
     """LayerNorm over the channel dim of a channels-first ``(N, C, *)`` tensor (as timm's LayerNorm2d).
 
-    Equal to ``layer_norm(x.movedim(1, -1), C).movedim(-1, 1)`` without the two transposes.
+    Equal to ``layer_norm(x.movedim(1, -1), C).movedim(-1, 1)`` without the two transposes' copies.
+
+    Output layout: the same strides as timm's LayerNorm2d (``permute → F.layer_norm → permute``):
+    channels-last memory for an NCHW input, ``(N, *, C)`` memory in general. normkit's C++ kernel
+    writes it directly and its backward reads a channels-last gradient in place, so convolutions
+    next to it run channels_last with no copy (as in timm); an input already in channels-last memory
+    runs as rows of C values (:func:`layer_norm`'s path, no copy) and stays so. This holds on the
+    fast paths (``"auto"``, ``"native"``, ``"kernels"``, ``"compiled"``); the reference paths
+    (``"eager"``, ``"inductor"``, a ``mask``) return x's layout.
     """
     return _channels_first_norm(
         x, weight, bias, check_eps(eps), True, "layer_norm2d", weight_offset, mask, stats_dtype, backend
@@ -303,7 +310,20 @@ def rms_norm2d(
     stats_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """RMSNorm over the channel dim of a channels-first ``(N, C, *)`` tensor."""
+    """RMSNorm over the channel dim of a channels-first ``(N, C, *)`` tensor.
+
+    Equal to ``rms_norm(x.movedim(1, -1), C).movedim(-1, 1)`` without the two transposes' copies (timm's
+    current ``RmsNorm2d`` computes the same values by a reduction over dim 1, in x's layout).
+
+    Output layout: the same strides as timm's LayerNorm2d (``permute → F.rms_norm → permute`` here):
+    channels-last memory for an NCHW input, ``(N, *, C)`` memory in general. normkit's C++ kernel
+    writes it directly and its backward reads a channels-last gradient in place, so convolutions
+    next to it run channels_last with no copy (as in timm); an input already in channels-last memory
+    runs as rows of C values (:func:`rms_norm`'s path, no copy) and stays so. This holds on the
+    fast paths (``"auto"``, ``"native"``, ``"kernels"``, ``"compiled"``); the reference paths
+    (``"eager"``, ``"inductor"``, a ``mask``; ``"native"`` with a ``bias``, which ATen's op lacks)
+    return x's layout.
+    """
     return _channels_first_norm(
         x, weight, bias, _default_rms_eps(eps, x), False, "rms_norm2d", weight_offset, mask, stats_dtype, backend
     )

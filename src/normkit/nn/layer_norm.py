@@ -364,6 +364,11 @@ class LayerNorm2d(LayerNorm):
     without transposing the input. The default eps is torch's ``nn.LayerNorm`` 1e-5 (as every
     LayerNorm here); timm's ``LayerNorm2d`` and ConvNeXt use 1e-6, so pass ``eps=1e-6`` to
     reproduce them exactly (a converted timm model keeps its own eps).
+
+    Output layout: the same strides as timm's LayerNorm2d, channels-last memory for an NCHW input
+    (written directly by normkit's C++ kernel on the default backend; a channels-last input runs as
+    rows with no copy): the convolutions around it then run channels_last as they do in timm
+    (:func:`normkit.functional.layer_norm2d` has the details).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, **kwargs) -> None:  # noqa: ANN003
@@ -397,7 +402,12 @@ class LayerNorm2d(LayerNorm):
     aliases=("rms2d",),
 )
 class RMSNorm2d(RMSNorm):
-    """RMSNorm over the channels of a channels-first ``(N, C, *)`` tensor (timm's ``RmsNorm2d``)."""
+    """RMSNorm over the channels of a channels-first ``(N, C, *)`` tensor (timm's ``RmsNorm2d``).
+
+    Output layout: channels-last memory for an NCHW input, as :class:`LayerNorm2d` and the permute +
+    ``F.rms_norm`` + permute spelling (timm's current ``RmsNorm2d``, a reduction over dim 1, returns
+    x's layout instead); :func:`normkit.functional.rms_norm2d` has the details.
+    """
 
     def __init__(self, num_channels: int, eps: float | None = None, affine: bool = True, **kwargs) -> None:  # noqa: ANN003
         super().__init__(num_channels, eps, affine, **kwargs)
