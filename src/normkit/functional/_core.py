@@ -85,18 +85,21 @@ def normalize_view(
     backend: str | None = None,
     shift: Tensor | None = None,
     with_count: bool = False,
+    nlc_out: bool = False,
 ) -> tuple[Tensor, ...]:
     """Fused kernel when possible; with a mask or reducer, autograd through the statistics engine.
 
     Returns ``(y, mean, var)`` or, with ``residual``, ``(y, x + residual, mean, var)``; with
     ``with_count`` the (global) number of included positions per statistic is appended (the mask /
     reducer path only). ``shift``: a value common to all processes the synchronized sums are taken
-    about (:func:`normkit.stats.reduced_moments`), e.g. the running mean.
+    about (:func:`normkit.stats.reduced_moments`), e.g. the running mean. ``nlc_out``: the channels-first
+    kernels write y in ``(N, L, C)`` memory (:func:`normkit.kernels.canonical.normalize`); the mask /
+    reducer path keeps x's layout.
     """
     if mask is None and reducer is None:
         return _kernel(
             x4, weight, bias, dims, center=center, eps=eps, residual=residual,
-            stats_dtype=stats_dtype, backend=backend,
+            stats_dtype=stats_dtype, backend=backend, nlc_out=nlc_out,
         )
     s = x4 if residual is None else x4 + residual
     sd = accumulation_dtype(s.dtype, stats_dtype)
